@@ -1,0 +1,144 @@
+"""Checkpoint directory I/O: config.json, model.safetensors, engram.safetensors, tokenizer.json.
+
+Only safetensors and JSON are read. Engram tables live in their own file so the offload
+engine can stream them into pinned host memory without the model (or the GPU) holding them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .llama import EngramForCausalLM, rope_cache
+from .tokenizer import EngramTokenizer
+
+MODEL_FILE = "model.safetensors"
+ENGRAM_FILE = "engram.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def default_model_dir() -> Path:
+    """The built-in default model shipped with the package."""
+    return Path(__file__).resolve().parent / "default"
+
+
+def table_key(layer_id: int) -> str:
+    return f"model.layers.{layer_id}.engram.multi_head_embedding.embedding.weight"
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _expected_keys(model: EngramForCausalLM) -> set[str]:
+    keys = set(model.state_dict().keys())
+    if model.config.tie_word_embeddings:
+        keys.discard("lm_head.weight")
+    return keys
+
+
+def save_checkpoint(
+    model: EngramForCausalLM,
+    directory: str | Path,
+    tokenizer: EngramTokenizer | None = None,
+    table_dtype: torch.dtype = torch.bfloat16,
+    model_dtype: torch.dtype | None = None,
+) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out)
+    tables = {table_key(lid) for lid in model.config.engram_layer_ids}
+    backbone, engram = {}, {}
+    for k, v in model.state_dict().items():
+        if k not in _expected_keys(model):
+            continue
+        v = v.detach().cpu().contiguous()
+        if k in tables:
+            engram[k] = v.to(table_dtype)
+        else:
+            backbone[k] = v.to(model_dtype) if model_dtype and v.is_floating_point() else v
+    save_file(backbone, str(out / MODEL_FILE), metadata={"format": "pt"})
+    if engram:
+        save_file(engram, str(out / ENGRAM_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.tokenizer.save(str(out / TOKENIZER_FILE))
+    return out
+
+
+def file_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def load_checkpoint(
+    directory: str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    load_tables: bool = True,
+) -> tuple[EngramForCausalLM, EngramTokenizer | None]:
+    """Load a checkpoint; with ``load_tables=False`` the Engram tables stay unloaded (meta)
+    for the offload engine to place."""
+    directory = Path(directory) if directory is not None else default_model_dir()
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    dtype = parse_dtype(dtype)
+    config = ModelConfig.load(directory)
+    tokenizer = None
+    if (directory / TOKENIZER_FILE).is_file():
+        tokenizer = EngramTokenizer.from_file(directory / TOKENIZER_FILE)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is "
+                f"{config.vocab_size}; fix vocab_size in config.json"
+            )
+    compression = tokenizer.lookup if tokenizer is not None else None
+    with torch.device("meta"):
+        model = EngramForCausalLM(config, compression)
+
+    files = [directory / MODEL_FILE]
+    if config.engram_layer_ids:
+        files.append(directory / ENGRAM_FILE)
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+    found: dict[str, Path] = {}
+    for f in files:
+        for k in file_keys(f):
+            found[k] = f
+    expected = _expected_keys(model)
+    missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {directory} does not match the config: "
+            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}"
+        )
+
+    tables = {table_key(lid) for lid in config.engram_layer_ids}
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                if k in tables and not load_tables:
+                    continue
+                t = sf.get_tensor(k)
+                if t.is_floating_point():
+                    t = t.to(dtype)
+                state[k] = t.to(device)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_cache(config, device)
+    return model.eval(), tokenizer

@@ -1,0 +1,180 @@
+"""The Engram module, with the reference implementation's parameter names.
+
+Lookup and fusion are split: ``fuse*`` take the gathered rows as input, so the table can live
+anywhere (GPU, pinned host memory through the offload engine). ``multi_head_embedding`` stays
+for the simple resident path and as the place a checkpoint's table loads into.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ragged import ragged_layout
+
+
+class MultiHeadEmbedding(nn.Module):
+    """One concatenated table; head j's rows start at ``offsets[j]``."""
+
+    def __init__(self, head_sizes: list[int], dim: int) -> None:
+        super().__init__()
+        offsets = [0]
+        for n in head_sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long))
+        self.embedding = nn.Embedding(sum(head_sizes), dim)
+
+    def forward(self, head_ids: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` head-local ids -> ``[..., H, dim]`` rows."""
+        return self.embedding(head_ids + self.offsets)
+
+
+@dataclass
+class ConvStep:
+    """Per-step index for the causal dilated conv over packed ragged sequences.
+
+    ``src`` is laid out as ``[history rows of every sequence, new rows]`` (see ragged.py);
+    ``taps[n, j]`` is the row of ``src`` that kernel tap j reads for new token n.
+    """
+
+    taps: torch.Tensor  # [N, kernel] long
+    hist_pos: torch.Tensor  # [S * L] where each sequence's history goes in src
+    tok_pos: torch.Tensor  # [N] where new rows go in src
+    tail_pos: torch.Tensor  # [S, L] rows that become each sequence's next history
+    total: int
+
+    @classmethod
+    def build(cls, lengths, kernel_size: int, dilation: int, device=None) -> ConvStep:
+        """Index for sequences advancing by ``lengths`` new tokens each."""
+        lay = ragged_layout(np.asarray(lengths), (kernel_size - 1) * dilation)
+        lags = (kernel_size - 1 - np.arange(kernel_size)) * dilation
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return cls(
+            t(lay.tok_pos[:, None] - lags[None, :]),
+            t(lay.hist_pos),
+            t(lay.tok_pos),
+            t(lay.tail_pos),
+            lay.total,
+        )
+
+
+class ShortConv(nn.Module):
+    """RMSNorm per hyper-connection branch, depthwise causal dilated conv, SiLU."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        kernel_size: int = 4,
+        dilation: int = 1,
+        norm_eps: float = 1e-5,
+        hc_mult: int = 1,
+    ) -> None:
+        super().__init__()
+        self.hc_mult = hc_mult
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        channels = hidden_size * hc_mult
+        self.conv = nn.Conv1d(
+            channels,
+            channels,
+            kernel_size=kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+        )
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
+
+    @property
+    def history_len(self) -> int:
+        """Normed rows a sequence must carry between steps: ``(kernel - 1) * dilation``."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., G, C]`` -> ``[..., G * C]``."""
+        return torch.cat([self.norms[g](x[..., g, :]) for g in range(self.hc_mult)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full sequences: ``[B, T, G, C]`` -> ``[B, T, G, C]`` (zeros before the start)."""
+        B, T, G, C = x.shape
+        y = self.conv(self._norm(x).transpose(1, 2))[..., :T]
+        return F.silu(y).transpose(1, 2).reshape(B, T, G, C)
+
+    def forward_packed(
+        self, x: torch.Tensor, history: torch.Tensor, step: ConvStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed ragged step: x ``[N, G, C]``, history ``[S, L, G*C]`` (normed, oldest first).
+
+        Returns the output ``[N, G, C]`` and every sequence's next history ``[S, L, G*C]``.
+        """
+        N, G, C = x.shape
+        normed = self._norm(x)
+        src = normed.new_empty(step.total, G * C)
+        src[step.hist_pos] = history.reshape(-1, G * C).to(normed.dtype)
+        src[step.tok_pos] = normed
+        w = self.conv.weight[:, 0, :]  # [G*C, kernel]
+        y = (src[step.taps] * w.t().unsqueeze(0)).sum(dim=1)
+        return F.silu(y).reshape(N, G, C), src[step.tail_pos]
+
+
+class Engram(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_sizes: list[int],
+        head_dim: int,
+        max_ngram_size: int,
+        kernel_size: int = 4,
+        hc_mult: int = 1,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.hc_mult = hc_mult
+        self.num_heads = len(head_sizes)
+        self.head_dim = head_dim
+        engram_hidden = self.num_heads * head_dim
+        self.multi_head_embedding = MultiHeadEmbedding(head_sizes, head_dim)
+        self.short_conv = ShortConv(
+            hidden_size, kernel_size=kernel_size, dilation=max_ngram_size, hc_mult=hc_mult
+        )
+        self.value_proj = nn.Linear(engram_hidden, hidden_size)
+        self.key_projs = nn.ModuleList(
+            [nn.Linear(engram_hidden, hidden_size) for _ in range(hc_mult)]
+        )
+        # eps=None: torch's default (finfo eps), as the reference builds them.
+        self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+
+    def gated_value(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden ``[..., G, D]``, rows ``[..., H, dim]`` -> gated value ``[..., G, D]``."""
+        e = rows.flatten(start_dim=-2).to(hidden.dtype)
+        gates = []
+        for g in range(self.hc_mult):
+            key = self.norm1[g](self.key_projs[g](e))
+            query = self.norm2[g](hidden[..., g, :])
+            gate = (key * query).sum(dim=-1) / math.sqrt(self.hidden_size)
+            gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
+            gates.append(gate.sigmoid().unsqueeze(-1))
+        return torch.stack(gates, dim=-2) * self.value_proj(e).unsqueeze(-2)
+
+    def fuse(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Full sequences: hidden ``[B, T, G, D]``, rows ``[B, T, H, dim]``."""
+        value = self.gated_value(hidden, rows)
+        return value + self.short_conv(value)
+
+    def fuse_packed(
+        self, hidden: torch.Tensor, rows: torch.Tensor, history: torch.Tensor, step: ConvStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed step: hidden ``[N, G, D]``, rows ``[N, H, dim]``; returns (out, next history)."""
+        value = self.gated_value(hidden, rows)
+        conv, next_hist = self.short_conv.forward_packed(value, history, step)
+        return value + conv, next_hist
+
+    def forward(self, hidden: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
+        """Resident path, full sequences: hidden ``[B, T, G, D]``, head ids ``[B, T, H]``."""
+        return self.fuse(hidden, self.multi_head_embedding(head_ids))

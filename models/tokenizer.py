@@ -1,0 +1,98 @@
+"""Hugging Face ``tokenizers`` tokenizer plus the Engram compression table.
+
+Compression maps tokens that differ only by case, accents, Unicode form or surrounding
+whitespace to one id (the reference rule), shrinking the space the N-gram hash mixes over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, normalizers
+
+_SENTINEL = "\ue000"
+
+
+def compression_normalizer() -> normalizers.Normalizer:
+    """NFKC, NFD, strip accents, lowercase, collapse whitespace, strip; a lone space stays."""
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
+            normalizers.Strip(),
+            normalizers.Replace(_SENTINEL, " "),
+        ]
+    )
+
+
+def build_compression_lookup(tokenizer: Tokenizer) -> np.ndarray:
+    """Raw id -> compressed id, new ids assigned in first-seen order of normalized keys.
+
+    A token whose decoded text holds U+FFFD (a partial UTF-8 byte sequence) keys on its raw
+    token string, so distinct byte pieces stay distinct.
+    """
+    norm = compression_normalizer()
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    key_to_new: dict[str, int] = {}
+    lookup = np.empty(vocab_size, dtype=np.int64)
+    for tid in range(vocab_size):
+        text = tokenizer.decode([tid], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tokenizer.id_to_token(tid)
+        else:
+            key = norm.normalize_str(text) or text
+        lookup[tid] = key_to_new.setdefault(key, len(key_to_new))
+    return lookup
+
+
+def compress_ids(lookup: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+    """Vectorised raw -> compressed lookup; negative ids pass through; None means identity."""
+    arr = np.asarray(ids, dtype=np.int64)
+    if lookup is None:
+        return arr
+    out = arr.copy()
+    pos = arr >= 0
+    out[pos] = lookup[arr[pos]]
+    return out
+
+
+class EngramTokenizer:
+    """Text <-> ids, and raw ids -> compressed ids for hashing."""
+
+    def __init__(self, tokenizer: Tokenizer, lookup: np.ndarray | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.lookup = build_compression_lookup(tokenizer) if lookup is None else lookup
+        self.compressed_vocab_size = int(self.lookup.max()) + 1
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EngramTokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        return cls(Tokenizer.from_file(str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self.tokenizer.id_to_token(tid)
+
+    def compress(self, ids: np.ndarray) -> np.ndarray:
+        return compress_ids(self.lookup, ids)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import ModelConfig
+from models.llama import EngramForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT.parent / "shared" / "golden"
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        engram_layer_ids=[0, 2],
+        engram_max_ngram_size=3,
+        engram_n_heads=2,
+        engram_head_dim=8,
+        engram_vocab_size=[101, 211],
+        engram_compressed_vocab_size=300,
+        engram_pad_token_id=2,
+        engram_seed=5,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg).validate()
+
+
+def tiny_model(seed: int = 0, **overrides) -> EngramForCausalLM:
+    """A random model whose weights are large enough that every path moves the logits."""
+    torch.manual_seed(seed)
+    m = EngramForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.2)
+    return m
+
+
+@pytest.fixture
+def golden() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden vectors not found at {GOLDEN}: shared/ must sit beside the repo")
+    return GOLDEN
