@@ -49,8 +49,14 @@ class StepRunner:
             np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
             np.array(batch.lengths),
         )
-        with torch.inference_mode():
-            logits = self.model.forward_step(batch, self.cache, self.rows(row_ids), all_logits)
+        source = self.rows(row_ids)  # issued now, before the embedding lookup
+        try:
+            with torch.inference_mode():
+                logits = self.model.forward_step(batch, self.cache, source, all_logits)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
         self.cache.commit(seqs, batch, next_hist)
         return logits
 

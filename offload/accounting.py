@@ -1,0 +1,114 @@
+"""Every byte and every microsecond the offload costs, per step and per Engram layer.
+
+Definitions (seconds):
+- prefetch: from issuing the layer's gather to its rows being ready on the compute side;
+- stall: how long the compute side waited for the rows (0 when they were ready in time);
+- slack: how long the rows sat ready before the layer needed them (0 when it stalled);
+- stall fraction: total stall / total step time, over the engine's life and over a recent
+  window. The server exports these as Prometheus metrics; nothing here imports the web stack.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerStats:
+    layer_id: int
+    tier: str
+    rows: int = 0
+    unique_rows: int = 0
+    bytes: int = 0
+    prefetch_s: float = 0.0
+    stall_s: float = 0.0
+    slack_s: float = 0.0
+
+
+@dataclass
+class StepStats:
+    step_s: float = 0.0
+    num_tokens: int = 0
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+    @property
+    def stall_s(self) -> float:
+        return sum(x.stall_s for x in self.layers.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(x.bytes for x in self.layers.values())
+
+
+@dataclass
+class Totals:
+    """Running sums since start, what Prometheus counters are built from."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    stall_s: float = 0.0
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+
+
+class Accountant:
+    def __init__(self, window: int = 256) -> None:
+        self._lock = threading.Lock()
+        self.totals = Totals()
+        self.recent: deque[StepStats] = deque(maxlen=window)
+        self.last: StepStats | None = None
+        self._listeners: list = []
+
+    def subscribe(self, fn) -> None:
+        """fn(StepStats) is called after every step (the server's metrics hook)."""
+        self._listeners.append(fn)
+
+    def record(self, step: StepStats) -> None:
+        with self._lock:
+            t = self.totals
+            t.steps += 1
+            t.step_s += step.step_s
+            t.stall_s += step.stall_s
+            for lid, s in step.layers.items():
+                acc = t.layers.setdefault(lid, LayerStats(lid, s.tier))
+                acc.rows += s.rows
+                acc.unique_rows += s.unique_rows
+                acc.bytes += s.bytes
+                acc.prefetch_s += s.prefetch_s
+                acc.stall_s += s.stall_s
+                acc.slack_s += s.slack_s
+            self.recent.append(step)
+            self.last = step
+        for fn in self._listeners:
+            fn(step)
+
+    @property
+    def stall_fraction(self) -> float:
+        """Stall time / step time over the recent window."""
+        with self._lock:
+            step = sum(s.step_s for s in self.recent)
+            stall = sum(s.stall_s for s in self.recent)
+        return stall / step if step > 0 else 0.0
+
+    def summary(self) -> dict:
+        with self._lock:
+            t = self.totals
+            steps = max(t.steps, 1)
+            return {
+                "steps": t.steps,
+                "stall_fraction_total": t.stall_s / t.step_s if t.step_s > 0 else 0.0,
+                "mean_step_ms": 1e3 * t.step_s / steps,
+                "layers": {
+                    lid: {
+                        "tier": s.tier,
+                        "rows_per_step": s.rows / steps,
+                        "unique_rows_per_step": s.unique_rows / steps,
+                        "bytes_per_step": s.bytes / steps,
+                        "prefetch_ms_per_step": 1e3 * s.prefetch_s / steps,
+                        "stall_ms_per_step": 1e3 * s.stall_s / steps,
+                        "slack_ms_per_step": 1e3 * s.slack_s / steps,
+                    }
+                    for lid, s in sorted(t.layers.items())
+                },
+            }

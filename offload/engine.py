@@ -1,0 +1,123 @@
+"""The offload engine: a model whose Engram tables live in a :class:`TableStore` tier, fed
+each step by a prefetcher, with every step booked by an :class:`Accountant`.
+
+    engine = OffloadEngine.load("path/to/checkpoint", placement="host", gather="uva")
+    runner = StepRunner(engine.model, cache, rows=engine.start_step)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import ENGRAM_FILE, default_model_dir, load_checkpoint, table_key
+from models.llama import EngramForCausalLM
+from models.tokenizer import EngramTokenizer
+
+from .accounting import Accountant
+from .prefetch import PendingRows, Prefetcher, make_prefetcher, valid_gathers
+from .store import Placement, TableStore, cupy_ok
+
+
+def default_placement(device: torch.device) -> Placement:
+    """Offloaded wherever CUDA is present (the product's point); plain host memory otherwise."""
+    if device.type == "cuda":
+        return Placement.HOST if cupy_ok() else Placement.GPU
+    return Placement.CPU
+
+
+def resolve_gather(placement: Placement, gather: str) -> str:
+    """'auto' on the host tier is the measured staged/UVA switch; elsewhere the one path."""
+    return valid_gathers(placement)[0] if gather == "auto" else gather
+
+
+@dataclass
+class OffloadEngine:
+    model: EngramForCausalLM
+    tokenizer: EngramTokenizer | None
+    store: TableStore
+    prefetcher: Prefetcher
+    device: torch.device
+
+    @property
+    def accountant(self) -> Accountant:
+        return self.prefetcher.accountant
+
+    @property
+    def placement(self) -> Placement:
+        return self.store.placement
+
+    @property
+    def gather(self) -> str:
+        return self.prefetcher.name
+
+    def start_step(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
+        """Row-source factory for :class:`models.generate.StepRunner`."""
+        return self.prefetcher.start(row_ids)
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path | None = None,
+        placement: str | Placement | None = None,
+        gather: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: str = "float32",
+        dedup: bool = False,
+        timeout_s: float = 60.0,
+        progress: bool = True,
+    ) -> OffloadEngine:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        placement = Placement.parse(placement) if placement else default_placement(device)
+        gather = resolve_gather(placement, gather)
+        model_dir = Path(model_dir) if model_dir else default_model_dir()
+        model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
+        keys = {lid: table_key(lid) for lid in model.config.engram_layer_ids}
+        store = TableStore.from_safetensors(
+            model_dir / ENGRAM_FILE, keys, placement, device, progress=progress
+        )
+        return cls.from_parts(model, tok, store, gather, device, dedup, timeout_s)
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: EngramForCausalLM,
+        tokenizer: EngramTokenizer | None,
+        store: TableStore,
+        gather: str,
+        device: torch.device | str,
+        dedup: bool = False,
+        timeout_s: float = 60.0,
+    ) -> OffloadEngine:
+        device = torch.device(device)
+        gather = resolve_gather(store.placement, gather)
+        prefetcher = make_prefetcher(store, gather, device, dedup, Accountant(), timeout_s)
+        return cls(model, tokenizer, store, prefetcher, device)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: EngramForCausalLM,
+        placement: str | Placement,
+        gather: str = "auto",
+        device: str | torch.device = "cpu",
+        dedup: bool = False,
+        dtype: torch.dtype | None = None,
+        timeout_s: float = 60.0,
+    ) -> OffloadEngine:
+        """Move an in-memory model's tables into a store (tests, synthetic benchmarks)."""
+        device = torch.device(device)
+        shapes = {
+            lid: tuple(model.engram_table(lid).shape) for lid in model.config.engram_layer_ids
+        }
+        first = model.engram_table(model.config.engram_layer_ids[0])
+        store = TableStore.allocate(shapes, dtype or first.dtype, placement, device)
+        for lid in shapes:
+            store[lid].tensor.copy_(model.engram_table(lid).detach())
+        return cls.from_parts(model, None, store, gather, device, dedup, timeout_s)

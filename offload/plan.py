@@ -1,0 +1,64 @@
+"""A step's lookup plan: every Engram row the step will read, known before the forward pass.
+
+Engram addresses depend only on token ids, so the plan is built from the step's new ids and
+each sequence's n-gram history (hashing is incremental: O(1) per new token) for all Engram
+layers at once. With de-duplication each layer fetches its unique rows once and the inverse
+index re-expands them on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class GatherError(RuntimeError):
+    """A gather for one Engram layer failed; the step that needed it cannot run."""
+
+    def __init__(self, layer_id: int, message: str) -> None:
+        super().__init__(f"Engram layer {layer_id}: {message}")
+        self.layer_id = layer_id
+
+
+@dataclass
+class LayerPlan:
+    layer_id: int
+    fetch: np.ndarray  # [M] global rows to move (unique rows when de-duplicated), int64
+    inverse: np.ndarray | None  # [N * heads] index into fetch, None without de-duplication
+    num_tokens: int
+    heads: int
+
+    @property
+    def rows(self) -> int:
+        return self.num_tokens * self.heads
+
+    @property
+    def unique_rows(self) -> int:
+        return int(np.unique(self.fetch).size) if self.inverse is None else int(self.fetch.size)
+
+
+@dataclass
+class LookupPlan:
+    layers: dict[int, LayerPlan]  # in layer order: the order prefetches are issued
+
+    @classmethod
+    def build(
+        cls, row_ids: dict[int, np.ndarray], table_rows: dict[int, int], dedup: bool = False
+    ) -> LookupPlan:
+        """row_ids: ``{layer: [N, heads]}`` global rows (model.row_ids); bounds-checked here so a
+        bad index fails on the host, naming the layer, instead of faulting a device gather."""
+        layers = {}
+        for lid in sorted(row_ids):
+            ids = np.ascontiguousarray(row_ids[lid], dtype=np.int64)
+            n, heads = ids.shape
+            flat = ids.reshape(-1)
+            if flat.size and (flat.min() < 0 or flat.max() >= table_rows[lid]):
+                bad = int(flat.max() if flat.max() >= table_rows[lid] else flat.min())
+                raise GatherError(lid, f"row {bad} is outside the table (0..{table_rows[lid] - 1})")
+            if dedup:
+                fetch, inverse = np.unique(flat, return_inverse=True)
+                layers[lid] = LayerPlan(lid, fetch, inverse.reshape(-1), n, heads)
+            else:
+                layers[lid] = LayerPlan(lid, flat, None, n, heads)
+        return cls(layers)

@@ -1,0 +1,216 @@
+"""Prefetch paths: move a step's Engram rows to the compute side while earlier layers run.
+
+One interface: ``start(row_ids)`` builds the step's plan and issues every layer's gather at
+once (before the embedding lookup); the returned :class:`PendingRows` hands a layer its rows
+in ``rows(layer_id)``, waiting for that layer only, and ``close()`` books the step.
+
+- ``resident``: table on the compute device; gathered in place when needed (the baseline).
+- ``worker`` (no CUDA): a worker thread gathers layer after layer while the main thread runs
+  the layers before; a layer waits on its own event.
+- ``staged`` (CUDA): the worker gathers into pinned staging buffers (two per layer, reuse
+  guarded by the CUDA event of the copy that last read them), then one host-to-device copy
+  per layer on a side stream.
+- ``uva`` (CUDA): the table is mapped pinned memory; a device gather on the side stream reads
+  rows straight over PCIe. No host work, no host sync.
+
+Device buffers made on the side stream and consumed on the compute stream are kept alive with
+``record_stream(compute)``: when the compute side drops them, the caching allocator waits for
+the compute stream's queued work before reusing the memory. (Events alone would order the
+streams but not stop the allocator recycling a block the compute stream still reads.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .accounting import Accountant, LayerStats, StepStats
+from .plan import GatherError, LayerPlan, LookupPlan
+from .store import Placement, TableStore
+
+GATHERS = ("auto", "resident", "worker", "staged", "uva")
+
+
+def valid_gathers(placement: Placement) -> tuple[str, ...]:
+    return {
+        Placement.GPU: ("resident",),
+        Placement.CPU: ("worker", "resident"),
+        Placement.HOST: ("auto", "staged", "uva"),
+    }[placement]
+
+
+class PendingRows:
+    """The rows of one step, per layer; also its accounting."""
+
+    def __init__(self, pf: Prefetcher, plan: LookupPlan) -> None:
+        self.pf, self.plan = pf, plan
+        self.t0 = time.perf_counter()
+        self.stats = StepStats(num_tokens=next(iter(plan.layers.values())).num_tokens)
+        for lid, lp in plan.layers.items():
+            self.stats.layers[lid] = LayerStats(
+                lid,
+                pf.store[lid].placement.value,
+                rows=lp.rows,
+                unique_rows=lp.unique_rows,
+                bytes=lp.fetch.size * pf.store[lid].row_bytes,
+            )
+        self.closed = False
+
+    def rows(self, layer_id: int) -> torch.Tensor:
+        lp = self.plan.layers[layer_id]
+        out = self._wait(layer_id)
+        if lp.inverse is not None:
+            out = out[self._inverse(layer_id, out.device)]
+        return out.view(lp.num_tokens, lp.heads, -1)
+
+    def _wait(self, layer_id: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _inverse(self, layer_id: int, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.plan.layers[layer_id].inverse).to(device)
+
+    def close(self) -> StepStats:
+        """The step's forward is done: book its figures (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._finish()
+            self.pf.accountant.record(self.stats)
+        return self.stats
+
+    def _finish(self) -> None:
+        self.stats.step_s = time.perf_counter() - self.t0
+
+
+class Prefetcher:
+    name = "base"
+
+    def __init__(
+        self,
+        store: TableStore,
+        device: torch.device | str = "cpu",
+        dedup: bool = False,
+        accountant: Accountant | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.store, self.device, self.dedup = store, torch.device(device), dedup
+        self.accountant = accountant or Accountant()
+        self.timeout_s = timeout_s
+        self.table_rows = {lid: t.rows for lid, t in store.tables.items()}
+
+    def plan(self, row_ids: dict[int, np.ndarray]) -> LookupPlan:
+        return LookupPlan.build(row_ids, self.table_rows, self.dedup)
+
+    def start(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
+        raise NotImplementedError
+
+    def gather_host(self, lp: LayerPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+        """CPU gather of one layer's rows (used by the worker and staged paths)."""
+        table = self.store[lp.layer_id].tensor
+        idx = torch.from_numpy(lp.fetch)
+        if out is None:
+            return torch.index_select(table, 0, idx)
+        return torch.index_select(table, 0, idx, out=out[: idx.numel()])
+
+    def close(self) -> None:
+        pass
+
+
+# --- resident -----------------------------------------------------------------------------
+class _ResidentPending(PendingRows):
+    def _wait(self, layer_id: int) -> torch.Tensor:
+        lp = self.plan.layers[layer_id]
+        table = self.pf.store[layer_id].tensor
+        t = time.perf_counter()
+        out = torch.index_select(table, 0, torch.from_numpy(lp.fetch).to(table.device))
+        self.stats.layers[layer_id].prefetch_s = time.perf_counter() - t
+        return out
+
+
+class ResidentGather(Prefetcher):
+    name = "resident"
+
+    def start(self, row_ids):
+        return _ResidentPending(self, self.plan(row_ids))
+
+
+# --- CPU worker ---------------------------------------------------------------------------
+class _WorkerPending(PendingRows):
+    def __init__(self, pf: WorkerGather, plan: LookupPlan) -> None:
+        super().__init__(pf, plan)
+        self.ready = {lid: threading.Event() for lid in plan.layers}
+        self.out: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.done_at: dict[int, float] = {}
+
+    def work(self) -> None:
+        for lid, lp in self.plan.layers.items():
+            t = time.perf_counter()
+            try:
+                self.out[lid] = self.pf.gather_layer(lp)
+            except BaseException as e:  # surfaced in the step, in rows(lid)
+                self.errors[lid] = e
+            self.done_at[lid] = time.perf_counter()
+            self.stats.layers[lid].prefetch_s = self.done_at[lid] - t
+            self.ready[lid].set()
+
+    def _wait(self, layer_id: int) -> torch.Tensor:
+        need = time.perf_counter()
+        if not self.ready[layer_id].wait(self.pf.timeout_s):
+            raise GatherError(layer_id, f"rows not ready after {self.pf.timeout_s:.0f}s")
+        got = time.perf_counter()
+        st = self.stats.layers[layer_id]
+        st.stall_s = got - need if self.done_at[layer_id] > need else 0.0
+        st.slack_s = max(0.0, need - self.done_at[layer_id])
+        if layer_id in self.errors:
+            e = self.errors[layer_id]
+            raise GatherError(layer_id, f"gather failed: {type(e).__name__}: {e}") from e
+        return self.out.pop(layer_id)
+
+
+class WorkerGather(Prefetcher):
+    """CPU-only prefetch: a worker thread stands in for the side stream."""
+
+    name = "worker"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-prefetch")
+
+    def gather_layer(self, lp: LayerPlan) -> torch.Tensor:
+        return self.gather_host(lp)
+
+    def start(self, row_ids):
+        pending = _WorkerPending(self, self.plan(row_ids))
+        self._pool.submit(pending.work)
+        return pending
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def make_prefetcher(
+    store: TableStore,
+    gather: str,
+    device: torch.device | str,
+    dedup: bool = False,
+    accountant: Accountant | None = None,
+    timeout_s: float = 60.0,
+) -> Prefetcher:
+    if gather not in GATHERS:
+        raise ValueError(f"unknown gather path {gather!r}; use one of {', '.join(GATHERS)}")
+    if gather not in valid_gathers(store.placement):
+        raise ValueError(
+            f"gather {gather!r} does not work with placement {store.placement.value!r}; "
+            f"use one of {', '.join(valid_gathers(store.placement))}"
+        )
+    cls = {"resident": ResidentGather, "worker": WorkerGather}.get(gather)
+    if cls is None:
+        from .autoselect import AutoGather
+        from .cuda_gather import StagedGather, UvaGather
+
+        cls = {"auto": AutoGather, "staged": StagedGather, "uva": UvaGather}[gather]
+    return cls(store, device, dedup=dedup, accountant=accountant, timeout_s=timeout_s)

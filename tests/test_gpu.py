@@ -1,0 +1,79 @@
+"""CUDA paths. Skipped without CUDA and CuPy; run on a GPU machine with ``pytest -m gpu``."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.cache import KVCache
+from models.generate import StepRunner, generate
+from offload.engine import OffloadEngine
+from offload.plan import GatherError
+from offload.store import TableStore, cupy_ok
+
+from .conftest import tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cupy_ok(), reason="needs CUDA and CuPy"),
+]
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [42], [7, 7, 7, 7]]
+
+
+def _cuda_model(seed=2):
+    return tiny_model(seed).to("cuda")
+
+
+def test_mapped_pinned_table_reads_back_on_device():
+    store = TableStore.allocate({0: (1000, 16)}, torch.float32, "host", "cuda")
+    t = store[0]
+    t.tensor.copy_(torch.arange(16000, dtype=torch.float32).view(1000, 16))
+    view = t.device_view(torch.device("cuda"))
+    idx = torch.tensor([0, 999, 17], device="cuda")
+    assert torch.equal(view[idx].cpu(), t.tensor[idx.cpu()])
+
+
+@pytest.mark.parametrize("gather", ["staged", "uva"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
+    model = _cuda_model()
+    resident = OffloadEngine.from_model(model, "gpu", "resident", device="cuda")
+    engine = OffloadEngine.from_model(model, "host", gather, device="cuda", dedup=dedup)
+    ref = generate(model, PROMPTS, 200, rows=resident.start_step)  # long: staging reused
+    assert generate(model, PROMPTS, 200, rows=engine.start_step) == ref
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 300, size=30).tolist() for _ in range(3)]
+    outs = []
+    for rows in (resident.start_step, engine.start_step):
+        cache = KVCache(model.config, 32, 4, 3, device="cuda")
+        runner = StepRunner(model, cache, rows)
+        seqs = [runner.new_sequence() for _ in ids]
+        a = runner.step(seqs, [ids[0][:7], ids[1][:1], ids[2][:13]], all_logits=True)
+        b = runner.step(seqs, [ids[0][7:8], ids[1][1:9], ids[2][13:14]], all_logits=True)
+        outs.append(torch.cat([a, b]))
+    assert torch.equal(outs[0], outs[1])
+    s = engine.accountant.summary()
+    assert s["steps"] > 200
+    for layer in s["layers"].values():
+        assert layer["tier"] == "host" and layer["bytes_per_step"] > 0
+        assert layer["prefetch_ms_per_step"] > 0
+    engine.close()
+
+
+def test_staged_fault_surfaces_naming_the_layer():
+    model = _cuda_model()
+    engine = OffloadEngine.from_model(model, "host", "staged", device="cuda")
+    real = engine.prefetcher.gather_layer
+
+    def failing(lp, slot):
+        if lp.layer_id == 2:
+            raise RuntimeError("injected fault")
+        return real(lp, slot)
+
+    engine.prefetcher.gather_layer = failing
+    with pytest.raises(GatherError, match="Engram layer 2: gather failed"):
+        generate(model, PROMPTS, 3, rows=engine.start_step)
+    engine.prefetcher.gather_layer = real
+    resident = OffloadEngine.from_model(model, "gpu", "resident", device="cuda")
+    assert generate(model, PROMPTS, 3, rows=engine.start_step) == generate(
+        model, PROMPTS, 3, rows=resident.start_step
+    )

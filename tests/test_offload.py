@@ -1,0 +1,199 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from models.cache import KVCache
+from models.generate import StepRunner, generate
+from offload.engine import OffloadEngine
+from offload.plan import GatherError, LookupPlan
+from offload.store import Placement, TableStore
+
+from .conftest import tiny_model
+
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [42], [7, 7, 7, 7]]
+
+
+def _engines(model):
+    for gather in ("worker", "resident"):
+        for dedup in (False, True):
+            yield gather, dedup, OffloadEngine.from_model(model, "cpu", gather, dedup=dedup)
+
+
+def test_every_cpu_path_gives_identical_tokens_and_logits():
+    model = tiny_model(2)
+    ref = generate(model, PROMPTS, 40)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 300, size=30).tolist() for _ in range(3)]
+    for gather, dedup, engine in _engines(model):
+        assert generate(model, PROMPTS, 40, rows=engine.start_step) == ref, (gather, dedup)
+        # logits, ragged prefill chunks, compared bit for bit with the resident model
+        outs = []
+        for rows in (None, engine.start_step):
+            cache = KVCache(model.config, num_blocks=32, block_size=4, max_seqs=3)
+            runner = StepRunner(model, cache, rows)
+            seqs = [runner.new_sequence() for _ in ids]
+            a = runner.step(seqs, [ids[0][:7], ids[1][:1], ids[2][:13]], all_logits=True)
+            b = runner.step(seqs, [ids[0][7:8], ids[1][1:9], ids[2][13:14]], all_logits=True)
+            outs.append(torch.cat([a, b]))
+        assert torch.equal(outs[0], outs[1]), (gather, dedup)
+        engine.close()
+
+
+def test_sequences_join_and_leave_between_steps_long_run():
+    model = tiny_model(4)
+    engine = OffloadEngine.from_model(model, "cpu", "worker", dedup=True)
+    results = {}
+    for rows in (None, engine.start_step):
+        cache = KVCache(model.config, num_blocks=128, block_size=4, max_seqs=3)
+        runner = StepRunner(model, cache, rows)
+        live: dict[int, tuple] = {}
+        out = {i: [] for i in range(6)}
+        pending = list(range(6))
+        for step in range(120):
+            while pending and len(live) < 3 and step % 7 == pending[0] % 7:
+                i = pending.pop(0)
+                live[i] = (runner.new_sequence(), PROMPTS[i % 4] + [i])
+            if not live:
+                if not pending:
+                    break
+                continue
+            keys = sorted(live)
+            logits = runner.step([live[k][0] for k in keys], [live[k][1] for k in keys])
+            for row, k in enumerate(keys):
+                tok = int(logits[row].argmax())
+                out[k].append(tok)
+                live[k] = (live[k][0], [tok])
+                if len(out[k]) >= 10 + 5 * k:
+                    cache.free(live.pop(k)[0])
+        results[rows is None] = out
+    assert results[True] == results[False]
+    assert all(len(v) == 10 + 5 * k for k, v in results[True].items())
+    assert engine.accountant.totals.steps > 50
+
+
+def test_plan_indices_equal_reference_hashing_of_full_sequences():
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 300, size=n).tolist() for n in (12, 5, 20)]
+    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    hist = model.hasher.initial_history(3)
+    got = {lid: [[] for _ in seqs] for lid in model.config.engram_layer_ids}
+    pos = [0, 0, 0]
+    for chunk in ([4, 1, 9], [1, 1, 1], [7, 3, 10]):
+        new = [s[p : p + c] for s, p, c in zip(seqs, pos, chunk)]
+        rows, hist = model.row_ids(hist, np.concatenate(new), np.array(chunk))
+        plan = engine.prefetcher.plan(rows)
+        off = 0
+        for i, c in enumerate(chunk):
+            for lid, lp in plan.layers.items():
+                flat = lp.fetch.reshape(lp.num_tokens, lp.heads)
+                got[lid][i].append(flat[off : off + c])
+            off += c
+            pos[i] += c
+    for i, s in enumerate(seqs):
+        full = model.hasher.hash(model.compress(np.array([s])))
+        for lid in model.config.engram_layer_ids:
+            expect = full[lid][0] + model.hasher.head_offsets(lid)
+            np.testing.assert_array_equal(np.concatenate(got[lid][i]), expect)
+
+
+def test_dedup_plan_reconstructs_rows():
+    row_ids = {3: np.array([[5, 9], [5, 2], [9, 9]])}
+    plan = LookupPlan.build(row_ids, {3: 10}, dedup=True)
+    lp = plan.layers[3]
+    assert lp.fetch.tolist() == [2, 5, 9] and lp.unique_rows == 3 and lp.rows == 6
+    np.testing.assert_array_equal(lp.fetch[lp.inverse].reshape(3, 2), row_ids[3])
+
+
+def test_bad_index_fails_on_the_host_naming_the_layer():
+    with pytest.raises(GatherError, match="Engram layer 2: row 10 is outside"):
+        LookupPlan.build({2: np.array([[1, 10]])}, {2: 10})
+
+
+def test_worker_fault_surfaces_in_the_step_naming_the_layer():
+    model = tiny_model()
+    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    real = engine.prefetcher.gather_layer
+
+    def failing(lp):
+        if lp.layer_id == 2:
+            raise RuntimeError("injected fault")
+        return real(lp)
+
+    engine.prefetcher.gather_layer = failing
+    t = time.perf_counter()
+    with pytest.raises(GatherError, match="Engram layer 2: gather failed: RuntimeError: injected"):
+        generate(model, PROMPTS, 4, rows=engine.start_step)
+    assert time.perf_counter() - t < 10
+    engine.prefetcher.gather_layer = real  # the engine keeps serving after the fault
+    assert generate(model, PROMPTS, 4, rows=engine.start_step) == generate(model, PROMPTS, 4)
+
+
+def test_hung_gather_times_out_instead_of_hanging():
+    model = tiny_model()
+    engine = OffloadEngine.from_model(model, "cpu", "worker", timeout_s=0.5)
+    release = threading.Event()
+    real = engine.prefetcher.gather_layer
+
+    def hang(lp):
+        release.wait(5)
+        return real(lp)
+
+    engine.prefetcher.gather_layer = hang
+    t = time.perf_counter()
+    with pytest.raises(GatherError, match="Engram layer 0: rows not ready after"):
+        generate(model, PROMPTS, 2, rows=engine.start_step)
+    assert time.perf_counter() - t < 3
+    release.set()
+    engine.close()
+
+
+def test_accounting_books_bytes_rows_and_stall_per_layer():
+    model = tiny_model()
+    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    generate(model, PROMPTS, 6, rows=engine.start_step)
+    s = engine.accountant.summary()
+    assert s["steps"] == 6
+    width = model.config.engram_head_dim * 4  # float32 rows
+    for lid in model.config.engram_layer_ids:
+        layer = s["layers"][lid]
+        tot = engine.accountant.totals.layers[lid]
+        n_tokens = sum(len(p) for p in PROMPTS) + 5 * len(PROMPTS)
+        assert tot.rows == n_tokens * model.config.engram_total_heads
+        assert tot.bytes == tot.rows * width
+        assert layer["tier"] == "cpu" and tot.unique_rows <= tot.rows
+        assert tot.stall_s >= 0 and tot.slack_s >= 0 and tot.prefetch_s > 0
+    assert 0.0 <= engine.accountant.stall_fraction < 1.0
+
+
+def test_store_loads_checkpoint_tables_in_chunks(tmp_path):
+    from models.checkpoint import ENGRAM_FILE, save_checkpoint, table_key
+
+    model = tiny_model()
+    save_checkpoint(model, tmp_path, table_dtype=torch.bfloat16)
+    keys = {lid: table_key(lid) for lid in model.config.engram_layer_ids}
+    store = TableStore.from_safetensors(
+        tmp_path / ENGRAM_FILE, keys, "cpu", chunk_rows=37, progress=False
+    )
+    for lid in keys:
+        assert store[lid].tensor.dtype == torch.bfloat16
+        assert torch.equal(store[lid].tensor, model.engram_table(lid).detach().bfloat16())
+    assert store.bytes_by_tier()["cpu"] == sum(t.nbytes for t in store.tables.values())
+    engine = OffloadEngine.load(tmp_path, placement="cpu", gather="worker", progress=False)
+    resident = OffloadEngine.load(tmp_path, placement="cpu", gather="resident", progress=False)
+    assert engine.model.engram_table(0).is_meta  # the tables live only in the store
+    a = generate(engine.model, PROMPTS, 8, rows=engine.start_step)
+    assert a == generate(resident.model, PROMPTS, 8, rows=resident.start_step)
+
+
+def test_placement_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown placement 'disk'"):
+        Placement.parse("disk")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TableStore.allocate({0: (4, 2)}, torch.float32, "host", "cpu")
+    model = tiny_model()
+    with pytest.raises(ValueError, match="does not work with placement 'cpu'"):
+        OffloadEngine.from_model(model, "cpu", "uva")
