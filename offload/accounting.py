@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 class LayerStats:
     layer_id: int
     tier: str
-    rows: int = 0
-    unique_rows: int = 0
+    rows: int = 0  # lookups (tokens x heads)
+    unique_rows: int = 0  # distinct rows among them
+    fetched: int = 0  # rows actually moved from the tier (unique rows when de-duplicating)
     bytes: int = 0
     prefetch_s: float = 0.0
     stall_s: float = 0.0
@@ -74,6 +75,7 @@ class Accountant:
                 acc = t.layers.setdefault(lid, LayerStats(lid, s.tier))
                 acc.rows += s.rows
                 acc.unique_rows += s.unique_rows
+                acc.fetched += s.fetched
                 acc.bytes += s.bytes
                 acc.prefetch_s += s.prefetch_s
                 acc.stall_s += s.stall_s

@@ -56,6 +56,7 @@ class PendingRows:
                 pf.store[lid].placement.value,
                 rows=lp.rows,
                 unique_rows=lp.unique_rows,
+                fetched=lp.fetch.size,
                 bytes=lp.fetch.size * pf.store[lid].row_bytes,
             )
         self.closed = False

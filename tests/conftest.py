@@ -49,3 +49,33 @@ def golden() -> Path:
     if not GOLDEN.is_dir():
         pytest.fail(f"golden vectors not found at {GOLDEN}: shared/ must sit beside the repo")
     return GOLDEN
+
+
+def tiny_checkpoint(directory: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A small random model with a real byte-level BPE tokenizer, saved as a checkpoint."""
+    from models.checkpoint import save_checkpoint
+    from models.corpus import EOS, split_files, train_tokenizer
+    from models.tokenizer import EngramTokenizer
+
+    train, _ = split_files()
+    tok = EngramTokenizer(train_tokenizer(train[:20], vocab_size))
+    eos = tok.token_id(EOS)
+    torch.manual_seed(seed)
+    cfg = tiny_config(
+        vocab_size=tok.vocab_size,
+        engram_compressed_vocab_size=tok.compressed_vocab_size,
+        engram_pad_token_id=eos,
+        eos_token_id=eos,
+        max_position_embeddings=512,
+    )
+    model = EngramForCausalLM(cfg, tok.lookup).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    save_checkpoint(model, directory, tok, table_dtype=torch.float32)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))

@@ -1,0 +1,301 @@
+"""The HTTP surface: OpenAI's completions API as vLLM serves it, health, version, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.checkpoint import default_model_dir
+from offload.engine import OffloadEngine
+from offload.link import measure_copy_bandwidth
+
+from .completions import Completion, wait_or_disconnect
+from .engine import EngineConfig, ServingEngine
+from .metrics import Metrics
+from .protocol import APIError, CompletionRequest
+
+log = logging.getLogger("engram.server")
+
+
+def package_version() -> str:
+    try:
+        return version("engram-serve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    placement: str | None = None  # default: host with CUDA, cpu without
+    gather: str = "auto"
+    dedup: bool = False
+    device: str | None = None
+    dtype: str = "float32"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_queue: int = 256
+    kv_blocks: int = 0
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    bench_result: str | None = None
+    log_level: str = "info"
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else default_model_dir()
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or (
+            "engram-stdlib" if not self.model else Path(self.model).resolve().name
+        )
+
+
+class ServerState:
+    """Loads the model in the background so /health can answer 503 until it is ready."""
+
+    def __init__(self, cfg: ServerConfig, offload: OffloadEngine | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics(cfg.model_name)
+        self.engine: ServingEngine | None = None
+        self.load_error: str | None = None
+        self.link_bps = 0.0
+        self.started = time.time()
+        self._offload = offload
+
+    def load(self) -> None:
+        try:
+            cfg = self.cfg
+            offload = self._offload or OffloadEngine.load(
+                cfg.model_dir, cfg.placement, cfg.gather, cfg.device, cfg.dtype, cfg.dedup
+            )
+            self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
+            self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
+            self.metrics.init_offload_layers(
+                offload.model.config.engram_layer_ids, offload.placement.value
+            )
+            self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
+            engine = ServingEngine(
+                offload,
+                EngineConfig(
+                    cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, cfg.kv_blocks
+                ),
+                self.metrics,
+            )
+            engine.start()
+            self.engine = engine
+            log.info("%s", self.summary_line())
+        except Exception as e:  # reported by /health and the CLI
+            log.exception("model load failed")
+            self.load_error = f"{type(e).__name__}: {e}"
+
+    def summary_line(self) -> str:
+        e = self.engine
+        tiers = ", ".join(
+            f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
+        )
+        return (
+            f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}; "
+            f"Engram tables: {tiers} (placement {e.offload.placement.value}, "
+            f"gather {e.offload.gather}); KV cache {e.cache.nbytes() / 2**20:.1f} MiB; "
+            f"link {self.link_bps / 1e9:.1f} GB/s"
+        )
+
+    def ready_engine(self) -> ServingEngine:
+        if self.engine is None:
+            msg = self.load_error or "the model is still loading"
+            raise APIError(503, msg, None, "model_not_ready")
+        return self.engine
+
+
+def error_response(e: APIError, metrics: Metrics | None = None) -> JSONResponse:
+    if metrics is not None:
+        metrics.error(e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over the limit with 413, before any handler.
+
+    A declared Content-Length is checked up front; a chunked body is read (up to the limit)
+    and replayed to the app."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        too_big = error_response(
+            APIError(413, f"request body over {self.limit} bytes", None, "request_too_large")
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(cfg: ServerConfig, offload: OffloadEngine | None = None) -> FastAPI:
+    state = ServerState(cfg, offload)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="engram-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="engram-serve", version=package_version(), lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e, state.metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        parts, param = [], None
+        for er in errs[:5]:
+            loc = [str(x) for x in er.get("loc", []) if x != "body"]
+            param = param or (loc[0] if loc else None)
+            parts.append(f"{'.'.join(loc) or 'body'}: {er.get('msg')}")
+        return error_response(
+            APIError(400, "; ".join(parts) or "invalid request", param), state.metrics
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return error_response(APIError(e.status_code, str(e.detail)), state.metrics)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, f"internal error: {type(e).__name__}"), state.metrics)
+
+    def check_key(request: Request) -> None:
+        if not cfg.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise APIError(401, "invalid or missing API key", None, "invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != cfg.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            return JSONResponse(
+                {"status": "error" if state.load_error else "loading", "error": state.load_error},
+                status_code=503,
+            )
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def get_version():
+        return {"version": package_version()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def list_models():
+        card = {
+            "id": cfg.model_name,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "engram-serve",
+            "root": str(cfg.model_dir),
+            "max_model_len": state.engine.max_tokens_per_seq if state.engine else None,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/offload", dependencies=[Depends(check_key)])
+    async def offload_info():
+        e = state.ready_engine()
+        bench = None
+        if cfg.bench_result and Path(cfg.bench_result).is_file():
+            bench = json.loads(Path(cfg.bench_result).read_text())
+        return {
+            "model": cfg.model_name,
+            "device": str(e.offload.device),
+            "placement": e.offload.placement.value,
+            "gather": e.offload.gather,
+            "dedup": e.offload.prefetcher.dedup,
+            "table_bytes": e.offload.store.bytes_by_tier(),
+            "link_bandwidth_bytes_per_second": state.link_bps,
+            "stall_fraction": e.offload.accountant.stall_fraction,
+            "accounting": e.offload.accountant.summary(),
+            "last_bench": bench,
+        }
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        engine = state.ready_engine()
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
+        comp = Completion(engine, body, cfg.model_name)
+        comp.submit()
+        if body.stream:
+            return StreamingResponse(comp.stream(), media_type="text/event-stream")
+        result = await wait_or_disconnect(request, comp.collect())
+        if result is None:  # the client went away: free its slot and KV memory now
+            comp.abort()
+            return Response(status_code=499)
+        return result
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(request: Request):
+        raise APIError(
+            400,
+            f"model `{cfg.model_name}` has no chat template; use /v1/completions",
+            "messages",
+            "chat_template_missing",
+        )
+
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    return app

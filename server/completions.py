@@ -1,0 +1,240 @@
+"""``POST /v1/completions``: validate, submit every prompt x n, collect or stream the result."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from .engine import Delta, EngineDead, QueueFull, ServingEngine
+from .engine import Request as EngineRequest
+from .protocol import APIError, CompletionRequest, completion_body, completion_logprobs, usage
+from .sampling import SamplingParams
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    prompt_text: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k if req.top_k > 0 else 0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        stop=list(req.stop or []),
+        logprobs=req.logprobs,
+        echo=req.echo,
+        n=req.n,
+    )
+
+
+def encode_prompts(engine: ServingEngine, req: CompletionRequest) -> list[tuple[list[int], str]]:
+    tok, vocab = engine.tokenizer, engine.model.config.vocab_size
+    out = []
+    for p in req.prompts():
+        if isinstance(p, str):
+            ids = tok.encode(p)
+            if not ids:
+                raise APIError(400, "the prompt encodes to no tokens", "prompt")
+            out.append((ids, p))
+        else:
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(
+                    400, f"token id {bad[0]} is outside the vocab (0..{vocab - 1})", "prompt"
+                )
+            out.append((list(p), tok.decode(p)))
+    return out
+
+
+def check_length(engine: ServingEngine, n_prompt: int, max_tokens: int | None) -> int:
+    limit = engine.max_tokens_per_seq
+    if max_tokens is None:
+        max_tokens = limit - n_prompt
+    if n_prompt + max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return max_tokens
+
+
+class Completion:
+    """One HTTP completion request: its engine requests and how to render their output."""
+
+    def __init__(self, engine: ServingEngine, req: CompletionRequest, model_name: str) -> None:
+        self.engine, self.req, self.model_name = engine, req, model_name
+        self.prompts = encode_prompts(engine, req)
+        self.max_tokens = [
+            check_length(engine, len(ids), req.max_tokens) for ids, _ in self.prompts
+        ]
+        self.created = int(time.time())
+        self.id = f"cmpl-{time.time_ns():x}"
+        self.subs: list[EngineRequest] = []
+        n = req.n
+        self.choices = [
+            Choice(i * n + j, ids, text)
+            for i, (ids, text) in enumerate(self.prompts)
+            for j in range(n)
+        ]
+
+    def submit(self) -> None:
+        try:
+            for (ids, _), mt in zip(self.prompts, self.max_tokens):
+                self.subs.append(self.engine.submit(ids, to_params(self.req, mt)))
+        except QueueFull as e:
+            self.abort()
+            raise APIError(
+                429, f"server busy: {e}; retry later", None, "queue_full", {"Retry-After": "1"}
+            ) from e
+        except EngineDead as e:
+            self.abort()
+            raise APIError(503, str(e)) from e
+
+    def abort(self) -> None:
+        for sub in self.subs:
+            self.engine.abort(sub.id)
+
+    async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
+        """Merge the sub-requests' deltas until every choice has finished."""
+        n = self.req.n
+        unfinished = {k: n for k in range(len(self.subs))}
+        getters = {asyncio.ensure_future(s.queue.get()): k for k, s in enumerate(self.subs)}
+        try:
+            while getters:
+                done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    k = getters.pop(fut)
+                    delta: Delta = fut.result()
+                    if delta.error:
+                        raise APIError(500, delta.error, None, "engine_error")
+                    if delta.finish_reason:
+                        unfinished[k] -= 1
+                    if unfinished[k]:
+                        getters[asyncio.ensure_future(self.subs[k].queue.get())] = k
+                    yield self.choices[k * n + delta.choice], delta
+        finally:
+            for f in getters:
+                f.cancel()
+
+    # --- rendering ----------------------------------------------------------------
+    def _token_text(self, tid: int) -> str:
+        return self.engine.tokenizer.decode([tid], skip_special_tokens=False)
+
+    def _logprobs(self, choice: Choice, entries: list, echo_prompt: bool) -> dict | None:
+        if self.req.logprobs is None:
+            return None
+        items = []
+        if echo_prompt:
+            seq = self._seq(choice)
+            items += list(zip(seq.prompt_logprobs, choice.prompt_ids))
+        items += [(e, e.token_id) for e in entries]
+        offset0 = 0 if self.req.echo else len(choice.prompt_text)
+        return completion_logprobs(items, self._token_text, offset0)
+
+    def _seq(self, choice: Choice):
+        k, j = divmod(choice.index, self.req.n)
+        return self.subs[k].seqs[j]
+
+    def usage(self) -> dict:
+        prompt = sum(len(ids) for ids, _ in self.prompts)
+        return usage(prompt, sum(len(c.token_ids) for c in self.choices))
+
+    async def collect(self) -> dict:
+        async for choice, delta in self.deltas():
+            choice.text += delta.text
+            choice.token_ids += delta.token_ids
+            choice.logprobs += delta.logprobs
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+        rendered = []
+        for c in self.choices:
+            text = (c.prompt_text + c.text) if self.req.echo else c.text
+            rendered.append(
+                {
+                    "index": c.index,
+                    "text": text,
+                    "logprobs": self._logprobs(c, c.logprobs, self.req.echo),
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return completion_body(self.id, self.model_name, rendered, self.usage(), self.created)
+
+    async def stream(self) -> AsyncIterator[str]:
+        def chunk(choices, usage_=None) -> str:
+            body = completion_body(self.id, self.model_name, choices, usage_, self.created)
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if self.req.echo:
+                for c in self.choices:
+                    yield chunk(
+                        [
+                            {
+                                "index": c.index,
+                                "text": c.prompt_text,
+                                "logprobs": self._logprobs(c, [], True),
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
+            async for choice, delta in self.deltas():
+                choice.token_ids += delta.token_ids
+                choice.finish_reason = delta.finish_reason or choice.finish_reason
+                if not delta.text and not delta.finish_reason and self.req.logprobs is None:
+                    continue
+                yield chunk(
+                    [
+                        {
+                            "index": choice.index,
+                            "text": delta.text,
+                            "logprobs": self._logprobs(choice, delta.logprobs, False),
+                            "finish_reason": delta.finish_reason,
+                        }
+                    ]
+                )
+            if self.req.stream_options and self.req.stream_options.include_usage:
+                yield chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.abort()  # no-op for finished requests; frees a client that went away
+
+
+async def wait_or_disconnect(request: Request, coro) -> dict | None:
+    """Run coro; if the client disconnects first, cancel it and return None."""
+
+    async def disconnected() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        watch.cancel()
+        return work.result()
+    work.cancel()
+    return None

@@ -1,0 +1,175 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each feeds.
+
+Requests join and leave at step boundaries. One step mixes decode tokens (one per running
+sequence) and prompt chunks (chunked prefill) under ``max_num_batched_tokens``; at most
+``max_num_seqs`` sequences run. KV memory is a bounded block pool: a sequence is admitted
+only when its next chunk fits, and when decoding runs out of blocks the newest running
+sequence is preempted (its cache freed, recomputed from its tokens later), never an OOM.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from models.cache import KVCache, SeqState
+
+from .detokenize import Detokenizer
+from .sampling import SamplingParams, TokenLogprobs
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    choice: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: Detokenizer | None
+    generator: torch.Generator
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    state: SeqState | None = None
+    computed: int = 0  # tokens of prompt+output already in the KV cache
+    finish_reason: str | None = None
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        # After a preemption the outputs so far are recomputed like a prompt.
+        return self.computed < len(self.all_ids) - 1 or not self.output_ids
+
+    def pending_ids(self) -> list[int]:
+        """Tokens not yet in the cache (prompt remainder, or the last sampled token)."""
+        return self.all_ids[self.computed :]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.echo and self.params.logprobs is not None
+
+
+@dataclass
+class ScheduledStep:
+    seqs: list[Sequence]
+    new_ids: list[list[int]]
+    samples: list[bool]  # whether this step's last logit of the sequence is sampled
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(x) for x in self.new_ids)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cache: KVCache,
+        new_state,  # () -> SeqState for a fresh sequence
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.cache, self.new_state = cache, new_state
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def finish(self, seq: Sequence, reason: str | None) -> None:
+        """Retire a sequence (finished or aborted) and free its slot and KV blocks."""
+        seq.status, seq.finish_reason = Status.FINISHED, seq.finish_reason or reason
+        if seq.state is not None:
+            self.cache.free(seq.state)
+            seq.state = None
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.cache.free(seq.state)
+        seq.state, seq.computed, seq.status = None, 0, Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        have = len(seq.state.block_table) if seq.state else 0
+        return max(0, self.cache.blocks_for(seq.computed + n) - have)
+
+    def schedule(self) -> ScheduledStep | None:
+        budget = self.max_num_batched_tokens
+        seqs, new_ids, samples, preempted = [], [], [], []
+        free_blocks = self.cache.free_blocks
+
+        # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            pending = seq.pending_ids()
+            n = min(len(pending), budget)
+            need = self._blocks_needed(seq, n)
+            while need > free_blocks and self.running[-1] is not seq:
+                victim = self.running[-1]
+                free_blocks += len(victim.state.block_table)
+                self._preempt(victim)
+                preempted.append(victim)
+            if need > free_blocks:  # even alone it does not fit now: wait for memory
+                self._preempt(seq)
+                preempted.append(seq)
+                continue
+            free_blocks -= need
+            budget -= n
+            seqs.append(seq)
+            new_ids.append(pending[:n])
+            samples.append(n == len(pending))
+
+        # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq in preempted:
+                break
+            if self.cache.free_slots == 0:
+                break
+            pending = seq.all_ids
+            n = min(len(pending), budget)
+            need = self.cache.blocks_for(n)
+            if need > free_blocks:
+                break
+            self.waiting.popleft()
+            seq.state = self.new_state()
+            seq.status = Status.RUNNING
+            seq.scheduled_at = seq.scheduled_at or time.monotonic()
+            self.running.append(seq)
+            free_blocks -= need
+            budget -= n
+            seqs.append(seq)
+            new_ids.append(pending[:n])
+            samples.append(n == len(pending))
+
+        if not seqs:
+            return None
+        return ScheduledStep(seqs, new_ids, samples, preempted)
