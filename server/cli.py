@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+
+import uvicorn
 
 from models.checkpoint import DTYPES, default_model_dir
 from models.config import ModelConfig
@@ -106,17 +110,26 @@ def main(argv: list[str] | None = None) -> int:
         bench_result=args.bench_result,
         log_level=args.log_level,
     )
-    import uvicorn
-
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(cfg),
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.log_level,
         timeout_graceful_shutdown=30,
     )
+    GracefulServer(config).run()
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, but SIGINT/SIGTERM end in exit status 0 after the graceful shutdown
+    (stock uvicorn re-raises the signal once done, which makes the status 128+N)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

@@ -1,0 +1,68 @@
+"""A real uvicorn server on a free loopback port, for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from server.app import ServerConfig, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, cfg: ServerConfig) -> None:
+        cfg.port = cfg.port if cfg.port != 8000 else free_port()
+        self.cfg = cfg
+        self.app = create_app(cfg)
+        self.url = f"http://127.0.0.1:{cfg.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=cfg.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def start(self, ready: bool = True) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200 or (not ready and r.status_code == 503):
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def metric(self, name: str, where: str = "") -> float:
+        """Sum of a metric's samples from /metrics (label sets containing ``where``)."""
+        text = httpx.get(self.url + "/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if (line.startswith(name + "{") or line.startswith(name + " ")) and where in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@contextlib.contextmanager
+def serve(model_dir, **overrides):
+    srv = LiveServer(ServerConfig(model=str(model_dir), **overrides)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

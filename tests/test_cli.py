@@ -1,0 +1,65 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from server.cli import build_parser, main, validate
+
+from .live import free_port
+
+
+def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "does not exist" in err and "--model" in err
+    (tmp_path / "config.json").write_text('{"engram_layer_ids": [99]}')
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "engram_layer_ids" in capsys.readouterr().err
+
+
+def test_impossible_settings(tiny_ckpt):
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-num-seqs", "0"])
+    assert "--max-num-seqs must be at least 1" in validate(args)
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--placement", "host"])
+    assert "needs a CUDA device" in validate(args)
+
+
+def test_flags_come_from_environment(monkeypatch):
+    monkeypatch.setenv("ENGRAM_PORT", "9123")
+    monkeypatch.setenv("ENGRAM_DEDUP", "true")
+    monkeypatch.setenv("ENGRAM_API_KEY", "k")
+    args = build_parser().parse_args([])
+    assert args.port == 9123 and args.dedup is True and args.api_key == "k"
+    assert build_parser().parse_args(["--port", "7"]).port == 7  # the flag wins
+
+
+def test_serve_then_sigterm_exits_cleanly(tiny_ckpt):
+    port = free_port()
+    env = {**os.environ, "ENGRAM_MODEL": str(tiny_ckpt), "ENGRAM_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
