@@ -133,3 +133,7 @@ class GracefulServer(uvicorn.Server):
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
