@@ -163,11 +163,10 @@ class ServingEngine:
                     self.scheduler.add(seq)
                     self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
             elif op == "abort" and item in self.requests:
-                req = self.requests.pop(item)
-                for seq in req.seqs:
+                for seq in self.requests.pop(item).seqs:
                     if seq.status is not Status.FINISHED:
                         self.scheduler.finish(seq, "abort")
-                self.metrics.finished("abort")
+                        self.metrics.finished("abort")
         self.metrics.set_queue(len(self.scheduler.running), len(self.scheduler.waiting))
 
     def _loop(self) -> None:
@@ -179,6 +178,7 @@ class ServingEngine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            self.metrics.preemptions.inc(len(step.preempted))
             try:
                 self._run(step)
             except Exception as e:  # fail this step's requests; keep serving
@@ -197,7 +197,7 @@ class ServingEngine:
             for s in req.seqs:
                 self.scheduler.finish(s, "error")
                 req.push(Delta(s.choice, finish_reason="error", error=message))
-            self.metrics.finished("error")
+                self.metrics.finished("error")
 
     def _run(self, step) -> None:
         need_all = any(

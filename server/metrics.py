@@ -56,6 +56,9 @@ class Metrics:
         self._success = counter(
             "engram_request_success", "Finished sequences by reason.", ["finished_reason"]
         )
+        self._preempt = counter(
+            "engram_num_preemptions", "Sequences preempted (KV freed, recomputed later)."
+        )
         self._errors = counter(
             "engram_request_errors", "Requests answered with an error, by HTTP status.", ["status"]
         )
@@ -100,6 +103,7 @@ class Metrics:
         self.e2e, self.queue_time = self._e2e.labels(model_name), self._queue.labels(model_name)
         self.prompt_tokens = self._prompt.labels(model_name)
         self.generation_tokens = self._gen.labels(model_name)
+        self.preemptions = self._preempt.labels(model_name)
         for reason in FINISH_REASONS:
             self._success.labels(model_name, reason)
         self.set_queue(0, 0)

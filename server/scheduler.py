@@ -52,11 +52,6 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    @property
-    def in_prefill(self) -> bool:
-        # After a preemption the outputs so far are recomputed like a prompt.
-        return self.computed < len(self.all_ids) - 1 or not self.output_ids
-
     def pending_ids(self) -> list[int]:
         """Tokens not yet in the cache (prompt remainder, or the last sampled token)."""
         return self.all_ids[self.computed :]
@@ -129,6 +124,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0:
                 break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
             pending = seq.pending_ids()
             n = min(len(pending), budget)
             need = self._blocks_needed(seq, n)

@@ -331,3 +331,27 @@ def test_health_is_503_until_the_model_loads(tmp_path):
         _assert_error(_post(s, {"prompt": "x"}), 503, "does not exist")
     finally:
         s.stop()
+
+
+def test_small_kv_pool_preempts_and_recomputes_without_changing_tokens(tiny_ckpt, client):
+    m = _model(client)
+    prompts = [f"import mod{i}\n" * 3 for i in range(4)]
+    expect = [
+        client.completions.create(model=m, prompt=p, max_tokens=90, temperature=0).choices[0].text
+        for p in prompts
+    ]
+    # 12 blocks x 16 tokens: four ~110-token sequences cannot all hold their KV at once
+    with serve(tiny_ckpt, kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=32) as s:
+        small = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [
+                pool.submit(
+                    small.completions.create, model=m, prompt=p, max_tokens=90, temperature=0
+                )
+                for p in prompts
+            ]
+            got = [f.result().choices[0].text for f in futs]
+        assert got == expect
+        assert s.metric("engram_num_preemptions_total") > 0
+        assert s.state.engine.cache.free_blocks == 12
+        _assert_error(_post(s, {"prompt": "x", "max_tokens": 250}), 400, "192")
