@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -10,28 +12,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _title(res: dict, what: str) -> str:
-    return f"{what}\n{res['model']['description']} on {res['environment']['device']}"
+@contextmanager
+def figure(res: dict, what: str, path: Path) -> Iterator[plt.Axes]:
+    """Axes to draw on; titled with the model and device, saved to ``path`` on exit."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        title = f"{what}\n{res['model']['description']} on {res['environment']['device']}"
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_penalty_vs_batch(res: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in res["rows"][1:]:
-        pts = [(s["batch_size"], s["penalty_pct"]) for s in row["sweep"]]
-        pts = [(b, p) for b, p in pts if p is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=row["name"])
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("decode batch size (sequences)")
-    ax.set_ylabel(f"decode penalty vs {res['rows'][0]['name']} (%)")
-    ax.set_title(_title(res, "offload penalty vs batch size"), fontsize=9)
-    if len(res["rows"]) > 1:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(res, "offload penalty vs batch size", path) as ax:
+        for row in res["rows"][1:]:
+            pts = [(s["batch_size"], s["penalty_pct"]) for s in row["sweep"]]
+            pts = [(b, p) for b, p in pts if p is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=row["name"])
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("decode batch size (sequences)")
+        ax.set_ylabel(f"decode penalty vs {res['rows'][0]['name']} (%)")
+        if len(res["rows"]) > 1:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     return path
 
 
@@ -39,44 +47,35 @@ def plot_stall_per_layer(res: dict, path: Path) -> Path:
     rows = res["rows"]
     layers = sorted({lid for r in rows for lid in r["paper"]["all"]["layers"]}, key=int)
     width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, r in enumerate(rows):
-        per = r["paper"]["all"]["layers"]
-        ys = [per[lid]["stall_ms_per_step"] if lid in per else 0.0 for lid in layers]
-        xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(layers))]
-        ax.bar(xs, ys, width, label=r["name"])
-    ax.set_xticks(range(len(layers)), [f"layer {lid}" for lid in layers])
-    ax.set_ylabel("stall per step (ms)")
-    ax.set_title(_title(res, "stall per Engram layer, paper workload"), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(res, "stall per Engram layer, paper workload", path) as ax:
+        for k, r in enumerate(rows):
+            per = r["paper"]["all"]["layers"]
+            ys = [per[lid]["stall_ms_per_step"] if lid in per else 0.0 for lid in layers]
+            xs = [i + (k - (len(rows) - 1) / 2) * width for i in range(len(layers))]
+            ax.bar(xs, ys, width, label=r["name"])
+        ax.set_xticks(range(len(layers)), [f"layer {lid}" for lid in layers])
+        ax.set_ylabel("stall per step (ms)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     return path
 
 
 def plot_gbps_vs_rows(res: dict, path: Path) -> Path:
-    micro = res.get("micro") or {}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in micro.get("paths", []):
-        pts = [(m["rows"], m[f"{p}_gbps"]) for m in micro["rows"]]
-        ax.plot(*zip(*pts), marker="o", label=p)
-    ceil = res["ceiling"]
-    ax.axhline(ceil["gbps"], color="black", ls="--", lw=1, label=f"ceiling: {ceil['label']}")
-    if micro.get("crossover_rows"):
-        ax.axvline(micro["crossover_rows"], color="grey", ls=":", label="staged/UVA crossover")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows per gather")
-    ax.set_ylabel("GB/s")
-    ax.set_title(_title(res, "gather bandwidth vs rows"), fontsize=9)
-    if micro.get("skipped"):
-        ax.text(0.5, 0.5, micro["skipped"], transform=ax.transAxes, ha="center", fontsize=8)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    micro, ceil = res.get("micro") or {}, res["ceiling"]
+    with figure(res, "gather bandwidth vs rows", path) as ax:
+        for p in micro.get("paths", []):
+            pts = [(m["rows"], m[f"{p}_gbps"]) for m in micro["rows"]]
+            ax.plot(*zip(*pts), marker="o", label=p)
+        ax.axhline(ceil["gbps"], color="black", ls="--", lw=1, label=f"ceiling: {ceil['label']}")
+        if micro.get("crossover_rows"):
+            ax.axvline(micro["crossover_rows"], color="grey", ls=":", label="staged/UVA crossover")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows per gather")
+        ax.set_ylabel("GB/s")
+        if micro.get("skipped"):
+            ax.text(0.5, 0.5, micro["skipped"], transform=ax.transAxes, ha="center", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     return path
 
 

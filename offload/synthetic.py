@@ -10,12 +10,13 @@ store of the same model hold identical rows and every benchmark row sees the sam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.checkpoint import table_key
 from models.config import ModelConfig
 from models.llama import EngramForCausalLM, rope_cache
 
@@ -24,6 +25,8 @@ from .store import Placement, TableStore
 
 @dataclass(frozen=True)
 class Shape:
+    """Backbone fields, named as in :class:`~models.config.ModelConfig`."""
+
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -64,19 +67,7 @@ def synthetic_config(
         raise ValueError(f"unknown synthetic model {name!r}; use one of {', '.join(SHAPES)}")
     if engram_params <= 0:
         raise ValueError(f"--engram-params must be positive, got {engram_params:g}")
-    s = SHAPES[name]
-    cfg = dict(
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers,
-        num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads,
-        vocab_size=s.vocab_size,
-        tie_word_embeddings=s.tie_word_embeddings,
-        rope_theta=s.rope_theta,
-        max_position_embeddings=4096,
-        **ENGRAM_DEFAULTS,
-    )
+    cfg = dict(**asdict(SHAPES[name]), max_position_embeddings=4096, **ENGRAM_DEFAULTS)
     if layers is not None:
         if layers <= ENGRAM_LAYER:
             raise ValueError(
@@ -95,10 +86,6 @@ def synthetic_config(
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _is_table(model: EngramForCausalLM, param: torch.Tensor) -> bool:
-    return any(param is model.engram_table(lid) for lid in model.config.engram_layer_ids)
 
 
 def build_synthetic_model(
@@ -120,8 +107,7 @@ def build_synthetic_model(
     for lid, emb in embeddings.items():
         mhe = model.model.layers[lid].engram.multi_head_embedding
         mhe.embedding = emb
-        sizes = model.hasher.flat_head_sizes(lid)
-        mhe.offsets = torch.tensor([0, *np.cumsum(sizes[:-1]).tolist()], device=device)
+        mhe.offsets = torch.from_numpy(model.hasher.head_offsets(lid)).to(device)
     if config.tie_word_embeddings:  # to_empty() gives each module its own tensor
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rope_cache(config, device)
@@ -129,9 +115,10 @@ def build_synthetic_model(
     gen = torch.Generator(device).manual_seed(seed)
     std = 0.02
     out_std = std / math.sqrt(2 * config.num_hidden_layers)
+    tables = {table_key(lid) for lid in config.engram_layer_ids}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if _is_table(model, p):
+            if name in tables:
                 continue
             if "norm" in name:
                 p.fill_(1.0)
@@ -145,12 +132,12 @@ def build_synthetic_model(
 
 
 def table_shapes(model: EngramForCausalLM) -> dict[int, tuple[int, int]]:
-    c = model.config
-    return {lid: (model.hasher.table_rows(lid), c.engram_head_dim) for lid in c.engram_layer_ids}
+    """Rows x width of each Engram table (read from the meta tensors: nothing is allocated)."""
+    return {lid: tuple(model.engram_table(lid).shape) for lid in model.config.engram_layer_ids}
 
 
 def engram_param_count(model: EngramForCausalLM) -> int:
-    return sum(r * w for r, w in table_shapes(model).values())
+    return sum(model.engram_table(lid).numel() for lid in model.config.engram_layer_ids)
 
 
 def fill_random_rows(

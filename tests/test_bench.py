@@ -6,6 +6,7 @@ import torch
 from models.checkpoint import save_checkpoint
 from offload import bench
 from offload.engine import OffloadEngine
+from offload.link import measure_copy_bandwidth, measure_link
 from offload.prefetch import WorkerGather
 from offload.store import Placement, cupy_ok
 from offload.synthetic import (
@@ -150,6 +151,13 @@ def test_cli_runs_a_synthetic_model(tmp_path, monkeypatch):
     assert 3e5 <= res["model"]["engram_table_params"] < 1.2 * 3e5
     assert res["tokens_identical"] and len(res["rows"]) == 2
     assert set(res["rows"][1]["paper"]["all"]["layers"]) == {"1"}
+
+
+def test_link_ceiling_is_one_measurement_for_bench_and_server():
+    ceiling = measure_link("cpu", 1 << 20, repeats=2)
+    assert ceiling.bytes == 1 << 20 and ceiling.seconds > 0 and "memcpy" in ceiling.label
+    assert ceiling.gbps == ceiling.bytes_per_s / 1e9 > 0
+    assert measure_copy_bandwidth("cpu", 1 << 20, repeats=2) > 0  # the server's figure
 
 
 def test_synthetic_rejects_bad_shapes():
