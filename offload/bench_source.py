@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import ENGRAM_FILE, load_checkpoint, table_key
+from models.checkpoint import load_checkpoint
 from models.llama import EngramForCausalLM
 
 from .store import TableStore
@@ -48,11 +48,10 @@ def checkpoint_source(
     directory: Path, dtype: str, device: torch.device, progress: bool
 ) -> ModelSource:
     model, _ = load_checkpoint(directory, dtype=dtype, device=device, load_tables=False)
-    keys = {lid: table_key(lid) for lid in model.config.engram_layer_ids}
 
     def make(placement: str) -> TableStore:
-        return TableStore.from_safetensors(
-            directory / ENGRAM_FILE, keys, placement, device, progress=progress
+        return TableStore.from_checkpoint(
+            directory, model.config.engram_layer_ids, placement, device, progress
         )
 
     return ModelSource(model, f"checkpoint {directory}", make, {"model_dir": str(directory)})

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import ENGRAM_FILE, default_model_dir, load_checkpoint, table_key
+from models.checkpoint import default_model_dir, load_checkpoint
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
@@ -78,9 +78,8 @@ class OffloadEngine:
         gather = resolve_gather(placement, gather)
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
-        keys = {lid: table_key(lid) for lid in model.config.engram_layer_ids}
-        store = TableStore.from_safetensors(
-            model_dir / ENGRAM_FILE, keys, placement, device, progress=progress
+        store = TableStore.from_checkpoint(
+            model_dir, model.config.engram_layer_ids, placement, device, progress
         )
         return cls.from_parts(model, tok, store, gather, device, dedup, timeout_s)
 

@@ -199,5 +199,21 @@ class TableStore:
                         bar.update(chunk.shape[0])
         return store
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str | Path,
+        layer_ids: list[int],
+        placement: Placement | str,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+    ) -> TableStore:
+        """The Engram tables of a checkpoint directory (its engram.safetensors)."""
+        from models.checkpoint import ENGRAM_FILE, table_key
+
+        keys = {lid: table_key(lid) for lid in layer_ids}
+        path = Path(model_dir) / ENGRAM_FILE
+        return cls.from_safetensors(path, keys, placement, device, progress=progress)
+
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
