@@ -65,7 +65,10 @@ class Request:
         self.arrival = time.monotonic()
 
     def push(self, delta: Delta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
 
 
 class ServingEngine:
