@@ -62,12 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_checkpoint(args.model)
     ids = validation_ids(tok.tokenizer, args.max_files)
     rows = [
-        ("Engram model", validation_loss(model, ids, args.seq_len)),
-        ("Engram model, Engram outputs zeroed", validation_loss(model, ids, args.seq_len, 0.0)),
+        ("Engram model", validation_loss(model, ids, seq_len=args.seq_len)),
+        (
+            "Engram model, Engram outputs zeroed",
+            validation_loss(model, ids, seq_len=args.seq_len, engram_scale=0.0),
+        ),
     ]
     if args.dense:
-        dense, _ = load_checkpoint(Path(args.dense))
-        rows.append(("Dense baseline (same recipe, no Engram)", validation_loss(dense, ids)))
+        dense, dense_tok = load_checkpoint(Path(args.dense))
+        if dense_tok.tokenizer.to_str() != tok.tokenizer.to_str():
+            ap.error(f"{args.dense} uses another tokenizer; train it with --tokenizer-from")
+        loss = validation_loss(dense, ids, seq_len=args.seq_len)
+        rows.append(("Dense baseline (same recipe, no Engram)", loss))
     print(f"validation: {len(ids)} tokens from held-out stdlib files, windows of {args.seq_len}")
     print()
     print("| model | val loss (nats/token) | perplexity |")
