@@ -147,7 +147,7 @@ class StagedGather(_CudaPrefetcher):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-staging")
-        self._staging: dict[int, list[torch.Tensor]] = {lid: [] for lid in self.store.tables}
+        self._staging: dict[int, list[torch.Tensor | None]] = {lid: [] for lid in self.store.tables}
         self._staging_free: dict[int, list[torch.cuda.Event | None]] = {
             lid: [None, None] for lid in self.store.tables
         }
@@ -157,9 +157,10 @@ class StagedGather(_CudaPrefetcher):
         bufs = self._staging[lid]
         table = self.store[lid].tensor
         while len(bufs) <= slot:
-            bufs.append(torch.empty((0, table.shape[1]), dtype=table.dtype).pin_memory())
-        if bufs[slot].shape[0] < rows:  # grow geometrically; pinned allocations are slow
-            size = max(rows, 2 * bufs[slot].shape[0], 1024)
+            bufs.append(None)
+        have = 0 if bufs[slot] is None else bufs[slot].shape[0]
+        if have < rows:  # grow geometrically; pinned allocations are slow
+            size = max(rows, 2 * have, 1024)
             bufs[slot] = torch.empty((size, table.shape[1]), dtype=table.dtype).pin_memory()
         return bufs[slot]
 

@@ -54,11 +54,12 @@ def measure_link(device: torch.device | str, nbytes: int, repeats: int = 5) -> L
     dst.copy_(src, non_blocking=True)  # warm-up
     torch.cuda.synchronize(device)
     best = float("inf")
+    stream = torch.cuda.current_stream(device)  # events on the copy's own device's stream
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         dst.copy_(src, non_blocking=True)
-        end.record()
+        end.record(stream)
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
     return LinkCeiling("pinned host-to-device copy (CUDA events)", nbytes, best)

@@ -50,39 +50,51 @@ class PinnedBuffer:
     tensor over the same bytes, so a device kernel reads rows straight over PCIe (UVA).
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        import ctypes
-
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cuda"
+    ) -> None:
         import cupy
         import numpy as np
 
         self.shape, self.dtype = tuple(shape), dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.nbytes = max(1, int(np.prod(shape)) * itemsize)
+        self.device_index = cuda_index(torch.device(device))
+        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = max(1, n)
         rt = cupy.cuda.runtime
-        # Mapped + portable: device-visible from every context (zero-copy reads).
-        self._mem = cupy.cuda.PinnedMemory(self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
+        # Mapped + portable: device-visible from every context (zero-copy reads). Allocated
+        # under the target device so pointer attributes (and torch's view) name that device.
+        with cupy.cuda.Device(self.device_index):
+            self._mem = cupy.cuda.PinnedMemory(
+                self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable
+            )
         self.ptr = int(self._mem.ptr)
-        raw = np.ctypeslib.as_array((ctypes.c_uint8 * self.nbytes).from_address(self.ptr))
-        n = int(np.prod(shape)) * itemsize
-        self.host = torch.from_numpy(raw[:n]).view(dtype).view(self.shape)
+        # PinnedMemoryPointer exports the buffer protocol and holds ``_mem``: the numpy array
+        # (and the torch tensor over it) keep the pinned allocation alive.
+        raw = np.frombuffer(cupy.cuda.PinnedMemoryPointer(self._mem, 0), np.uint8, count=n)
+        self.host = torch.from_numpy(raw).view(dtype).view(self.shape)
 
     def device_view(self, device: torch.device) -> torch.Tensor:
         import cupy
 
-        dev = device.index or 0
+        dev = cuda_index(device)
         with cupy.cuda.Device(dev):
-            rt = cupy.cuda.runtime
             # With unified addressing the device pointer equals the host pointer; ask anyway.
-            dptr = (
-                rt.hostGetDevicePointer(self.ptr, 0)
-                if hasattr(rt, "hostGetDevicePointer")
-                else self.ptr
-            )
+            dptr = int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).devicePointer)
             mem = cupy.cuda.UnownedMemory(dptr, self.nbytes, self, dev)
             arr = cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+            flat = torch.as_tensor(arr, device=torch.device("cuda", dev))
+        if flat.data_ptr() != dptr:  # torch copied instead of viewing: refuse, never fill GPU
+            raise RuntimeError(
+                f"mapped host table could not be viewed on cuda:{dev} without a copy; "
+                "use --gather staged"
+            )
         n = self.host.numel() * self.host.element_size()
-        return torch.as_tensor(arr, device=device)[:n].view(self.dtype).view(self.shape)
+        return flat[:n].view(self.dtype).view(self.shape)
+
+
+def cuda_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device`` ("cuda" alone means the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @dataclass
@@ -153,7 +165,7 @@ class TableStore:
             if placement is Placement.GPU:
                 t = torch.empty(shape, dtype=dtype, device=device)
             elif placement is Placement.HOST:
-                pinned = PinnedBuffer(shape, dtype)
+                pinned = PinnedBuffer(shape, dtype, device)
                 t = pinned.host
             else:
                 t = torch.empty(shape, dtype=dtype)

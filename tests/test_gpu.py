@@ -28,11 +28,33 @@ def test_mapped_pinned_table_reads_back_on_device():
     t = store[0]
     t.tensor.copy_(torch.arange(16000, dtype=torch.float32).view(1000, 16))
     view = t.device_view(torch.device("cuda"))
+    assert view.is_cuda and view.data_ptr() == t.pinned.ptr  # a view, not a copy on the GPU
     idx = torch.tensor([0, 999, 17], device="cuda")
     assert torch.equal(view[idx].cpu(), t.tensor[idx.cpu()])
 
 
-@pytest.mark.parametrize("gather", ["staged", "uva"])
+def test_host_view_outlives_its_store():
+    store = TableStore.allocate({0: (64, 8)}, torch.bfloat16, "host", "cuda")
+    host = store[0].tensor
+    host.copy_(torch.arange(512, dtype=torch.bfloat16).view(64, 8))
+    del store  # the tensor alone must keep the pinned allocation alive
+    torch.empty(64 << 20, dtype=torch.uint8).pin_memory()  # churn the pinned allocator
+    assert torch.equal(host[63], torch.arange(504, 512, dtype=torch.bfloat16))
+
+
+def test_gather_microbenchmark_measures_every_path_and_picks_a_crossover():
+    from offload.autoselect import crossover_rows, measure_gathers
+
+    store = TableStore.allocate({0: (1 << 16, 64)}, torch.bfloat16, "host", "cuda")
+    rows = measure_gathers(store, torch.device("cuda"), (256, 1 << 14), repeats=2, resident=True)
+    assert [r["rows"] for r in rows] == [256, 1 << 14]
+    for r in rows:
+        assert r["staged_s"] > 0 and r["uva_s"] > 0 and r["resident_s"] > 0
+    c = crossover_rows(rows)
+    assert c is None or c in (256, 1 << 14)
+
+
+@pytest.mark.parametrize("gather", ["staged", "uva", "auto"])
 @pytest.mark.parametrize("dedup", [False, True])
 def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
     model = _cuda_model()
@@ -57,6 +79,16 @@ def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
         assert layer["tier"] == "host" and layer["bytes_per_step"] > 0
         assert layer["prefetch_ms_per_step"] > 0
     engine.close()
+
+
+def test_out_of_range_row_is_refused_before_any_device_read():
+    model = _cuda_model()
+    engine = OffloadEngine.from_model(model, "host", "uva", device="cuda")
+    lid = model.config.engram_layer_ids[0]
+    rows = engine.store[lid].rows
+    with pytest.raises(GatherError, match=f"Engram layer {lid}: row {rows} is outside"):
+        engine.start_step({lid: np.array([[0], [rows]])})
+    torch.cuda.synchronize()  # the context is still healthy: no device-side assert fired
 
 
 def test_staged_fault_surfaces_naming_the_layer():
