@@ -6,7 +6,7 @@ step, RNG position). Engram tables get the paper's treatment: Adam at a higher l
 no weight decay; the ShortConv starts at zero so Engram begins as a plain gated lookup.
 
     engram-train --out runs/engram                # the shipped model's recipe
-    engram-train --out runs/dense --dense         # same recipe, no Engram layers
+    engram-train --out runs/dense --dense --tokenizer-from runs/engram   # no Engram layers
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="run directory (created; resumed if present)")
     ap.add_argument("--tokenizer-from", default=None, help="reuse tokenizer+data of this run dir")
     ap.add_argument("--dense", action="store_true", help="baseline: same recipe, no Engram")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import default_model_dir, load_checkpoint
 from models.llama import EngramForCausalLM
 
 from .store import TableStore
@@ -54,7 +54,10 @@ def checkpoint_source(
             directory, model.config.engram_layer_ids, placement, device, progress
         )
 
-    return ModelSource(model, f"checkpoint {directory}", make, {"model_dir": str(directory)})
+    # Reports name the built-in model as such, not by where this install put it.
+    builtin = Path(directory).resolve() == default_model_dir()
+    name = "built-in model (models/default)" if builtin else str(directory)
+    return ModelSource(model, f"checkpoint {name}", make, {"model_dir": name})
 
 
 def synthetic_source(

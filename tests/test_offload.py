@@ -1,3 +1,4 @@
+import os
 import threading
 import time
 
@@ -7,7 +8,7 @@ import torch
 
 from models.cache import KVCache
 from models.generate import StepRunner, generate
-from offload.engine import OffloadEngine
+from offload.engine import OffloadEngine, resolve_gather
 from offload.plan import GatherError, LookupPlan
 from offload.store import Placement, TableStore
 
@@ -197,3 +198,17 @@ def test_placement_errors_are_clear():
     model = tiny_model()
     with pytest.raises(ValueError, match="does not work with placement 'cpu'"):
         OffloadEngine.from_model(model, "cpu", "uva")
+
+
+def test_auto_on_plain_host_memory_uses_the_worker_only_with_a_spare_core():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(os.cpu_count() or 1)
+        assert resolve_gather(Placement.CPU, "auto") == "resident"
+        if (os.cpu_count() or 1) > 1:
+            torch.set_num_threads(1)
+            assert resolve_gather(Placement.CPU, "auto") == "worker"
+    finally:
+        torch.set_num_threads(before)
+    assert resolve_gather(Placement.CPU, "worker") == "worker"
+    assert resolve_gather(Placement.HOST, "auto") == "auto"
