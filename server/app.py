@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -76,6 +77,7 @@ class ServerState:
         self.metrics = Metrics(cfg.model_name)
         self.engine: ServingEngine | None = None
         self.load_error: str | None = None
+        self.on_load_error: Callable[[], None] | None = None
         self.link_bps = 0.0
         self.started = time.time()
         self._offload = offload
@@ -105,6 +107,8 @@ class ServerState:
         except Exception as e:  # reported by /health and the CLI
             log.exception("model load failed")
             self.load_error = f"{type(e).__name__}: {e}"
+            if self.on_load_error is not None:
+                self.on_load_error()
 
     def summary_line(self) -> str:
         e = self.engine

@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 
+import torch
 import uvicorn
 
 from models.checkpoint import DTYPES, default_model_dir
 from models.config import ModelConfig
-from offload.prefetch import GATHERS
+from offload.engine import default_placement
+from offload.prefetch import GATHERS, valid_gathers
 from offload.store import Placement, cupy_ok
 
 from .app import ServerConfig, create_app
@@ -75,10 +77,18 @@ def validate(args: argparse.Namespace) -> str | None:
     if not 0 < args.port < 65536:
         return f"--port {args.port} is not a valid port"
     cuda = (args.device or "").startswith("cuda") or (args.device is None and cupy_ok())
+    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.placement in ("host", "gpu") and not cuda:
         return f"--placement {args.placement} needs a CUDA device; use --placement cpu here"
     if args.placement == "host" and not cupy_ok():
         return "--placement host needs CuPy: pip install 'engram-serve[gpu]'"
+    placement = Placement(args.placement) if args.placement else default_placement(device)
+    ok = ("auto", *valid_gathers(placement))
+    if args.gather not in ok:
+        return (
+            f"--gather {args.gather} does not work with placement {placement.value}; "
+            f"use one of {', '.join(ok)}"
+        )
     return None
 
 
@@ -110,20 +120,33 @@ def main(argv: list[str] | None = None) -> int:
         bench_result=args.bench_result,
         log_level=args.log_level,
     )
+    app = create_app(cfg)
     config = uvicorn.Config(
-        create_app(cfg),
+        app,
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.log_level,
         timeout_graceful_shutdown=30,
     )
-    GracefulServer(config).run()
-    return 0
+    server = GracefulServer(config)
+    state = app.state.server
+    state.on_load_error = server.fail  # a server that cannot load exits instead of idling at 503
+    server.run()
+    if server.exit_code:
+        print(f"engram-serve: error: model load failed: {state.load_error}", file=sys.stderr)
+    return server.exit_code
 
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, but SIGINT/SIGTERM end in exit status 0 after the graceful shutdown
     (stock uvicorn re-raises the signal once done, which makes the status 128+N)."""
+
+    exit_code = 0
+
+    def fail(self) -> None:
+        """From any thread: shut down gracefully and exit with status 1."""
+        self.exit_code = 1
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self):

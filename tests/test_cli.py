@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,25 @@ def test_impossible_settings(tiny_ckpt):
     assert "--max-num-seqs must be at least 1" in validate(args)
     args = build_parser().parse_args(["--model", str(tiny_ckpt), "--placement", "host"])
     assert "needs a CUDA device" in validate(args)
+    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--gather", "staged"])
+    assert validate(args) == (
+        "--gather staged does not work with placement cpu; use one of auto, worker, resident"
+    )
+
+
+def test_a_model_that_fails_to_load_exits_nonzero(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    (bad / "engram.safetensors").write_bytes(b"not a safetensors file")
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--model", str(bad), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("engram-serve: error: model load failed:"), r.stderr
 
 
 def test_flags_come_from_environment(monkeypatch):
