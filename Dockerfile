@@ -21,6 +21,6 @@ RUN .ci/install "${EXTRAS}" && rm -rf /root/.cache
 USER engram
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+  CMD python3 -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('ENGRAM_PORT') or 8000), timeout=4)"
 # Settings come from ENGRAM_* environment variables (see `engram-serve --help`).
 CMD ["engram-serve"]

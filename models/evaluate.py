@@ -58,9 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-files", type=int, default=None)
     args = ap.parse_args(argv)
-
-    model, tok = load_checkpoint(args.model)
+    if args.max_files is not None and args.max_files < 1:
+        ap.error("--max-files must be at least 1 (leave it out for every held-out file)")
+    try:
+        model, tok = load_checkpoint(args.model)
+        dense = load_checkpoint(Path(args.dense)) if args.dense else None
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        ap.error(str(e))
+    if dense is not None and dense[1].tokenizer.to_str() != tok.tokenizer.to_str():
+        ap.error(f"{args.dense} uses another tokenizer; train it with --tokenizer-from")
     ids = validation_ids(tok.tokenizer, args.max_files)
+    if len(ids) <= args.seq_len:
+        ap.error(f"{len(ids)} held-out tokens do not fill one --seq-len {args.seq_len} window")
     rows = [
         ("Engram model", validation_loss(model, ids, seq_len=args.seq_len)),
         (
@@ -68,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             validation_loss(model, ids, seq_len=args.seq_len, engram_scale=0.0),
         ),
     ]
-    if args.dense:
-        dense, dense_tok = load_checkpoint(Path(args.dense))
-        if dense_tok.tokenizer.to_str() != tok.tokenizer.to_str():
-            ap.error(f"{args.dense} uses another tokenizer; train it with --tokenizer-from")
-        loss = validation_loss(dense, ids, seq_len=args.seq_len)
+    if dense is not None:
+        loss = validation_loss(dense[0], ids, seq_len=args.seq_len)
         rows.append(("Dense baseline (same recipe, no Engram)", loss))
     print(f"validation: {len(ids)} tokens from held-out stdlib files, windows of {args.seq_len}")
     print()

@@ -200,6 +200,11 @@ def create_app(cfg: ServerConfig, offload: OffloadEngine | None = None) -> FastA
         errs = e.errors()
         parts, param = [], None
         for er in errs[:5]:
+            if er.get("type") == "json_invalid":  # loc holds a character offset, not a field
+                where = er.get("loc", ["", "?"])[-1]
+                reason = (er.get("ctx") or {}).get("error", "")
+                parts.append(f"request body is not valid JSON (at character {where}: {reason})")
+                continue
             loc = [str(x) for x in er.get("loc", []) if x != "body"]
             param = param or (loc[0] if loc else None)
             parts.append(f"{'.'.join(loc) or 'body'}: {er.get('msg')}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -23,43 +25,55 @@ from .app import ServerConfig, create_app
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _env(name: str, default=None, cast=str):
-    raw = os.environ.get("ENGRAM_" + name.upper().replace("-", "_"))
-    if raw is None:
-        return default
-    if cast is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return cast(raw)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="engram-serve",
         description="OpenAI-compatible server for Engram models (flags also read ENGRAM_<FLAG>).",
     )
-
-    def add(flag, cast=str, default=None, **kw):
-        name = flag.lstrip("-")
-        ap.add_argument(flag, type=cast, default=_env(name, default, cast), **kw)
-
+    add = ap.add_argument
     add("--model", help="checkpoint directory (default: the built-in stdlib model)")
     add("--served-model-name", help="model name clients use (default: from the directory)")
     add("--host", default="127.0.0.1")
-    add("--port", int, 8000)
+    add("--port", type=int, default=8000)
     add("--placement", choices=[p.value for p in Placement], help="where Engram tables live")
     add("--gather", default="auto", choices=GATHERS, help="how rows reach the compute device")
     add("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     add("--dtype", default="float32", choices=list(DTYPES))
-    add("--max-num-seqs", int, 32)
-    add("--max-num-batched-tokens", int, 1024)
-    add("--max-queue", int, 256, help="sequences allowed to wait before 429")
-    add("--kv-blocks", int, 0, help="KV cache blocks of 16 tokens (0: fit max-num-seqs)")
+    add("--max-num-seqs", type=int, default=32)
+    add("--max-num-batched-tokens", type=int, default=1024)
+    add("--max-queue", type=int, default=256, help="sequences allowed to wait before 429")
+    add("--kv-blocks", type=int, default=0, help="KV blocks of 16 tokens (0: fit max-num-seqs)")
     add("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    add("--max-body-bytes", int, 1 << 20)
+    add("--max-body-bytes", type=int, default=1 << 20)
     add("--bench-result", help="engram-bench JSON shown by GET /v1/offload")
     add("--log-level", default="info", choices=LOG_LEVELS)
-    ap.add_argument("--dedup", action="store_true", default=_env("dedup", False, bool))
+    add("--dedup", action="store_true", help="fetch each distinct row once per step")
     return ap
+
+
+def env_argv(ap: argparse.ArgumentParser) -> list[str]:
+    """ENGRAM_<FLAG> variables as command-line words, so argparse checks their types and
+    choices like any flag's. Empty ones count as unset (what compose passes for unset)."""
+    out = []
+    for action in ap._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        raw = os.environ.get("ENGRAM_" + flag[2:].upper().replace("-", "_"), "").strip()
+        if not raw:
+            continue
+        if action.nargs == 0:  # a switch
+            if raw.lower() in ("1", "true", "yes", "on"):
+                out.append(flag)
+        else:
+            out += [flag, raw]
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Environment first, then the command line: a flag given on the line wins."""
+    ap = build_parser()
+    return ap.parse_args(env_argv(ap) + list(sys.argv[1:] if argv is None else argv))
 
 
 def validate(args: argparse.Namespace) -> str | None:
@@ -76,8 +90,20 @@ def validate(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be at least 1"
     if not 0 < args.port < 65536:
         return f"--port {args.port} is not a valid port"
-    cuda = (args.device or "").startswith("cuda") or (args.device is None and cupy_ok())
-    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if args.kv_blocks < 0:
+        return "--kv-blocks must be 0 (fit --max-num-seqs) or more"
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return f"--device {args.device} is not a device; use cpu, cuda or cuda:N"
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        return f"--device {args.device} needs CUDA, which this machine or torch build lacks"
+    if args.bench_result:
+        try:
+            json.loads(Path(args.bench_result).read_text())
+        except (OSError, ValueError) as e:
+            return f"--bench-result {args.bench_result} is not a readable JSON file ({e})"
     if args.placement in ("host", "gpu") and not cuda:
         return f"--placement {args.placement} needs a CUDA device; use --placement cpu here"
     if args.placement == "host" and not cupy_ok():
@@ -93,7 +119,7 @@ def validate(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     problem = validate(args)
     if problem:
         print(f"engram-serve: error: {problem}", file=sys.stderr)

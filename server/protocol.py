@@ -37,7 +37,9 @@ class APIError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": self.TYPES.get(self.status, "server_error"),
+                "type": self.TYPES.get(
+                    self.status, "invalid_request_error" if self.status < 500 else "server_error"
+                ),
                 "param": self.param,
                 "code": self.code,
             }

@@ -6,8 +6,10 @@ import sys
 import time
 
 import httpx
+import pytest
+import torch
 
-from server.cli import build_parser, main, validate
+from server.cli import main, parse_args, validate
 
 from .live import free_port
 
@@ -22,11 +24,11 @@ def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
 
 
 def test_impossible_settings(tiny_ckpt):
-    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--max-num-seqs", "0"])
+    args = parse_args(["--model", str(tiny_ckpt), "--max-num-seqs", "0"])
     assert "--max-num-seqs must be at least 1" in validate(args)
-    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--placement", "host"])
+    args = parse_args(["--model", str(tiny_ckpt), "--placement", "host"])
     assert "needs a CUDA device" in validate(args)
-    args = build_parser().parse_args(["--model", str(tiny_ckpt), "--gather", "staged"])
+    args = parse_args(["--model", str(tiny_ckpt), "--gather", "staged"])
     assert validate(args) == (
         "--gather staged does not work with placement cpu; use one of auto, worker, resident"
     )
@@ -51,9 +53,38 @@ def test_flags_come_from_environment(monkeypatch):
     monkeypatch.setenv("ENGRAM_PORT", "9123")
     monkeypatch.setenv("ENGRAM_DEDUP", "true")
     monkeypatch.setenv("ENGRAM_API_KEY", "k")
-    args = build_parser().parse_args([])
+    args = parse_args([])
     assert args.port == 9123 and args.dedup is True and args.api_key == "k"
-    assert build_parser().parse_args(["--port", "7"]).port == 7  # the flag wins
+    assert parse_args(["--port", "7"]).port == 7  # the flag wins
+    monkeypatch.setenv("ENGRAM_PLACEMENT", "")  # compose passes unset settings as empty
+    assert parse_args([]).placement is None
+
+
+@pytest.mark.parametrize(
+    "var, value, says",
+    [
+        ("ENGRAM_PLACEMENT", "foo", "argument --placement: invalid choice: 'foo'"),
+        ("ENGRAM_DTYPE", "float64", "argument --dtype: invalid choice: 'float64'"),
+        ("ENGRAM_PORT", "abc", "argument --port: invalid int value: 'abc'"),
+    ],
+)
+def test_bad_environment_settings_are_refused_like_bad_flags(monkeypatch, capsys, var, value, says):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_settings_checked_before_loading(tiny_ckpt, tmp_path):
+    m = ["--model", str(tiny_ckpt)]
+    assert "--kv-blocks must be 0" in validate(parse_args(m + ["--kv-blocks", "-1"]))
+    assert "not a device" in validate(parse_args(m + ["--device", "tpu9"]))
+    if not torch.cuda.is_available():
+        assert "needs CUDA" in validate(parse_args(m + ["--device", "cuda"]))
+    bad = m + ["--bench-result", str(tmp_path / "none.json")]
+    assert "is not a readable JSON file" in validate(parse_args(bad))
+    (tmp_path / "bench.json").write_text('{"rows": []}')
+    assert validate(parse_args(m + ["--bench-result", str(tmp_path / "bench.json")])) is None
 
 
 def test_serve_then_sigterm_exits_cleanly(tiny_ckpt):

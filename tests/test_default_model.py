@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from models.checkpoint import default_model_dir, load_checkpoint
 from models.corpus import encode_files, read_text, split_files
@@ -79,3 +80,18 @@ def test_compression_shrinks_the_vocab():
     _, tok = load_checkpoint()
     assert tok.compressed_vocab_size < tok.vocab_size
     assert np.all(tok.lookup >= 0) and tok.lookup.max() == tok.compressed_vocab_size - 1
+
+
+def test_engram_eval_prints_the_table_and_refuses_bad_input(capsys, tmp_path):
+    from models.evaluate import main
+
+    assert main(["--max-files", "3", "--seq-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| Engram model | " in out and "| Engram model, Engram outputs zeroed | " in out
+    for argv, says in [
+        (["--dense", str(tmp_path / "none")], "does not exist"),
+        (["--max-files", "0"], "--max-files must be at least 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert says in capsys.readouterr().err

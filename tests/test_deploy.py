@@ -67,6 +67,18 @@ def test_dockerfile_uses_the_ci_install_steps():
     assert ".ci/install dev" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_dockerfile_healthcheck_probes_the_configured_port(tiny_ckpt):
+    text = (ROOT / "Dockerfile").read_text()
+    probe = text.split("HEALTHCHECK", 1)[1].split("CMD python3 -c ", 1)[1].splitlines()[0]
+    code = probe.strip()[1:-1]  # the shell-quoted Python one-liner
+    with serve(tiny_ckpt) as srv:
+        env = {**os.environ, "ENGRAM_PORT": srv.url.rsplit(":", 1)[1]}
+        assert subprocess.run(["python3", "-c", code], env=env, timeout=30).returncode == 0
+        env["ENGRAM_PORT"] = str(free_port())  # nothing listens there: unhealthy
+        r = subprocess.run(["python3", "-c", code], env=env, capture_output=True, timeout=30)
+        assert r.returncode != 0
+
+
 def _dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     assert dash["templating"]["list"][0]["name"] == "model_name"

@@ -135,6 +135,15 @@ def test_validation_errors_are_400_in_openai_shape(srv):
     _assert_error(_post(srv, {"prompt": [999999]}), 400, "outside the vocab")
     r = httpx.post(srv.url + "/v1/completions", content=b"{not json", timeout=10)
     _assert_error(r, 400)
+    r = httpx.post(
+        srv.url + "/v1/completions",
+        content=b'{"prompt": "x",',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert _assert_error(r, 400, "not valid JSON", "at character")["param"] is None
+    r = httpx.get(srv.url + "/v1/completions", timeout=10)
+    assert _assert_error(r, 405)["type"] == "invalid_request_error"
     # unknown fields are ignored
     assert _post(srv, {"prompt": "x", "max_tokens": 1, "frobnicate": True}).status_code == 200
 
