@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of gather paths for that tier (default: all but 'resident')",
     )
     ap.add_argument("--dedup", choices=["off", "on", "both"], default="both")
-    ap.add_argument("--quick", action="store_true", help="small workload, about a minute on CPU")
+    ap.add_argument("--quick", action="store_true", help="small workload, under a minute on CPU")
     ap.add_argument("--num-seqs", type=int, default=None)
     ap.add_argument("--prompt-len", type=_range, default=(100, 1024), metavar="MIN,MAX")
     ap.add_argument("--decode-tokens", type=int, default=None)
