@@ -7,7 +7,6 @@ each step by a prefetcher, with every step booked by an :class:`Accountant`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
-from .prefetch import PendingRows, Prefetcher, make_prefetcher, valid_gathers
+from .prefetch import PendingRows, Prefetcher, make_prefetcher, resolve_gather
 from .store import Placement, TableStore, cupy_ok
 
 
@@ -28,19 +27,6 @@ def default_placement(device: torch.device) -> Placement:
     if device.type == "cuda":
         return Placement.HOST if cupy_ok() else Placement.GPU
     return Placement.CPU
-
-
-def resolve_gather(placement: Placement, gather: str) -> str:
-    """'auto' on the host tier is the measured staged/UVA switch. On plain host memory the
-    worker thread only pays off with a core to itself: when torch's threads already take every
-    core, engram-bench measured it 30-50% slower than gathering inline (contention, not stall),
-    so 'auto' gathers inline there."""
-    if gather != "auto":
-        return gather
-    if placement is Placement.CPU:
-        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
-        return "worker" if spare_core else "resident"
-    return valid_gathers(placement)[0]
 
 
 @dataclass
@@ -84,7 +70,7 @@ class OffloadEngine:
     ) -> OffloadEngine:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         placement = Placement.parse(placement) if placement else default_placement(device)
-        gather = resolve_gather(placement, gather)
+        gather = resolve_gather(placement, gather)  # refuse before loading any table
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
         store = TableStore.from_checkpoint(
@@ -104,7 +90,6 @@ class OffloadEngine:
         timeout_s: float = 60.0,
     ) -> OffloadEngine:
         device = torch.device(device)
-        gather = resolve_gather(store.placement, gather)
         prefetcher = make_prefetcher(store, gather, device, dedup, Accountant(), timeout_s)
         return cls(model, tokenizer, store, prefetcher, device)
 

@@ -17,7 +17,7 @@ import uvicorn
 from models.checkpoint import DTYPES, default_model_dir
 from models.config import ModelConfig
 from offload.engine import default_placement
-from offload.prefetch import GATHERS, valid_gathers
+from offload.prefetch import GATHERS, resolve_gather
 from offload.store import Placement, cupy_ok
 
 from .app import ServerConfig, create_app
@@ -109,12 +109,10 @@ def validate(args: argparse.Namespace) -> str | None:
     if args.placement == "host" and not cupy_ok():
         return "--placement host needs CuPy: pip install 'engram-serve[gpu]'"
     placement = Placement(args.placement) if args.placement else default_placement(device)
-    ok = ("auto", *valid_gathers(placement))
-    if args.gather not in ok:
-        return (
-            f"--gather {args.gather} does not work with placement {placement.value}; "
-            f"use one of {', '.join(ok)}"
-        )
+    try:
+        resolve_gather(placement, args.gather)
+    except ValueError as e:
+        return f"--gather: {e}"
     return None
 
 

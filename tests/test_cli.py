@@ -30,7 +30,8 @@ def test_impossible_settings(tiny_ckpt):
     assert "needs a CUDA device" in validate(args)
     args = parse_args(["--model", str(tiny_ckpt), "--gather", "staged"])
     assert validate(args) == (
-        "--gather staged does not work with placement cpu; use one of auto, worker, resident"
+        "--gather: gather 'staged' does not work with placement 'cpu'; "
+        "use one of auto, worker, resident"
     )
 
 

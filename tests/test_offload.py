@@ -8,8 +8,9 @@ import torch
 
 from models.cache import KVCache
 from models.generate import StepRunner, generate
-from offload.engine import OffloadEngine, resolve_gather
+from offload.engine import OffloadEngine
 from offload.plan import GatherError, LookupPlan
+from offload.prefetch import resolve_gather
 from offload.store import Placement, TableStore
 
 from .conftest import tiny_model

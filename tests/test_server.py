@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from offload.engine import resolve_gather
+from offload.prefetch import resolve_gather
 from offload.store import Placement
 
 from .live import LiveServer, serve
