@@ -215,10 +215,18 @@ class ServingEngine:
             if need_all and seq.wants_prompt_logprobs and seq.computed < len(seq.prompt_ids):
                 self._prompt_logprobs(seq, logits, int(offsets[i]) - n + 1, n)
             seq.computed += n
-            if not step.samples[i] or seq.request_id not in self.requests:
-                continue
-            row = logits[int(offsets[i])] if need_all else logits[i]
-            self._append_token(seq, row.float().cpu(), now)
+        sample = [
+            i
+            for i, seq in enumerate(step.seqs)
+            if step.samples[i] and seq.request_id in self.requests
+        ]
+        if not sample:
+            return
+        # One device-to-host copy for the whole step, not one sync per sequence.
+        at = torch.as_tensor(offsets[sample] if need_all else sample, device=logits.device)
+        rows = logits[at].float().cpu()
+        for row, i in zip(rows, sample):
+            self._append_token(step.seqs[i], row, now)
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int, n: int) -> None:
         """Logprob of each prompt token given the ones before it (the first has none)."""
