@@ -48,19 +48,26 @@ class ConvStep:
     tail_pos: torch.Tensor  # [S, L] rows that become each sequence's next history
     total: int
 
+    @staticmethod
+    def host_arrays(lengths, kernel_size: int, dilation: int) -> tuple[dict[str, np.ndarray], int]:
+        """The index arrays (int64, on the host) for sequences advancing by ``lengths`` new
+        tokens each, and the size of ``src``; the engine uploads them with the rest of a step."""
+        lay = ragged_layout(np.asarray(lengths), (kernel_size - 1) * dilation)
+        lags = (kernel_size - 1 - np.arange(kernel_size)) * dilation
+        arrays = dict(
+            taps=lay.tok_pos[:, None] - lags[None, :],
+            hist_pos=lay.hist_pos,
+            tok_pos=lay.tok_pos,
+            tail_pos=lay.tail_pos,
+        )
+        return arrays, lay.total
+
     @classmethod
     def build(cls, lengths, kernel_size: int, dilation: int, device=None) -> ConvStep:
         """Index for sequences advancing by ``lengths`` new tokens each."""
-        lay = ragged_layout(np.asarray(lengths), (kernel_size - 1) * dilation)
-        lags = (kernel_size - 1 - np.arange(kernel_size)) * dilation
+        arrays, total = cls.host_arrays(lengths, kernel_size, dilation)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-        return cls(
-            t(lay.tok_pos[:, None] - lags[None, :]),
-            t(lay.hist_pos),
-            t(lay.tok_pos),
-            t(lay.tail_pos),
-            lay.total,
-        )
+        return cls(**{k: t(v) for k, v in arrays.items()}, total=total)
 
 
 class ShortConv(nn.Module):

@@ -2,13 +2,13 @@
 
 Two forward paths over the same weights:
 - ``forward_full``: dense ``[B, T]`` batches from position 0 (training, reference for tests);
-- ``forward_step``: a packed step of ragged sequences against the paged KV cache, with the
-  Engram rows supplied by a :class:`RowSource` (resident lookup here, the offload engine's
-  prefetcher elsewhere).
+- ``forward_step``: a packed step of ragged sequences; a :class:`StepContext` built by the
+  engine supplies attention over the cached context and the step's prefetched Engram rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -16,28 +16,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import KVCache, StepBatch
 from .config import ModelConfig
-from .engram import Engram
+from .engram import ConvStep, Engram
 from .hashing import NgramHasher
 from .tokenizer import compress_ids
 
 
-class RowSource(Protocol):
-    """Engram rows of one step, per layer, ``[N, heads, head_dim]`` on the model's device."""
+class StepContext(Protocol):
+    """What a packed step needs besides the weights; the engine builds one per step.
 
-    def rows(self, layer_id: int) -> torch.Tensor: ...
+    The model never sees the KV cache layout, the Engram row tier or the batch composition:
+    ``attend`` writes this step's K/V and attends over each sequence's cached context,
+    ``engram_rows`` hands a layer its prefetched rows, and the conv history is the small
+    per-sequence ShortConv state Engram decoding carries.
+    """
 
+    positions: torch.Tensor  # [N]
+    conv_step: ConvStep | None
 
-class ResidentRows:
-    """Rows read from the model's own (resident) tables."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[N, H, D]``, k/v ``[N, KV, D]`` of the new tokens -> ``[N, H, D]``."""
+        ...
 
-    def __init__(self, model: EngramForCausalLM, row_ids: dict[int, torch.Tensor]) -> None:
-        self.model, self.row_ids = model, row_ids
+    def engram_rows(self, layer: int) -> torch.Tensor:
+        """The layer's rows for every new token, ``[N, heads, dim]`` on the model's device."""
+        ...
 
-    def rows(self, layer_id: int) -> torch.Tensor:
-        table = self.model.engram_table(layer_id)
-        return F.embedding(self.row_ids[layer_id].to(table.device), table)
+    def conv_history(self, layer: int) -> torch.Tensor: ...
+
+    def set_conv_history(self, layer: int, history: torch.Tensor) -> None: ...
 
 
 def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,48 +88,10 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).flatten(2))
 
-    def forward_step(self, x, cos, sin, batch: StepBatch, groups: list[_Group], k_cache, v_cache):
-        """x ``[N, D]`` packed; writes this step's K/V, attends over each sequence's context."""
+    def forward_step(self, x, cos, sin, attend) -> torch.Tensor:
+        """x ``[N, D]`` packed new tokens; ``attend(q, k, v)`` does the cache work."""
         q, k, v = self._qkv(x, cos, sin)
-        k_cache[batch.slot_mapping] = k.to(k_cache.dtype)
-        v_cache[batch.slot_mapping] = v.to(v_cache.dtype)
-        out = torch.empty_like(q)
-        for group in groups:
-            out[group.token_index] = self._attend(q, k_cache, v_cache, batch, group)
-        return self.o_proj(out.flatten(1))
-
-    def _attend(self, q, k_cache, v_cache, batch: StepBatch, g: _Group) -> torch.Tensor:
-        ctx = batch.context_index[g.seqs, : g.kv_len]  # [S, L]
-        kk = k_cache[ctx].transpose(1, 2).to(q.dtype)  # [S, kv, L, hd]
-        vv = v_cache[ctx].transpose(1, 2).to(q.dtype)
-        qq = q[g.token_index].view(len(g.seqs), g.q_len, self.n_heads, self.hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=g.mask, enable_gqa=True)
-        return o.transpose(1, 2).reshape(-1, self.n_heads, self.hd)
-
-
-class _Group:
-    """Sequences attended in one SDPA call: all decodes together, each prompt chunk alone."""
-
-    def __init__(self, batch: StepBatch, seqs: list[int], q_len: int, tok_start: np.ndarray):
-        dev = batch.input_ids.device
-        self.seqs = torch.tensor(seqs, dtype=torch.long, device=dev)
-        self.q_len = q_len
-        starts = np.array([batch.starts[i] for i in seqs])
-        self.kv_len = int((starts + q_len).max())
-        idx = np.concatenate([tok_start[i] + np.arange(q_len) for i in seqs])
-        self.token_index = torch.from_numpy(idx).to(dev)
-        q_pos = starts[:, None] + np.arange(q_len)[None, :]  # [S, q]
-        k_pos = np.arange(self.kv_len)
-        mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [S, q, L]
-        self.mask = torch.from_numpy(mask).unsqueeze(1).to(dev)
-
-
-def attention_groups(batch: StepBatch) -> list[_Group]:
-    lengths = np.array(batch.lengths)
-    tok_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    decodes = [i for i, n in enumerate(batch.lengths) if n == 1]
-    groups = [_Group(batch, decodes, 1, tok_start)] if decodes else []
-    return groups + [_Group(batch, [i], n, tok_start) for i, n in enumerate(lengths) if n > 1]
+        return self.o_proj(attend(q, k, v).flatten(1))
 
 
 class MLP(nn.Module):
@@ -238,30 +207,54 @@ class EngramForCausalLM(nn.Module):
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
 
+    def layer_step(
+        self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext
+    ) -> torch.Tensor:
+        """One decoder layer of a packed step: ``h = h + engram; h = h + attn; h = h + mlp``."""
+        layer = self.model.layers[i]
+        if layer.engram is not None:
+            out, nxt = layer.engram.fuse_packed(
+                h.unsqueeze(1), ctx.engram_rows(i), ctx.conv_history(i), ctx.conv_step
+            )
+            ctx.set_conv_history(i, nxt)
+            h = h + out.squeeze(1)
+        attend = lambda q, k, v: ctx.attend(i, q, k, v)
+        h = h + layer.self_attn.forward_step(layer.input_layernorm(h), cos, sin, attend)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
     def forward_step(
         self,
-        batch: StepBatch,
-        cache: KVCache,
-        rows: RowSource,
-        all_logits: bool = False,
+        input_ids: torch.Tensor,
+        ctx: StepContext,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for each sequence's last new token ``[S, V]`` (or every new token ``[N, V]``)."""
-        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
-        groups = attention_groups(batch)
-        h = self.model.embed_tokens(batch.input_ids)
-        for i, layer in enumerate(self.model.layers):
-            if layer.engram is not None:
-                hist = cache.conv[i][batch.conv_slots]
-                out, nxt = layer.engram.fuse_packed(
-                    h.unsqueeze(1), rows.rows(i), hist, batch.conv_step
-                )
-                cache.conv[i][batch.conv_slots] = nxt.to(cache.conv[i].dtype)
-                h = h + out.squeeze(1)
-            attn_in = layer.input_layernorm(h)
-            h = h + layer.self_attn.forward_step(
-                attn_in, cos, sin, batch, groups, cache.k[i], cache.v[i]
-            )
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if not all_logits:
-            h = h[batch.last_token_index.to(h.device)]
+        """Logits of a packed step: for the rows ``logits_index`` picks (``[len, V]``), or for
+        every new token (``[N, V]``) when it is None."""
+        cos, sin = self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]
+        h = self.model.embed_tokens(input_ids)
+        for i in range(len(self.model.layers)):
+            h = self.layer_step(i, h, cos, sin, ctx)
+        if logits_index is not None:
+            h = h[logits_index]
         return self.lm_head(self.model.norm(h))
+
+
+def init_weights(model: EngramForCausalLM, generator: torch.Generator, skip=()) -> None:
+    """Training init: norms 1, biases 0, ShortConv 0 (Engram starts as a plain gated lookup),
+    Engram tables N(0, 1), residual-out projections scaled by depth, the rest N(0, 0.02).
+    Parameters named in ``skip`` (e.g. unmaterialised tables) are left alone."""
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in skip:
+                continue
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias") or "short_conv.conv" in name:
+                p.zero_()
+            elif "multi_head_embedding" in name:
+                p.normal_(0.0, 1.0, generator=generator)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers), generator=generator)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from .cuda_gather import StagedGather, UvaGather
 from .plan import LayerPlan
 from .prefetch import Prefetcher
 from .store import TableStore
@@ -38,8 +39,6 @@ def measure_gathers(
     resident: bool = False,
 ) -> list[dict]:
     """Seconds per gather of n random rows of the first table, for each path."""
-    from .cuda_gather import StagedGather, UvaGather
-
     table = next(iter(store.tables.values()))
     rng = np.random.default_rng(seed)
     staged = StagedGather(store, device)
@@ -83,8 +82,6 @@ class AutoGather(Prefetcher):
 
     def __init__(self, *args, crossover: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .cuda_gather import StagedGather, UvaGather
-
         kw = dict(dedup=self.dedup, accountant=self.accountant, timeout_s=self.timeout_s)
         self.staged = StagedGather(self.store, self.device, **kw)
         self.uva = UvaGather(self.store, self.device, **kw)

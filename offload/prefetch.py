@@ -21,7 +21,6 @@ streams but not stop the allocator recycling a block the compute stream still re
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,39 +30,7 @@ import torch
 
 from .accounting import Accountant, LayerStats, StepStats
 from .plan import GatherError, LayerPlan, LookupPlan
-from .store import Placement, TableStore
-
-GATHERS = ("auto", "resident", "worker", "staged", "uva")
-
-
-def valid_gathers(placement: Placement) -> tuple[str, ...]:
-    return {
-        Placement.GPU: ("resident",),
-        Placement.CPU: ("worker", "resident"),
-        Placement.HOST: ("auto", "staged", "uva"),
-    }[placement]
-
-
-def resolve_gather(placement: Placement, gather: str) -> str:
-    """The path ``gather`` stands for on ``placement``; ValueError naming the valid ones when it
-    cannot work there. 'auto' on the host tier is the measured staged/UVA switch. On plain host
-    memory the worker thread only pays off with a core to itself: when torch's threads already
-    take every core, engram-bench measured it 30-50% slower than gathering inline (contention,
-    not stall), so 'auto' gathers inline there."""
-    if gather not in GATHERS:
-        raise ValueError(f"unknown gather path {gather!r}; use one of {', '.join(GATHERS)}")
-    allowed = valid_gathers(placement)
-    if gather == "auto" and placement is Placement.CPU:
-        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
-        return "worker" if spare_core else "resident"
-    if gather == "auto":
-        return allowed[0]
-    if gather not in allowed:
-        raise ValueError(
-            f"gather {gather!r} does not work with placement {placement.value!r}; "
-            f"use one of {', '.join(dict.fromkeys(('auto', *allowed)))}"
-        )
-    return gather
+from .store import TableStore
 
 
 class PendingRows:
@@ -214,21 +181,3 @@ class WorkerGather(Prefetcher):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-def make_prefetcher(
-    store: TableStore,
-    gather: str,
-    device: torch.device | str,
-    dedup: bool = False,
-    accountant: Accountant | None = None,
-    timeout_s: float = 60.0,
-) -> Prefetcher:
-    gather = resolve_gather(store.placement, gather)
-    cls = {"resident": ResidentGather, "worker": WorkerGather}.get(gather)
-    if cls is None:
-        from .autoselect import AutoGather
-        from .cuda_gather import StagedGather, UvaGather
-
-        cls = {"auto": AutoGather, "staged": StagedGather, "uva": UvaGather}[gather]
-    return cls(store, device, dedup=dedup, accountant=accountant, timeout_s=timeout_s)

@@ -92,6 +92,21 @@ class PinnedBuffer:
         return flat[:n].view(self.dtype).view(self.shape)
 
 
+def check_placement(placement: Placement, device: torch.device) -> None:
+    """ValueError, with the fix, when tables cannot live in ``placement`` for ``device``."""
+    if placement is not Placement.CPU and device.type != "cuda":
+        raise ValueError(
+            f"placement {placement.value!r} needs a CUDA device (this run's device is "
+            f"{device.type}); use placement 'cpu' here"
+        )
+    if placement is Placement.CPU and device.type == "cuda":
+        raise ValueError(
+            "placement 'cpu' serves a CPU device; on CUDA use 'host' (pinned) or 'gpu'"
+        )
+    if placement is Placement.HOST and not cupy_ok():
+        raise ValueError("placement 'host' needs CuPy: pip install 'engram-serve[gpu]'")
+
+
 def cuda_index(device: torch.device) -> int:
     """The CUDA ordinal of ``device`` ("cuda" alone means the current device)."""
     return device.index if device.index is not None else torch.cuda.current_device()
@@ -153,12 +168,7 @@ class TableStore:
     ) -> TableStore:
         placement = Placement.parse(placement)
         device = torch.device(device)
-        if placement is not Placement.CPU and device.type != "cuda":
-            raise ValueError(
-                f"placement {placement.value!r} needs a CUDA device; use placement 'cpu' here"
-            )
-        if placement is Placement.HOST and not cupy_ok():
-            raise ValueError("placement 'host' needs CuPy: pip install 'engram-serve[gpu]'")
+        check_placement(placement, device)
         tables = {}
         for lid, shape in shapes.items():
             pinned = None
@@ -192,8 +202,8 @@ class TableStore:
                 if len(shape) != 2:
                     raise ValueError(f"{keys[lid]} in {path}: want 2-D rows x width, got {shape}")
                 shapes[lid] = (shape[0], shape[1])
-            if dtype is None:
-                dtype = _ST_DTYPES[next(iter(slices.values())).get_dtype()]
+            if dtype is None:  # as stored
+                dtype = next(iter(slices.values()))[0:1].dtype
             store = cls.allocate(shapes, dtype, placement, device)
             total = sum(r for r, _ in shapes.values())
             with tqdm(
@@ -226,6 +236,3 @@ class TableStore:
         keys = {lid: table_key(lid) for lid in layer_ids}
         path = Path(model_dir) / ENGRAM_FILE
         return cls.from_safetensors(path, keys, placement, device, progress=progress)
-
-
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.checkpoint import default_model_dir
-from offload.engine import OffloadEngine
+from engine.async_engine import AsyncEngine
 from offload.link import measure_copy_bandwidth
+from offload.offloaded_model import OffloadedModel
 
 from .completions import Completion, wait_or_disconnect
-from .engine import EngineConfig, ServingEngine
+from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest
 
@@ -38,44 +37,13 @@ def package_version() -> str:
         return "0.0.0"
 
 
-@dataclass
-class ServerConfig:
-    model: str | None = None
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    placement: str | None = None  # default: host with CUDA, cpu without
-    gather: str = "auto"
-    dedup: bool = False
-    device: str | None = None
-    dtype: str = "float32"
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    max_queue: int = 256
-    kv_blocks: int = 0
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    bench_result: str | None = None
-    log_level: str = "info"
-
-    @property
-    def model_dir(self) -> Path:
-        return Path(self.model) if self.model else default_model_dir()
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or (
-            "engram-stdlib" if not self.model else Path(self.model).resolve().name
-        )
-
-
 class ServerState:
     """Loads the model in the background so /health can answer 503 until it is ready."""
 
-    def __init__(self, cfg: ServerConfig, offload: OffloadEngine | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, offload: OffloadedModel | None = None) -> None:
         self.cfg = cfg
         self.metrics = Metrics(cfg.model_name)
-        self.engine: ServingEngine | None = None
+        self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.on_load_error: Callable[[], None] | None = None
         self.link_bps = 0.0
@@ -84,9 +52,9 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            cfg = self.cfg
-            offload = self._offload or OffloadEngine.load(
-                cfg.model_dir, cfg.placement, cfg.gather, cfg.device, cfg.dtype, cfg.dedup
+            e = self.cfg.engine
+            offload = self._offload or OffloadedModel.load(
+                e.model_dir, e.placement, e.gather, e.device, e.dtype, e.dedup
             )
             self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
@@ -94,13 +62,8 @@ class ServerState:
                 offload.model.config.engram_layer_ids, offload.placement.value
             )
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
-            engine = ServingEngine(
-                offload,
-                EngineConfig(
-                    cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_queue, cfg.kv_blocks
-                ),
-                self.metrics,
-            )
+            offload.accountant.subscribe(self.metrics.observe_offload_step)
+            engine = AsyncEngine(offload, e, self.metrics)
             engine.start()
             self.engine = engine
             log.info("%s", self.summary_line())
@@ -122,7 +85,7 @@ class ServerState:
             f"link {self.link_bps / 1e9:.1f} GB/s"
         )
 
-    def ready_engine(self) -> ServingEngine:
+    def ready_engine(self) -> AsyncEngine:
         if self.engine is None:
             msg = self.load_error or "the model is still loading"
             raise APIError(503, msg, None, "model_not_ready")
@@ -178,7 +141,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(cfg: ServerConfig, offload: OffloadEngine | None = None) -> FastAPI:
+def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> FastAPI:
     state = ServerState(cfg, offload)
 
     @asynccontextmanager

@@ -1,9 +1,14 @@
-"""``engram-serve``: start the OpenAI-compatible server (every flag also as ENGRAM_<FLAG>)."""
+"""``engram-serve``: start the OpenAI-compatible server (every flag also as ENGRAM_<FLAG>).
+
+The flags are built from the settings dataclasses (:class:`ServerConfig`, :class:`EngineConfig`):
+name, type, default, choices and help all come from the field.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -11,43 +16,40 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 import uvicorn
 
-from models.checkpoint import DTYPES, default_model_dir
+from engine.config import EngineConfig
 from models.config import ModelConfig
-from offload.engine import default_placement
-from offload.prefetch import GATHERS, resolve_gather
-from offload.store import Placement, cupy_ok
+from offload.paths import SettingError, resolve
 
-from .app import ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def _cli_fields(cls) -> list[dataclasses.Field]:
+    return [
+        f for f in dataclasses.fields(cls) if "help" in f.metadata and f.metadata.get("cli", True)
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="engram-serve",
         description="OpenAI-compatible server for Engram models (flags also read ENGRAM_<FLAG>).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = ap.add_argument
-    add("--model", help="checkpoint directory (default: the built-in stdlib model)")
-    add("--served-model-name", help="model name clients use (default: from the directory)")
-    add("--host", default="127.0.0.1")
-    add("--port", type=int, default=8000)
-    add("--placement", choices=[p.value for p in Placement], help="where Engram tables live")
-    add("--gather", default="auto", choices=GATHERS, help="how rows reach the compute device")
-    add("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    add("--dtype", default="float32", choices=list(DTYPES))
-    add("--max-num-seqs", type=int, default=32)
-    add("--max-num-batched-tokens", type=int, default=1024)
-    add("--max-queue", type=int, default=256, help="sequences allowed to wait before 429")
-    add("--kv-blocks", type=int, default=0, help="KV blocks of 16 tokens (0: fit max-num-seqs)")
-    add("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    add("--max-body-bytes", type=int, default=1 << 20)
-    add("--bench-result", help="engram-bench JSON shown by GET /v1/offload")
-    add("--log-level", default="info", choices=LOG_LEVELS)
-    add("--dedup", action="store_true", help="fetch each distinct row once per step")
+    for f in _cli_fields(EngineConfig) + _cli_fields(ServerConfig):
+        name = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type == "bool":
+            ap.add_argument(name, action="store_true", help=meta["help"])
+            continue
+        kind = TYPES[f.type.split(" |")[0]]
+        ap.add_argument(
+            name, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"]
+        )
     return ap
 
 
@@ -76,43 +78,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(env_argv(ap) + list(sys.argv[1:] if argv is None else argv))
 
 
+def to_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig.make(**vars(args))
+
+
 def validate(args: argparse.Namespace) -> str | None:
     """A one-line reason the settings cannot work, or None."""
-    model_dir = args.model or str(default_model_dir())
-    if not os.path.isdir(model_dir):
+    cfg = to_config(args)
+    model_dir = cfg.model_dir
+    if not model_dir.is_dir():
         return f"model directory {model_dir} does not exist; pass --model DIR with a checkpoint"
     try:
         ModelConfig.load(model_dir)
     except ValueError as e:
         return f"bad model directory {model_dir}: {e}"
-    for flag in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "max_body_bytes"):
-        if getattr(args, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1"
-    if not 0 < args.port < 65536:
-        return f"--port {args.port} is not a valid port"
-    if args.kv_blocks < 0:
-        return "--kv-blocks must be 0 (fit --max-num-seqs) or more"
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        return f"--device {args.device} is not a device; use cpu, cuda or cuda:N"
-    cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        return f"--device {args.device} needs CUDA, which this machine or torch build lacks"
-    if args.bench_result:
-        try:
-            json.loads(Path(args.bench_result).read_text())
-        except (OSError, ValueError) as e:
-            return f"--bench-result {args.bench_result} is not a readable JSON file ({e})"
-    if args.placement in ("host", "gpu") and not cuda:
-        return f"--placement {args.placement} needs a CUDA device; use --placement cpu here"
-    if args.placement == "host" and not cupy_ok():
-        return "--placement host needs CuPy: pip install 'engram-serve[gpu]'"
-    placement = Placement(args.placement) if args.placement else default_placement(device)
-    try:
-        resolve_gather(placement, args.gather)
+        cfg.engine.check()
     except ValueError as e:
-        return f"--gather: {e}"
+        return str(e)
+    if cfg.max_body_bytes < 1:
+        return "--max-body-bytes must be at least 1"
+    if not 0 < cfg.port < 65536:
+        return f"--port {cfg.port} is not a valid port"
+    if cfg.bench_result:
+        try:
+            json.loads(Path(cfg.bench_result).read_text())
+        except (OSError, ValueError) as e:
+            return f"--bench-result {cfg.bench_result} is not a readable JSON file ({e})"
+    try:
+        resolve(cfg.engine.device, cfg.engine.placement, cfg.engine.gather)
+    except SettingError as e:
+        return str(e)
     return None
 
 
@@ -125,25 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    cfg = ServerConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
-        host=args.host,
-        port=args.port,
-        placement=args.placement,
-        gather=args.gather,
-        dedup=args.dedup,
-        device=args.device,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_queue=args.max_queue,
-        kv_blocks=args.kv_blocks,
-        api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes,
-        bench_result=args.bench_result,
-        log_level=args.log_level,
-    )
+    cfg = to_config(args)
     app = create_app(cfg)
     config = uvicorn.Config(
         app,

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from .engine import Delta, EngineDead, QueueFull, ServingEngine
-from .engine import Request as EngineRequest
+from engine.async_engine import AsyncEngine, Delta, EngineDead, QueueFull, RequestStream
+from engine.sampling import SamplingParams
+
 from .protocol import APIError, CompletionRequest, completion_body, completion_logprobs, usage
-from .sampling import SamplingParams
 
 
 @dataclass
@@ -43,7 +43,7 @@ def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
     )
 
 
-def encode_prompts(engine: ServingEngine, req: CompletionRequest) -> list[tuple[list[int], str]]:
+def encode_prompts(engine: AsyncEngine, req: CompletionRequest) -> list[tuple[list[int], str]]:
     tok, vocab = engine.tokenizer, engine.model.config.vocab_size
     out = []
     for p in req.prompts():
@@ -62,7 +62,7 @@ def encode_prompts(engine: ServingEngine, req: CompletionRequest) -> list[tuple[
     return out
 
 
-def check_length(engine: ServingEngine, n_prompt: int, max_tokens: int | None) -> int:
+def check_length(engine: AsyncEngine, n_prompt: int, max_tokens: int | None) -> int:
     limit = engine.max_tokens_per_seq
     if max_tokens is None:
         max_tokens = limit - n_prompt
@@ -81,7 +81,7 @@ def check_length(engine: ServingEngine, n_prompt: int, max_tokens: int | None) -
 class Completion:
     """One HTTP completion request: its engine requests and how to render their output."""
 
-    def __init__(self, engine: ServingEngine, req: CompletionRequest, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, req: CompletionRequest, model_name: str) -> None:
         self.engine, self.req, self.model_name = engine, req, model_name
         self.prompts = encode_prompts(engine, req)
         self.max_tokens = [
@@ -89,7 +89,7 @@ class Completion:
         ]
         self.created = int(time.time())
         self.id = f"cmpl-{time.time_ns():x}"
-        self.subs: list[EngineRequest] = []
+        self.subs: list[RequestStream] = []
         n = req.n
         self.choices = [
             Choice(i * n + j, ids, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from engine.engine import EngineStats
 from offload.accounting import StepStats
 
 LATENCY_BUCKETS = (
@@ -20,7 +21,7 @@ PREFETCH_BUCKETS = (
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
-class Metrics:
+class Metrics(EngineStats):
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.model_name = model_name
@@ -99,25 +100,42 @@ class Metrics:
         )
         self.fraction_source = None  # () -> float, the accountant's stall fraction
 
-        self.ttft, self.itl = self._ttft.labels(model_name), self._itl.labels(model_name)
-        self.e2e, self.queue_time = self._e2e.labels(model_name), self._queue.labels(model_name)
-        self.prompt_tokens = self._prompt.labels(model_name)
-        self.generation_tokens = self._gen.labels(model_name)
-        self.preemptions = self._preempt.labels(model_name)
         for reason in FINISH_REASONS:
             self._success.labels(model_name, reason)
-        self.set_queue(0, 0)
-        self.set_kv_usage(0.0)
+        self._prompt.labels(model_name)
+        self._gen.labels(model_name)
+        self._preempt.labels(model_name)
+        self.scheduler_state(0, 0, 0.0)
 
-    def set_queue(self, running: int, waiting: int) -> None:
-        self._running.labels(self.model_name).set(running)
-        self._waiting.labels(self.model_name).set(waiting)
+    # --- EngineStats: called from the engine thread ------------------------------------------
+    def prompt_tokens(self, n: int) -> None:
+        self._prompt.labels(self.model_name).inc(n)
 
-    def set_kv_usage(self, usage: float) -> None:
-        self._kv.labels(self.model_name).set(usage)
+    def generation_tokens(self, n: int) -> None:
+        self._gen.labels(self.model_name).inc(n)
 
-    def finished(self, reason: str) -> None:
+    def first_token(self, ttft_s: float, queue_s: float) -> None:
+        self._ttft.labels(self.model_name).observe(ttft_s)
+        self._queue.labels(self.model_name).observe(queue_s)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.labels(self.model_name).observe(seconds)
+
+    def finished(self, reason: str, e2e_s: float | None = None) -> None:
         self._success.labels(self.model_name, reason).inc()
+        if e2e_s is not None:
+            self._e2e.labels(self.model_name).observe(e2e_s)
+
+    def preempted(self, n: int) -> None:
+        self._preempt.labels(self.model_name).inc(n)
+
+    def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None:
+        m = self.model_name
+        self._running.labels(m).set(running)
+        self._waiting.labels(m).set(waiting)
+        self._kv.labels(m).set(kv_usage)
+
+    # --- HTTP and offload ---------------------------------------------------------------------
 
     def error(self, status: int) -> None:
         self._errors.labels(self.model_name, str(status)).inc()

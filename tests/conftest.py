@@ -5,11 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 from models.config import ModelConfig
 from models.llama import EngramForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT.parent / "shared" / "golden"
+GOLDEN = ROOT / "tests" / "data"
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -46,16 +49,21 @@ def tiny_model(seed: int = 0, **overrides) -> EngramForCausalLM:
 
 @pytest.fixture
 def golden() -> Path:
-    if not GOLDEN.is_dir():
-        pytest.fail(f"golden vectors not found at {GOLDEN}: shared/ must sit beside the repo")
     return GOLDEN
+
+
+def new_seq(cache: KVCache) -> Sequence:
+    """A running sequence with a conv slot, for driving the model runner directly."""
+    seq = Sequence("test", 0, [], SamplingParams(), torch.Generator())
+    cache.admit(seq)
+    return seq
 
 
 def tiny_checkpoint(directory: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """A small random model with a real byte-level BPE tokenizer, saved as a checkpoint."""
     from models.checkpoint import save_checkpoint
-    from models.corpus import EOS, split_files, train_tokenizer
     from models.tokenizer import EngramTokenizer
+    from training.corpus import EOS, split_files, train_tokenizer
 
     train, _ = split_files()
     tok = EngramTokenizer(train_tokenizer(train[:20], vocab_size))

@@ -10,7 +10,8 @@ import time
 import httpx
 import uvicorn
 
-from server.app import ServerConfig, create_app
+from server.app import create_app
+from server.config import ServerConfig
 
 
 def free_port() -> int:
@@ -61,7 +62,7 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serve(model_dir, **overrides):
-    srv = LiveServer(ServerConfig(model=str(model_dir), **overrides)).start()
+    srv = LiveServer(ServerConfig.make(model=str(model_dir), **overrides)).start()
     try:
         yield srv
     finally:

@@ -3,13 +3,8 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import save_checkpoint
-from offload import bench
-from offload.engine import OffloadEngine
-from offload.link import measure_copy_bandwidth, measure_link
-from offload.prefetch import WorkerGather
-from offload.store import Placement, cupy_ok
-from offload.synthetic import (
+from bench import cli as bench
+from bench.synthetic import (
     ENGRAM_LAYER,
     SHAPES,
     Shape,
@@ -18,6 +13,11 @@ from offload.synthetic import (
     random_store,
     synthetic_config,
 )
+from models.checkpoint import save_checkpoint
+from offload.link import measure_copy_bandwidth, measure_link
+from offload.offloaded_model import OffloadedModel
+from offload.prefetch import WorkerGather
+from offload.store import Placement, cupy_ok
 
 from .conftest import tiny_model
 
@@ -83,14 +83,14 @@ def test_a_row_with_different_tokens_fails_naming_it(ckpt, tmp_path, monkeypatch
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--placement", "host"], "needs CUDA"),
-        (["--placement", "gpu"], "needs CUDA"),
-        (["--gathers", "uva"], "does not work with --placement cpu"),
+        (["--placement", "host"], "needs a CUDA device"),
+        (["--placement", "gpu"], "needs a CUDA device"),
+        (["--gathers", "uva"], "does not work with placement 'cpu'"),
         (["--layers", "4"], "only applies to --synthetic"),
     ],
 )
 def test_bad_input_is_one_line_error(ckpt, tmp_path, capsys, args, message):
-    if torch.cuda.is_available() and "needs CUDA" in message:
+    if torch.cuda.is_available() and "CUDA" in message:
         pytest.skip("this machine has CUDA")
     assert bench.main([*args, "--quick", "--model", str(ckpt), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -130,8 +130,8 @@ def test_synthetic_builder_tiny_model_and_store():
     assert torch.equal(store[1].tensor, again[1].tensor)
     assert torch.isfinite(store[1].tensor.float()).all()
     # the model runs from that store
-    engine = OffloadEngine.from_parts(model, None, store, "worker", "cpu")
-    from models.generate import generate
+    engine = OffloadedModel.from_parts(model, None, store, "worker", "cpu")
+    from engine.generate import generate
 
     out = generate(model, [[1, 2, 3], [4, 5]], 3, rows=engine.start_step)
     engine.close()

@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import pytest
 
+from engine.generate import generate
 from models.checkpoint import default_model_dir, load_checkpoint
-from models.corpus import encode_files, read_text, split_files
-from models.evaluate import validation_loss
-from models.generate import generate
+from offload.offloaded_model import OffloadedModel
+from training.corpus import encode_files, read_text, split_files
+from training.evaluate import validation_loss
 
 # Measured on this slice right after training: 4.141 (ppl 62.9; zeroed Engram: 4.632); plus margin.
 VAL_LOSS_BOUND = 4.4
@@ -51,7 +52,7 @@ def test_engram_generate_cli_prints_python(tmp_path):
         [
             sys.executable,
             "-m",
-            "models.generate",
+            "engine.generate",
             "--prompt",
             "def __init__(self",
             "--max-tokens",
@@ -83,7 +84,7 @@ def test_compression_shrinks_the_vocab():
 
 
 def test_engram_eval_prints_the_table_and_refuses_bad_input(capsys, tmp_path):
-    from models.evaluate import main
+    from training.evaluate import main
 
     assert main(["--max-files", "3", "--seq-len", "128"]) == 0
     out = capsys.readouterr().out
@@ -95,3 +96,20 @@ def test_engram_eval_prints_the_table_and_refuses_bad_input(capsys, tmp_path):
         with pytest.raises(SystemExit):
             main(argv)
         assert says in capsys.readouterr().err
+
+
+def test_greedy_outputs_are_the_recorded_ones():
+    """The step path (engine, runner, sampler, offload) must keep the built-in model's greedy
+    tokens exactly as recorded before the engine was restructured."""
+    import json
+
+    from .conftest import GOLDEN
+
+    rec = json.loads((GOLDEN / "builtin_greedy.json").read_text())
+    om = OffloadedModel.load(None, placement="cpu", gather="worker", progress=False)
+    prompts = [c["prompt_ids"] for c in rec["cases"]]
+    eos = om.model.config.eos_token_id
+    got = generate(om.model, prompts, rec["max_tokens"], eos_token_id=eos, rows=om.start_step)
+    om.close()
+    assert got == [c["output_ids"] for c in rec["cases"]]
+    assert om.tokenizer.encode(rec["cases"][0]["prompt"]) == prompts[0]

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.cache import KVCache
-from models.generate import StepRunner, generate
-from offload.engine import OffloadEngine
+from engine.generate import generate
+from engine.kv_cache import KVCache
+from engine.model_runner import ModelRunner
+from offload.offloaded_model import OffloadedModel
 from offload.plan import GatherError
 from offload.store import TableStore, cupy_ok
 
-from .conftest import tiny_model
+from .conftest import new_seq, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,8 +59,8 @@ def test_gather_microbenchmark_measures_every_path_and_picks_a_crossover():
 @pytest.mark.parametrize("dedup", [False, True])
 def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
     model = _cuda_model()
-    resident = OffloadEngine.from_model(model, "gpu", "resident", device="cuda")
-    engine = OffloadEngine.from_model(model, "host", gather, device="cuda", dedup=dedup)
+    resident = OffloadedModel.from_model(model, "gpu", "resident", device="cuda")
+    engine = OffloadedModel.from_model(model, "host", gather, device="cuda", dedup=dedup)
     ref = generate(model, PROMPTS, 200, rows=resident.start_step)  # long: staging reused
     assert generate(model, PROMPTS, 200, rows=engine.start_step) == ref
     rng = np.random.default_rng(0)
@@ -67,8 +68,8 @@ def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
     outs = []
     for rows in (resident.start_step, engine.start_step):
         cache = KVCache(model.config, 32, 4, 3, device="cuda")
-        runner = StepRunner(model, cache, rows)
-        seqs = [runner.new_sequence() for _ in ids]
+        runner = ModelRunner(model, cache, rows)
+        seqs = [new_seq(cache) for _ in ids]
         a = runner.step(seqs, [ids[0][:7], ids[1][:1], ids[2][:13]], all_logits=True)
         b = runner.step(seqs, [ids[0][7:8], ids[1][1:9], ids[2][13:14]], all_logits=True)
         outs.append(torch.cat([a, b]))
@@ -83,7 +84,7 @@ def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
 
 def test_out_of_range_row_is_refused_before_any_device_read():
     model = _cuda_model()
-    engine = OffloadEngine.from_model(model, "host", "uva", device="cuda")
+    engine = OffloadedModel.from_model(model, "host", "uva", device="cuda")
     lid = model.config.engram_layer_ids[0]
     rows = engine.store[lid].rows
     with pytest.raises(GatherError, match=f"Engram layer {lid}: row {rows} is outside"):
@@ -93,7 +94,7 @@ def test_out_of_range_row_is_refused_before_any_device_read():
 
 def test_staged_fault_surfaces_naming_the_layer():
     model = _cuda_model()
-    engine = OffloadEngine.from_model(model, "host", "staged", device="cuda")
+    engine = OffloadedModel.from_model(model, "host", "staged", device="cuda")
     real = engine.prefetcher.gather_layer
 
     def failing(lp, slot):
@@ -105,7 +106,7 @@ def test_staged_fault_surfaces_naming_the_layer():
     with pytest.raises(GatherError, match="Engram layer 2: gather failed"):
         generate(model, PROMPTS, 3, rows=engine.start_step)
     engine.prefetcher.gather_layer = real
-    resident = OffloadEngine.from_model(model, "gpu", "resident", device="cuda")
+    resident = OffloadedModel.from_model(model, "gpu", "resident", device="cuda")
     assert generate(model, PROMPTS, 3, rows=engine.start_step) == generate(
         model, PROMPTS, 3, rows=resident.start_step
     )

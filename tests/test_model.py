@@ -5,7 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.cache import CacheFull, KVCache
+from engine.generate import generate
+from engine.kv_cache import CacheFull, KVCache
+from engine.model_runner import ModelRunner
 from models.checkpoint import (
     ENGRAM_FILE,
     MODEL_FILE,
@@ -14,9 +16,8 @@ from models.checkpoint import (
     save_checkpoint,
     table_key,
 )
-from models.generate import StepRunner, generate
 
-from .conftest import tiny_model
+from .conftest import new_seq, tiny_model
 
 
 def _run_schedule(model, seqs_ids, schedule, block_size=4):
@@ -25,14 +26,14 @@ def _run_schedule(model, seqs_ids, schedule, block_size=4):
     Returns per-sequence logits for every token fed, in order.
     """
     cache = KVCache(model.config, num_blocks=64, block_size=block_size, max_seqs=len(seqs_ids))
-    runner = StepRunner(model, cache)
+    runner = ModelRunner(model, cache)
     states, pos = [None] * len(seqs_ids), [0] * len(seqs_ids)
     got = [[] for _ in seqs_ids]
     for chunk in schedule:
         active = [i for i, n in enumerate(chunk) if n > 0]
         for i in active:
             if states[i] is None:  # joins now
-                states[i] = runner.new_sequence()
+                states[i] = new_seq(cache)
         new = [seqs_ids[i][pos[i] : pos[i] + chunk[i]] for i in active]
         logits = runner.step([states[i] for i in active], new, all_logits=True)
         off = 0
@@ -61,14 +62,14 @@ def test_freed_blocks_and_slots_are_reused_without_leaking_state():
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 300, size=20).tolist(), rng.integers(0, 300, size=20).tolist()
     cache = KVCache(model.config, num_blocks=6, block_size=4, max_seqs=1)
-    runner = StepRunner(model, cache)
-    s = runner.new_sequence()
+    runner = ModelRunner(model, cache)
+    s = new_seq(cache)
     runner.step([s], [a])
     with pytest.raises(CacheFull):
-        runner.new_sequence()
+        new_seq(cache)
     cache.free(s)
     assert cache.free_blocks == 6 and cache.free_slots == 1
-    s2 = runner.new_sequence()  # same slot, same blocks: stale conv/KV state must not leak
+    s2 = new_seq(cache)  # same slot, same blocks: stale conv/KV state must not leak
     got = runner.step([s2], [b], all_logits=True)
     with torch.no_grad():
         full = model.forward_full(torch.tensor([b]))[0]
@@ -78,8 +79,8 @@ def test_freed_blocks_and_slots_are_reused_without_leaking_state():
 def test_cache_full_is_all_or_nothing():
     model = tiny_model()
     cache = KVCache(model.config, num_blocks=2, block_size=4, max_seqs=2)
-    runner = StepRunner(model, cache)
-    s = runner.new_sequence()
+    runner = ModelRunner(model, cache)
+    s = new_seq(cache)
     with pytest.raises(CacheFull):
         runner.step([s], [list(range(9))])
     assert cache.free_blocks == 2 and s.block_table == []

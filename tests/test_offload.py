@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.cache import KVCache
-from models.generate import StepRunner, generate
-from offload.engine import OffloadEngine
+from engine.generate import generate
+from engine.kv_cache import KVCache
+from engine.model_runner import ModelRunner
+from offload.offloaded_model import OffloadedModel
+from offload.paths import resolve_gather
 from offload.plan import GatherError, LookupPlan
-from offload.prefetch import resolve_gather
 from offload.store import Placement, TableStore
 
-from .conftest import tiny_model
+from .conftest import new_seq, tiny_model
 
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [42], [7, 7, 7, 7]]
 
@@ -21,7 +22,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [42], [7, 7, 7, 
 def _engines(model):
     for gather in ("worker", "resident"):
         for dedup in (False, True):
-            yield gather, dedup, OffloadEngine.from_model(model, "cpu", gather, dedup=dedup)
+            yield gather, dedup, OffloadedModel.from_model(model, "cpu", gather, dedup=dedup)
 
 
 def test_every_cpu_path_gives_identical_tokens_and_logits():
@@ -35,8 +36,8 @@ def test_every_cpu_path_gives_identical_tokens_and_logits():
         outs = []
         for rows in (None, engine.start_step):
             cache = KVCache(model.config, num_blocks=32, block_size=4, max_seqs=3)
-            runner = StepRunner(model, cache, rows)
-            seqs = [runner.new_sequence() for _ in ids]
+            runner = ModelRunner(model, cache, rows)
+            seqs = [new_seq(cache) for _ in ids]
             a = runner.step(seqs, [ids[0][:7], ids[1][:1], ids[2][:13]], all_logits=True)
             b = runner.step(seqs, [ids[0][7:8], ids[1][1:9], ids[2][13:14]], all_logits=True)
             outs.append(torch.cat([a, b]))
@@ -46,18 +47,18 @@ def test_every_cpu_path_gives_identical_tokens_and_logits():
 
 def test_sequences_join_and_leave_between_steps_long_run():
     model = tiny_model(4)
-    engine = OffloadEngine.from_model(model, "cpu", "worker", dedup=True)
+    engine = OffloadedModel.from_model(model, "cpu", "worker", dedup=True)
     results = {}
     for rows in (None, engine.start_step):
         cache = KVCache(model.config, num_blocks=128, block_size=4, max_seqs=3)
-        runner = StepRunner(model, cache, rows)
+        runner = ModelRunner(model, cache, rows)
         live: dict[int, tuple] = {}
         out = {i: [] for i in range(6)}
         pending = list(range(6))
         for step in range(120):
             while pending and len(live) < 3 and step % 7 == pending[0] % 7:
                 i = pending.pop(0)
-                live[i] = (runner.new_sequence(), PROMPTS[i % 4] + [i])
+                live[i] = (new_seq(cache), PROMPTS[i % 4] + [i])
             if not live:
                 if not pending:
                     break
@@ -80,7 +81,7 @@ def test_plan_indices_equal_reference_hashing_of_full_sequences():
     model = tiny_model()
     rng = np.random.default_rng(3)
     seqs = [rng.integers(0, 300, size=n).tolist() for n in (12, 5, 20)]
-    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    engine = OffloadedModel.from_model(model, "cpu", "worker")
     hist = model.hasher.initial_history(3)
     got = {lid: [[] for _ in seqs] for lid in model.config.engram_layer_ids}
     pos = [0, 0, 0]
@@ -117,7 +118,7 @@ def test_bad_index_fails_on_the_host_naming_the_layer():
 
 def test_worker_fault_surfaces_in_the_step_naming_the_layer():
     model = tiny_model()
-    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    engine = OffloadedModel.from_model(model, "cpu", "worker")
     real = engine.prefetcher.gather_layer
 
     def failing(lp):
@@ -136,7 +137,7 @@ def test_worker_fault_surfaces_in_the_step_naming_the_layer():
 
 def test_hung_gather_times_out_instead_of_hanging():
     model = tiny_model()
-    engine = OffloadEngine.from_model(model, "cpu", "worker", timeout_s=0.5)
+    engine = OffloadedModel.from_model(model, "cpu", "worker", timeout_s=0.5)
     release = threading.Event()
     real = engine.prefetcher.gather_layer
 
@@ -155,7 +156,7 @@ def test_hung_gather_times_out_instead_of_hanging():
 
 def test_accounting_books_bytes_rows_and_stall_per_layer():
     model = tiny_model()
-    engine = OffloadEngine.from_model(model, "cpu", "worker")
+    engine = OffloadedModel.from_model(model, "cpu", "worker")
     generate(model, PROMPTS, 6, rows=engine.start_step)
     s = engine.accountant.summary()
     assert s["steps"] == 6
@@ -184,8 +185,8 @@ def test_store_loads_checkpoint_tables_in_chunks(tmp_path):
         assert store[lid].tensor.dtype == torch.bfloat16
         assert torch.equal(store[lid].tensor, model.engram_table(lid).detach().bfloat16())
     assert store.bytes_by_tier()["cpu"] == sum(t.nbytes for t in store.tables.values())
-    engine = OffloadEngine.load(tmp_path, placement="cpu", gather="worker", progress=False)
-    resident = OffloadEngine.load(tmp_path, placement="cpu", gather="resident", progress=False)
+    engine = OffloadedModel.load(tmp_path, placement="cpu", gather="worker", progress=False)
+    resident = OffloadedModel.load(tmp_path, placement="cpu", gather="resident", progress=False)
     assert engine.model.engram_table(0).is_meta  # the tables live only in the store
     a = generate(engine.model, PROMPTS, 8, rows=engine.start_step)
     assert a == generate(resident.model, PROMPTS, 8, rows=resident.start_step)
@@ -198,7 +199,7 @@ def test_placement_errors_are_clear():
         TableStore.allocate({0: (4, 2)}, torch.float32, "host", "cpu")
     model = tiny_model()
     with pytest.raises(ValueError, match="does not work with placement 'cpu'"):
-        OffloadEngine.from_model(model, "cpu", "uva")
+        OffloadedModel.from_model(model, "cpu", "uva")
 
 
 def test_auto_on_plain_host_memory_uses_the_worker_only_with_a_spare_core():

@@ -3,54 +3,90 @@ import math
 import pytest
 import torch
 
-from models.tokenizer import EngramTokenizer
-from server.detokenize import Detokenizer
-from server.sampling import (
+from engine.detokenize import Detokenizer
+from engine.sampling import (
+    SampleRow,
     SamplingParams,
-    apply_penalties,
-    filter_top_k_top_p,
-    sample_token,
-    token_logprobs,
+    adjust_logits,
+    filtered_logprobs,
+    prompt_logprobs,
+    sample,
 )
+from models.tokenizer import EngramTokenizer
+
+
+def _row(params: SamplingParams, output_ids=(), choice: int = 0) -> SampleRow:
+    return SampleRow(params, list(output_ids), params.generator(choice))
+
+
+def _filtered(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0):
+    """Which tokens the filters drop, in vocab order."""
+    one = lambda v: torch.tensor([v], dtype=torch.float32)
+    k = torch.tensor([top_k if top_k > 0 else logits.numel()])
+    lp, order = filtered_logprobs(logits[None].float(), one(1.0), k, one(top_p), one(min_p))
+    dropped = torch.empty_like(lp[0], dtype=torch.bool)
+    dropped[order[0]] = torch.isinf(lp[0])
+    return dropped.tolist()
+
+
+def _draw(logits: torch.Tensor, row: SampleRow) -> int:
+    return sample(logits[None], [row])[0][0]
 
 
 def test_penalties_follow_openai_rule():
-    logits = torch.zeros(5)
-    out = apply_penalties(logits, [1, 1, 3], presence=0.5, frequency=0.25)
-    assert out.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]
-    assert logits.tolist() == [0.0] * 5  # input untouched
+    logits = torch.zeros(1, 5)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = adjust_logits(logits, [_row(params, [1, 1, 3])])
+    assert out[0].tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]
+    assert logits.tolist() == [[0.0] * 5]  # input untouched
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [False, False, True, True]
+    assert _filtered(logits, 2, 1.0) == [False, False, True, True]
     # top_p 0.75: 0.5 alone is short of it, 0.5 + 0.3 reaches it: two tokens stay
-    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.75)).tolist() == [False, False, True, True]
-    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.1)).tolist() == [False, True, True, True]
+    assert _filtered(logits, 0, 0.75) == [False, False, True, True]
+    assert _filtered(logits, 0, 0.1) == [False, True, True, True]
+    # min_p 0.5: tokens under half the best one's probability go
+    assert _filtered(logits, 0, 1.0, 0.5) == [False, False, True, True]
 
 
 def test_seeded_sampling_is_reproducible_and_respects_filters():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=1.0, top_k=3, seed=11)
-    a = [sample_token(logits, p, [], p.generator(0)) for _ in range(1)]
-    g1, g2 = p.generator(0), p.generator(0)
-    seq1 = [sample_token(logits, p, [], g1) for _ in range(30)]
-    seq2 = [sample_token(logits, p, [], g2) for _ in range(30)]
+    a = [_draw(logits, _row(p)) for _ in range(1)]
+    r1, r2 = _row(p), _row(p)
+    seq1 = [_draw(logits, r1) for _ in range(30)]
+    seq2 = [_draw(logits, r2) for _ in range(30)]
     assert seq1 == seq2 and a[0] == seq1[0]
     assert set(seq1) <= set(torch.topk(logits, 3).indices.tolist())
-    other = p.generator(1)
-    assert [sample_token(logits, p, [], other) for _ in range(30)] != seq1
+    other = _row(p, choice=1)
+    assert [_draw(logits, other) for _ in range(30)] != seq1
     greedy = SamplingParams(temperature=0)
-    assert sample_token(logits, greedy, [], greedy.generator(0)) == int(logits.argmax())
+    assert _draw(logits, _row(greedy)) == int(logits.argmax())
+
+
+def test_a_seeded_row_does_not_depend_on_its_batch():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    alone = [_draw(logits[2], r) for r in [_row(p)] * 10]
+    mates = [SamplingParams(temperature=t, seed=s) for t, s in ((0.0, 1), (1.5, 2), (0.3, 3))]
+    rows = [_row(mates[0]), _row(mates[1]), _row(p), _row(mates[2])]
+    batched = [sample(logits, rows)[0][2] for _ in range(10)]
+    assert batched == alone
 
 
 def test_token_logprobs_are_normalised():
-    logits = torch.tensor([2.0, 1.0, 0.0])
-    lp = token_logprobs(logits, 1, 3)
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    lp = prompt_logprobs(logits, [1], 3)[0]
     assert math.isclose(sum(math.exp(v) for _, v in lp.top), 1.0, abs_tol=1e-6)
     assert [t for t, _ in lp.top] == [0, 1, 2]
     assert lp.logprob == pytest.approx(lp.top[1][1])
-    assert token_logprobs(logits, 2, 0).top == []
+    assert prompt_logprobs(logits, [2], 0)[0].top == []
+    # the sampled token's logprobs come back with it, in the same copy
+    toks, lps = sample(logits, [_row(SamplingParams(temperature=0, logprobs=2))])
+    assert toks == [0] and lps[0].token_id == 0 and len(lps[0].top) == 2
+    assert lps[0].logprob == pytest.approx(lp.top[0][1])
 
 
 def _tok(tiny_ckpt):

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from offload.prefetch import resolve_gather
+from offload.paths import resolve_gather
 from offload.store import Placement
 
 from .live import LiveServer, serve
@@ -51,7 +51,7 @@ def test_stream_equals_non_stream_for_the_same_seed(client):
 
 def test_n_choices_and_list_prompts(client):
     r = client.completions.create(
-        model=_model(client), prompt=["import os", "class A:"], n=3, max_tokens=6, seed=1
+        model=_model(client), prompt=["import os", "class A:"], n=3, max_tokens=6, seed=4
     )
     assert sorted(c.index for c in r.choices) == list(range(6))
     assert all(c.finish_reason == "length" for c in r.choices)
@@ -205,21 +205,21 @@ def test_queue_full_is_429_with_retry_after(tiny_ckpt):
 
 def test_engine_fault_is_500_and_the_server_keeps_serving(srv):
     engine = srv.state.engine
-    real = engine.runner.step
+    real = engine.engine.runner.step
     calls = {"n": 0}
 
     def boom(*a, **k):
         calls["n"] += 1
         raise RuntimeError("injected engine fault")
 
-    engine.runner.step = boom
+    engine.engine.runner.step = boom
     try:
         err = _assert_error(
             _post(srv, {"prompt": "x", "max_tokens": 3}), 500, "injected engine fault"
         )
         assert err["type"] == "server_error"
     finally:
-        engine.runner.step = real
+        engine.engine.runner.step = real
     assert calls["n"] >= 1
     assert _post(srv, {"prompt": "x", "max_tokens": 3}).status_code == 200
     assert srv.metric("engram_num_requests_running") == 0
@@ -244,13 +244,13 @@ def test_disconnect_mid_stream_frees_the_slot(srv):
 def test_disconnect_non_streaming_frees_the_slot(srv):
     engine = srv.state.engine
     before = engine.cache.free_blocks
-    real = engine.runner.step
+    real = engine.engine.runner.step
 
     def slow(*a, **k):  # every step takes a while: the client gives up first
         time.sleep(0.02)
         return real(*a, **k)
 
-    engine.runner.step = slow
+    engine.engine.runner.step = slow
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
@@ -262,7 +262,7 @@ def test_disconnect_non_streaming_frees_the_slot(srv):
         while srv.metric("engram_num_requests_running") and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
-        engine.runner.step = real
+        engine.engine.runner.step = real
     assert srv.metric("engram_num_requests_running") == 0
     assert engine.cache.free_blocks == before
     assert srv.metric("engram_request_success_total", 'finished_reason="abort"') >= 1
@@ -332,9 +332,9 @@ def test_metrics_expose_every_name_with_sane_values(srv):
 
 
 def test_health_is_503_until_the_model_loads(tmp_path):
-    from server.app import ServerConfig
+    from server.config import ServerConfig
 
-    s = LiveServer(ServerConfig(model=str(tmp_path / "missing"))).start(ready=False)
+    s = LiveServer(ServerConfig.make(model=str(tmp_path / "missing"))).start(ready=False)
     try:
         deadline = time.monotonic() + 10
         while s.state.load_error is None and time.monotonic() < deadline:

@@ -1,8 +1,8 @@
-"""The offload engine: a model whose Engram tables live in a :class:`TableStore` tier, fed
-each step by a prefetcher, with every step booked by an :class:`Accountant`.
+"""A model whose Engram tables live in a :class:`TableStore` tier, fed each step by a
+prefetcher, with every step booked by an :class:`Accountant`.
 
-    engine = OffloadEngine.load("path/to/checkpoint", placement="host", gather="uva")
-    runner = StepRunner(engine.model, cache, rows=engine.start_step)
+    om = OffloadedModel.load("path/to/checkpoint", placement="host", gather="uva")
+    engine = Engine(om.model, EngineConfig(), rows=om.start_step, tokenizer=om.tokenizer)
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
-from .prefetch import PendingRows, Prefetcher, make_prefetcher, resolve_gather
-from .store import Placement, TableStore, cupy_ok
-
-
-def default_placement(device: torch.device) -> Placement:
-    """Offloaded wherever CUDA is present (the product's point); plain host memory otherwise."""
-    if device.type == "cuda":
-        return Placement.HOST if cupy_ok() else Placement.GPU
-    return Placement.CPU
+from .paths import make_prefetcher, resolve
+from .prefetch import PendingRows, Prefetcher
+from .store import Placement, TableStore
 
 
 @dataclass
-class OffloadEngine:
+class OffloadedModel:
     model: EngramForCausalLM
     tokenizer: EngramTokenizer | None
     store: TableStore
@@ -50,7 +44,7 @@ class OffloadEngine:
         return self.prefetcher.name
 
     def start_step(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
-        """Row-source factory for :class:`models.generate.StepRunner`."""
+        """Issue a step's gathers: the engine's row source."""
         return self.prefetcher.start(row_ids)
 
     def close(self) -> None:
@@ -67,10 +61,9 @@ class OffloadEngine:
         dedup: bool = False,
         timeout_s: float = 60.0,
         progress: bool = True,
-    ) -> OffloadEngine:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        placement = Placement.parse(placement) if placement else default_placement(device)
-        gather = resolve_gather(placement, gather)  # refuse before loading any table
+    ) -> OffloadedModel:
+        path = resolve(device, placement, gather)  # refuse before loading anything
+        device, placement, gather = path.device, path.placement, path.gather
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
         store = TableStore.from_checkpoint(
@@ -88,7 +81,7 @@ class OffloadEngine:
         device: torch.device | str,
         dedup: bool = False,
         timeout_s: float = 60.0,
-    ) -> OffloadEngine:
+    ) -> OffloadedModel:
         device = torch.device(device)
         prefetcher = make_prefetcher(store, gather, device, dedup, Accountant(), timeout_s)
         return cls(model, tokenizer, store, prefetcher, device)
@@ -103,7 +96,7 @@ class OffloadEngine:
         dedup: bool = False,
         dtype: torch.dtype | None = None,
         timeout_s: float = 60.0,
-    ) -> OffloadEngine:
+    ) -> OffloadedModel:
         """Move an in-memory model's tables into a store (tests, synthetic benchmarks)."""
         device = torch.device(device)
         shapes = {

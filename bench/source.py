@@ -15,8 +15,8 @@ import torch
 
 from models.checkpoint import default_model_dir, load_checkpoint
 from models.llama import EngramForCausalLM
+from offload.store import TableStore
 
-from .store import TableStore
 from .synthetic import build_synthetic_model, random_store, synthetic_config
 
 

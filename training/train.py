@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import TOKENIZER_FILE, save_checkpoint, table_key
-from .config import ModelConfig
+from models.checkpoint import TOKENIZER_FILE, save_checkpoint, table_key
+from models.config import ModelConfig
+from models.llama import EngramForCausalLM, init_weights
+from models.tokenizer import EngramTokenizer
+
 from .corpus import EOS, encode_files, split_files, train_tokenizer
-from .llama import EngramForCausalLM
-from .tokenizer import EngramTokenizer
 
 
 def recipe_config(tok: EngramTokenizer, dense: bool) -> ModelConfig:
@@ -51,25 +52,6 @@ def recipe_config(tok: EngramTokenizer, dense: bool) -> ModelConfig:
         engram_seed=0,
         engram_kernel_size=4,
     ).validate()
-
-
-def init_weights(model: EngramForCausalLM, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    n_layers = model.config.num_hidden_layers
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            elif "short_conv.conv" in name:
-                p.zero_()
-            elif "multi_head_embedding" in name:
-                p.normal_(0.0, 1.0, generator=g)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers), generator=g)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
 
 
 def make_optimizer(model: EngramForCausalLM, lr: float, table_lr_mult: float):
@@ -193,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         start = _load_state(out, model, opts)
         print(f"resuming {out} at step {start}")
     else:
-        init_weights(model, args.seed)
+        init_weights(model, torch.Generator().manual_seed(args.seed))
     model.train()
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .bench_run import Workload
-from .bench_source import ModelSource
-from .link import best_seconds
-from .plan import LayerPlan
-from .prefetch import Prefetcher
-from .store import Placement, TableStore
+from offload.link import best_seconds
+from offload.plan import LayerPlan
+from offload.prefetch import Prefetcher
+from offload.store import Placement, TableStore
+
+from .run import Workload
+from .source import ModelSource
 
 
 def micro_cpu(store: TableStore, rows_list: list[int], repeats: int, seed: int = 0) -> list[dict]:
@@ -50,7 +51,7 @@ def run_micro(
     if device.type == "cuda":
         if placement != Placement.HOST.value:
             return {"skipped": "the CUDA gather microbenchmark needs --placement host"}
-        from .autoselect import crossover_rows, measure_gathers
+        from offload.autoselect import crossover_rows, measure_gathers
 
         store = src.store(placement)
         measured = measure_gathers(store, device, wl.micro_rows, wl.micro_repeats, resident=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import shlex
 import sys
@@ -29,14 +30,14 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import default_model_dir
+from offload import paths
+from offload.link import measure_link
+from offload.store import Placement
 
-from .bench_micro import run_micro
-from .bench_report import PROG, environment, report, slug
-from .bench_run import BenchError, PathSpec, Workload, add_penalties, run_path, token_failures
-from .bench_source import ModelSource, checkpoint_source, synthetic_source
-from .link import measure_link
-from .prefetch import valid_gathers
-from .store import Placement, cupy_ok
+from .micro import run_micro
+from .report import PROG, environment, report, slug
+from .run import BenchError, PathSpec, Workload, add_penalties, run_path, token_failures
+from .source import ModelSource, checkpoint_source, synthetic_source
 from .synthetic import SHAPES, engram_param_count
 
 # (quick, cuda) -> num seqs, decode tokens, tokens/step budget, sweep batch sizes, sweep steps,
@@ -126,51 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- resolving them ---------------------------------------------------------------------------
 def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda needs CUDA; torch sees no GPU here (use --device cpu)")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    try:
+        return paths.resolve_device(choice)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 def resolve_paths(args, device: torch.device) -> list[PathSpec]:
+    """The baseline (resident on the compute device) and every offloaded path asked for."""
     cuda = device.type == "cuda"
-    if cuda and args.placement is None and not cupy_ok():
-        raise BenchError(
-            "offloading on CUDA uses pinned host memory, which needs CuPy: "
-            "pip install 'engram-serve[gpu]' (or pass --placement gpu, or --device cpu)"
-        )
-    placement = args.placement or (Placement.HOST.value if cuda else Placement.CPU.value)
-    if placement in (Placement.HOST.value, Placement.GPU.value) and not cuda:
-        raise BenchError(
-            f"--placement {placement} needs CUDA; this machine has none "
-            f"(or --device cpu was given); use --placement cpu"
-        )
-    if placement == Placement.HOST.value and not cupy_ok():
-        raise BenchError("--placement host needs CuPy; pip install 'engram-serve[gpu]'")
-    if placement == Placement.CPU.value and cuda:
-        raise BenchError(
-            "--placement cpu runs on the CPU only; use --device cpu, or --placement host on CUDA"
-        )
-    allowed = valid_gathers(Placement(placement))
+    placement = Placement(args.placement or ("host" if cuda else "cpu"))
     # by default every path of the tier except plain 'resident', which the baseline already is
+    allowed = paths.valid_gathers(placement)
     default = [g for g in allowed if g != "resident"] or list(allowed)
     gathers = args.gathers.split(",") if args.gathers else default
-    for g in gathers:
-        if g not in allowed:
-            raise BenchError(
-                f"gather {g!r} does not work with --placement {placement}; "
-                f"use one of {', '.join(allowed)}"
-            )
+    try:
+        for g in gathers:
+            paths.resolve(device, placement, g)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     dedups = {"off": [False], "on": [True], "both": [False, True]}[args.dedup]
     base = PathSpec(Placement.GPU.value if cuda else Placement.CPU.value, "resident")
-    paths = [base]
+    specs = [base]
     for g in gathers:
         for d in dedups:
-            spec = PathSpec(placement, g, d)
-            if spec not in paths:
-                paths.append(spec)
-    return paths
+            spec = PathSpec(placement.value, g, d)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
 
 
 def resolve_workload(args, device: torch.device, max_positions: int) -> Workload:
@@ -319,7 +303,7 @@ def write_outputs(res: dict, out_dir: Path, plots: bool) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "bench.json"]
     if plots:
-        from .bench_plots import write_plots
+        from .plots import write_plots
 
         files += write_plots(res, out_dir)
         res["plots"] = [p.name for p in files[1:]]
@@ -331,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print(
+            f"{PROG}: error: plots need matplotlib: pip install 'engram-serve[bench]' "
+            "(or pass --no-plots)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         res, out_dir, failed = run(args, command)
     except BenchError as e:

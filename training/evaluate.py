@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint
+from models.llama import EngramForCausalLM
+
 from .corpus import encode_files, split_files
-from .llama import EngramForCausalLM
 
 
 def validation_ids(tokenizer, max_files: int | None = None) -> np.ndarray:

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.generate import RowSourceFactory
+from engine.model_runner import RowSource
 from models.llama import EngramForCausalLM
+from offload.accounting import StepStats
+from offload.offloaded_model import OffloadedModel
 
-from .accounting import StepStats
-from .bench_batch import Batch, make_prompts
-from .bench_source import ModelSource
-from .engine import OffloadEngine
+from .batch import Batch, make_prompts
+from .source import ModelSource
 
 
 class BenchError(Exception):
@@ -123,7 +123,7 @@ class PathRun:
     """The workloads on one engine: its row source, and the log its steps are booked in."""
 
     model: EngramForCausalLM
-    rows: RowSourceFactory
+    rows: RowSource
     wl: Workload
     device: torch.device
     ceiling_gbps: float
@@ -164,8 +164,8 @@ class PathRun:
 
     def warm_up(self) -> None:
         prompts = make_prompts(np.random.default_rng(1), 2, 8, 32, self.model.config.vocab_size)
-        warm = Batch(self.model, self.rows, prompts, 2, self.device)
-        warm.prefill(self.wl.max_batched_tokens)
+        warm = Batch(self.model, self.rows, prompts, 2, self.wl.max_batched_tokens)
+        warm.prefill()
         warm.decode(2)
 
     def paper(self) -> tuple[dict, list[list[int]]]:
@@ -174,9 +174,9 @@ class PathRun:
         prompts = make_prompts(np.random.default_rng(wl.seed), wl.num_seqs, *wl.prompt_len, vocab)
 
         def once(clock) -> Timed:
-            batch = Batch(self.model, self.rows, prompts, wl.decode_tokens, self.device)
+            batch = Batch(self.model, self.rows, prompts, wl.decode_tokens, wl.max_batched_tokens)
             clock("prefill")
-            steps = batch.prefill(wl.max_batched_tokens, self.progress)
+            steps = batch.prefill(self.progress)
             clock("decode")
             batch.decode(wl.decode_tokens, self.progress)
             return Timed(batch.out, {}, steps)
@@ -208,10 +208,9 @@ class PathRun:
         prompts = make_prompts(rng, bs, length, length, self.model.config.vocab_size)
 
         def once(clock) -> Timed:
-            batch = Batch(
-                self.model, self.rows, prompts, wl.sweep_warmup + wl.sweep_steps, self.device
-            )
-            batch.prefill(wl.max_batched_tokens)
+            decode = wl.sweep_warmup + wl.sweep_steps
+            batch = Batch(self.model, self.rows, prompts, decode, wl.max_batched_tokens)
+            batch.prefill()
             batch.decode(wl.sweep_warmup)
             clock(phase)
             batch.decode(wl.sweep_steps, self.progress)
@@ -250,7 +249,7 @@ def run_path(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     store = src.store(spec.placement)
-    engine = OffloadEngine.from_parts(src.model, None, store, spec.gather, device, spec.dedup)
+    engine = OffloadedModel.from_parts(src.model, None, store, spec.gather, device, spec.dedup)
     # a host-clock timer around an async device gather measures the launch, not the copy
     timed_gather = not (device.type == "cuda" and spec.gather == "resident")
     run = PathRun(src.model, engine.start_step, wl, device, ceiling_gbps, timed_gather, progress)

@@ -5,60 +5,19 @@ sequence) and prompt chunks (chunked prefill) under ``max_num_batched_tokens``; 
 ``max_num_seqs`` sequences run. KV memory is a bounded block pool: a sequence is admitted
 only when its next chunk fits, and when decoding runs out of blocks the newest running
 sequence is preempted (its cache freed, recomputed from its tokens later), never an OOM.
+
+With ``prefill_first`` (the benchmark's phases), no decode runs while a prompt is pending, so
+prefill and decode can be timed apart.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
-
-from models.cache import KVCache, SeqState
-
-from .detokenize import Detokenizer
-from .sampling import SamplingParams, TokenLogprobs
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    choice: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    detok: Detokenizer | None
-    generator: torch.Generator
-    arrival: float = field(default_factory=time.monotonic)
-    status: Status = Status.WAITING
-    output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
-    state: SeqState | None = None
-    computed: int = 0  # tokens of prompt+output already in the KV cache
-    finish_reason: str | None = None
-    scheduled_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def pending_ids(self) -> list[int]:
-        """Tokens not yet in the cache (prompt remainder, or the last sampled token)."""
-        return self.all_ids[self.computed :]
-
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        return self.params.echo and self.params.logprobs is not None
+from .kv_cache import KVCache
+from .sequence import Sequence, Status
 
 
 @dataclass
@@ -77,11 +36,11 @@ class Scheduler:
     def __init__(
         self,
         cache: KVCache,
-        new_state,  # () -> SeqState for a fresh sequence
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        prefill_first: bool = False,
     ) -> None:
-        self.cache, self.new_state = cache, new_state
+        self.cache, self.prefill_first = cache, prefill_first
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -97,28 +56,28 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str | None) -> None:
         """Retire a sequence (finished or aborted) and free its slot and KV blocks."""
         seq.status, seq.finish_reason = Status.FINISHED, seq.finish_reason or reason
-        if seq.state is not None:
-            self.cache.free(seq.state)
-            seq.state = None
+        self.cache.free(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.cache.free(seq.state)
-        seq.state, seq.computed, seq.status = None, 0, Status.WAITING
+        self.cache.free(seq)
+        seq.num_computed, seq.ngram_history, seq.status = 0, None, Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
-        have = len(seq.state.block_table) if seq.state else 0
-        return max(0, self.cache.blocks_for(seq.computed + n) - have)
+        return max(0, self.cache.blocks_for(seq.num_computed + n) - len(seq.block_table))
 
     def schedule(self) -> ScheduledStep | None:
         budget = self.max_num_batched_tokens
         seqs, new_ids, samples, preempted = [], [], [], []
         free_blocks = self.cache.free_blocks
+        hold_decodes = self.prefill_first and (
+            bool(self.waiting) or any(s.prefilling for s in self.running)
+        )
 
         # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
         for seq in list(self.running):
@@ -126,12 +85,14 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if hold_decodes and not seq.prefilling:
+                continue
             pending = seq.pending_ids()
             n = min(len(pending), budget)
             need = self._blocks_needed(seq, n)
             while need > free_blocks and self.running[-1] is not seq:
                 victim = self.running[-1]
-                free_blocks += len(victim.state.block_table)
+                free_blocks += len(victim.block_table)
                 self._preempt(victim)
                 preempted.append(victim)
             if need > free_blocks:  # even alone it does not fit now: wait for memory
@@ -157,7 +118,7 @@ class Scheduler:
             if need > free_blocks:
                 break
             self.waiting.popleft()
-            seq.state = self.new_state()
+            self.cache.admit(seq)
             seq.status = Status.RUNNING
             seq.scheduled_at = seq.scheduled_at or time.monotonic()
             self.running.append(seq)

@@ -9,7 +9,6 @@ store of the same model hold identical rows and every benchmark row sees the sam
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,9 +17,8 @@ from tqdm import tqdm
 
 from models.checkpoint import table_key
 from models.config import ModelConfig
-from models.llama import EngramForCausalLM, rope_cache
-
-from .store import Placement, TableStore
+from models.llama import EngramForCausalLM, init_weights, rope_cache
+from offload.store import Placement, TableStore
 
 
 @dataclass(frozen=True)
@@ -112,22 +110,8 @@ def build_synthetic_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rope_cache(config, device)
 
-    gen = torch.Generator(device).manual_seed(seed)
-    std = 0.02
-    out_std = std / math.sqrt(2 * config.num_hidden_layers)
     tables = {table_key(lid) for lid in config.engram_layer_ids}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in tables:
-                continue
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, out_std, generator=gen)
-            else:
-                p.normal_(0.0, std, generator=gen)
+    init_weights(model, torch.Generator(device).manual_seed(seed), skip=tables)
     return model.eval()
 
 

@@ -1,0 +1,169 @@
+"""The engine on its own thread, for the server: requests in, per-request streams of deltas out.
+
+HTTP handlers submit requests and read deltas from per-request asyncio queues; they never
+block the event loop. The thread drains an inbox (adds, aborts) between steps, runs
+:meth:`Engine.step`, and routes each sequence's output to its request's queue. A failed step
+fails only the requests in it; the engine keeps serving the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from offload.offloaded_model import OffloadedModel
+
+from .config import EngineConfig
+from .engine import Engine, EngineStats, SeqOutput
+from .sampling import SamplingParams
+from .sequence import Sequence
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+@dataclass
+class Delta:
+    """What one sequence produced in one step (streamed to the handler)."""
+
+    choice: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestStream:
+    """One submitted prompt (its ``n`` sequences) and the queue its deltas arrive on."""
+
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, loop) -> None:
+        self.id, self.prompt_ids, self.params, self.loop = rid, prompt_ids, params, loop
+        self.seqs: list[Sequence] = []
+        self.open = params.n  # choices whose last delta has not been pushed yet
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.arrival = time.monotonic()
+
+    def push(self, delta: Delta) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(
+        self, offloaded: OffloadedModel, config: EngineConfig, stats: EngineStats | None = None
+    ) -> None:
+        self.offload, self.config = offloaded, config
+        self.engine = Engine(
+            offloaded.model, config, offloaded.start_step, offloaded.tokenizer, stats
+        )
+        self.model, self.tokenizer = offloaded.model, offloaded.tokenizer
+        self.requests: dict[str, RequestStream] = {}
+        self._inbox: list = []
+        self._waiting_in_inbox = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
+        self.steps = 0
+
+    # --- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.offload.close()
+
+    @property
+    def cache(self):
+        return self.engine.cache
+
+    @property
+    def fault(self) -> BaseException | None:
+        return self.engine.fault
+
+    @property
+    def max_context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        return self.engine.max_tokens_per_seq
+
+    # --- API for handlers (event-loop thread) ----------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise EngineDead("the engine is not running")
+        with self._lock:
+            waiting = len(self.engine.scheduler.waiting) + self._waiting_in_inbox
+            if waiting + params.n > self.config.max_queue:
+                raise QueueFull(
+                    f"{waiting} sequences already waiting (max {self.config.max_queue})"
+                )
+            rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"
+            req = RequestStream(rid, list(prompt_ids), params, asyncio.get_running_loop())
+            self._inbox.append(("add", req))
+            self._waiting_in_inbox += params.n
+        self._wake.set()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    # --- the loop (engine thread) ----------------------------------------------
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            self._waiting_in_inbox = 0
+        for op, item in inbox:
+            if op == "add":
+                self.requests[item.id] = item
+                item.seqs = self.engine.add(item.id, item.prompt_ids, item.params)
+            elif op == "abort" and item in self.requests:
+                self.engine.abort(self.requests.pop(item).seqs)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_work:
+                self.engine.step()  # reports an idle scheduler
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            for out in self.engine.step():
+                self._deliver(out)
+            self.steps += 1
+
+    def _deliver(self, out: SeqOutput) -> None:
+        req = self.requests.get(out.seq.request_id)
+        if req is None:
+            return
+        if out.error is not None:  # the request fails as a whole: its other choices too
+            self.requests.pop(req.id, None)
+            for s in req.seqs:
+                if not s.finished:
+                    self.engine.finish(s, "error")
+            for s in req.seqs:
+                req.push(Delta(s.choice, finish_reason="error", error=out.error))
+            return
+        req.push(Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason))
+        if out.finish_reason is not None:
+            req.open -= 1
+            if req.open == 0:  # every choice's last delta is out
+                self.requests.pop(req.id, None)

@@ -1,0 +1,73 @@
+"""Attention over the paged KV cache: the SDPA reference path.
+
+It runs wherever torch runs (the CPU path CI exercises) and is what the paged kernels are
+checked against. Per step, the decodes (one new token each) attend in one SDPA call and each
+prompt chunk in its own; a sequence's context is gathered through its block table and masked
+causally by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .inputs import StepInputs
+from .kv_cache import KVCache
+
+
+@dataclass
+class _Group:
+    token_index: torch.Tensor | slice  # rows of the packed step
+    seqs: torch.Tensor  # [S] rows of the block table
+    q_len: int
+    kv_len: int  # longest context in the group
+
+
+def _groups(inp: StepInputs) -> list[_Group]:
+    dev = inp.input_ids.device
+    groups = []
+    decodes = [i for i, n in enumerate(inp.lengths) if n == 1]
+    if decodes:
+        at = torch.tensor(decodes, device=dev)
+        kv_len = max(inp.starts[i] for i in decodes) + 1
+        groups.append(_Group(inp.query_start_loc[at], at, 1, kv_len))
+    tok = 0
+    for i, n in enumerate(inp.lengths):
+        if n > 1:
+            at = torch.tensor([i], device=dev)
+            groups.append(_Group(slice(tok, tok + n), at, n, inp.starts[i] + n))
+        tok += n
+    return groups
+
+
+class ReferenceAttention:
+    """``attend`` for one step: write the new K/V into the cache, then SDPA per group."""
+
+    def __init__(self, cache: KVCache, inp: StepInputs) -> None:
+        self.cache, self.inp = cache, inp
+        self.groups = _groups(inp)
+        bs = cache.block_size
+        self.context, self.mask = [], []
+        for g in self.groups:
+            ctx = torch.arange(g.kv_len, device=inp.input_ids.device)
+            tables = inp.block_tables[g.seqs]
+            self.context.append(tables[:, ctx // bs] * bs + ctx % bs)  # [S, L] flat KV index
+            q_pos = inp.positions[g.token_index].view(len(g.seqs), g.q_len)
+            mask = ctx[None, None, :] <= q_pos[:, :, None]  # [S, q, L]
+            self.mask.append(mask.unsqueeze(1))
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[self.inp.slot_mapping] = k.to(k_cache.dtype)
+        v_cache[self.inp.slot_mapping] = v.to(v_cache.dtype)
+        out = torch.empty_like(q)
+        heads, hd = q.shape[1], q.shape[2]
+        for g, ctx, mask in zip(self.groups, self.context, self.mask):
+            kk = k_cache[ctx].transpose(1, 2).to(q.dtype)  # [S, kv, L, hd]
+            vv = v_cache[ctx].transpose(1, 2).to(q.dtype)
+            qq = q[g.token_index].view(len(g.seqs), g.q_len, heads, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
+            out[g.token_index] = o.transpose(1, 2).reshape(-1, heads, hd)
+        return out

@@ -1,0 +1,58 @@
+"""Engine settings: one dataclass, the single source of their defaults.
+
+``engram-serve`` builds its flags (and ``ENGRAM_*`` variables) from these fields: a field's
+``metadata`` carries its help text and choices; fields marked ``cli=False`` are for
+programs that drive the engine directly (the benchmark, tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.checkpoint import DTYPES, default_model_dir
+from offload.paths import GATHERS, Placement
+
+from .kv_cache import blocks_for
+
+
+def flag(default, help: str, **extra):
+    """A field with CLI metadata (help text, choices, metavar, cli=False to hide it)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = flag(None, "checkpoint directory (default: the built-in stdlib model)")
+    device: str | None = flag(None, "cuda, cuda:1 or cpu (default: cuda when available)")
+    dtype: str = flag("float32", "backbone dtype", choices=list(DTYPES))
+    placement: str | None = flag(
+        None,
+        "where Engram tables live (default: host with CUDA and CuPy, gpu with CUDA only, "
+        "cpu without CUDA)",
+        choices=[p.value for p in Placement],
+    )
+    gather: str = flag("auto", "how rows reach the compute device", choices=list(GATHERS))
+    dedup: bool = flag(False, "fetch each distinct row once per step")
+    max_num_seqs: int = flag(32, "sequences in the running batch")
+    max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
+    max_queue: int = flag(256, "sequences allowed to wait before 429")
+    kv_blocks: int = flag(0, "KV cache blocks of 16 tokens (0: fit max-num-seqs full contexts)")
+    block_size: int = flag(16, "tokens per KV block", cli=False)
+    prefill_first: bool = flag(False, "no decodes while a prompt is pending", cli=False)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else default_model_dir()
+
+    def num_kv_blocks(self, max_context: int) -> int:
+        """The KV pool: ``kv_blocks``, or enough for max_num_seqs sequences of max_context."""
+        return self.kv_blocks or self.max_num_seqs * blocks_for(max_context, self.block_size)
+
+    def check(self) -> None:
+        """ValueError naming the setting when a number cannot work."""
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.kv_blocks < 0:
+            raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

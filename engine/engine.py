@@ -1,0 +1,227 @@
+"""The engine loop: where one step runs, for the server, engram-generate and engram-bench.
+
+    step = scheduler.schedule()            which sequences, how many new tokens each
+    logits = runner.step(...)              rows prefetched, one upload, the forward pass
+    tokens = sample(logits, ...)           on the device, one copy back
+    append, detokenize, stop, finish       per sequence
+
+``Engine.step`` is synchronous and single-threaded; :mod:`engine.async_engine` runs it on a
+thread for the server. A step that raises fails the sequences in it (their KV memory freed)
+and the engine goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.llama import EngramForCausalLM
+from models.tokenizer import EngramTokenizer
+
+from .config import EngineConfig
+from .detokenize import Detokenizer
+from .kv_cache import KVCache
+from .model_runner import ModelRunner, RowSource
+from .sampling import SampleRow, SamplingParams, TokenLogprobs, prompt_logprobs, sample
+from .scheduler import ScheduledStep, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("engram.engine")
+
+
+class EngineStats:
+    """What the engine reports as it works. No-ops here; the server's Prometheus metrics
+    implement them."""
+
+    def prompt_tokens(self, n: int) -> None: ...
+    def generation_tokens(self, n: int) -> None: ...
+    def first_token(self, ttft_s: float, queue_s: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, reason: str, e2e_s: float | None) -> None: ...
+    def preempted(self, n: int) -> None: ...
+    def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None: ...
+
+
+@dataclass
+class SeqOutput:
+    """What one sequence produced in one step."""
+
+    seq: Sequence
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: EngramForCausalLM,
+        config: EngineConfig,
+        rows: RowSource | None = None,
+        tokenizer: EngramTokenizer | None = None,
+        stats: EngineStats | None = None,
+    ) -> None:
+        config.check()
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.stats = stats or EngineStats()
+        mc = model.config
+        self.device = model.lm_head.weight.device
+        self.cache = KVCache(
+            mc,
+            num_blocks=config.num_kv_blocks(mc.max_position_embeddings),
+            block_size=config.block_size,
+            max_seqs=config.max_num_seqs,
+            dtype=model.model.embed_tokens.weight.dtype,
+            device=self.device,
+        )
+        self.runner = ModelRunner(model, self.cache, rows)
+        self.scheduler = Scheduler(
+            self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
+        )
+        self.fault: BaseException | None = None
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        """The most tokens one sequence can ever hold: context limit or the whole KV pool."""
+        return min(self.model.config.max_position_embeddings, self.cache.max_tokens)
+
+    # --- requests ----------------------------------------------------------------------------
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        """Queue ``params.n`` sequences for a prompt; returns them (choice order)."""
+        seqs = [
+            Sequence(
+                request_id,
+                i,
+                list(prompt_ids),
+                params,
+                params.generator(i, self.device),
+                Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
+            )
+            for i in range(params.n)
+        ]
+        for seq in seqs:
+            self.scheduler.add(seq)
+            self.stats.prompt_tokens(len(prompt_ids))
+        return seqs
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.finished:
+                self.finish(seq, "abort")
+
+    def finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        self.stats.finished(reason, None if now is None else now - seq.arrival)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- one step ------------------------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        """Schedule and run one step; what each sequence produced (empty: nothing to run)."""
+        step = self.scheduler.schedule()
+        if step is None:
+            self._report()
+            return []
+        self.stats.preempted(len(step.preempted))
+        try:
+            outputs = self._run(step)
+        except Exception as e:  # fail this step's sequences; keep serving
+            log.exception("engine step failed")
+            self.fault = e
+            msg = f"engine error: {type(e).__name__}: {e}"
+            outputs = []
+            for seq in step.seqs:
+                if not seq.finished:
+                    self.finish(seq, "error")
+                    outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
+        self._report()
+        return outputs
+
+    def _report(self) -> None:
+        s = self.scheduler
+        self.stats.scheduler_state(len(s.running), len(s.waiting), self.cache.usage)
+
+    def _run(self, step: ScheduledStep) -> list[SeqOutput]:
+        need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
+        logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
+        now = time.monotonic()
+        lengths = [len(x) for x in step.new_ids]
+        last = np.cumsum(lengths) - 1  # each sequence's last row in the packed step
+        if need_all:
+            self._prompt_logprobs(step, logits, last, lengths)
+        at = [i for i, seq in enumerate(step.seqs) if step.samples[i] and not seq.finished]
+        if not at:
+            return []
+        rows_at = last[at] if need_all else np.array(at)
+        picked = logits[torch.from_numpy(rows_at).to(logits.device)]
+        seqs = [step.seqs[i] for i in at]
+        rows = [SampleRow(s.params, s.output_ids, s.generator) for s in seqs]
+        tokens, lps = sample(picked, rows)
+        return [self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _prompt_logprobs(self, step: ScheduledStep, logits, last, lengths) -> None:
+        """Logprob of each prompt token given the ones before it (the first has none). Entry p
+        comes from the row of token p - 1; a recomputed (preempted) prompt adds nothing twice."""
+        rows, targets, owners = [], [], []
+        for i, seq in enumerate(step.seqs):
+            if not seq.wants_prompt_logprobs:
+                continue
+            n = lengths[i]
+            before = seq.num_computed - n  # the runner has advanced it already
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)
+            for j in range(n):
+                pos = before + j + 1  # the prompt token this row predicts
+                if len(seq.prompt_logprobs) <= pos < len(seq.prompt_ids):
+                    rows.append(int(last[i]) - n + 1 + j)
+                    targets.append(seq.prompt_ids[pos])
+                    owners.append(seq)
+        if not rows:
+            return
+        k = max(s.params.logprobs for s in owners)
+        got = prompt_logprobs(logits[torch.tensor(rows, device=logits.device)], targets, k)
+        for seq, lp in zip(owners, got):
+            lp.top = lp.top[: seq.params.logprobs]
+            seq.prompt_logprobs.append(lp)
+
+    def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
+        params = seq.params
+        seq.output_ids.append(tok)
+        self.stats.generation_tokens(1)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.first_token(now - seq.arrival, (seq.scheduled_at or now) - seq.arrival)
+        else:
+            self.stats.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
+        out = SeqOutput(seq, token_ids=[tok])
+        if lp is not None:
+            out.logprobs.append(lp)
+            seq.output_logprobs.append(lp)
+        eos = None if params.ignore_eos else self.model.config.eos_token_id
+        if seq.detok is not None:
+            out.text = seq.detok.add(tok) if tok != eos else ""
+        reason = None
+        if tok == eos or (seq.detok is not None and seq.detok.stopped):
+            reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
+            reason = "length"
+        if reason:
+            if seq.detok is not None:
+                out.text += seq.detok.flush()
+            out.finish_reason = reason
+            self.finish(seq, reason, now)
+        return out
+
+    # --- offline use ---------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()

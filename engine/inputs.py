@@ -1,0 +1,128 @@
+"""A step's inputs: built on the host from the scheduled sequences, sent with one copy.
+
+Everything the forward pass reads (token ids, positions, KV slot mapping, block tables,
+context lengths, query offsets, logits rows, the Engram conv indices) is written into one
+int64 host buffer and reaches the device with one non-blocking copy from pinned memory; the
+tensors the model sees are views into that single device buffer. On the CPU the views point
+at the host buffer itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.engram import ConvStep
+
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+
+class Uploader:
+    """One pinned host buffer per slot (two, alternating), grown as steps grow. A slot is
+    reused only after the copy that last read it has finished (its event)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._host: list[torch.Tensor | None] = [None, None]
+        self._done: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def upload(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        flat = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts.values()]
+        total = sum(a.size for a in flat)
+        if not self.cuda:
+            buf = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.int64))
+            dev = buf
+        else:
+            slot, self._turn = self._turn, self._turn ^ 1
+            if self._done[slot] is not None:
+                self._done[slot].synchronize()
+            host = self._host[slot]
+            if host is None or host.numel() < total:
+                host = torch.empty(
+                    max(total, 2 * (0 if host is None else host.numel()), 4096), dtype=torch.int64
+                ).pin_memory()
+                self._host[slot] = host
+            np.concatenate(flat, out=host.numpy()[:total]) if flat else None
+            dev = host[:total].to(self.device, non_blocking=True)
+            self._done[slot] = torch.cuda.Event()
+            self._done[slot].record()
+        out, off = {}, 0
+        for (name, a), f in zip(parts.items(), flat):
+            out[name] = dev[off : off + f.size].view(np.shape(a))
+            off += f.size
+        return out
+
+
+@dataclass
+class StepInputs:
+    """One packed step. Host-side lists for the reference attention's grouping; every tensor
+    is a view of the step's single device buffer."""
+
+    lengths: list[int]  # new tokens per sequence
+    starts: list[int]  # tokens already cached per sequence
+    input_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N] flat KV index each new token is written to
+    block_tables: torch.Tensor  # [S, max_blocks]
+    context_lens: torch.Tensor  # [S] tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [S + 1]
+    logits_index: torch.Tensor  # rows of the packed step whose logits are computed
+    conv_slots: torch.Tensor  # [S]
+    conv_step: ConvStep | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_inputs(
+    seqs: list[Sequence],
+    new_ids: list[list[int]],
+    cache: KVCache,
+    uploader: Uploader,
+    all_logits: bool,
+) -> StepInputs:
+    """Host arrays for the step (blocks must already be reserved), uploaded in one copy."""
+    bs, cfg = cache.block_size, cache.config
+    lengths = np.array([len(x) for x in new_ids], dtype=np.int64)
+    starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
+    ends = starts + lengths
+    qsl = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=qsl[1:])
+    positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = s.block_table
+    seq_of_tok = np.repeat(np.arange(len(seqs)), lengths)
+    parts = {
+        "input_ids": np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
+        "positions": positions,
+        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        "block_tables": tables,
+        "context_lens": ends,
+        "query_start_loc": qsl,
+        "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
+        "conv_slots": np.array([s.slot for s in seqs], dtype=np.int64),
+    }
+    conv_total = None
+    if cache.conv:
+        arrays, conv_total = ConvStep.host_arrays(
+            lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size
+        )
+        parts.update({f"conv_{k}": v for k, v in arrays.items()})
+    dev = uploader.upload(parts)
+    conv = None
+    if conv_total is not None:
+        names = ("taps", "hist_pos", "tok_pos", "tail_pos")
+        conv = ConvStep(**{k: dev[f"conv_{k}"] for k in names}, total=conv_total)
+    return StepInputs(
+        lengths=lengths.tolist(),
+        starts=starts.tolist(),
+        conv_step=conv,
+        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
+    )

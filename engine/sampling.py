@@ -1,0 +1,178 @@
+"""One sampler for every caller: a whole step's rows at once, on the logits' device.
+
+Per-row rules (OpenAI's and vLLM's): logit bias, presence/frequency penalties, temperature,
+top-k, top-p, min-p. Sampling is an exponential race (``argmax(log p - log q)``, q ~ Exp(1)
+drawn from the sequence's own generator), so a seeded sequence gets the same tokens whatever
+else shares its batch. Every value the API accepts is numerically safe: temperatures below
+``GREEDY_BELOW`` are greedy, logits are shifted by their row maximum before scaling, and the
+most likely token always stays eligible. One device-to-host copy brings back the step's tokens
+together with any logprobs asked for.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # top-k alternatives per token (0: only the chosen token)
+    echo: bool = False
+    n: int = 1
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def generator(self, choice: int, device: torch.device | str = "cpu") -> torch.Generator:
+        seed = self.seed if self.seed is not None else random.randrange(1 << 62)
+        return torch.Generator(device).manual_seed((seed * 1_000_003 + choice) % (1 << 63))
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    output_ids: list[int]
+    generator: torch.Generator
+
+
+def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Logit bias, then OpenAI's penalty rule: logit -= presence * [count > 0] + frequency *
+    count. One scatter for the whole step; returns a new float32 tensor."""
+    r, c, v = [], [], []
+    for i, row in enumerate(rows):
+        p = row.params
+        for tok, bias in p.logit_bias.items():
+            r.append(i), c.append(tok), v.append(bias)
+        if row.output_ids and (p.presence_penalty or p.frequency_penalty):
+            for tok, n in Counter(row.output_ids).items():
+                (
+                    r.append(i),
+                    c.append(tok),
+                    v.append(-(p.presence_penalty + p.frequency_penalty * n)),
+                )
+    x = logits.float()
+    if not r:
+        return x
+    dev = x.device
+    at = (torch.tensor(r, device=dev), torch.tensor(c, device=dev))
+    return x.index_put(at, torch.tensor(v, dtype=x.dtype, device=dev), accumulate=True)
+
+
+def filtered_logprobs(
+    x: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted best first: (log-probabilities after temperature and filters, -inf where
+    filtered; the vocab order). The best token is never filtered."""
+    x = (x - x.max(dim=-1, keepdim=True).values) / temperature[:, None]
+    vals, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(vals.shape[-1], device=vals.device)
+    keep = rank[None, :] < top_k[:, None]
+    probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    # drop a token once the mass before it reaches top_p; min_p is relative to the best
+    keep &= (torch.cumsum(probs, dim=-1) - probs) < top_p[:, None]
+    keep &= probs >= min_p[:, None] * probs[:, :1]
+    keep[:, 0] = True
+    return torch.log_softmax(vals.masked_fill(~keep, float("-inf")), dim=-1), order
+
+
+def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Token ids ``[S]`` (on the logits' device) for raw logits ``[S, V]``."""
+    x = adjust_logits(logits, rows)
+    tokens = x.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if not sampled:
+        return tokens
+    dev, V = x.device, x.shape[-1]
+    ps = [rows[i].params for i in sampled]
+    vec = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)
+    lp, order = filtered_logprobs(
+        x[sampled],
+        vec([p.temperature for p in ps]),
+        torch.tensor([p.top_k if p.top_k > 0 else V for p in ps], device=dev),
+        vec([p.top_p for p in ps]),
+        vec([p.min_p for p in ps]),
+    )
+    q = torch.empty_like(lp)
+    for k, i in enumerate(sampled):
+        q[k].exponential_(generator=rows[i].generator)
+    pick = (lp - q.clamp_min_(1e-20).log()).argmax(dim=-1, keepdim=True)
+    tokens[sampled] = order.gather(-1, pick).squeeze(-1)
+    return tokens
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """``[S, 2 + 2k]`` float64 on the logits' device: token id, its logprob, then the top-k
+    ids and logprobs, under the model's raw distribution (what OpenAI's logprobs report)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, token_ids[:, None])
+    top_v, top_i = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+    parts = [token_ids[:, None].double(), chosen.double(), top_i.double(), top_v.double()]
+    return torch.cat(parts, dim=-1)
+
+
+def unpack_logprobs(packed: list[list[float]], ks: list[int]) -> list[TokenLogprobs]:
+    out = []
+    for row, k in zip(packed, ks):
+        width = (len(row) - 2) // 2
+        top = [(int(row[2 + j]), row[2 + width + j]) for j in range(min(k, width))]
+        out.append(TokenLogprobs(int(row[0]), row[1], top))
+    return out
+
+
+def sample(
+    logits: torch.Tensor, rows: list[SampleRow]
+) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sample a step: token ids, and each row's logprobs where its params ask for them. The
+    only device-to-host copy of the step."""
+    tokens = draw(logits, rows)
+    want = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not want:
+        return tokens.tolist(), [None] * len(rows)
+    ks = [rows[i].params.logprobs for i in want]
+    packed = logprobs_of(logits[want], tokens[want], max(ks))
+    host = torch.cat([tokens.double(), packed.flatten()]).tolist()
+    S = len(rows)
+    toks = [int(t) for t in host[:S]]
+    width = packed.shape[1]
+    table = [host[S + j * width : S + (j + 1) * width] for j in range(len(want))]
+    got = dict(zip(want, unpack_logprobs(table, ks)))
+    return toks, [got.get(i) for i in range(S)]
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Logprob of each target token under the matching row of ``logits`` (prompt scoring)."""
+    if not targets:
+        return []
+    ids = torch.tensor(targets, device=logits.device)
+    return unpack_logprobs(logprobs_of(logits, ids, max(k, 0)).tolist(), [k] * len(targets))

@@ -1,0 +1,73 @@
+"""One object per sequence: its tokens, sampling rules, cache bookkeeping and timings.
+
+The scheduler moves it between waiting, running and finished; the KV cache writes its block
+table and slot; the model runner advances ``num_computed`` and the n-gram history; the engine
+appends sampled tokens. Nothing else about a sequence lives anywhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .detokenize import Detokenizer
+from .sampling import SamplingParams, TokenLogprobs
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    choice: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    detok: Detokenizer | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    # cache bookkeeping (reset on preemption)
+    num_computed: int = 0  # tokens of prompt + output already in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    slot: int = -1  # row of the per-sequence Engram conv state; -1 when not running
+    ngram_history: np.ndarray | None = None  # last max_ngram_size - 1 compressed ids
+    # timings (monotonic seconds)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def pending_ids(self) -> list[int]:
+        """Tokens not yet in the cache (prompt remainder, or the last sampled token)."""
+        return self.all_ids[self.num_computed :]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.echo and self.params.logprobs is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
