@@ -27,9 +27,15 @@ def figure(res: dict, what: str, path: Path) -> Iterator[plt.Axes]:
 
 
 def plot_penalty_vs_batch(res: dict, path: Path) -> Path:
-    with figure(res, "offload penalty vs batch size", path) as ax:
+    """Median penalties; the grey band is the baseline's own spread (the noise)."""
+    with figure(res, "offload penalty vs batch size (grey: baseline's spread)", path) as ax:
+        noise = [(s["batch_size"], s["penalty"]["noise_pct"]) for s in res["rows"][0]["sweep"]]
+        noise = [(b, n) for b, n in noise if n is not None]
+        if noise:
+            xs, ns = zip(*noise)
+            ax.fill_between(xs, [-n for n in ns], ns, color="grey", alpha=0.25, lw=0)
         for row in res["rows"][1:]:
-            pts = [(s["batch_size"], s["penalty_pct"]) for s in row["sweep"]]
+            pts = [(s["batch_size"], s["penalty"]["pct"]) for s in row["sweep"]]
             pts = [(b, p) for b, p in pts if p is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=row["name"])

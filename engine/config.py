@@ -34,6 +34,11 @@ class EngineConfig:
     )
     gather: str = flag("auto", "how rows reach the compute device", choices=list(GATHERS))
     dedup: bool = flag(False, "fetch each distinct row once per step")
+    deterministic: bool = flag(
+        False,
+        "deterministic kernels: the same steps give bit-identical tokens run after run "
+        "(may be slower; see engine/determinism.py)",
+    )
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")

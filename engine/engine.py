@@ -23,6 +23,7 @@ from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .config import EngineConfig
+from .determinism import set_deterministic
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
 from .model_runner import ModelRunner, RowSource
@@ -44,6 +45,8 @@ class EngineStats:
     def finished(self, reason: str, e2e_s: float | None) -> None: ...
     def preempted(self, n: int) -> None: ...
     def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None: ...
+    def step_logits(self, logits: torch.Tensor) -> None:
+        """The step's logits, before sampling (engram-bench compares paths on them)."""
 
 
 @dataclass
@@ -66,20 +69,34 @@ class Engine:
         rows: RowSource | None = None,
         tokenizer: EngramTokenizer | None = None,
         stats: EngineStats | None = None,
+        cache: KVCache | None = None,
     ) -> None:
+        """``cache``: a KV cache to use instead of allocating one; engines that never step at
+        the same time may share one (engram-bench's paths do)."""
         config.check()
+        if config.deterministic:
+            set_deterministic(True)
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.stats = stats or EngineStats()
         mc = model.config
         self.device = model.lm_head.weight.device
-        self.cache = KVCache(
-            mc,
-            num_blocks=config.num_kv_blocks(mc.max_position_embeddings),
-            block_size=config.block_size,
-            max_seqs=config.max_num_seqs,
-            dtype=model.model.embed_tokens.weight.dtype,
-            device=self.device,
+        self.cache = (
+            cache
+            if cache is not None
+            else KVCache(
+                mc,
+                num_blocks=config.num_kv_blocks(mc.max_position_embeddings),
+                block_size=config.block_size,
+                max_seqs=config.max_num_seqs,
+                dtype=model.model.embed_tokens.weight.dtype,
+                device=self.device,
+            )
         )
+        if self.cache.max_seqs < config.max_num_seqs:
+            raise ValueError(
+                f"the KV cache holds {self.cache.max_seqs} sequences, fewer than "
+                f"--max-num-seqs {config.max_num_seqs}"
+            )
         self.runner = ModelRunner(model, self.cache, rows)
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
@@ -152,6 +169,7 @@ class Engine:
     def _run(self, step: ScheduledStep) -> list[SeqOutput]:
         need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
         logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
+        self.stats.step_logits(logits)
         now = time.monotonic()
         lengths = [len(x) for x in step.new_ids]
         last = np.cumsum(lengths) - 1  # each sequence's last row in the packed step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,13 +21,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
+from models.checkpoint import load_checkpoint
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
+from offload.paths import resolve
+from offload.store import TableStore
 
 from .completions import Completion, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest
+from .startup import LINK_BYTES, LoadCancelled, StartupClock, warm_up
 
 log = logging.getLogger("engram.server")
 
@@ -48,30 +54,81 @@ class ServerState:
         self.on_load_error: Callable[[], None] | None = None
         self.link_bps = 0.0
         self.started = time.time()
+        self.startup = StartupClock()
+        self.loader: threading.Thread | None = None
         self._offload = offload
 
+    def start_loading(self) -> None:
+        self.loader = threading.Thread(target=self.load, name="engram-load", daemon=True)
+        self.loader.start()
+
     def load(self) -> None:
+        clock, built = self.startup, None
         try:
             e = self.cfg.engine
-            offload = self._offload or OffloadedModel.load(
-                e.model_dir, e.placement, e.gather, e.device, e.dtype, e.dedup
-            )
-            self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
+            offload = self._offload or self._load_offload(clock)
+            built = offload if self._offload is None else None
+            with clock.phase("link measurement"):
+                self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
+            with clock.phase("engine"):  # the KV cache is allocated here
+                engine = AsyncEngine(offload, e, self.metrics)
+            with clock.phase("warm-up"):
+                warm_up(engine)
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
             self.metrics.init_offload_layers(
                 offload.model.config.engram_layer_ids, offload.placement.value
             )
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
             offload.accountant.subscribe(self.metrics.observe_offload_step)
-            engine = AsyncEngine(offload, e, self.metrics)
+            clock.check()
             engine.start()
             self.engine = engine
             log.info("%s", self.summary_line())
+            log.info("%s", clock.line())
+        except LoadCancelled as e:
+            log.warning("%s; stopped loading", e)
+            if built is not None:
+                built.close()
         except Exception as e:  # reported by /health and the CLI
             log.exception("model load failed")
             self.load_error = f"{type(e).__name__}: {e}"
             if self.on_load_error is not None:
                 self.on_load_error()
+
+    def _load_offload(self, clock: StartupClock) -> OffloadedModel:
+        """OffloadedModel.load, one timed phase at a time."""
+        e = self.cfg.engine
+        path = resolve(e.device, e.placement, e.gather)  # refuse before loading anything
+        with clock.phase("device init"):
+            if path.device.type == "cuda":
+                torch.empty(1, device=path.device)  # the CUDA context
+        with clock.phase("weights"):
+            model, tok = load_checkpoint(
+                e.model_dir, dtype=e.dtype, device=path.device, load_tables=False
+            )
+        with clock.phase(f"tables (read + place in {path.placement.value})"):
+            store = TableStore.from_checkpoint(
+                e.model_dir, model.config.engram_layer_ids, path.placement, path.device
+            )
+        with clock.phase(f"gather setup ({path.gather})"):
+            return OffloadedModel.from_parts(model, tok, store, path.gather, path.device, e.dedup)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop loading (at its next phase boundary) and the engine. False when the loader was
+        still busy after ``timeout`` seconds (the caller must then exit without teardown)."""
+        self.startup.cancel.set()
+        if self.loader is not None:
+            self.loader.join(timeout)
+            if self.loader.is_alive():
+                log.error(
+                    "loading (%s) did not stop within %.0fs of shutdown",
+                    self.startup.current,
+                    timeout,
+                )
+                return False
+        if self.engine is not None:
+            self.engine.stop()
+        return True
 
     def summary_line(self) -> str:
         e = self.engine
@@ -146,10 +203,9 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="engram-load", daemon=True).start()
+        state.start_loading()
         yield
-        if state.engine is not None:
-            state.engine.stop()
+        await asyncio.to_thread(state.shutdown)
 
     app = FastAPI(title="engram-serve", version=package_version(), lifespan=lifespan)
     app.state.server = state

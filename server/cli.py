@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from engine.config import EngineConfig
+from engine.determinism import set_deterministic
 from models.config import ModelConfig
 from offload.paths import SettingError, resolve
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = to_config(args)
+    if cfg.engine.deterministic:  # before anything touches CUDA (see engine/determinism.py)
+        set_deterministic(True)
     app = create_app(cfg)
     config = uvicorn.Config(
         app,
@@ -136,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     if server.exit_code:
         print(f"engram-serve: error: model load failed: {state.load_error}", file=sys.stderr)
+    if state.loader is not None and state.loader.is_alive():
+        # loading is stuck inside one phase (e.g. a huge table copy): tearing the interpreter
+        # down under it can crash inside CUDA, so leave without teardown; nothing is on disk
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(server.exit_code)
     return server.exit_code
 
 
