@@ -26,9 +26,10 @@ def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
 def test_impossible_settings(tiny_ckpt):
     args = parse_args(["--model", str(tiny_ckpt), "--max-num-seqs", "0"])
     assert "--max-num-seqs must be at least 1" in validate(args)
-    args = parse_args(["--model", str(tiny_ckpt), "--placement", "host"])
+    cpu = ["--model", str(tiny_ckpt), "--device", "cpu"]  # what a CPU device refuses
+    args = parse_args([*cpu, "--placement", "host"])
     assert "needs a CUDA device" in validate(args)
-    args = parse_args(["--model", str(tiny_ckpt), "--gather", "staged"])
+    args = parse_args([*cpu, "--gather", "staged"])
     assert validate(args) == (
         "--gather: gather 'staged' does not work with placement 'cpu'; "
         "use one of auto, worker, resident"

@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 
-from offload.paths import resolve_gather
-from offload.store import Placement
+from offload.paths import default_placement, resolve_device, resolve_gather
 
 from .live import LiveServer, serve
 
@@ -326,8 +325,9 @@ def test_metrics_expose_every_name_with_sane_values(srv):
     assert srv.metric("engram_offload_table_bytes") > 0
     assert srv.metric("engram_offload_link_bandwidth_bytes_per_second") > 0
     info = httpx.get(srv.url + "/v1/offload").json()
-    assert info["placement"] == "cpu"
-    assert info["gather"] == resolve_gather(Placement.CPU, "auto")
+    placement = default_placement(resolve_device(None))  # the server's default on this machine
+    assert info["placement"] == placement.value
+    assert info["gather"] == resolve_gather(placement, "auto")
     assert info["accounting"]["steps"] > 0 and json.dumps(info)
 
 
