@@ -21,11 +21,12 @@ import torch
 
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
+from offload.prefetch import Prefetcher
 
 from .config import EngineConfig
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
-from .model_runner import ModelRunner, RowSource
+from .model_runner import ModelRunner
 from .sampling import SampleRow, SamplingParams, TokenLogprobs, prompt_logprobs, sample
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -63,7 +64,7 @@ class Engine:
         self,
         model: EngramForCausalLM,
         config: EngineConfig,
-        rows: RowSource | None = None,
+        rows: Prefetcher | None = None,
         tokenizer: EngramTokenizer | None = None,
         stats: EngineStats | None = None,
     ) -> None:

@@ -30,6 +30,7 @@ class Uploader:
         self._host: list[torch.Tensor | None] = [None, None]
         self._done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
+        self.last_copy: torch.cuda.Event | None = None  # the latest copy (CUDA), else None
 
     def upload(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         flat = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts.values()]
@@ -47,10 +48,11 @@ class Uploader:
                     max(total, 2 * (0 if host is None else host.numel()), 4096), dtype=torch.int64
                 ).pin_memory()
                 self._host[slot] = host
-            np.concatenate(flat, out=host.numpy()[:total]) if flat else None
+            if flat:
+                np.concatenate(flat, out=host.numpy()[:total])
             dev = host[:total].to(self.device, non_blocking=True)
-            self._done[slot] = torch.cuda.Event()
-            self._done[slot].record()
+            self._done[slot] = self.last_copy = torch.cuda.Event()
+            self.last_copy.record()
         out, off = {}, 0
         for (name, a), f in zip(parts.items(), flat):
             out[name] = dev[off : off + f.size].view(np.shape(a))
@@ -74,6 +76,7 @@ class StepInputs:
     logits_index: torch.Tensor  # rows of the packed step whose logits are computed
     conv_slots: torch.Tensor  # [S]
     conv_step: ConvStep | None
+    row_index: dict[str, torch.Tensor]  # the lookup plan's indices (fetch{l}, inverse{l})
 
     @property
     def num_tokens(self) -> int:
@@ -86,8 +89,10 @@ def build_inputs(
     cache: KVCache,
     uploader: Uploader,
     all_logits: bool,
+    row_index: dict[str, np.ndarray],
 ) -> StepInputs:
-    """Host arrays for the step (blocks must already be reserved), uploaded in one copy."""
+    """Host arrays for the step (blocks must already be reserved) and the lookup plan's index
+    arrays, uploaded in one copy."""
     bs, cfg = cache.block_size, cache.config
     lengths = np.array([len(x) for x in new_ids], dtype=np.int64)
     starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
@@ -115,7 +120,7 @@ def build_inputs(
             lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size
         )
         parts.update({f"conv_{k}": v for k, v in arrays.items()})
-    dev = uploader.upload(parts)
+    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
     conv = None
     if conv_total is not None:
         names = ("taps", "hist_pos", "tok_pos", "tail_pos")
@@ -124,5 +129,6 @@ def build_inputs(
         lengths=lengths.tolist(),
         starts=starts.tolist(),
         conv_step=conv,
+        row_index={k: dev[f"row_{k}"] for k in row_index},
         **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
     )

@@ -8,45 +8,18 @@ then each sequence's cached length and n-gram history advance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.llama import EngramForCausalLM
+from offload.paths import make_prefetcher
+from offload.prefetch import PendingRows, Prefetcher
+from offload.store import TableStore
 
 from .attention import ReferenceAttention
 from .inputs import StepInputs, Uploader, build_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
-
-
-class PendingRows(Protocol):
-    """A step's Engram rows in flight (what a prefetcher's ``start`` returns)."""
-
-    def rows(self, layer_id: int) -> torch.Tensor: ...
-
-    def close(self) -> object: ...
-
-
-# ({layer: [N, heads] global row ids}) -> the step's rows, gathers issued at once
-RowSource = Callable[[dict[int, np.ndarray]], PendingRows]
-
-
-class ModelRows:
-    """Rows read from the model's own tables (a model whose tables were loaded with it)."""
-
-    def __init__(self, model: EngramForCausalLM, row_ids: dict[int, np.ndarray]) -> None:
-        self.model, self.row_ids = model, row_ids
-
-    def rows(self, layer_id: int) -> torch.Tensor:
-        table = self.model.engram_table(layer_id)
-        return F.embedding(torch.from_numpy(self.row_ids[layer_id]).to(table.device), table)
-
-    def close(self) -> None:
-        pass
 
 
 class _Step:
@@ -70,10 +43,11 @@ class _Step:
 
 class ModelRunner:
     def __init__(
-        self, model: EngramForCausalLM, cache: KVCache, rows: RowSource | None = None
+        self, model: EngramForCausalLM, cache: KVCache, rows: Prefetcher | None = None
     ) -> None:
         self.model, self.cache = model, cache
-        self.rows = rows or (lambda ids: ModelRows(model, ids))
+        # default: the model's own (loaded) tables, gathered in place
+        self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
 
     def step(
@@ -105,9 +79,11 @@ class ModelRunner:
             np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
             np.array([len(x) for x in new_ids]),
         )
-        pending = self.rows(row_ids)  # every layer's gather issued before the forward starts
+        plan = self.rows.plan(row_ids)
+        inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, plan.host_arrays())
+        # every layer's gather is issued now, before the forward pass starts
+        pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
         try:
-            inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits)
             with torch.inference_mode():
                 step = _Step(self.cache, inp, pending)
                 logits = self.model.forward_step(inp.input_ids, step, inp.logits_index)
