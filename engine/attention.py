@@ -56,7 +56,7 @@ def _groups(inp: StepInputs) -> list[_Group]:
     if decodes:
         at = torch.tensor(decodes, device=dev)
         kv_len = max(inp.starts[i] for i in decodes) + 1
-        groups.append(_Group(inp.query_start_loc[at], at, 1, kv_len))
+        groups.append(_Group(inp.query_start_loc[at].long(), at, 1, kv_len))
     tok = 0
     for i, n in enumerate(inp.lengths):
         if n > 1:

@@ -19,6 +19,7 @@ from offload.store import TableStore
 
 from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
+from .fused import fuse_model
 from .inputs import StepInputs, Uploader, build_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
@@ -64,6 +65,8 @@ class ModelRunner:
         self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
         self.attention = pick_backend(attention, cache.device)
+        if self.attention == "triton":  # the device path: fewer, fused kernels per layer
+            fuse_model(model)
         self.graphs = None
         if decode_graphs and self.attention == "triton":
             self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
