@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paged_attention
+from .fused import store_rows
 from .inputs import StepInputs
 from .kv_cache import KVCache
 
@@ -35,10 +36,16 @@ def pick_backend(choice: str, device: torch.device) -> str:
     return choice
 
 
-def write_kv(cache: KVCache, layer: int, slots: torch.Tensor, k, v) -> None:
+def write_kv(cache: KVCache, layer: int, slots: torch.Tensor, k, v, kernel: bool) -> None:
+    """The new tokens' K/V into their slots: one Triton store per tensor on the kernel path
+    (negative slots skipped: CUDA-graph padding), indexed assignment on the reference path."""
     k_cache, v_cache = cache.k[layer], cache.v[layer]
-    k_cache[slots] = k.to(k_cache.dtype)
-    v_cache[slots] = v.to(v_cache.dtype)
+    if kernel:
+        store_rows(k_cache, slots, k)
+        store_rows(v_cache, slots, v)
+    else:
+        k_cache[slots] = k.to(k_cache.dtype)
+        v_cache[slots] = v.to(v_cache.dtype)
 
 
 @dataclass
@@ -83,7 +90,7 @@ class ReferenceAttention:
             self.mask.append(mask.unsqueeze(1))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        write_kv(self.cache, layer, self.inp.slot_mapping, k, v)
+        write_kv(self.cache, layer, self.inp.slot_mapping, k, v, kernel=False)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         out = torch.empty_like(q)
         heads, hd = q.shape[1], q.shape[2]
@@ -107,7 +114,7 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         inp, cache = self.inp, self.cache
-        write_kv(cache, layer, inp.slot_mapping, k, v)
+        write_kv(cache, layer, inp.slot_mapping, k, v, kernel=True)
         args = (q, cache.k[layer], cache.v[layer], inp.block_tables)
         if self.max_query_len == 1:
             return paged_attention.paged_attention_decode(

@@ -11,8 +11,8 @@ graphs read them there. The forward pass is cut into pieces at the Engram layers
 
 Before piece k, outside any graph, the compute stream waits for layer e_k's rows (the
 prefetcher's event: the step's only synchronisation point, so the stall stays measured per
-layer) and they are copied into the layer's fixed row buffer. Padding rows read and write
-only the KV cache's spare block and spare conv slot, and attend over nothing.
+layer) and they are copied into the layer's fixed row buffer. Padding rows write nothing
+(slot -1), read the KV cache's spare conv slot, and attend over nothing (context 0).
 
 Without CUDA the same buffers and pieces run eagerly (``capture=False``): the CPU tests
 check this path against the plain forward pass.
@@ -35,13 +35,12 @@ from offload.prefetch import Prefetcher
 
 from . import paged_attention
 from .attention import write_kv
+from .fused import store_rows
 from .inputs import Uploader
 from .kv_cache import KVCache, blocks_for
 from .sequence import Sequence
 
 log = logging.getLogger("engram.graphs")
-
-STATIC = ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "conv_slots")
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -71,7 +70,7 @@ class _GraphStep:
 
     def attend(self, layer: int, q, k, v):
         o, cache = self.owner, self.owner.cache
-        write_kv(cache, layer, self.v["slot_mapping"], k, v)
+        write_kv(cache, layer, self.v["slot_mapping"], k, v, kernel=True)
         return paged_attention.paged_attention_decode(
             q,
             cache.k[layer],
@@ -89,8 +88,7 @@ class _GraphStep:
         return self.owner.cache.conv[layer][self.v["conv_slots"]]
 
     def set_conv_history(self, layer: int, history: torch.Tensor) -> None:
-        conv = self.owner.cache.conv[layer]
-        conv[self.v["conv_slots"]] = history.to(conv.dtype)
+        store_rows(self.owner.cache.conv[layer], self.v["conv_write"], history)
 
 
 class DecodeGraphs:
@@ -136,10 +134,11 @@ class DecodeGraphs:
         parts = {
             "input_ids": np.zeros(size, dtype=np.int64),
             "positions": np.zeros(size, dtype=np.int64),
-            "slot_mapping": np.full(size, cache.pad_slot, dtype=np.int64),
+            "slot_mapping": np.full(size, -1, dtype=np.int64),  # padding writes nothing
             "block_tables": tables,
             "context_lens": np.zeros(size, dtype=np.int32),
-            "conv_slots": np.full(size, cache.pad_conv_slot, dtype=np.int64),
+            "conv_slots": np.full(size, cache.pad_conv_slot, dtype=np.int64),  # reads
+            "conv_write": np.full(size, -1, dtype=np.int64),
         }
         for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
             pos = seq.num_computed
@@ -148,7 +147,7 @@ class DecodeGraphs:
             parts["positions"][i] = pos
             parts["slot_mapping"][i] = seq.block_table[pos // bs] * bs + pos % bs
             parts["context_lens"][i] = pos + 1
-            parts["conv_slots"][i] = seq.slot
+            parts["conv_slots"][i] = parts["conv_write"][i] = seq.slot
         return parts
 
     def _bucket(self, size: int) -> _Bucket:

@@ -27,7 +27,14 @@ from .config import EngineConfig
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .sampling import SampleRow, SamplingParams, TokenLogprobs, prompt_logprobs, sample
+from .sampling import (
+    SampleRow,
+    SamplingParams,
+    TokenLogprobs,
+    prompt_logprobs,
+    sample,
+    to_device,
+)
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 
@@ -195,7 +202,7 @@ class Engine:
         if not rows:
             return
         k = max(s.params.logprobs for s in owners)
-        got = prompt_logprobs(logits[torch.tensor(rows, device=logits.device)], targets, k)
+        got = prompt_logprobs(logits[to_device(rows, logits.device)], targets, k)
         for seq, lp in zip(owners, got):
             lp.top = lp.top[: seq.params.logprobs]
             seq.prompt_logprobs.append(lp)

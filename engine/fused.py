@@ -1,4 +1,6 @@
-"""Fused elementwise kernels for the device path: RMSNorm, RoPE on q and k, SiLU * up.
+"""Fused elementwise kernels for the device path: RMSNorm, RoPE on q and k, SiLU * up, and
+the cache writes (rows scattered to slots; a negative slot is skipped, which is how the
+padding rows of a CUDA-graph bucket write nothing).
 
 A decode step at small batch is bound by kernel count, not FLOPs: the plain modules launch
 about 30 kernels per layer (RoPE alone is a dozen: slices, a cat, products, a cast). On the
@@ -73,6 +75,15 @@ if triton is not None:
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + row * f + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _store_rows_kernel(dst_ptr, idx_ptr, src_ptr, width, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        slot = tl.load(idx_ptr + row).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < tl.where(slot >= 0, width, 0)  # a negative slot stores nothing
+        x = tl.load(src_ptr + row.to(tl.int64) * width + offs, mask=mask, other=0.0)
+        tl.store(dst_ptr + slot * width + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
 
 def triton_available() -> bool:
     return triton is not None
@@ -120,6 +131,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(1024, _pow2(f))
         _silu_mul_kernel[(flat.shape[0], triton.cdiv(f, block))](flat, out, f, BLOCK=block)
     return out.view(*gate_up.shape[:-1], f)
+
+
+def store_rows(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[slots[i]] = src[i]`` over the first dim, skipping negative slots; ``dst`` must be
+    contiguous (a KV cache layer, the conv state)."""
+    n = src.shape[0]
+    width = dst[0].numel() if dst.shape[0] else 0
+    if n == 0 or width == 0:
+        return
+    src = src.reshape(n, width).contiguous()
+    block = min(1024, _pow2(width))
+    _store_rows_kernel[(n, triton.cdiv(width, block))](dst, slots, src, width, BLOCK=block)
 
 
 # --- the model, rewired in place -------------------------------------------------------------

@@ -5,11 +5,11 @@ any length share one bounded pool and admission control can count free blocks. E
 layer also keeps, per sequence slot, the last ``(kernel - 1) * max_ngram_size`` normed gated
 values for its causal ShortConv.
 
-Layout per layer: ``k[l]``, ``v[l]`` are ``[(num_blocks + 1) * block_size, kv_heads,
-head_dim]``; the token at position p of a sequence lives at ``block_table[p // block_size] *
-block_size + p % block_size``. Attention (reference or paged kernels) reads the blocks in place.
-One extra block and one extra conv slot are never handed out: the padding rows of a CUDA-graph
-batch bucket write there (``pad_slot``, ``pad_conv_slot``), so they never touch a sequence's.
+Layout per layer: ``k[l]``, ``v[l]`` are ``[num_blocks * block_size, kv_heads, head_dim]``;
+the token at position p of a sequence lives at ``block_table[p // block_size] * block_size +
+p % block_size``. Attention (reference or paged kernels) reads the blocks in place. One extra
+conv slot is never handed out: the padding rows of a CUDA-graph batch bucket read it
+(``pad_conv_slot``) and write nothing.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class KVCache:
         self.num_blocks = num_blocks
         self.max_seqs = max_seqs
         self.device = torch.device(device)
-        shape = ((num_blocks + 1) * block_size, config.num_key_value_heads, config.head_dim)
-        self.pad_slot = num_blocks * block_size
+        shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
         self.pad_conv_slot = max_seqs
         n = config.num_hidden_layers
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
