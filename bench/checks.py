@@ -6,8 +6,9 @@
   deterministic mode, required there; otherwise the share that matches is reported);
 - logits: the largest absolute difference to the baseline's logits over the first steps.
 
-Rows are checked where the model takes them (``rows(layer)`` of the pending step), so what is
-compared is what the forward pass reads, on every path, without changing any gather.
+Rows are checked where the model takes them (``rows(layer)`` of the pending step, on the eager
+path and between CUDA-graph pieces alike), so what is compared is what the forward pass
+reads, on every path, without changing any gather.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ import numpy as np
 import torch
 
 from engine.engine import EngineStats
+from offload.plan import LookupPlan
 from offload.prefetch import PendingRows, Prefetcher
 
 
-def issue(prefetcher: Prefetcher, row_ids: dict[int, np.ndarray]) -> PendingRows:
+def issue(
+    prefetcher: Prefetcher,
+    plan: LookupPlan,
+    index: dict[str, torch.Tensor] | None,
+    uploaded: object | None,
+) -> PendingRows:
     """Issue one step's gathers on a path: the bench's one call into the prefetcher."""
-    return prefetcher.start(row_ids)
+    return prefetcher.start(plan, index, uploaded)
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -55,24 +62,31 @@ def as_bytes(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(rows, -1)
 
 
+def row_ids(plan: LookupPlan, layer_id: int) -> np.ndarray:
+    """The global row of every (token, head) lookup of a layer, in the order the model reads
+    them (what de-duplication's inverse index re-expands to)."""
+    lp = plan.layers[layer_id]
+    return lp.fetch if lp.inverse is None else lp.fetch[lp.inverse]
+
+
 class CheckedRows:
     """One step's pending rows; each layer's rows are compared as the model takes them."""
 
     def __init__(
         self,
         pending: PendingRows,
-        row_ids: dict[int, np.ndarray],
+        plan: LookupPlan,
         reference: dict[int, torch.Tensor],
         check: RowCheck,
         where: str,
     ) -> None:
-        self.pending, self.row_ids, self.reference, self.check = pending, row_ids, reference, check
+        self.pending, self.plan, self.reference, self.check = pending, plan, reference, check
         self.where = where
 
     def rows(self, layer_id: int) -> torch.Tensor:
         out = self.pending.rows(layer_id)
         table = self.reference[layer_id]
-        ids = np.ascontiguousarray(self.row_ids[layer_id], dtype=np.int64).reshape(-1)
+        ids = np.ascontiguousarray(row_ids(self.plan, layer_id), dtype=np.int64)
         want = table.index_select(0, torch.from_numpy(ids).to(table.device))
         n = ids.size
         if out.dtype != want.dtype or out.numel() != want.numel():
@@ -96,9 +110,9 @@ class CheckedRows:
         return getattr(self.pending, name)
 
 
-class PathRows:
-    """A path's row source for the engine: issues each step's gathers through the path's
-    prefetcher, checking the rows of the next ``arm(n)`` steps."""
+class CheckedPrefetcher:
+    """A path's prefetcher as its engine sees it: the same plans and gathers, with the rows
+    of the next ``arm(n)`` steps checked as the model takes them."""
 
     def __init__(
         self, prefetcher: Prefetcher, reference: dict[int, torch.Tensor], check: RowCheck
@@ -110,15 +124,21 @@ class PathRows:
         """Check the rows of the next ``steps`` steps; ``label`` names the run in messages."""
         self.remaining, self.label, self.seen = steps, label, 0
 
-    def __call__(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
-        pending = issue(self.prefetcher, row_ids)
+    def plan(self, row_ids: dict[int, np.ndarray]) -> LookupPlan:
+        return self.prefetcher.plan(row_ids)
+
+    def start(self, plan: LookupPlan, index=None, uploaded=None) -> PendingRows:
+        pending = issue(self.prefetcher, plan, index, uploaded)
         if self.remaining <= 0:
             return pending
         self.remaining -= 1
         self.seen += 1
         self.check.steps += 1
         where = f"{self.label}, step {self.seen}"
-        return CheckedRows(pending, row_ids, self.reference, self.check, where)
+        return CheckedRows(pending, plan, self.reference, self.check, where)
+
+    def __getattr__(self, name: str):  # accountant, store, device, close, ...
+        return getattr(self.prefetcher, name)
 
 
 # --- logits -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from offload.accounting import StepStats
 from offload.offloaded_model import OffloadedModel
 
 from .batch import run_job
-from .checks import LogitsCheck, PathRows, RowCheck, TokenCheck
+from .checks import CheckedPrefetcher, LogitsCheck, RowCheck, TokenCheck
 from .roofline import KernelTimer
 from .source import ModelSource
 from .workload import BenchError, Job, PathSpec, Workload
@@ -137,7 +137,7 @@ class PathBench:
             src.model, None, self.store, spec.gather, device, spec.dedup
         )
         self.row_check = RowCheck()
-        self.rows = PathRows(self.offloaded.prefetcher, reference, self.row_check)
+        self.rows = CheckedPrefetcher(self.offloaded.prefetcher, reference, self.row_check)
         self.logits = LogitsCheck()
         self.tokens = TokenCheck()
         self.engine = Engine(src.model, config, self.rows, stats=self.logits, cache=cache)

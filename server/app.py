@@ -70,7 +70,7 @@ class ServerState:
             built = offload if self._offload is None else None
             with clock.phase("link measurement"):
                 self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
-            with clock.phase("engine"):  # the KV cache is allocated here
+            with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
                 engine = AsyncEngine(offload, e, self.metrics)
             with clock.phase("warm-up"):
                 warm_up(engine)
