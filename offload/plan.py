@@ -6,7 +6,9 @@ layers at once. With de-duplication each layer fetches its unique rows once and 
 index re-expands them on the device. A sorted plan (``LookupPlan.sorted``, for the UVA kernel)
 fetches rows in ascending order, so neighbouring rows share PCIe transactions, and carries
 ``positions``: fetched row k lands at request position ``positions[k]``. The sort runs here on
-the host and its arrays travel in the step's single upload.
+the host and its arrays travel in the step's single upload. A layer sends at most two index
+arrays of at most tokens x heads int64 each (fetch + inverse, or fetch + positions): the CUDA
+graph runner sizes its fixed upload buffer on that.
 """
 
 from __future__ import annotations
