@@ -21,6 +21,7 @@ import torch
 from engine.engine import EngineStats
 from offload.plan import LookupPlan
 from offload.prefetch import PendingRows, Prefetcher
+from offload.store import Table
 
 
 def issue(
@@ -76,7 +77,7 @@ class CheckedRows:
         self,
         pending: PendingRows,
         plan: LookupPlan,
-        reference: dict[int, torch.Tensor],
+        reference: dict[int, Table],
         check: RowCheck,
         where: str,
     ) -> None:
@@ -87,12 +88,13 @@ class CheckedRows:
         out = self.pending.rows(layer_id)
         table = self.reference[layer_id]
         ids = np.ascontiguousarray(row_ids(self.plan, layer_id), dtype=np.int64)
-        want = table.index_select(0, torch.from_numpy(ids).to(table.device))
+        stored = table.tensor.index_select(0, torch.from_numpy(ids).to(table.tensor.device))
+        want = table.decode(stored)  # what the model reads (fp8: the reference dequantisation)
         n = ids.size
         if out.dtype != want.dtype or out.numel() != want.numel():
             bad = n
         else:
-            got = as_bytes(out.to(table.device), n)
+            got = as_bytes(out.to(want.device), n)
             bad = int((got != as_bytes(want, n)).any(dim=1).sum())
         self.check.rows += n
         if bad:
@@ -115,7 +117,7 @@ class CheckedPrefetcher:
     of the next ``arm(n)`` steps checked as the model takes them."""
 
     def __init__(
-        self, prefetcher: Prefetcher, reference: dict[int, torch.Tensor], check: RowCheck
+        self, prefetcher: Prefetcher, reference: dict[int, Table], check: RowCheck
     ) -> None:
         self.prefetcher, self.reference, self.check = prefetcher, reference, check
         self.remaining, self.label, self.seen = 0, "", 0

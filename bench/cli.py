@@ -289,6 +289,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     t0 = time.perf_counter()
     micro = run_micro(src, device, wl, ceiling.gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
+    table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages
     src.drop_all()
     times["total_s"] = time.perf_counter() - started
 
@@ -308,6 +309,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
             "weight_bytes_per_step": ctx.weight_bytes,
             "kv_bytes_per_token": ctx.kv_bytes_per_token,
             "config": cfg.to_dict(),
+            "table_memory": table_memory,
             **src.info,
         },
         "workload": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(wl).items()},

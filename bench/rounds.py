@@ -82,7 +82,7 @@ def build_benches(
     """Every path's prefetcher and engine, built once; the engines share one KV cache."""
     config = engine_config(jobs, wl.max_batched_tokens, deterministic)
     base_store = src.store(specs[0].placement)
-    reference = {lid: t.tensor for lid, t in base_store.tables.items()}
+    reference = dict(base_store.tables)  # what every path's rows are checked against
     benches: list[PathBench] = []
     try:
         for spec in specs:

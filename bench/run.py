@@ -17,6 +17,7 @@ from engine.engine import Engine
 from engine.kv_cache import KVCache
 from offload.accounting import StepStats
 from offload.offloaded_model import OffloadedModel
+from offload.store import Table
 
 from .batch import run_job
 from .checks import CheckedPrefetcher, LogitsCheck, RowCheck, TokenCheck
@@ -127,7 +128,7 @@ class PathBench:
         src: ModelSource,
         device: torch.device,
         config,
-        reference: dict[int, torch.Tensor],
+        reference: dict[int, Table],
         cache: KVCache | None,
         progress: bool,
     ) -> None:

@@ -11,6 +11,7 @@ v)`` writes the new tokens' K/V into the cache, then attends over each sequence'
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ def pick_backend(choice: str, device: torch.device) -> str:
         raise ValueError(f"unknown attention backend {choice!r}; use one of {', '.join(BACKENDS)}")
     if choice == "triton" and not paged_attention.triton_available():
         raise ValueError("attention 'triton' needs Triton (it ships with CUDA builds of torch)")
+    if choice == "triton" and device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        raise ValueError(
+            "attention 'triton' runs on CUDA (or in Triton's interpreter with "
+            "TRITON_INTERPRET=1); use 'reference' on a CPU"
+        )
     if choice == "auto":
         cuda = device.type == "cuda" and paged_attention.triton_available()
         return "triton" if cuda else "reference"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.checkpoint import DTYPES, default_model_dir
 from offload.paths import GATHERS, Placement
+from offload.store import ROW_FORMATS
 
 from .attention import BACKENDS
 from .kv_cache import blocks_for
@@ -39,6 +40,12 @@ class EngineConfig:
         False,
         "deterministic kernels: the same steps give bit-identical tokens run after run "
         "(may be slower; see engine/determinism.py)",
+    )
+    row_format: str = flag(
+        "auto",
+        "Engram row format: auto (as stored: bf16, or fp8 from engram-quantize), fp8 "
+        "(quantise at load: half the bytes per row), bf16/f16/f32",
+        choices=list(ROW_FORMATS),
     )
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")

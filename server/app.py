@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, parse_dtype
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 from offload.paths import resolve
@@ -96,7 +96,7 @@ class ServerState:
                 self.on_load_error()
 
     def _load_offload(self, clock: StartupClock) -> OffloadedModel:
-        """OffloadedModel.load, one timed phase at a time."""
+        """What OffloadedModel.load does (keep the two in step), one timed phase at a time."""
         e = self.cfg.engine
         path = resolve(e.device, e.placement, e.gather)  # refuse before loading anything
         with clock.phase("device init"):
@@ -108,7 +108,12 @@ class ServerState:
             )
         with clock.phase(f"tables (read + place in {path.placement.value})"):
             store = TableStore.from_checkpoint(
-                e.model_dir, model.config.engram_layer_ids, path.placement, path.device
+                e.model_dir,
+                model.config.engram_layer_ids,
+                path.placement,
+                path.device,
+                row_format=e.row_format,
+                row_dtype=parse_dtype(e.dtype),
             )
         with clock.phase(f"gather setup ({path.gather})"):
             return OffloadedModel.from_parts(model, tok, store, path.gather, path.device, e.dedup)
@@ -294,6 +299,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "gather": e.offload.gather,
             "dedup": e.offload.prefetcher.dedup,
             "table_bytes": e.offload.store.bytes_by_tier(),
+            "tables": e.offload.store.describe(),
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,
             "accounting": e.offload.accountant.summary(),

@@ -106,8 +106,27 @@ def test_quick_run_writes_rows_penalties_checks_and_plots(ckpt, tmp_path, capsys
     label = "pinned host-to-device" if cuda else "memcpy"
     assert res["ceiling"]["gbps"] > 0 and label in res["ceiling"]["label"]
     assert res["memory_bandwidth"]["gbps"] > 0
-    if "rows" in res["micro"]:
-        assert [m["rows"] for m in res["micro"]["rows"]] == [256, 1024]
+    if not cuda:  # the CPU microbenchmark: resident vs worker, row widths and formats
+        micro = res["micro"]
+        assert [m["rows"] for m in micro["rows"]] == [256, 1024] * 6  # 3 widths x bf16, fp8
+        assert {(m["format"], m["row_bytes"]) for m in micro["rows"]} == {
+            ("bf16", 128),
+            ("bf16", 256),
+            ("bf16", 512),
+            ("fp8", 66),
+            ("fp8", 132),
+            ("fp8", 264),
+        }
+        assert all(m["resident_gbps"] > 0 and m["worker_gbps"] > 0 for m in micro["rows"])
+        host = micro["host_gather"]
+        assert [h["row_bytes"] for h in host] == [128, 256, 512]
+        assert all(
+            r["memcpy_gbps"] > 0 and r["best_fraction_of_memcpy"] > 0 for r in host[0]["rows"]
+        )
+        assert [r["rows"] for r in micro["huge_pages"]["rows"]] == [256, 1024]
+    placement = paths.default_placement(device).value
+    assert res["model"]["table_memory"]["placement"] == placement
+    assert res["model"]["table_memory"]["row_formats"] == ["bf16"]
     assert res["command"].startswith("engram-bench --quick")
     env = res["environment"]
     assert env["torch"] == torch.__version__ and env["commit"] and "dirty" in env
@@ -355,7 +374,9 @@ def test_cuda_host_paths_match_gpu_resident(tmp_path, monkeypatch):
     assert res["deterministic"]["cublas_workspace_config"] in (":4096:8", ":16:8")
     assert "pinned host-to-device" in res["ceiling"]["label"]
     assert "device-to-device" in res["memory_bandwidth"]["label"]
-    assert {"staged_s", "uva_s", "resident_s"} <= set(res["micro"]["rows"][0])
+    assert {"staged_s", "uva_s", "resident_s", "index_select_s"} <= set(res["micro"]["rows"][0])
+    assert {"bf16 128 B", "fp8 66 B"} <= set(res["micro"]["crossover_rows"])
+    assert res["model"]["table_memory"]["registered"]
     assert res["environment"]["cuda_driver"] and res["environment"]["cupy"]
     for r in res["rows"]:
         assert r["checks"]["rows"]["ok"] and r["checks"]["rows"]["rows"] > 0
@@ -378,8 +399,8 @@ def test_cuda_path_handing_over_a_wrong_row_fails(tmp_path, monkeypatch):
     class UvaOneBadRow(UvaGather):
         """The real UVA gather, then the first row it fetched changed in one value."""
 
-        def gather_layer(self, lp, idx):
-            out = super().gather_layer(lp, idx)
+        def gather_layer(self, lp, *args, **kwargs):
+            out = super().gather_layer(lp, *args, **kwargs)
             out[0, 0] += 1.0
             return out
 

@@ -17,10 +17,11 @@ from engine.sampling import SamplingParams
 from .conftest import new_seq, tiny_model
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run there or interpreted
 
 
 def _logits(model, attention, schedule, seqs_ids):
-    cache = KVCache(model.config, num_blocks=64, block_size=4, max_seqs=len(seqs_ids))
+    cache = KVCache(model.config, 64, 4, len(seqs_ids), device=DEV)
     runner = ModelRunner(model, cache, attention=attention)
     states = [new_seq(cache) for _ in seqs_ids]
     pos, got = [0] * len(seqs_ids), []
@@ -34,7 +35,7 @@ def _logits(model, attention, schedule, seqs_ids):
 
 
 def test_paged_kernels_match_the_reference_through_the_runner():
-    model = tiny_model()
+    model = tiny_model().to(DEV)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 300, size=40).tolist() for _ in range(3)]
     # prompt chunks spanning blocks, decodes, mixed steps, a chunk on a cached prefix
@@ -76,7 +77,7 @@ def _run(model, static: bool, kv_blocks: int):
 
 @pytest.mark.parametrize("kv_blocks", [64, 9])  # 9 blocks of 4 tokens: preemption
 def test_static_decode_buffers_equal_the_plain_step(kv_blocks):
-    model = tiny_model(5)
+    model = tiny_model(5).to(DEV)
     ref, _ = _run(model, False, kv_blocks)
     got, engine = _run(model, True, kv_blocks)
     assert got == ref

@@ -15,14 +15,15 @@ from models.llama import apply_rope
 from .conftest import new_seq, tiny_model
 
 pytestmark = pytest.mark.skipif(not fused.triton_available(), reason="needs triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run there or interpreted
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("n", [16, 40, 96])
 def test_rms_norm_matches_torch(dtype, n):
-    x = torch.randn(7, n).to(dtype)
-    w = torch.randn(n).to(dtype)
+    x = torch.randn(7, n).to(DEV, dtype)
+    w = torch.randn(n).to(DEV, dtype)
     ref = F.rms_norm(x.float(), (n,), w.float(), 1e-5).to(dtype)
     torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -30,12 +31,12 @@ def test_rms_norm_matches_torch(dtype, n):
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_rope_on_a_fused_projection_matches_apply_rope(dtype):
     n, heads, kv, d = 5, 4, 2, 16
-    qkv = torch.randn(n, (heads + 2 * kv) * d).to(dtype)
+    qkv = torch.randn(n, (heads + 2 * kv) * d).to(DEV, dtype)
     pos = torch.tensor([0, 3, 7, 1, 100])
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     freqs = torch.outer(pos.double(), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().float(), emb.sin().float()
+    cos, sin = emb.cos().float().to(DEV), emb.sin().float().to(DEV)
     q, k = fused.rope_qk(qkv, heads, kv, cos, sin)
     ref_q = apply_rope(qkv[:, : heads * d].view(n, heads, d), cos, sin)
     ref_k = apply_rope(qkv[:, heads * d : (heads + kv) * d].view(n, kv, d), cos, sin)
@@ -45,13 +46,13 @@ def test_rope_on_a_fused_projection_matches_apply_rope(dtype):
 
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_silu_mul_matches_torch(dtype):
-    gu = (3 * torch.randn(6, 2 * 50)).to(dtype)
+    gu = (3 * torch.randn(6, 2 * 50)).to(DEV, dtype)
     ref = (F.silu(gu[:, :50].float()) * gu[:, 50:].float()).to(dtype)
     torch.testing.assert_close(fused.silu_mul(gu), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_fused_model_keeps_weights_and_outputs():
-    plain = tiny_model(4)
+    plain = tiny_model(4).to(DEV)
     model = fused.fuse_model(copy.deepcopy(plain))
     fused.fuse_model(model)  # idempotent
     assert model.state_dict().keys() == plain.state_dict().keys()
@@ -63,7 +64,7 @@ def test_fused_model_keeps_weights_and_outputs():
     ids = [rng.integers(0, 300, size=n).tolist() for n in (9, 1, 17)]
     outs = []
     for m in (plain, model):
-        cache = KVCache(m.config, 32, 4, 3)
+        cache = KVCache(m.config, 32, 4, 3, device=DEV)
         runner = ModelRunner(m, cache, attention="reference")
         seqs = [new_seq(cache) for _ in ids]
         a = runner.step(seqs, ids, all_logits=True)
@@ -71,14 +72,14 @@ def test_fused_model_keeps_weights_and_outputs():
         outs.append(torch.cat([a, b]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # whole-sequence forward still works on the fused model
-        x = torch.tensor([ids[0]])
+        x = torch.tensor([ids[0]], device=DEV)
         torch.testing.assert_close(model.forward_full(x), plain.forward_full(x))
 
 
 def test_store_rows_writes_valid_slots_and_skips_negative_ones():
-    dst = torch.zeros(10, 3, 4)
-    src = torch.randn(4, 3, 4)
-    fused.store_rows(dst, torch.tensor([7, -1, 0, 3]), src)
+    dst = torch.zeros(10, 3, 4, device=DEV)
+    src = torch.randn(4, 3, 4, device=DEV)
+    fused.store_rows(dst, torch.tensor([7, -1, 0, 3], device=DEV), src)
     assert torch.equal(dst[7], src[0]) and torch.equal(dst[0], src[2])
     assert torch.equal(dst[3], src[3])
     others = [i for i in range(10) if i not in (0, 3, 7)]
