@@ -61,6 +61,8 @@ class ServerState:
                 e.dtype,
                 e.dedup,
                 row_format=e.row_format,
+                huge_pages=e.huge_pages,
+                host_threads=e.gather_threads or None,
             )
             self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
