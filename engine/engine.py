@@ -240,3 +240,4 @@ class Engine:
     def run_until_done(self) -> None:
         while self.has_work:
             self.step()
+        self.runner.rows.flush()  # every step's offload figures booked
