@@ -21,12 +21,20 @@ import torch
 
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
+from offload.prefetch import Prefetcher
 
 from .config import EngineConfig
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
-from .model_runner import ModelRunner, RowSource
-from .sampling import SampleRow, SamplingParams, TokenLogprobs, prompt_logprobs, sample
+from .model_runner import ModelRunner
+from .sampling import (
+    SampleRow,
+    SamplingParams,
+    TokenLogprobs,
+    prompt_logprobs,
+    sample,
+    to_device,
+)
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 
@@ -63,7 +71,7 @@ class Engine:
         self,
         model: EngramForCausalLM,
         config: EngineConfig,
-        rows: RowSource | None = None,
+        rows: Prefetcher | None = None,
         tokenizer: EngramTokenizer | None = None,
         stats: EngineStats | None = None,
     ) -> None:
@@ -80,7 +88,12 @@ class Engine:
             dtype=model.model.embed_tokens.weight.dtype,
             device=self.device,
         )
-        self.runner = ModelRunner(model, self.cache, rows)
+        static = config.static_decode
+        if static is None:
+            static = self.device.type == "cuda" and not config.enforce_eager
+        self.runner = ModelRunner(
+            model, self.cache, rows, config.attention, static, capture=not config.enforce_eager
+        )
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
@@ -171,8 +184,10 @@ class Engine:
         at = [i for i, seq in enumerate(step.seqs) if step.samples[i] and not seq.finished]
         if not at:
             return []
-        rows_at = last[at] if need_all else np.array(at)
-        picked = logits[torch.from_numpy(rows_at).to(logits.device)]
+        picked = logits  # a decode step: every row is sampled, in order
+        if need_all or len(at) != len(step.seqs):
+            rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
+            picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
         eos = self.model.config.eos_token_id
         rows = [
@@ -204,7 +219,7 @@ class Engine:
         if not rows:
             return
         k = max(s.params.prompt_logprobs_k for s in owners)
-        got = prompt_logprobs(logits[torch.tensor(rows, device=logits.device)], targets, k)
+        got = prompt_logprobs(logits[to_device(rows, logits.device)], targets, k)
         for seq, lp in zip(owners, got):
             lp.top = lp.top[: seq.params.prompt_logprobs_k]
             seq.prompt_logprobs.append(lp)

@@ -20,6 +20,12 @@ import torch
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
+    """A small host list on the device without a host sync (an async copy, not torch.tensor's
+    synchronous one)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -102,8 +108,8 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     if not r:
         return x
     dev = x.device
-    at = (torch.tensor(r, device=dev), torch.tensor(c, device=dev))
-    return x.index_put(at, torch.tensor(v, dtype=x.dtype, device=dev), accumulate=True)
+    at = (to_device(r, dev), to_device(c, dev))
+    return x.index_put(at, to_device(v, dev, x.dtype), accumulate=True)
 
 
 def ban_tokens(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -113,8 +119,8 @@ def ban_tokens(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         return x
     r, c = zip(*at)
     dev = x.device
-    idx = (torch.tensor(r, device=dev), torch.tensor(c, device=dev))
-    return x.index_put(idx, torch.tensor(float("-inf"), dtype=x.dtype, device=dev))
+    idx = (to_device(list(r), dev), to_device(list(c), dev))
+    return x.index_put(idx, x.new_full((), float("-inf")))
 
 
 def filtered_logprobs(
@@ -147,11 +153,11 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         return tokens
     dev, V = x.device, x.shape[-1]
     ps = [rows[i].params for i in sampled]
-    vec = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)
+    vec = lambda vals: to_device(vals, dev, torch.float32)
     lp, order = filtered_logprobs(
         x[sampled],
         vec([p.temperature for p in ps]),
-        torch.tensor([p.top_k if p.top_k > 0 else V for p in ps], device=dev),
+        to_device([p.top_k if p.top_k > 0 else V for p in ps], dev),
         vec([p.top_p for p in ps]),
         vec([p.min_p for p in ps]),
     )
@@ -207,7 +213,7 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[To
     scoring), with its top-k alternatives. One copy to the host."""
     if not targets:
         return []
-    ids = torch.tensor(targets, device=logits.device)
+    ids = to_device(targets, logits.device)
     packed = logprobs_of(logits, ids, max(k, 0))
     lp = torch.log_softmax(logits.float(), dim=-1)
     rank = (lp > lp.gather(-1, ids[:, None])).sum(dim=-1, keepdim=True) + 1
