@@ -208,6 +208,10 @@ def test_prompt_logprobs_as_vllm_returns_them(srv):
         assert sorted(v["rank"] for v in entry.values())[:2] == [1, 2]
         assert max(entry.values(), key=lambda v: v["logprob"])["rank"] == 1
     assert "prompt_logprobs" not in _post(srv, prompt="x", max_tokens=1)["choices"][0]
+    both = _post(srv, prompt=prompt, max_tokens=1, logprobs=1, echo=True, prompt_logprobs=3)
+    c = both["choices"][0]
+    assert all(len(top) <= 1 for top in c["logprobs"]["top_logprobs"][1:])  # echo keeps logprobs
+    assert max(len(e) for e in c["prompt_logprobs"][1:]) >= 3  # prompt_logprobs keeps 3
     streamed = httpx.post(
         srv.url + "/v1/completions", json={"prompt": "x", "stream": True, "prompt_logprobs": 1}
     )
