@@ -275,6 +275,7 @@ def run(args, command: str) -> tuple[dict, Path, int]:
     failures = token_failures(rows, tokens)
     add_penalties(rows)
     micro = run_micro(src, device, wl, ceiling.gbps, paths[-1].placement)
+    table_memory = src.store(paths[-1].placement).describe()  # formats, huge pages, registered
     src.drop_all()
 
     res = {
@@ -286,6 +287,7 @@ def run(args, command: str) -> tuple[dict, Path, int]:
             "dtype": dtype,
             "engram_table_params": engram_param_count(src.model),
             "config": cfg.to_dict(),
+            "table_memory": table_memory,
             **src.info,
         },
         "workload": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(wl).items()},

@@ -163,26 +163,59 @@ def micro_section(micro: dict, device_type: str) -> list[str]:
         return ["", f"gather microbenchmark skipped: {skipped}"] if skipped else []
     paths = micro["paths"]
     body = [
-        [str(m["rows"]), fmt_bytes(m["bytes"])]
-        + [
-            f"{1e3 * m[f'{p}_s']:.3f} / {m[f'{p}_gbps']:.2f} / "
-            f"{100 * m[f'{p}_fraction_of_ceiling']:.0f}%"
-            for p in paths
-        ]
+        [m.get("format", "-"), str(m.get("row_bytes", "-")), str(m["rows"]), fmt_bytes(m["bytes"])]
+        + [f"{m[f'{p}_gbps']:.2f} ({100 * m[f'{p}_fraction_of_ceiling']:.0f}%)" for p in paths]
         for m in micro["rows"]
     ]
     out = [
         "",
-        "gather microbenchmark (first Engram table; latency ms, GB/s, % ceiling)",
-        table(["rows", "bytes", *paths], body),
+        "gather microbenchmark (random rows of a synthetic table; GB/s of bytes moved, "
+        "% of the link ceiling)",
+        table(["format", "row B", "rows", "bytes", *paths], body),
     ]
-    if device_type != "cuda":
+    crossover = micro.get("crossover_rows")
+    if device_type != "cuda" or crossover is None:
         out.append("crossover: n/a on CPU (staged/UVA and 'auto' are CUDA paths)")
-    elif micro["crossover_rows"] is None:
-        out.append("crossover: UVA wins at every measured size")
     else:
-        out.append(f"crossover: staged beats UVA from {micro['crossover_rows']} rows per step")
+        for key, rows in crossover.items() if isinstance(crossover, dict) else []:
+            where = "UVA wins at every size" if rows is None else f"staged wins from {rows} rows"
+            out.append(f"crossover {key}: {where}")
+    out += host_gather_section(micro.get("host_gather") or [])
+    out += huge_page_section(micro.get("huge_pages") or {}, paths)
     return out
+
+
+def host_gather_section(host: list[dict]) -> list[str]:
+    """The staged path's host gather (threads) against one single-thread memcpy."""
+    if not host:
+        return []
+    threads = sorted({t for h in host for r in h["rows"] for t in r["gather_gbps"]}, key=int)
+    body = [
+        [str(h["row_bytes"]), str(r["rows"]), f"{r['memcpy_gbps']:.2f}"]
+        + [f"{r['gather_gbps'][t]:.2f}" if t in r["gather_gbps"] else "-" for t in threads]
+        + [f"{r['best_fraction_of_memcpy']:.2f}"]
+        for h in host
+        for r in h["rows"]
+    ]
+    heads = ["row B", "rows", "memcpy", *[f"{t} thr" for t in threads], "best/memcpy"]
+    return ["", "staged host gather vs single-thread memcpy of the same bytes (GB/s)",
+            table(heads, body)]  # fmt: skip
+
+
+def huge_page_section(huge: dict, paths: list[str]) -> list[str]:
+    if not huge.get("rows"):
+        return []
+    mem = huge["memory"]
+    body = [
+        [str(r["rows"])] + [f"{r[f'{p}_gbps'][0]:.2f} / {r[f'{p}_gbps'][1]:.2f}" for p in paths]
+        for r in huge["rows"]
+    ]
+    return [
+        "",
+        f"huge pages ({', '.join(mem['huge'])}, {fmt_bytes(huge['huge_bytes'])} in huge pages) "
+        f"vs not ({', '.join(mem['plain'])}), {huge['row_bytes']}-byte rows, GB/s",
+        table(["rows", *paths], body),
+    ]
 
 
 def report(res: dict) -> str:

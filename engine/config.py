@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.checkpoint import DTYPES, default_model_dir
 from offload.paths import GATHERS, Placement
+from offload.store import ROW_FORMATS
 
 from .attention import BACKENDS
 from .kv_cache import blocks_for
@@ -35,6 +36,12 @@ class EngineConfig:
     )
     gather: str = flag("auto", "how rows reach the compute device", choices=list(GATHERS))
     dedup: bool = flag(False, "fetch each distinct row once per step")
+    row_format: str = flag(
+        "auto",
+        "Engram row format: auto (as stored: bf16, or fp8 from engram-quantize), fp8 "
+        "(quantise at load: half the bytes per row), bf16/f16/f32",
+        choices=list(ROW_FORMATS),
+    )
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")

@@ -36,7 +36,7 @@ from offload.prefetch import Prefetcher
 from . import paged_attention
 from .attention import write_kv
 from .fused import store_rows
-from .inputs import Uploader
+from .inputs import Uploader, block_tables
 from .kv_cache import KVCache, blocks_for
 from .sequence import Sequence
 
@@ -129,26 +129,23 @@ class DecodeGraphs:
     # --- buffers -------------------------------------------------------------------------------
     def _padded(self, size: int, seqs: list[Sequence], new_ids: list[list[int]]) -> dict:
         """The static inputs of a step, padded to ``size`` rows (no sequences: all padding)."""
-        bs, cache = self.cache.block_size, self.cache
-        tables = np.zeros((size, self.max_blocks), dtype=np.int32)
-        parts = {
-            "input_ids": np.zeros(size, dtype=np.int64),
-            "positions": np.zeros(size, dtype=np.int64),
-            "slot_mapping": np.full(size, -1, dtype=np.int64),  # padding writes nothing
+        bs, n = self.cache.block_size, len(seqs)
+        pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+        tables = block_tables(seqs, size, self.max_blocks)
+        slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+        pad = lambda a, fill, dtype=np.int64: np.concatenate(
+            [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]
+        )
+        return {
+            "input_ids": pad(np.fromiter((x[0] for x in new_ids), np.int64, n), 0),
+            "positions": pad(pos, 0),
+            # padding writes nothing (slot -1), reads the spare conv slot, attends over nothing
+            "slot_mapping": pad(tables[np.arange(n), pos // bs] * bs + pos % bs, -1),
             "block_tables": tables,
-            "context_lens": np.zeros(size, dtype=np.int32),
-            "conv_slots": np.full(size, cache.pad_conv_slot, dtype=np.int64),  # reads
-            "conv_write": np.full(size, -1, dtype=np.int64),
+            "context_lens": pad(pos + 1, 0, np.int32),
+            "conv_slots": pad(slots, self.cache.pad_conv_slot),
+            "conv_write": pad(slots, -1),
         }
-        for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
-            pos = seq.num_computed
-            tables[i, : len(seq.block_table)] = seq.block_table
-            parts["input_ids"][i] = ids[0]
-            parts["positions"][i] = pos
-            parts["slot_mapping"][i] = seq.block_table[pos // bs] * bs + pos % bs
-            parts["context_lens"][i] = pos + 1
-            parts["conv_slots"][i] = parts["conv_write"][i] = seq.slot
-        return parts
 
     def _bucket(self, size: int) -> _Bucket:
         parts = self._padded(size, [], [])

@@ -10,6 +10,7 @@ at the host buffer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -101,6 +102,16 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
+def block_tables(seqs: list[Sequence], rows: int, width: int) -> np.ndarray:
+    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0)."""
+    counts = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+    blocks = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int64)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    tables = np.zeros((rows, width), dtype=np.int32)
+    tables[np.repeat(np.arange(len(seqs)), counts), np.arange(blocks.size) - first] = blocks
+    return tables
+
+
 def build_inputs(
     seqs: list[Sequence],
     new_ids: list[list[int]],
@@ -111,27 +122,25 @@ def build_inputs(
 ) -> StepInputs:
     """Host arrays for the step (blocks must already be reserved) and the lookup plan's index
     arrays, uploaded in one copy."""
-    bs, cfg = cache.block_size, cache.config
-    lengths = np.array([len(x) for x in new_ids], dtype=np.int64)
-    starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
+    bs, cfg, n = cache.block_size, cache.config, len(seqs)
+    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
     ends = starts + lengths
-    qsl = np.zeros(len(seqs) + 1, dtype=np.int64)
+    qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=qsl[1:])
-    positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
-    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        tables[i, : len(s.block_table)] = s.block_table
-    seq_of_tok = np.repeat(np.arange(len(seqs)), lengths)
+    seq_of_tok = np.repeat(np.arange(n), lengths)
+    positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - starts, lengths)
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs))
     parts = {
-        "input_ids": np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
+        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, int(qsl[-1])),
         "positions": positions,
         "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
         # the attention kernels' metadata is int32
-        "block_tables": tables.astype(np.int32),
+        "block_tables": tables,
         "context_lens": ends.astype(np.int32),
         "query_start_loc": qsl.astype(np.int32),
         "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
-        "conv_slots": np.array([s.slot for s in seqs], dtype=np.int64),
+        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
     }
     conv_total = None
     if cache.conv:

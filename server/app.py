@@ -55,7 +55,13 @@ class ServerState:
         try:
             e = self.cfg.engine
             offload = self._offload or OffloadedModel.load(
-                e.model_dir, e.placement, e.gather, e.device, e.dtype, e.dedup
+                e.model_dir,
+                e.placement,
+                e.gather,
+                e.device,
+                e.dtype,
+                e.dedup,
+                row_format=e.row_format,
             )
             self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
@@ -239,6 +245,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "gather": e.offload.gather,
             "dedup": e.offload.prefetcher.dedup,
             "table_bytes": e.offload.store.bytes_by_tier(),
+            "tables": e.offload.store.describe(),
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,
             "accounting": e.offload.accountant.summary(),

@@ -56,7 +56,23 @@ def test_quick_run_writes_rows_penalties_and_plots(ckpt, tmp_path, capsys):
         assert r["memory"]["table_bytes_by_tier"]["cpu"] > 0
     assert res["rows"][0]["paper"]["penalty_pct"]["total"] == 0.0
     assert res["ceiling"]["gbps"] > 0 and "memcpy" in res["ceiling"]["label"]
-    assert [m["rows"] for m in res["micro"]["rows"]] == [256, 1024]
+    micro = res["micro"]
+    assert [m["rows"] for m in micro["rows"]] == [256, 1024] * 6  # 3 row widths x bf16, fp8
+    assert {(m["format"], m["row_bytes"]) for m in micro["rows"]} == {
+        ("bf16", 128),
+        ("bf16", 256),
+        ("bf16", 512),
+        ("fp8", 66),
+        ("fp8", 132),
+        ("fp8", 264),
+    }
+    assert all(m["resident_gbps"] > 0 and m["worker_gbps"] > 0 for m in micro["rows"])
+    host = micro["host_gather"]
+    assert [h["row_bytes"] for h in host] == [128, 256, 512]
+    assert all(r["memcpy_gbps"] > 0 and r["best_fraction_of_memcpy"] > 0 for r in host[0]["rows"])
+    assert [r["rows"] for r in micro["huge_pages"]["rows"]] == [256, 1024]
+    assert res["model"]["table_memory"]["placement"] == "cpu"
+    assert res["model"]["table_memory"]["row_formats"] == ["bf16"]
     assert res["command"].startswith("engram-bench --quick")
     assert res["environment"]["torch"] == torch.__version__
     for name in ("penalty_vs_batch.png", "stall_per_layer.png", "gbps_vs_rows.png"):
@@ -179,7 +195,9 @@ def test_cuda_host_paths_match_gpu_resident(tmp_path, monkeypatch):
     assert names[0] == "gpu/resident" and "host/staged" in names and "host/uva+dedup" in names
     assert res["tokens_identical"]
     assert "pinned host-to-device" in res["ceiling"]["label"]
-    assert {"staged_s", "uva_s", "resident_s"} <= set(res["micro"]["rows"][0])
+    assert {"staged_s", "uva_s", "resident_s", "index_select_s"} <= set(res["micro"]["rows"][0])
+    assert {"bf16 128 B", "fp8 66 B"} <= set(res["micro"]["crossover_rows"])
+    assert res["model"]["table_memory"]["registered"]
     host = [r for r in res["rows"] if r["placement"] == "host"]
     assert all(r["memory"]["table_bytes_by_tier"]["gpu"] == 0 for r in host)
     assert all(r["memory"]["table_bytes_by_tier"]["host"] > 0 for r in host)
