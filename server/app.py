@@ -26,6 +26,7 @@ from .completions import Completion, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest
+from .tokenization import router as tokenization_router
 
 log = logging.getLogger("engram.server")
 
@@ -278,5 +279,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "chat_template_missing",
         )
 
+    # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
+    app.include_router(tokenization_router, dependencies=[Depends(check_key)])
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     return app
