@@ -47,6 +47,8 @@ class EngineConfig:
         "(quantise at load: half the bytes per row), bf16/f16/f32",
         choices=list(ROW_FORMATS),
     )
+    huge_pages: bool = flag(True, "back host tables with 2 MiB pages where the OS allows")
+    gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")
@@ -79,5 +81,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.gather_threads < 0:
+            raise ValueError("--gather-threads must be 0 (from the core count) or more")
         if self.kv_blocks < 0:
             raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

@@ -131,7 +131,7 @@ class Engine:
                 list(prompt_ids),
                 params,
                 params.generator(i, self.device),
-                Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
+                self._detokenizer(params),
             )
             for i in range(params.n)
         ]
@@ -139,6 +139,17 @@ class Engine:
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         return seqs
+
+    def _detokenizer(self, params: SamplingParams) -> Detokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return Detokenizer(
+            self.tokenizer,
+            params.stop,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
+            params.min_tokens,
+        )
 
     def abort(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -196,7 +207,13 @@ class Engine:
             rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
             picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
-        rows = [SampleRow(s.params, s.output_ids, s.generator) for s in seqs]
+        eos = self.model.config.eos_token_id
+        rows = [
+            SampleRow(
+                s.params, s.output_ids, s.generator, s.params.banned_tokens(len(s.output_ids), eos)
+            )
+            for s in seqs
+        ]
         tokens, lps = sample(picked, rows)
         return [self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, tokens, lps)]
 
@@ -219,10 +236,10 @@ class Engine:
                     owners.append(seq)
         if not rows:
             return
-        k = max(s.params.logprobs for s in owners)
+        k = max(s.params.prompt_logprobs_k for s in owners)
         got = prompt_logprobs(logits[to_device(rows, logits.device)], targets, k)
         for seq, lp in zip(owners, got):
-            lp.top = lp.top[: seq.params.logprobs]
+            lp.top = lp.top[: seq.params.prompt_logprobs_k]
             seq.prompt_logprobs.append(lp)
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
@@ -258,3 +275,4 @@ class Engine:
     def run_until_done(self) -> None:
         while self.has_work:
             self.step()
+        self.runner.rows.flush()  # every step's offload figures booked

@@ -169,6 +169,10 @@ class AutoGather(Prefetcher):
     def start(self, plan, index=None, uploaded=None):
         return self._pick_plan(plan).start(plan, index, uploaded)
 
+    def flush(self) -> None:
+        self.staged.flush()
+        self.uva.flush()
+
     def close(self) -> None:
         self.staged.close()
         self.uva.close()

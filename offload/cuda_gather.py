@@ -2,7 +2,8 @@
 
 Both issue work on one side stream per prefetcher and hand each layer a CUDA event; the
 compute stream waits on that event right before the Engram layer, the step's only sync point.
-Timing uses CUDA events and is read once, in ``close()``, after the step's logits are done.
+Timing uses CUDA events, read once the device has run them (``book``/``flush``): closing a
+step never waits for the device.
 
 Rows land in per-layer device buffers that grow to the largest step seen and are then reused
 (no allocator traffic on the side stream). Before a step writes them again the side stream
@@ -16,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -117,15 +119,16 @@ class _CudaPending(PendingRows):
         return out
 
     def _finish(self) -> None:
-        end = _event()
-        end.record(self.compute)
-        self.pf.released = end  # the next step's gathers may reuse the row buffers after this
-        end.synchronize()
-        self.stats.step_s = self.step_start.elapsed_time(end) / 1e3
+        self.end = _event()
+        self.end.record(self.compute)
+        self.pf.released = self.end  # the next step's gathers may reuse the row buffers after
+
+    def read_timings(self) -> None:
+        """Step, stall, slack and prefetch times from the events (all have completed)."""
+        self.stats.step_s = self.step_start.elapsed_time(self.end) / 1e3
         for lid, st in self.stats.layers.items():
             if lid not in self.ready or lid not in self.need:
                 continue
-            self.ready[lid].synchronize()
             gap = self.need[lid].elapsed_time(self.ready[lid]) / 1e3  # > 0: compute waited
             st.stall_s, st.slack_s = max(0.0, gap), max(0.0, -gap)
             st.prefetch_s = self.host_s.get(lid, 0.0)
@@ -139,6 +142,30 @@ class _CudaPrefetcher(Prefetcher):
             raise ValueError(f"gather {self.name!r} needs a CUDA device, got {self.device}")
         self.side = torch.cuda.Stream(self.device)
         self.released: torch.cuda.Event | None = None
+        self._unbooked: deque[_CudaPending] = deque()
+
+    def book(self, pending: _CudaPending) -> None:
+        """Queue the step; book every queued step the device has finished (no host wait: a
+        step's figures usually land one step later, after its tokens came back)."""
+        self._unbooked.append(pending)
+        self._book_done(wait=False)
+
+    def flush(self) -> None:
+        self._book_done(wait=True)
+
+    def close(self) -> None:
+        self.flush()
+
+    def _book_done(self, wait: bool) -> None:
+        while self._unbooked:
+            pending = self._unbooked[0]
+            if wait:
+                pending.end.synchronize()
+            elif not pending.end.query():
+                return
+            self._unbooked.popleft()
+            pending.read_timings()
+            self.accountant.record(pending.stats)
 
     def _order_side_stream(self, uploaded: torch.cuda.Event | None) -> None:
         """The side stream waits for the step's indices and for the last step's readers."""
@@ -295,3 +322,4 @@ class StagedGather(_CudaPrefetcher):
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.threaded.close()
+        super().close()

@@ -75,11 +75,12 @@ class PendingRows:
         raise NotImplementedError
 
     def close(self) -> StepStats:
-        """The step's forward is done: book its figures (idempotent)."""
+        """The step's forward is issued: hand its figures to the accountant (idempotent). On
+        CUDA they are read from events once the device has run them, without waiting here."""
         if not self.closed:
             self.closed = True
             self._finish()
-            self.pf.accountant.record(self.stats)
+            self.pf.book(self)
         return self.stats
 
     def _finish(self) -> None:
@@ -132,6 +133,12 @@ class Prefetcher:
         if out is None:
             return torch.index_select(table, 0, idx)
         return torch.index_select(table, 0, idx, out=out[: idx.numel()])
+
+    def book(self, pending: PendingRows) -> None:
+        self.accountant.record(pending.stats)
+
+    def flush(self) -> None:
+        """Book every step whose figures are still pending (waits for the device)."""
 
     def close(self) -> None:
         pass

@@ -32,6 +32,7 @@ from .config import ServerConfig
 from .metrics import Metrics
 from .protocol import APIError, CompletionRequest
 from .startup import LINK_BYTES, LoadCancelled, StartupClock, warm_up
+from .tokenization import router as tokenization_router
 
 log = logging.getLogger("engram.server")
 
@@ -114,9 +115,18 @@ class ServerState:
                 path.device,
                 row_format=e.row_format,
                 row_dtype=parse_dtype(e.dtype),
+                huge_pages=e.huge_pages,
             )
         with clock.phase(f"gather setup ({path.gather})"):
-            return OffloadedModel.from_parts(model, tok, store, path.gather, path.device, e.dedup)
+            return OffloadedModel.from_parts(
+                model,
+                tok,
+                store,
+                path.gather,
+                path.device,
+                e.dedup,
+                host_threads=e.gather_threads or None,
+            )
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop loading (at its next phase boundary) and the engine. False when the loader was
@@ -331,5 +341,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "chat_template_missing",
         )
 
+    # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
+    app.include_router(tokenization_router, dependencies=[Depends(check_key)])
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     return app

@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in _cli_fields(EngineConfig) + _cli_fields(ServerConfig):
         name = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        if f.type == "bool":
-            ap.add_argument(name, action="store_true", help=meta["help"])
+        if f.type == "bool":  # a switch; one that defaults on is turned off with --no-NAME
+            off = f.default is True
+            flag = "--no-" + name[2:] if off else name
+            action = "store_false" if off else "store_true"
+            ap.add_argument(flag, dest=f.name, action=action, help=meta["help"])
             continue
         kind = TYPES[f.type.split(" |")[0]]
         ap.add_argument(
@@ -62,11 +65,12 @@ def env_argv(ap: argparse.ArgumentParser) -> list[str]:
         flag = next((o for o in action.option_strings if o.startswith("--")), None)
         if flag is None or flag == "--help":
             continue
-        raw = os.environ.get("ENGRAM_" + flag[2:].upper().replace("-", "_"), "").strip()
+        raw = os.environ.get("ENGRAM_" + action.dest.upper(), "").strip()
         if not raw:
             continue
-        if action.nargs == 0:  # a switch
-            if raw.lower() in ("1", "true", "yes", "on"):
+        if action.nargs == 0:  # a switch: ENGRAM_DEDUP=1 turns it on, ENGRAM_HUGE_PAGES=0 off
+            on = raw.lower() in ("1", "true", "yes", "on")
+            if on != isinstance(action, argparse._StoreFalseAction):
                 out.append(flag)
         else:
             out += [flag, raw]

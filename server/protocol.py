@@ -48,6 +48,7 @@ class APIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage on every chunk
 
 
 class CompletionRequest(BaseModel):
@@ -70,6 +71,27 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # vLLM's extensions (README, "Request extensions")
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v, info):
+        mt = info.data.get("max_tokens")
+        if mt is not None and v > mt:
+            raise ValueError(f"min_tokens ({v}) must be at most max_tokens ({mt})")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, v, info):
+        if v and info.data.get("stream"):  # as vLLM: nothing to put them in a chunk
+            raise ValueError("prompt_logprobs are not available when stream=true")
+        return v
 
     @field_validator("stop")
     @classmethod

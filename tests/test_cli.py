@@ -60,6 +60,9 @@ def test_flags_come_from_environment(monkeypatch):
     assert parse_args(["--port", "7"]).port == 7  # the flag wins
     monkeypatch.setenv("ENGRAM_PLACEMENT", "")  # compose passes unset settings as empty
     assert parse_args([]).placement is None
+    assert parse_args([]).huge_pages is True and parse_args(["--no-huge-pages"]).huge_pages is False
+    monkeypatch.setenv("ENGRAM_HUGE_PAGES", "0")  # a switch that defaults on, turned off
+    assert parse_args([]).huge_pages is False
 
 
 @pytest.mark.parametrize(
