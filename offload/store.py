@@ -19,7 +19,6 @@ torch memory for the cpu tier. ``describe()`` says what the tables got.
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +26,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .hostmem import SMAPS, HostBuffer, huge_bytes_in, thp_mode
+from .hostmem import SMAPS, HostBuffer, PinnedBuffer, host_table_memory, huge_bytes_in, thp_mode
 from .quantize import read_row_formats
 from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8, quantize_fp8
 
-log = logging.getLogger(__name__)
 ROW_FORMATS = ("auto", *FORMATS)  # what a load may ask for; 'auto' keeps tables as stored
 
 
@@ -62,58 +60,6 @@ def cupy_ok() -> bool:
     return cuda_ok()
 
 
-class PinnedBuffer:
-    """Page-locked host memory from CuPy, mapped into the device address space.
-
-    ``host`` is a CPU torch tensor over the buffer (no copy); ``device_view()`` is a CUDA
-    tensor over the same bytes, so a device kernel reads rows straight over PCIe (UVA).
-    """
-
-    def __init__(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cuda"
-    ) -> None:
-        import cupy
-        import numpy as np
-
-        self.shape, self.dtype = tuple(shape), dtype
-        self.device_index = cuda_index(torch.device(device))
-        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        self.nbytes = max(1, n)
-        rt = cupy.cuda.runtime
-        # Mapped + portable: device-visible from every context (zero-copy reads). Allocated
-        # under the target device so pointer attributes (and torch's view) name that device.
-        with cupy.cuda.Device(self.device_index):
-            self._mem = cupy.cuda.PinnedMemory(
-                self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable
-            )
-        self.ptr = int(self._mem.ptr)
-        # PinnedMemoryPointer exports the buffer protocol and holds ``_mem``: the numpy array
-        # (and the torch tensor over it) keep the pinned allocation alive.
-        raw = np.frombuffer(cupy.cuda.PinnedMemoryPointer(self._mem, 0), np.uint8, count=n)
-        self.host = torch.from_numpy(raw).view(dtype).view(self.shape)
-
-    def device_view(self, device: torch.device) -> torch.Tensor:
-        import cupy
-
-        dev = cuda_index(device)
-        with cupy.cuda.Device(dev):
-            # With unified addressing the device pointer equals the host pointer; ask anyway.
-            dptr = int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).devicePointer)
-            mem = cupy.cuda.UnownedMemory(dptr, self.nbytes, self, dev)
-            arr = cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-            flat = torch.as_tensor(arr, device=torch.device("cuda", dev))
-        if flat.data_ptr() != dptr:  # torch copied instead of viewing: refuse, never fill GPU
-            raise RuntimeError(
-                f"mapped host table could not be viewed on cuda:{dev} without a copy; "
-                "use --gather staged"
-            )
-        n = self.host.numel() * self.host.element_size()
-        return flat[:n].view(self.dtype).view(self.shape)
-
-    def describe(self) -> dict:
-        return {"kind": "cuda-pinned", "bytes": self.nbytes, "huge_bytes": 0, "registered": True}
-
-
 def check_placement(placement: Placement, device: torch.device) -> None:
     """ValueError, with the fix, when tables cannot live in ``placement`` for ``device``."""
     if placement is not Placement.CPU and device.type != "cuda":
@@ -127,11 +73,6 @@ def check_placement(placement: Placement, device: torch.device) -> None:
         )
     if placement is Placement.HOST and not cupy_ok():
         raise ValueError("placement 'host' needs CuPy: pip install 'engram-serve[gpu]'")
-
-
-def cuda_index(device: torch.device) -> int:
-    """The CUDA ordinal of ``device`` ("cuda" alone means the current device)."""
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @dataclass
@@ -191,32 +132,6 @@ class Table:
         raise RuntimeError(f"Engram layer {self.layer_id}: table is not in mapped pinned memory")
 
 
-def _host_memory(
-    shape: tuple[int, int], dtype: torch.dtype, placement: Placement, device, huge_pages: bool
-) -> tuple[HostBuffer | PinnedBuffer | None, torch.Tensor]:
-    """Memory for one host-side table and the tensor over it."""
-    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
-    if placement is Placement.CPU:
-        if not huge_pages:
-            return None, torch.empty(shape, dtype=dtype)
-        buf = HostBuffer(nbytes, huge_pages=True)
-        return buf, buf.view(dtype, shape)
-    if huge_pages:
-        buf = HostBuffer(nbytes, huge_pages=True)
-        try:
-            buf.register(device)
-            return buf, buf.view(dtype, shape)
-        except Exception as e:  # keep serving: the page-locked allocation CUDA gives us
-            log.warning(
-                "registering huge-page table memory with CUDA failed (%s); using "
-                "cudaHostAlloc instead",
-                e,
-            )
-            buf.close()
-    pinned = PinnedBuffer(shape, dtype, device)
-    return pinned, pinned.host
-
-
 def new_table(
     layer_id: int,
     shape: tuple[int, int],
@@ -238,7 +153,9 @@ def new_table(
     if placement is Placement.GPU:
         t = torch.empty(stored, dtype=dtype_stored, device=device)
     else:
-        memory, t = _host_memory(stored, dtype_stored, placement, device, huge_pages)
+        memory, t = host_table_memory(
+            stored, dtype_stored, placement is Placement.HOST, device, huge_pages
+        )
     return Table(layer_id, t, placement, memory, fmt, dtype if fp8 else None)
 
 

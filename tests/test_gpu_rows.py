@@ -15,10 +15,10 @@ from offload.autoselect import (
     measure_gathers,
 )
 from offload.cuda_gather import StagedGather, UvaGather
-from offload.hostmem import HostBuffer
+from offload.hostmem import HostBuffer, PinnedBuffer
 from offload.offloaded_model import OffloadedModel
 from offload.rowformat import dequantize_fp8, quantize_fp8
-from offload.store import PinnedBuffer, TableStore, cupy_ok
+from offload.store import TableStore, cupy_ok
 from offload.uva_kernel import gather_rows
 
 from .conftest import tiny_model

@@ -269,7 +269,7 @@ needs_gpu = pytest.mark.skipif(not _cupy_ok(), reason="needs CUDA and CuPy")
 
 
 def _mapped(table_cpu: torch.Tensor) -> tuple[object, torch.Tensor]:
-    from offload.store import PinnedBuffer
+    from offload.hostmem import PinnedBuffer
 
     buf = PinnedBuffer(tuple(table_cpu.shape), table_cpu.dtype, "cuda")
     buf.host.copy_(table_cpu)
