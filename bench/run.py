@@ -84,8 +84,12 @@ def step_figures(steps: list[StepStats], ceiling_gbps: float, timed_gather: bool
 class Clock:
     """``clock(phase)``: sync, read the time, book the steps that follow under ``phase``."""
 
-    def __init__(self, device: torch.device, log: StepLog, profile: bool = False) -> None:
-        self.device, self.log = device, log
+    def __init__(
+        self, device: torch.device, log: StepLog, flush=None, profile: bool = False
+    ) -> None:
+        """``flush()``: book the offload figures of the steps run so far (they are booked once
+        the device has run them), so each lands under the phase it ran in."""
+        self.device, self.log, self.flush = device, log, flush
         self.marks: list[tuple[str | None, float]] = []
         self.timer = KernelTimer(device) if profile else None
         self.busy: dict[str, float] = {}
@@ -93,6 +97,8 @@ class Clock:
     def __call__(self, phase: str | None) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.flush is not None:
+            self.flush()
         if self.timer is not None and self.timer.prof is not None:
             self.busy[self.marks[-1][0]] = self.timer.stop()
         self.marks.append((phase, time.perf_counter()))
@@ -161,7 +167,8 @@ class PathBench:
         cuda = self.device.type == "cuda"
         if cuda and mode == "timed":
             torch.cuda.reset_peak_memory_stats(self.device)
-        clock = Clock(self.device, self.log, profile=mode == "profiled")
+        flush = self.engine.runner.rows.flush
+        clock = Clock(self.device, self.log, flush, profile=mode == "profiled")
         self.log.take()
         try:
             tokens = run_job(self.engine, job, clock, self.progress)

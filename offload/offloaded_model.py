@@ -10,6 +10,8 @@ while loading (``row_format="fp8"``); fp8 rows come back dequantised to the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +65,14 @@ class OffloadedModel:
         row_format: str = "auto",
         huge_pages: bool = True,
         host_threads: int | None = None,
+        phase: Callable[[str], AbstractContextManager] | None = None,
     ) -> OffloadedModel:
         """``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
-        ``host_threads``: the staged path's host gather threads (None: from the core count)."""
+        ``host_threads``: the staged path's host gather threads (None: from the core count);
+        ``phase(name)``: a context manager around each stage (the server times its start-up
+        and stops between stages on shutdown)."""
+        phase = phase or (lambda name: nullcontext())
         path = resolve(device, placement, gather)  # refuse before loading anything
         device, placement, gather = path.device, path.placement, path.gather
         if row_format not in ROW_FORMATS:
@@ -74,18 +80,24 @@ class OffloadedModel:
                 f"unknown row format {row_format!r}; use one of {', '.join(ROW_FORMATS)}"
             )
         model_dir = Path(model_dir) if model_dir else default_model_dir()
-        model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
-        store = TableStore.from_checkpoint(
-            model_dir,
-            model.config.engram_layer_ids,
-            placement,
-            device,
-            progress,
-            row_format=row_format,
-            row_dtype=parse_dtype(dtype),
-            huge_pages=huge_pages,
-        )
-        return cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
+        with phase("device init"):
+            if device.type == "cuda":
+                torch.empty(1, device=device)  # the CUDA context
+        with phase("weights"):
+            model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
+        with phase(f"tables (read + place in {placement.value})"):
+            store = TableStore.from_checkpoint(
+                model_dir,
+                model.config.engram_layer_ids,
+                placement,
+                device,
+                progress,
+                row_format=row_format,
+                row_dtype=parse_dtype(dtype),
+                huge_pages=huge_pages,
+            )
+        with phase(f"gather setup ({gather})"):
+            return cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
 
     @classmethod
     def from_parts(

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,6 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,11 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
-from models.checkpoint import load_checkpoint, parse_dtype
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
-from offload.paths import resolve
-from offload.store import TableStore
 
 from .completions import Completion, wait_or_disconnect
 from .config import ServerConfig
@@ -97,36 +94,20 @@ class ServerState:
                 self.on_load_error()
 
     def _load_offload(self, clock: StartupClock) -> OffloadedModel:
-        """What OffloadedModel.load does (keep the two in step), one timed phase at a time."""
         e = self.cfg.engine
-        path = resolve(e.device, e.placement, e.gather)  # refuse before loading anything
-        with clock.phase("device init"):
-            if path.device.type == "cuda":
-                torch.empty(1, device=path.device)  # the CUDA context
-        with clock.phase("weights"):
-            model, tok = load_checkpoint(
-                e.model_dir, dtype=e.dtype, device=path.device, load_tables=False
-            )
-        with clock.phase(f"tables (read + place in {path.placement.value})"):
-            store = TableStore.from_checkpoint(
-                e.model_dir,
-                model.config.engram_layer_ids,
-                path.placement,
-                path.device,
-                row_format=e.row_format,
-                row_dtype=parse_dtype(e.dtype),
-                huge_pages=e.huge_pages,
-            )
-        with clock.phase(f"gather setup ({path.gather})"):
-            return OffloadedModel.from_parts(
-                model,
-                tok,
-                store,
-                path.gather,
-                path.device,
-                e.dedup,
-                host_threads=e.gather_threads or None,
-            )
+        return OffloadedModel.load(
+            e.model_dir,
+            e.placement,
+            e.gather,
+            e.device,
+            e.dtype,
+            e.dedup,
+            progress=sys.stderr.isatty(),
+            row_format=e.row_format,
+            huge_pages=e.huge_pages,
+            host_threads=e.gather_threads or None,
+            phase=clock.phase,
+        )
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop loading (at its next phase boundary) and the engine. False when the loader was

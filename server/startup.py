@@ -92,6 +92,7 @@ def warm_up(engine: AsyncEngine) -> None:
                     raise RuntimeError(f"warm-up step failed: {out.error}")
     finally:
         eng.stats = stats
+    eng.runner.rows.flush()  # its offload figures are booked now, then forgotten
     forget_steps(engine.offload.accountant)
 
 
