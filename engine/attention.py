@@ -60,6 +60,7 @@ class _Group:
     seqs: torch.Tensor  # [S] rows of the block table
     q_len: int
     kv_len: int  # longest context in the group
+    masked: bool  # False: every query sees the whole kv_len context (no mask needed)
 
 
 def _groups(inp: StepInputs) -> list[_Group]:
@@ -68,13 +69,16 @@ def _groups(inp: StepInputs) -> list[_Group]:
     decodes = [i for i, n in enumerate(inp.lengths) if n == 1]
     if decodes:
         at = torch.tensor(decodes, device=dev)
-        kv_len = max(inp.starts[i] for i in decodes) + 1
-        groups.append(_Group(inp.query_start_loc[at].long(), at, 1, kv_len))
+        ends = {inp.starts[i] + 1 for i in decodes}
+        rows = inp.query_start_loc[at].long()
+        if len(decodes) == len(inp.lengths):  # a decode step: the rows are 0..S-1
+            rows = slice(0, len(decodes))
+        groups.append(_Group(rows, at, 1, max(ends), len(ends) > 1))
     tok = 0
     for i, n in enumerate(inp.lengths):
         if n > 1:
             at = torch.tensor([i], device=dev)
-            groups.append(_Group(slice(tok, tok + n), at, n, inp.starts[i] + n))
+            groups.append(_Group(slice(tok, tok + n), at, n, inp.starts[i] + n, True))
         tok += n
     return groups
 
@@ -91,9 +95,11 @@ class ReferenceAttention:
             ctx = torch.arange(g.kv_len, device=inp.input_ids.device)
             tables = inp.block_tables[g.seqs]
             self.context.append(tables[:, ctx // bs] * bs + ctx % bs)  # [S, L] flat KV index
-            q_pos = inp.positions[g.token_index].view(len(g.seqs), g.q_len)
-            mask = ctx[None, None, :] <= q_pos[:, :, None]  # [S, q, L]
-            self.mask.append(mask.unsqueeze(1))
+            mask = None
+            if g.masked:
+                q_pos = inp.positions[g.token_index].view(len(g.seqs), g.q_len)
+                mask = (ctx[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [S, 1, q, L]
+            self.mask.append(mask)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         write_kv(self.cache, layer, self.inp.slot_mapping, k, v, kernel=False)

@@ -49,6 +49,8 @@ class Uploader:
     ) -> dict[str, torch.Tensor]:
         """Device views of ``parts`` (int32 stays int32, anything else becomes int64) after
         one copy; ``into``: a fixed device byte buffer to land in (what CUDA graphs read)."""
+        if not self.cuda and into is None:  # nothing to copy: the arrays are the inputs
+            return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in parts.items()}
         arrays, total = [], 0
         for name, a in parts.items():
             a = np.ascontiguousarray(a)
