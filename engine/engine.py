@@ -192,7 +192,7 @@ class Engine:
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
         rows = [SampleRow(s.params, s.output_ids, s.generator) for s in seqs]
-        states = [r.generator.get_state() for r in rows]
+        states = [None if r.params.greedy else r.generator.get_state() for r in rows]
         try:
             tokens, lps = sample(logits, rows)
             return list(zip(tokens, lps))
@@ -200,7 +200,8 @@ class Engine:
             log.warning("batched sampling raised; sampling its %d rows one by one", len(rows))
         out = []
         for k, row in enumerate(rows):
-            row.generator.set_state(states[k])
+            if states[k] is not None:  # greedy rows never draw from theirs
+                row.generator.set_state(states[k])
             try:
                 tokens, lps = sample(logits[k : k + 1], [row])
                 out.append((tokens[0], lps[0]))

@@ -41,6 +41,16 @@ def _requests():
 
 
 def test_a_row_that_breaks_the_batched_sampler_fails_alone(model, monkeypatch):
+    _sampler_fault_fails_the_culprit_alone(model, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_row_that_breaks_the_batched_sampler_fails_alone_on_the_device(monkeypatch):
+    _sampler_fault_fails_the_culprit_alone(tiny_model().cuda(), monkeypatch)
+
+
+def _sampler_fault_fails_the_culprit_alone(model, monkeypatch):
     alone = {rid: [s.output_ids for s in seqs] for rid, seqs in _run(model, _requests())[1].items()}
     real, calls = engine_module.sample, []
 

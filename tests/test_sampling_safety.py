@@ -86,10 +86,7 @@ def batches(draw):
     return x, rows
 
 
-@PROPS
-@given(batches())
-def test_any_accepted_values_give_a_valid_token(batch):
-    x, rows = batch
+def _check(x: torch.Tensor, rows: list[SampleRow]) -> None:
     tokens, lps = sample(x, rows)
     vocab = x.shape[1]
     adjusted = adjust_logits(x, rows)
@@ -100,8 +97,8 @@ def test_any_accepted_values_give_a_valid_token(batch):
         if p.greedy:
             assert adjusted[i, tok] == adjusted[i].max()
         else:  # the token is one the filters kept, and at least one always is
-            one = lambda v: torch.tensor([v], dtype=torch.float32)
-            k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab])
+            one = lambda v: torch.tensor([v], dtype=torch.float32, device=x.device)
+            k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab], device=x.device)
             kept, order = filtered_logprobs(
                 adjusted[i : i + 1], one(p.temperature), k, one(p.top_p), one(p.min_p)
             )
@@ -113,6 +110,22 @@ def test_any_accepted_values_give_a_valid_token(batch):
             assert lp.token_id == tok and not math.isnan(lp.logprob) and lp.logprob <= 0
             assert len(lp.top) == min(p.logprobs, vocab)
             assert all(not math.isnan(v) and v <= 0 for _, v in lp.top)
+
+
+@PROPS
+@given(batches())
+def test_any_accepted_values_give_a_valid_token(batch):
+    _check(*batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(PROPS, max_examples=60)
+@given(batches())
+def test_any_accepted_values_give_a_valid_token_on_the_device(batch):
+    x, rows = batch
+    rows = [SampleRow(r.params, r.output_ids, r.params.generator(0, "cuda")) for r in rows]
+    _check(x.cuda(), rows)
 
 
 @PROPS
