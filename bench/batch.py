@@ -11,9 +11,9 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kv_cache import blocks_for
-from engine.model_runner import RowSource
 from engine.sampling import SamplingParams
 from models.llama import EngramForCausalLM
+from offload.prefetch import Prefetcher
 
 BLOCK_SIZE = 16
 
@@ -28,7 +28,7 @@ class Batch:
     def __init__(
         self,
         model: EngramForCausalLM,
-        rows: RowSource,
+        rows: Prefetcher,
         prompts: list[list[int]],
         decode_tokens: int,
         budget: int,

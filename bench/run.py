@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model_runner import RowSource
 from models.llama import EngramForCausalLM
 from offload.accounting import StepStats
 from offload.offloaded_model import OffloadedModel
+from offload.prefetch import Prefetcher
 
 from .batch import Batch, make_prompts
 from .source import ModelSource
@@ -123,7 +123,7 @@ class PathRun:
     """The workloads on one engine: its row source, and the log its steps are booked in."""
 
     model: EngramForCausalLM
-    rows: RowSource
+    rows: Prefetcher
     wl: Workload
     device: torch.device
     ceiling_gbps: float
@@ -252,7 +252,7 @@ def run_path(
     engine = OffloadedModel.from_parts(src.model, None, store, spec.gather, device, spec.dedup)
     # a host-clock timer around an async device gather measures the launch, not the copy
     timed_gather = not (device.type == "cuda" and spec.gather == "resident")
-    run = PathRun(src.model, engine.start_step, wl, device, ceiling_gbps, timed_gather, progress)
+    run = PathRun(src.model, engine.prefetcher, wl, device, ceiling_gbps, timed_gather, progress)
     engine.accountant.subscribe(run.log)
     try:
         run.warm_up()

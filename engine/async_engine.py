@@ -75,7 +75,7 @@ class AsyncEngine:
     ) -> None:
         self.offload, self.config = offloaded, config
         self.engine = Engine(
-            offloaded.model, config, offloaded.start_step, offloaded.tokenizer, stats
+            offloaded.model, config, offloaded.prefetcher, offloaded.tokenizer, stats
         )
         self.model, self.tokenizer = offloaded.model, offloaded.tokenizer
         self.requests: dict[str, RequestStream] = {}

@@ -1,20 +1,57 @@
-"""Attention over the paged KV cache: the SDPA reference path.
+"""Attention over the paged KV cache, two backends with one call shape: ``attend(layer, q, k,
+v)`` writes the new tokens' K/V into the cache, then attends over each sequence's context.
 
-It runs wherever torch runs (the CPU path CI exercises) and is what the paged kernels are
-checked against. Per step, the decodes (one new token each) attend in one SDPA call and each
-prompt chunk in its own; a sequence's context is gathered through its block table and masked
-causally by position.
+- ``PagedAttention``: the Triton kernels of :mod:`engine.paged_attention` read the KV blocks in
+  place (split-K decode, varlen chunked prefill); no context copy, no dense mask. The CUDA
+  default; CPU tests run it in Triton's interpreter.
+- ``ReferenceAttention``: SDPA, the CPU path and what the kernels are checked against. The
+  decodes of a step attend in one SDPA call and each prompt chunk in its own; a sequence's
+  context is gathered through its block table and masked causally by position.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import paged_attention
+from .fused import store_rows
 from .inputs import StepInputs
 from .kv_cache import KVCache
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def pick_backend(choice: str, device: torch.device) -> str:
+    """'auto': the Triton kernels on CUDA when Triton is installed, else the SDPA reference."""
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown attention backend {choice!r}; use one of {', '.join(BACKENDS)}")
+    if choice == "triton" and not paged_attention.triton_available():
+        raise ValueError("attention 'triton' needs Triton (it ships with CUDA builds of torch)")
+    if choice == "triton" and device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        raise ValueError(
+            "attention 'triton' runs on CUDA (or in Triton's interpreter with "
+            "TRITON_INTERPRET=1); use 'reference' on a CPU"
+        )
+    if choice == "auto":
+        cuda = device.type == "cuda" and paged_attention.triton_available()
+        return "triton" if cuda else "reference"
+    return choice
+
+
+def write_kv(cache: KVCache, layer: int, slots: torch.Tensor, k, v, kernel: bool) -> None:
+    """The new tokens' K/V into their slots: one Triton store per tensor on the kernel path
+    (negative slots skipped: CUDA-graph padding), indexed assignment on the reference path."""
+    k_cache, v_cache = cache.k[layer], cache.v[layer]
+    if kernel:
+        store_rows(k_cache, slots, k)
+        store_rows(v_cache, slots, v)
+    else:
+        k_cache[slots] = k.to(k_cache.dtype)
+        v_cache[slots] = v.to(v_cache.dtype)
 
 
 @dataclass
@@ -32,7 +69,7 @@ def _groups(inp: StepInputs) -> list[_Group]:
     if decodes:
         at = torch.tensor(decodes, device=dev)
         kv_len = max(inp.starts[i] for i in decodes) + 1
-        groups.append(_Group(inp.query_start_loc[at], at, 1, kv_len))
+        groups.append(_Group(inp.query_start_loc[at].long(), at, 1, kv_len))
     tok = 0
     for i, n in enumerate(inp.lengths):
         if n > 1:
@@ -59,9 +96,8 @@ class ReferenceAttention:
             self.mask.append(mask.unsqueeze(1))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        write_kv(self.cache, layer, self.inp.slot_mapping, k, v, kernel=False)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache[self.inp.slot_mapping] = k.to(k_cache.dtype)
-        v_cache[self.inp.slot_mapping] = v.to(v_cache.dtype)
         out = torch.empty_like(q)
         heads, hd = q.shape[1], q.shape[2]
         for g, ctx, mask in zip(self.groups, self.context, self.mask):
@@ -71,3 +107,30 @@ class ReferenceAttention:
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
             out[g.token_index] = o.transpose(1, 2).reshape(-1, heads, hd)
         return out
+
+
+class PagedAttention:
+    """``attend`` through the paged kernels: decode when every sequence adds one token (the
+    CUDA-graph path), varlen prefill otherwise."""
+
+    def __init__(self, cache: KVCache, inp: StepInputs) -> None:
+        self.cache, self.inp = cache, inp
+        self.max_query_len = max(inp.lengths)
+        self.scale = cache.config.head_dim**-0.5
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        inp, cache = self.inp, self.cache
+        write_kv(cache, layer, inp.slot_mapping, k, v, kernel=True)
+        args = (q, cache.k[layer], cache.v[layer], inp.block_tables)
+        if self.max_query_len == 1:
+            return paged_attention.paged_attention_decode(
+                *args, inp.context_lens, cache.block_size, self.scale
+            )
+        return paged_attention.paged_attention_prefill(
+            *args,
+            inp.query_start_loc,
+            inp.context_lens,
+            self.max_query_len,
+            cache.block_size,
+            self.scale,
+        )

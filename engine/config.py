@@ -13,6 +13,7 @@ from pathlib import Path
 from models.checkpoint import DTYPES, default_model_dir
 from offload.paths import GATHERS, Placement
 
+from .attention import BACKENDS
 from .kv_cache import blocks_for
 
 
@@ -38,6 +39,18 @@ class EngineConfig:
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")
     kv_blocks: int = flag(0, "KV cache blocks of 16 tokens (0: fit max-num-seqs full contexts)")
+    attention: str = flag(
+        "auto",
+        "attention kernels: Triton paged kernels on CUDA (auto), or the SDPA reference",
+        choices=list(BACKENDS),
+    )
+    enforce_eager: bool = flag(False, "run decode steps eagerly instead of CUDA-graph replay")
+    static_decode: bool | None = flag(
+        None,
+        "decode through the CUDA-graph buffers (None: on CUDA unless enforce_eager; on a CPU "
+        "it runs them eagerly, for tests)",
+        cli=False,
+    )
     block_size: int = flag(16, "tokens per KV block", cli=False)
     prefill_first: bool = flag(False, "no decodes while a prompt is pending", cli=False)
 

@@ -22,11 +22,12 @@ import torch
 
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
+from offload.prefetch import Prefetcher
 
 from .config import EngineConfig
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
-from .model_runner import ModelRunner, RowSource
+from .model_runner import ModelRunner
 from .sampling import (
     BadParams,
     SampleRow,
@@ -34,6 +35,7 @@ from .sampling import (
     TokenLogprobs,
     prompt_logprobs,
     sample,
+    to_device,
 )
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -72,7 +74,7 @@ class Engine:
         self,
         model: EngramForCausalLM,
         config: EngineConfig,
-        rows: RowSource | None = None,
+        rows: Prefetcher | None = None,
         tokenizer: EngramTokenizer | None = None,
         stats: EngineStats | None = None,
     ) -> None:
@@ -89,7 +91,12 @@ class Engine:
             dtype=model.model.embed_tokens.weight.dtype,
             device=self.device,
         )
-        self.runner = ModelRunner(model, self.cache, rows)
+        static = config.static_decode
+        if static is None:
+            static = self.device.type == "cuda" and not config.enforce_eager
+        self.runner = ModelRunner(
+            model, self.cache, rows, config.attention, static, capture=not config.enforce_eager
+        )
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
@@ -175,8 +182,10 @@ class Engine:
         at = [i for i in at if not step.seqs[i].finished]
         if not at:
             return
-        rows_at = last[at] if need_all else np.array(at)
-        picked = logits[torch.from_numpy(rows_at).to(logits.device)]
+        picked = logits  # a decode step: every row is sampled, in order
+        if need_all or len(at) != len(step.seqs):
+            rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
+            picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
         for seq, got in zip(seqs, self._sample(picked, seqs)):
             if isinstance(got, Exception):
@@ -246,7 +255,7 @@ class Engine:
             rows = [r for s in owners for r in wanted[s][0]]
             targets = [t for s in owners for t in wanted[s][1]]
             k = max(s.params.logprobs for s in owners)
-            picked = logits[torch.tensor(rows, device=logits.device)]
+            picked = logits[to_device(rows, logits.device)]
             got = iter(prompt_logprobs(picked, targets, k))
             for seq in owners:
                 for _ in wanted[seq][0]:

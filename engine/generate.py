@@ -9,11 +9,11 @@ import time
 from models.checkpoint import DTYPES
 from models.llama import EngramForCausalLM
 from offload.offloaded_model import OffloadedModel
+from offload.prefetch import Prefetcher
 
 from .config import EngineConfig
 from .engine import Engine
 from .kv_cache import blocks_for
-from .model_runner import RowSource
 from .sampling import SamplingParams
 
 
@@ -24,7 +24,7 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     eos_token_id: int | None = None,
-    rows: RowSource | None = None,
+    rows: Prefetcher | None = None,
     block_size: int = 16,
 ) -> list[list[int]]:
     """Generate for a batch of prompts together on the engine (one prefill step for all, then
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         args.temperature,
         args.seed,
         model.config.eos_token_id,
-        rows=om.start_step,
+        rows=om.prefetcher,
     )[0]
     om.close()
     dt = time.perf_counter() - t0

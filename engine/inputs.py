@@ -10,6 +10,7 @@ at the host buffer itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -19,10 +20,13 @@ from models.engram import ConvStep
 from .kv_cache import KVCache
 from .sequence import Sequence
 
+_TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
 
 class Uploader:
-    """One pinned host buffer per slot (two, alternating), grown as steps grow. A slot is
-    reused only after the copy that last read it has finished (its event)."""
+    """Packs a step's int32/int64 arrays into one host byte buffer (pinned on CUDA, two of
+    them alternating, grown as steps grow) and sends it with one non-blocking copy. A buffer is
+    refilled only after the copy that last read it has finished (its event)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -30,32 +34,49 @@ class Uploader:
         self._host: list[torch.Tensor | None] = [None, None]
         self._done: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
+        self.last_copy: torch.cuda.Event | None = None  # the latest copy (CUDA), else None
 
-    def upload(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        flat = [np.ascontiguousarray(a, dtype=np.int64).reshape(-1) for a in parts.values()]
-        total = sum(a.size for a in flat)
-        if not self.cuda:
-            buf = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.int64))
-            dev = buf
-        else:
-            slot, self._turn = self._turn, self._turn ^ 1
-            if self._done[slot] is not None:
-                self._done[slot].synchronize()
-            host = self._host[slot]
-            if host is None or host.numel() < total:
-                host = torch.empty(
-                    max(total, 2 * (0 if host is None else host.numel()), 4096), dtype=torch.int64
-                ).pin_memory()
-                self._host[slot] = host
-            np.concatenate(flat, out=host.numpy()[:total]) if flat else None
+    def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        host = self._host[slot]
+        if host is None or host.numel() < nbytes:
+            size = max(nbytes, 2 * (0 if host is None else host.numel()), 1 << 15)
+            host = torch.empty(size, dtype=torch.uint8)
+            self._host[slot] = host.pin_memory() if self.cuda else host
+        return self._host[slot]
+
+    def upload(
+        self, parts: dict[str, np.ndarray], into: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Device views of ``parts`` (int32 stays int32, anything else becomes int64) after
+        one copy; ``into``: a fixed device byte buffer to land in (what CUDA graphs read)."""
+        arrays, total = [], 0
+        for name, a in parts.items():
+            a = np.ascontiguousarray(a)
+            if a.dtype not in _TORCH:
+                a = a.astype(np.int64)
+            arrays.append((name, a, total))
+            total += -(-a.nbytes // 8) * 8  # 8-byte aligned: every part views as its dtype
+        slot, self._turn = self._turn, self._turn ^ 1
+        if self._done[slot] is not None:
+            self._done[slot].synchronize()  # the copy that last read this buffer is done
+        host = self._buffer(slot, total)
+        flat = host.numpy()
+        for _, a, off in arrays:
+            flat[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
+        if into is not None:
+            dev = into[:total]
+            dev.copy_(host[:total], non_blocking=self.cuda)
+        elif self.cuda:
             dev = host[:total].to(self.device, non_blocking=True)
-            self._done[slot] = torch.cuda.Event()
-            self._done[slot].record()
-        out, off = {}, 0
-        for (name, a), f in zip(parts.items(), flat):
-            out[name] = dev[off : off + f.size].view(np.shape(a))
-            off += f.size
-        return out
+        else:
+            dev = host[:total]  # on the CPU the host buffer is the device buffer
+        if self.cuda:
+            self._done[slot] = self.last_copy = torch.cuda.Event()
+            self.last_copy.record()
+        return {
+            name: dev[off : off + a.nbytes].view(_TORCH[a.dtype]).view(a.shape)
+            for name, a, off in arrays
+        }
 
 
 @dataclass
@@ -68,16 +89,27 @@ class StepInputs:
     input_ids: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
     slot_mapping: torch.Tensor  # [N] flat KV index each new token is written to
-    block_tables: torch.Tensor  # [S, max_blocks]
-    context_lens: torch.Tensor  # [S] tokens in the cache after this step
-    query_start_loc: torch.Tensor  # [S + 1]
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    context_lens: torch.Tensor  # [S] int32, tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [S + 1] int32
     logits_index: torch.Tensor  # rows of the packed step whose logits are computed
     conv_slots: torch.Tensor  # [S]
     conv_step: ConvStep | None
+    row_index: dict[str, torch.Tensor]  # the lookup plan's indices (fetch{l}, inverse{l})
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+def block_tables(seqs: list[Sequence], rows: int, width: int) -> np.ndarray:
+    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0)."""
+    counts = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
+    blocks = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int64)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    tables = np.zeros((rows, width), dtype=np.int32)
+    tables[np.repeat(np.arange(len(seqs)), counts), np.arange(blocks.size) - first] = blocks
+    return tables
 
 
 def build_inputs(
@@ -86,28 +118,29 @@ def build_inputs(
     cache: KVCache,
     uploader: Uploader,
     all_logits: bool,
+    row_index: dict[str, np.ndarray],
 ) -> StepInputs:
-    """Host arrays for the step (blocks must already be reserved), uploaded in one copy."""
-    bs, cfg = cache.block_size, cache.config
-    lengths = np.array([len(x) for x in new_ids], dtype=np.int64)
-    starts = np.array([s.num_computed for s in seqs], dtype=np.int64)
+    """Host arrays for the step (blocks must already be reserved) and the lookup plan's index
+    arrays, uploaded in one copy."""
+    bs, cfg, n = cache.block_size, cache.config, len(seqs)
+    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
     ends = starts + lengths
-    qsl = np.zeros(len(seqs) + 1, dtype=np.int64)
+    qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=qsl[1:])
-    positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
-    tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        tables[i, : len(s.block_table)] = s.block_table
-    seq_of_tok = np.repeat(np.arange(len(seqs)), lengths)
+    seq_of_tok = np.repeat(np.arange(n), lengths)
+    positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - starts, lengths)
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs))
     parts = {
-        "input_ids": np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
+        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, int(qsl[-1])),
         "positions": positions,
         "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        # the attention kernels' metadata is int32
         "block_tables": tables,
-        "context_lens": ends,
-        "query_start_loc": qsl,
+        "context_lens": ends.astype(np.int32),
+        "query_start_loc": qsl.astype(np.int32),
         "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
-        "conv_slots": np.array([s.slot for s in seqs], dtype=np.int64),
+        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
     }
     conv_total = None
     if cache.conv:
@@ -115,7 +148,7 @@ def build_inputs(
             lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size
         )
         parts.update({f"conv_{k}": v for k, v in arrays.items()})
-    dev = uploader.upload(parts)
+    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
     conv = None
     if conv_total is not None:
         names = ("taps", "hist_pos", "tok_pos", "tail_pos")
@@ -124,5 +157,6 @@ def build_inputs(
         lengths=lengths.tolist(),
         starts=starts.tolist(),
         conv_step=conv,
+        row_index={k: dev[f"row_{k}"] for k in row_index},
         **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
     )

@@ -5,9 +5,11 @@ any length share one bounded pool and admission control can count free blocks. E
 layer also keeps, per sequence slot, the last ``(kernel - 1) * max_ngram_size`` normed gated
 values for its causal ShortConv.
 
-Layout per layer: ``k[l]``, ``v[l]`` are ``[num_blocks * block_size, kv_heads, head_dim]``; the
-token at position p of a sequence lives at ``block_table[p // block_size] * block_size +
-p % block_size``. Attention (reference or paged kernels) reads the blocks in place.
+Layout per layer: ``k[l]``, ``v[l]`` are ``[num_blocks * block_size, kv_heads, head_dim]``;
+the token at position p of a sequence lives at ``block_table[p // block_size] * block_size +
+p % block_size``. Attention (reference or paged kernels) reads the blocks in place. One extra
+conv slot is never handed out: the padding rows of a CUDA-graph batch bucket read it
+(``pad_conv_slot``) and write nothing.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ class KVCache:
         self.max_seqs = max_seqs
         self.device = torch.device(device)
         shape = (num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+        self.pad_conv_slot = max_seqs
         n = config.num_hidden_layers
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n)]
         self.conv_len = (config.engram_kernel_size - 1) * config.engram_max_ngram_size
-        conv_shape = (max_seqs, self.conv_len, config.hidden_size * config.hc_mult)
+        conv_shape = (max_seqs + 1, self.conv_len, config.hidden_size * config.hc_mult)
         self.conv = {
             lid: torch.zeros(conv_shape, dtype=dtype, device=self.device)
             for lid in config.engram_layer_ids

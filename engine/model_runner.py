@@ -8,54 +8,31 @@ then each sequence's cached length and n-gram history advance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.llama import EngramForCausalLM
+from offload.paths import make_prefetcher
+from offload.plan import LookupPlan
+from offload.prefetch import PendingRows, Prefetcher
+from offload.store import TableStore
 
-from .attention import ReferenceAttention
+from .attention import PagedAttention, ReferenceAttention, pick_backend
+from .cuda_graph import DecodeGraphs
+from .fused import fuse_model
 from .inputs import StepInputs, Uploader, build_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
 
 
-class PendingRows(Protocol):
-    """A step's Engram rows in flight (what a prefetcher's ``start`` returns)."""
-
-    def rows(self, layer_id: int) -> torch.Tensor: ...
-
-    def close(self) -> object: ...
-
-
-# ({layer: [N, heads] global row ids}) -> the step's rows, gathers issued at once
-RowSource = Callable[[dict[int, np.ndarray]], PendingRows]
-
-
-class ModelRows:
-    """Rows read from the model's own tables (a model whose tables were loaded with it)."""
-
-    def __init__(self, model: EngramForCausalLM, row_ids: dict[int, np.ndarray]) -> None:
-        self.model, self.row_ids = model, row_ids
-
-    def rows(self, layer_id: int) -> torch.Tensor:
-        table = self.model.engram_table(layer_id)
-        return F.embedding(torch.from_numpy(self.row_ids[layer_id]).to(table.device), table)
-
-    def close(self) -> None:
-        pass
-
-
 class _Step:
     """The :class:`models.llama.StepContext` of one step."""
 
-    def __init__(self, cache: KVCache, inp: StepInputs, rows: PendingRows) -> None:
+    def __init__(self, cache: KVCache, inp: StepInputs, rows: PendingRows, attention: str) -> None:
         self.cache, self.inp, self.pending = cache, inp, rows
         self.positions, self.conv_step = inp.positions, inp.conv_step
-        self.attend = ReferenceAttention(cache, inp)
+        kind = PagedAttention if attention == "triton" else ReferenceAttention
+        self.attend = kind(cache, inp)
 
     def engram_rows(self, layer: int) -> torch.Tensor:
         return self.pending.rows(layer)
@@ -69,12 +46,30 @@ class _Step:
 
 
 class ModelRunner:
+    """``attention``: 'auto' (Triton paged kernels on CUDA, SDPA elsewhere), 'triton' or
+    'reference'. ``decode_graphs``: decode steps take the static-buffer path of
+    :mod:`engine.cuda_graph` (needs the Triton kernels), captured as CUDA graphs when
+    ``capture`` and CUDA, run eagerly through the same buffers otherwise."""
+
     def __init__(
-        self, model: EngramForCausalLM, cache: KVCache, rows: RowSource | None = None
+        self,
+        model: EngramForCausalLM,
+        cache: KVCache,
+        rows: Prefetcher | None = None,
+        attention: str = "auto",
+        decode_graphs: bool = False,
+        capture: bool = True,
     ) -> None:
         self.model, self.cache = model, cache
-        self.rows = rows or (lambda ids: ModelRows(model, ids))
+        # default: the model's own (loaded) tables, gathered in place
+        self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
+        self.attention = pick_backend(attention, cache.device)
+        if self.attention == "triton":  # the device path: fewer, fused kernels per layer
+            fuse_model(model)
+        self.graphs = None
+        if decode_graphs and self.attention == "triton":
+            self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
 
     def step(
         self, seqs: list[Sequence], new_ids: list[list[int]], all_logits: bool = False
@@ -105,15 +100,23 @@ class ModelRunner:
             np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
             np.array([len(x) for x in new_ids]),
         )
-        pending = self.rows(row_ids)  # every layer's gather issued before the forward starts
-        try:
-            inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits)
-            with torch.inference_mode():
-                step = _Step(self.cache, inp, pending)
-                logits = self.model.forward_step(inp.input_ids, step, inp.logits_index)
-        finally:
-            pending.close()
+        plan = self.rows.plan(row_ids)
+        if self.graphs is not None and self.graphs.fits(new_ids, all_logits):
+            logits = self.graphs.step(seqs, new_ids, plan, self.rows)
+        else:
+            logits = self._eager(seqs, new_ids, plan, all_logits)
         for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
             seq.num_computed += len(ids)
             seq.ngram_history = next_hist[i]
         return logits
+
+    def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool) -> torch.Tensor:
+        inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, plan.host_arrays())
+        # every layer's gather is issued now, before the forward pass starts
+        pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
+        try:
+            with torch.inference_mode():
+                step = _Step(self.cache, inp, pending, self.attention)
+                return self.model.forward_step(inp.input_ids, step, inp.logits_index)
+        finally:
+            pending.close()

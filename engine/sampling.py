@@ -29,6 +29,12 @@ class BadParams(ValueError):
         self.param = param
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
+    """A small host list on the device without a host sync (an async copy, not torch.tensor's
+    synchronous one)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -117,8 +123,8 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     if not r:
         return x
     dev = x.device
-    at = (torch.tensor(r, device=dev), torch.tensor(c, device=dev))
-    return x.index_put(at, torch.tensor(v, dtype=x.dtype, device=dev), accumulate=True)
+    at = (to_device(r, dev), to_device(c, dev))
+    return x.index_put(at, to_device(v, dev, x.dtype), accumulate=True)
 
 
 def filtered_logprobs(
@@ -151,11 +157,11 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         return tokens
     dev, V = x.device, x.shape[-1]
     ps = [rows[i].params for i in sampled]
-    vec = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)
+    vec = lambda vals: to_device(vals, dev, torch.float32)
     lp, order = filtered_logprobs(
         x[sampled],
         vec([p.temperature for p in ps]),
-        torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in ps], device=dev),
+        to_device([min(p.top_k, V) if p.top_k > 0 else V for p in ps], dev),
         vec([p.top_p for p in ps]),
         vec([p.min_p for p in ps]),
     )
@@ -210,5 +216,5 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[To
     """Logprob of each target token under the matching row of ``logits`` (prompt scoring)."""
     if not targets:
         return []
-    ids = torch.tensor(targets, device=logits.device)
+    ids = to_device(targets, logits.device)
     return unpack_logprobs(logprobs_of(logits, ids, max(k, 0)).tolist(), [k] * len(targets))

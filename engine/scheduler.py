@@ -45,6 +45,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preempted = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,6 +64,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preempted += 1
         self.cache.free(seq)
         seq.num_computed, seq.ngram_history, seq.status = 0, None, Status.WAITING
         self.running.remove(seq)

@@ -222,6 +222,12 @@ class EngramForCausalLM(nn.Module):
         h = h + layer.self_attn.forward_step(layer.input_layernorm(h), cos, sin, attend)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h))
+
     def forward_step(
         self,
         input_ids: torch.Tensor,
@@ -229,14 +235,15 @@ class EngramForCausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of a packed step: for the rows ``logits_index`` picks (``[len, V]``), or for
-        every new token (``[N, V]``) when it is None."""
-        cos, sin = self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]
+        every new token (``[N, V]``) when it is None. The engine's CUDA-graph path runs the
+        same pieces (``embed_tokens``, ``layer_step``, ``logits``) split at the Engram layers."""
+        cos, sin = self.rope(ctx.positions)
         h = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
             h = self.layer_step(i, h, cos, sin, ctx)
         if logits_index is not None:
             h = h[logits_index]
-        return self.lm_head(self.model.norm(h))
+        return self.logits(h)
 
 
 def init_weights(model: EngramForCausalLM, generator: torch.Generator, skip=()) -> None:

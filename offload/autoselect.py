@@ -92,9 +92,9 @@ class AutoGather(Prefetcher):
     def pick(self, rows: int) -> Prefetcher:
         return self.staged if self.crossover is not None and rows >= self.crossover else self.uva
 
-    def start(self, row_ids):
-        rows = max(v.size for v in row_ids.values())
-        return self.pick(rows).start(row_ids)
+    def start(self, plan, index=None, uploaded=None):
+        rows = max(lp.fetch.size for lp in plan.layers.values())
+        return self.pick(rows).start(plan, index, uploaded)
 
     def close(self) -> None:
         self.staged.close()

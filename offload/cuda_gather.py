@@ -11,7 +11,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from .plan import GatherError, LayerPlan, LookupPlan
@@ -23,8 +22,8 @@ def _event() -> torch.cuda.Event:
 
 
 class _CudaPending(PendingRows):
-    def __init__(self, pf: _CudaPrefetcher, plan: LookupPlan) -> None:
-        super().__init__(pf, plan)
+    def __init__(self, pf: _CudaPrefetcher, plan: LookupPlan, index: dict) -> None:
+        super().__init__(pf, plan, index)
         self.compute = torch.cuda.current_stream(pf.device)
         self.step_start = _event()
         self.step_start.record(self.compute)
@@ -35,35 +34,6 @@ class _CudaPending(PendingRows):
         self.out: dict[int, torch.Tensor] = {}
         self.errors: dict[int, BaseException] = {}
         self.host_s: dict[int, float] = {}
-        self.index_dev: dict[str, torch.Tensor] = {}
-
-    def upload_indices(self, fetch: bool) -> None:
-        """One async H2D copy of every index the device needs this step (fetch rows for UVA,
-        inverse maps when de-duplicating), on the side stream: no host sync per layer."""
-        parts, names = [], []
-        for lid, lp in self.plan.layers.items():
-            if fetch:
-                parts.append(lp.fetch)
-                names.append(f"fetch{lid}")
-            if lp.inverse is not None:
-                parts.append(lp.inverse)
-                names.append(f"inverse{lid}")
-        if not parts:
-            return
-        host = torch.from_numpy(np.concatenate(parts)).pin_memory()
-        with torch.cuda.stream(self.pf.side):
-            dev = host.to(self.pf.device, non_blocking=True)
-        off = 0
-        for name, part in zip(names, parts):
-            self.index_dev[name] = dev[off : off + part.size]
-            off += part.size
-        self.indices_ready = _event()
-        self.indices_ready.record(self.pf.side)
-
-    def _inverse(self, layer_id: int, device: torch.device) -> torch.Tensor:
-        inv = self.index_dev[f"inverse{layer_id}"]
-        inv.record_stream(self.compute)
-        return inv
 
     def _wait(self, layer_id: int) -> torch.Tensor:
         # Mark the moment compute needs the rows before any host wait, so the gap between
@@ -130,11 +100,13 @@ class UvaGather(_CudaPrefetcher):
     def gather_layer(self, lp: LayerPlan, idx: torch.Tensor) -> torch.Tensor:
         return torch.index_select(self.views[lp.layer_id], 0, idx)
 
-    def start(self, row_ids):
-        pending = _CudaPending(self, self.plan(row_ids))
-        pending.upload_indices(fetch=True)
-        for lid, lp in pending.plan.layers.items():
-            idx = pending.index_dev[f"fetch{lid}"]
+    def start(self, plan, index=None, uploaded=None):
+        pending = _CudaPending(self, plan, index if index is not None else self.plan_index(plan))
+        if uploaded is not None:  # the step's indices are still being copied on compute
+            self.side.wait_event(uploaded)
+        for lid, lp in plan.layers.items():
+            idx = pending.index[f"fetch{lid}"]
+            idx.record_stream(self.side)  # read here; allocated on the compute stream
             self._issue_copy(pending, lp, lambda lp=lp, idx=idx: self.gather_layer(lp, idx))
         return pending
 
@@ -188,9 +160,8 @@ class StagedGather(_CudaPrefetcher):
             if lid in pending.ready:
                 self._staging_free[lid][slot] = pending.ready[lid]
 
-    def start(self, row_ids):
-        pending = _CudaPending(self, self.plan(row_ids))
-        pending.upload_indices(fetch=False)
+    def start(self, plan, index=None, uploaded=None):
+        pending = _CudaPending(self, plan, index if index is not None else self.plan_index(plan))
         slot, self._turn = self._turn, self._turn ^ 1
         self._pool.submit(self._work, pending, slot)
         return pending

@@ -2,7 +2,7 @@
 prefetcher, with every step booked by an :class:`Accountant`.
 
     om = OffloadedModel.load("path/to/checkpoint", placement="host", gather="uva")
-    engine = Engine(om.model, EngineConfig(), rows=om.start_step, tokenizer=om.tokenizer)
+    engine = Engine(om.model, EngineConfig(), rows=om.prefetcher, tokenizer=om.tokenizer)
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.checkpoint import default_model_dir, load_checkpoint
@@ -19,7 +18,7 @@ from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
 from .paths import make_prefetcher, resolve
-from .prefetch import PendingRows, Prefetcher
+from .prefetch import Prefetcher
 from .store import Placement, TableStore
 
 
@@ -42,10 +41,6 @@ class OffloadedModel:
     @property
     def gather(self) -> str:
         return self.prefetcher.name
-
-    def start_step(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
-        """Issue a step's gathers: the engine's row source."""
-        return self.prefetcher.start(row_ids)
 
     def close(self) -> None:
         self.prefetcher.close()

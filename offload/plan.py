@@ -42,6 +42,16 @@ class LayerPlan:
 class LookupPlan:
     layers: dict[int, LayerPlan]  # in layer order: the order prefetches are issued
 
+    def host_arrays(self) -> dict[str, np.ndarray]:
+        """The index arrays the device needs (``fetch{layer}``, and ``inverse{layer}`` when
+        de-duplicating), for the engine to send with the rest of the step's inputs."""
+        out = {}
+        for lid, lp in self.layers.items():
+            out[f"fetch{lid}"] = lp.fetch
+            if lp.inverse is not None:
+                out[f"inverse{lid}"] = lp.inverse
+        return out
+
     @classmethod
     def build(
         cls, row_ids: dict[int, np.ndarray], table_rows: dict[int, int], dedup: bool = False

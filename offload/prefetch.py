@@ -1,8 +1,12 @@
 """Prefetch paths: move a step's Engram rows to the compute side while earlier layers run.
 
-One interface: ``start(row_ids)`` builds the step's plan and issues every layer's gather at
-once (before the embedding lookup); the returned :class:`PendingRows` hands a layer its rows
-in ``rows(layer_id)``, waiting for that layer only, and ``close()`` books the step.
+One interface: ``plan(row_ids)`` builds the step's lookup plan on the host; the engine sends
+its index arrays to the device with the rest of the step's inputs (one copy), then
+``start(plan, index, uploaded)`` issues every layer's gather at once, before the forward pass.
+The returned :class:`PendingRows` hands a layer its rows in ``rows(layer_id)``, waiting for that
+layer only, and ``close()`` books the step. ``index`` maps ``fetch{layer}`` / ``inverse{layer}``
+to device tensors; ``uploaded`` is the CUDA event of the copy that filled them (None when the
+copy was synchronous, e.g. on the CPU, or when ``index`` is omitted and built here).
 
 - ``resident``: table on the compute device; gathered in place when needed (the baseline).
 - ``worker`` (no CUDA): a worker thread gathers layer after layer while the main thread runs
@@ -36,8 +40,8 @@ from .store import TableStore
 class PendingRows:
     """The rows of one step, per layer; also its accounting."""
 
-    def __init__(self, pf: Prefetcher, plan: LookupPlan) -> None:
-        self.pf, self.plan = pf, plan
+    def __init__(self, pf: Prefetcher, plan: LookupPlan, index: dict[str, torch.Tensor]) -> None:
+        self.pf, self.plan, self.index = pf, plan, index
         self.t0 = time.perf_counter()
         self.stats = StepStats(num_tokens=next(iter(plan.layers.values())).num_tokens)
         for lid, lp in plan.layers.items():
@@ -55,14 +59,11 @@ class PendingRows:
         lp = self.plan.layers[layer_id]
         out = self._wait(layer_id)
         if lp.inverse is not None:
-            out = out[self._inverse(layer_id, out.device)]
+            out = out[self.index[f"inverse{layer_id}"].to(out.device)]
         return out.view(lp.num_tokens, lp.heads, -1)
 
     def _wait(self, layer_id: int) -> torch.Tensor:
         raise NotImplementedError
-
-    def _inverse(self, layer_id: int, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(self.plan.layers[layer_id].inverse).to(device)
 
     def close(self) -> StepStats:
         """The step's forward is done: book its figures (idempotent)."""
@@ -95,8 +96,18 @@ class Prefetcher:
     def plan(self, row_ids: dict[int, np.ndarray]) -> LookupPlan:
         return LookupPlan.build(row_ids, self.table_rows, self.dedup)
 
-    def start(self, row_ids: dict[int, np.ndarray]) -> PendingRows:
+    def start(
+        self,
+        plan: LookupPlan,
+        index: dict[str, torch.Tensor] | None = None,
+        uploaded: torch.cuda.Event | None = None,
+    ) -> PendingRows:
         raise NotImplementedError
+
+    def plan_index(self, plan: LookupPlan) -> dict[str, torch.Tensor]:
+        """The plan's index arrays on this device, copied here (tools and tests; the engine
+        sends them with the step's single upload instead)."""
+        return {k: torch.from_numpy(v).to(self.device) for k, v in plan.host_arrays().items()}
 
     def gather_host(self, lp: LayerPlan, out: torch.Tensor | None = None) -> torch.Tensor:
         """CPU gather of one layer's rows (used by the worker and staged paths)."""
@@ -113,10 +124,9 @@ class Prefetcher:
 # --- resident -----------------------------------------------------------------------------
 class _ResidentPending(PendingRows):
     def _wait(self, layer_id: int) -> torch.Tensor:
-        lp = self.plan.layers[layer_id]
         table = self.pf.store[layer_id].tensor
         t = time.perf_counter()
-        out = torch.index_select(table, 0, torch.from_numpy(lp.fetch).to(table.device))
+        out = torch.index_select(table, 0, self.index[f"fetch{layer_id}"].to(table.device))
         self.stats.layers[layer_id].prefetch_s = time.perf_counter() - t
         return out
 
@@ -124,14 +134,14 @@ class _ResidentPending(PendingRows):
 class ResidentGather(Prefetcher):
     name = "resident"
 
-    def start(self, row_ids):
-        return _ResidentPending(self, self.plan(row_ids))
+    def start(self, plan, index=None, uploaded=None):
+        return _ResidentPending(self, plan, index if index is not None else self.plan_index(plan))
 
 
 # --- CPU worker ---------------------------------------------------------------------------
 class _WorkerPending(PendingRows):
-    def __init__(self, pf: WorkerGather, plan: LookupPlan) -> None:
-        super().__init__(pf, plan)
+    def __init__(self, pf: WorkerGather, plan: LookupPlan, index: dict) -> None:
+        super().__init__(pf, plan, index)
         self.ready = {lid: threading.Event() for lid in plan.layers}
         self.out: dict[int, torch.Tensor] = {}
         self.errors: dict[int, BaseException] = {}
@@ -174,8 +184,8 @@ class WorkerGather(Prefetcher):
     def gather_layer(self, lp: LayerPlan) -> torch.Tensor:
         return self.gather_host(lp)
 
-    def start(self, row_ids):
-        pending = _WorkerPending(self, self.plan(row_ids))
+    def start(self, plan, index=None, uploaded=None):
+        pending = _WorkerPending(self, plan, index if index is not None else self.plan_index(plan))
         self._pool.submit(pending.work)
         return pending
 

@@ -159,6 +159,17 @@ class TableStore:
         return out
 
     @classmethod
+    def from_model(cls, model) -> TableStore:
+        """A store over a loaded model's own tables (no copy), on the model's device: the
+        resident baseline for a model whose tables were loaded with it."""
+        tables = {}
+        for lid in model.config.engram_layer_ids:
+            t = model.engram_table(lid).detach()
+            placement = Placement.GPU if t.device.type == "cuda" else Placement.CPU
+            tables[lid] = Table(lid, t, placement)
+        return cls(tables, placement if tables else Placement.CPU)
+
+    @classmethod
     def allocate(
         cls,
         shapes: dict[int, tuple[int, int]],

@@ -133,7 +133,7 @@ def test_synthetic_builder_tiny_model_and_store():
     engine = OffloadedModel.from_parts(model, None, store, "worker", "cpu")
     from engine.generate import generate
 
-    out = generate(model, [[1, 2, 3], [4, 5]], 3, rows=engine.start_step)
+    out = generate(model, [[1, 2, 3], [4, 5]], 3, rows=engine.prefetcher)
     engine.close()
     assert [len(x) for x in out] == [3, 3]
 

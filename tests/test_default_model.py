@@ -109,7 +109,7 @@ def test_greedy_outputs_are_the_recorded_ones():
     om = OffloadedModel.load(None, placement="cpu", gather="worker", progress=False)
     prompts = [c["prompt_ids"] for c in rec["cases"]]
     eos = om.model.config.eos_token_id
-    got = generate(om.model, prompts, rec["max_tokens"], eos_token_id=eos, rows=om.start_step)
+    got = generate(om.model, prompts, rec["max_tokens"], eos_token_id=eos, rows=om.prefetcher)
     om.close()
     assert got == [c["output_ids"] for c in rec["cases"]]
     assert om.tokenizer.encode(rec["cases"][0]["prompt"]) == prompts[0]

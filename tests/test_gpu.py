@@ -61,12 +61,12 @@ def test_offloaded_paths_match_resident_tokens_and_logits(gather, dedup):
     model = _cuda_model()
     resident = OffloadedModel.from_model(model, "gpu", "resident", device="cuda")
     engine = OffloadedModel.from_model(model, "host", gather, device="cuda", dedup=dedup)
-    ref = generate(model, PROMPTS, 200, rows=resident.start_step)  # long: staging reused
-    assert generate(model, PROMPTS, 200, rows=engine.start_step) == ref
+    ref = generate(model, PROMPTS, 200, rows=resident.prefetcher)  # long: staging reused
+    assert generate(model, PROMPTS, 200, rows=engine.prefetcher) == ref
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 300, size=30).tolist() for _ in range(3)]
     outs = []
-    for rows in (resident.start_step, engine.start_step):
+    for rows in (resident.prefetcher, engine.prefetcher):
         cache = KVCache(model.config, 32, 4, 3, device="cuda")
         runner = ModelRunner(model, cache, rows)
         seqs = [new_seq(cache) for _ in ids]
@@ -88,7 +88,7 @@ def test_out_of_range_row_is_refused_before_any_device_read():
     lid = model.config.engram_layer_ids[0]
     rows = engine.store[lid].rows
     with pytest.raises(GatherError, match=f"Engram layer {lid}: row {rows} is outside"):
-        engine.start_step({lid: np.array([[0], [rows]])})
+        engine.prefetcher.plan({lid: np.array([[0], [rows]])})
     torch.cuda.synchronize()  # the context is still healthy: no device-side assert fired
 
 
@@ -104,9 +104,9 @@ def test_staged_fault_surfaces_naming_the_layer():
 
     engine.prefetcher.gather_layer = failing
     with pytest.raises(GatherError, match="Engram layer 2: gather failed"):
-        generate(model, PROMPTS, 3, rows=engine.start_step)
+        generate(model, PROMPTS, 3, rows=engine.prefetcher)
     engine.prefetcher.gather_layer = real
     resident = OffloadedModel.from_model(model, "gpu", "resident", device="cuda")
-    assert generate(model, PROMPTS, 3, rows=engine.start_step) == generate(
-        model, PROMPTS, 3, rows=resident.start_step
+    assert generate(model, PROMPTS, 3, rows=engine.prefetcher) == generate(
+        model, PROMPTS, 3, rows=resident.prefetcher
     )

@@ -31,10 +31,10 @@ def test_every_cpu_path_gives_identical_tokens_and_logits():
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 300, size=30).tolist() for _ in range(3)]
     for gather, dedup, engine in _engines(model):
-        assert generate(model, PROMPTS, 40, rows=engine.start_step) == ref, (gather, dedup)
+        assert generate(model, PROMPTS, 40, rows=engine.prefetcher) == ref, (gather, dedup)
         # logits, ragged prefill chunks, compared bit for bit with the resident model
         outs = []
-        for rows in (None, engine.start_step):
+        for rows in (None, engine.prefetcher):
             cache = KVCache(model.config, num_blocks=32, block_size=4, max_seqs=3)
             runner = ModelRunner(model, cache, rows)
             seqs = [new_seq(cache) for _ in ids]
@@ -49,7 +49,7 @@ def test_sequences_join_and_leave_between_steps_long_run():
     model = tiny_model(4)
     engine = OffloadedModel.from_model(model, "cpu", "worker", dedup=True)
     results = {}
-    for rows in (None, engine.start_step):
+    for rows in (None, engine.prefetcher):
         cache = KVCache(model.config, num_blocks=128, block_size=4, max_seqs=3)
         runner = ModelRunner(model, cache, rows)
         live: dict[int, tuple] = {}
@@ -129,10 +129,10 @@ def test_worker_fault_surfaces_in_the_step_naming_the_layer():
     engine.prefetcher.gather_layer = failing
     t = time.perf_counter()
     with pytest.raises(GatherError, match="Engram layer 2: gather failed: RuntimeError: injected"):
-        generate(model, PROMPTS, 4, rows=engine.start_step)
+        generate(model, PROMPTS, 4, rows=engine.prefetcher)
     assert time.perf_counter() - t < 10
     engine.prefetcher.gather_layer = real  # the engine keeps serving after the fault
-    assert generate(model, PROMPTS, 4, rows=engine.start_step) == generate(model, PROMPTS, 4)
+    assert generate(model, PROMPTS, 4, rows=engine.prefetcher) == generate(model, PROMPTS, 4)
 
 
 def test_hung_gather_times_out_instead_of_hanging():
@@ -148,7 +148,7 @@ def test_hung_gather_times_out_instead_of_hanging():
     engine.prefetcher.gather_layer = hang
     t = time.perf_counter()
     with pytest.raises(GatherError, match="Engram layer 0: rows not ready after"):
-        generate(model, PROMPTS, 2, rows=engine.start_step)
+        generate(model, PROMPTS, 2, rows=engine.prefetcher)
     assert time.perf_counter() - t < 3
     release.set()
     engine.close()
@@ -157,7 +157,7 @@ def test_hung_gather_times_out_instead_of_hanging():
 def test_accounting_books_bytes_rows_and_stall_per_layer():
     model = tiny_model()
     engine = OffloadedModel.from_model(model, "cpu", "worker")
-    generate(model, PROMPTS, 6, rows=engine.start_step)
+    generate(model, PROMPTS, 6, rows=engine.prefetcher)
     s = engine.accountant.summary()
     assert s["steps"] == 6
     width = model.config.engram_head_dim * 4  # float32 rows
@@ -188,8 +188,8 @@ def test_store_loads_checkpoint_tables_in_chunks(tmp_path):
     engine = OffloadedModel.load(tmp_path, placement="cpu", gather="worker", progress=False)
     resident = OffloadedModel.load(tmp_path, placement="cpu", gather="resident", progress=False)
     assert engine.model.engram_table(0).is_meta  # the tables live only in the store
-    a = generate(engine.model, PROMPTS, 8, rows=engine.start_step)
-    assert a == generate(resident.model, PROMPTS, 8, rows=resident.start_step)
+    a = generate(engine.model, PROMPTS, 8, rows=engine.prefetcher)
+    assert a == generate(resident.model, PROMPTS, 8, rows=resident.prefetcher)
 
 
 def test_placement_errors_are_clear():
