@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictInt,
     StrictStr,
     WithJsonSchema,
     field_validator,
@@ -63,8 +63,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def json_int(v):
+    """JSON has one number type: 2.0 is the integer 2, as JSON Schema's "integer" says. A
+    boolean, a string or 2.5 stays what it is and is refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# (limits go before the validator, or the JSON schema shows them as unknown keywords)
+JsonInt = BeforeValidator(json_int)
+Int = Annotated[int, JsonInt]
+NonNegative = Annotated[int, Field(ge=0), JsonInt]
+Count = Annotated[int, Field(ge=1, le=16), JsonInt]
 Text = Annotated[StrictStr, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
+NoSuffix = Annotated[
+    str, WithJsonSchema({"type": "string", "maxLength": 0, "description": "not supported"})
+]
 # OpenAI's form: token ids as decimal strings -> bias added to the logit, -100..100
 LogitBias = Annotated[
     dict[str, float],
@@ -91,22 +105,22 @@ class CompletionRequest(BaseModel):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt
+    max_tokens: NonNegative | None = 16  # 0 only with echo: score the prompt
     temperature: float = Unit(1.0, ge=0.0, le=2.0)
     top_p: float = Unit(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    n: int = Field(1, ge=1, le=16)
-    best_of: int | None = Field(None, ge=1, le=16)
+    top_k: Annotated[int, Field(ge=-1), JsonInt] = -1
+    n: Count = 1
+    best_of: Count | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: Annotated[int, Field(ge=0, le=20), JsonInt] | None = None
     echo: bool = False
     presence_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
-    suffix: str | None = None
+    suffix: NoSuffix | None = None  # refused unless empty
     user: str | None = None
 
     @field_validator("logit_bias")
