@@ -95,7 +95,7 @@ Unit = partial(Field, allow_inf_nan=False)  # NaN/Infinity are not numbers the A
 
 class CompletionRequest(BaseModel):
     # Unknown fields are ignored, as OpenAI's server does. Types are strict, as OpenAI's are:
-    # a boolean is not a token id, "5" is not a number.
+    # a boolean is not a token id, "5" is not a number (2.0 is 2: JSON has one number type).
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
