@@ -1,18 +1,20 @@
 """``engram-bench``: the offload penalty report.
 
-One process, one model, one workload, run once per table placement and gather path: the
-resident baseline first, then every offloaded path. Every row gets the same weights, prompts
-and seeds, decodes greedily, and must produce the same tokens as the baseline; a row that does
-not fails the run, by name. Alongside tokens/s and the % penalty each row reports stall,
-bytes moved and achieved GB/s against a link ceiling measured in the same run, plus memory.
+One process, one model, the same jobs on every path: the resident baseline and every
+offloaded gather path, each with its own prefetcher and engine built once (they share one KV
+cache; only one runs at a time). Every path first runs every job once untimed (warm-up, with
+the checks), then the jobs are timed in ``--repeats`` interleaved rounds, rotating the paths'
+order. Each figure is a median with its min-max; a penalty smaller than the baseline's own
+spread is reported as noise. Per path: rows bit-identical to the resident table (always
+required), greedy tokens identical to the baseline (required in ``--deterministic`` mode, the
+default; otherwise the share is reported), logits' largest difference; bytes a step must read
+against peak memory bandwidth, the GPU-busy share (CUDA), stall and achieved GB/s against the
+link ceiling, memory.
 
-Workloads:
-- paper: N sequences, prompt lengths Uniform(MIN, MAX) (fixed seed, random ids), prefilled in
-  chunks under a token budget, then M decode steps with all sequences together; prefill and
-  decode are timed separately;
-- sweep: steady decode at several batch sizes (short prompts, untimed prefill and warm-up).
-A gather microbenchmark (CUDA: staged vs UVA vs device-resident; CPU: resident vs worker
-thread) times rows per step against the same ceiling and reports the staged/UVA crossover.
+Jobs: ``paper`` (N prompts of Uniform(MIN, MAX) random tokens, chunked prefill then M decode
+steps, both timed) and one ``sweep`` point per batch size (steady decode, timed after an
+untimed prefill). A gather microbenchmark (CUDA: staged vs UVA vs device-resident; CPU:
+resident vs worker thread) times rows per gather against the same ceiling.
 """
 
 from __future__ import annotations
@@ -21,32 +23,38 @@ import argparse
 import datetime as dt
 import importlib.util
 import json
+import os
 import shlex
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from engine import determinism
 from models.checkpoint import default_model_dir
 from offload import paths
 from offload.link import measure_link
 from offload.store import Placement
 
 from .micro import run_micro
-from .report import PROG, environment, report, slug
-from .run import BenchError, PathSpec, Workload, add_penalties, run_path, token_failures
+from .provenance import environment
+from .report import PROG, report, slug
+from .roofline import kv_bytes_per_token, measure_memory_bandwidth, weight_bytes
+from .rounds import run_paths
 from .source import ModelSource, checkpoint_source, synthetic_source
+from .summary import Context, build_rows, failures
 from .synthetic import SHAPES, engram_param_count
+from .workload import BenchError, PathSpec, Workload
 
 # (quick, cuda) -> num seqs, decode tokens, tokens/step budget, sweep batch sizes, sweep steps,
-# microbenchmark rows (log2), ceiling copy size (MiB)
+# microbenchmark rows (log2), link ceiling copy (MiB), memory-bandwidth copy (MiB)
 DEFAULTS = {
-    (True, False): (8, 32, 512, [1, 4, 16], 16, (10, 12, 14, 16), 64),
-    (False, False): (16, 64, 2048, [1, 8, 32, 64], 16, (10, 12, 14, 16, 18), 256),
-    (True, True): (16, 32, 4096, [1, 8, 32], 16, (10, 14, 18), 256),
-    (False, True): (128, 128, 8192, [1, 8, 32, 128, 512], 32, (10, 12, 14, 16, 18, 20), 1024),
+    (True, False): (8, 32, 512, [1, 4, 16], 16, (10, 12, 14, 16), 64, 64),
+    (False, False): (16, 64, 2048, [1, 8, 32, 64], 16, (10, 12, 14, 16, 18), 256, 256),
+    (True, True): (16, 32, 4096, [1, 8, 32], 16, (10, 14, 18), 256, 256),
+    (False, True): (128, 128, 8192, [1, 8, 32, 128, 512], 32, (10, 12, 14, 16, 18, 20), 1024, 1024),
 }
 
 
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--placement",
         choices=[p.value for p in Placement],
         default=None,
-        help="offloaded tier (default: host on CUDA, cpu otherwise)",
+        help="offloaded tier (default: host with CUDA and CuPy, gpu with CUDA only, else cpu)",
     )
     ap.add_argument(
         "--gathers",
@@ -106,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-steps", type=int, default=None)
     ap.add_argument("--sweep-prompt-len", type=int, default=16)
     ap.add_argument("--micro-rows", type=_int_list, default=None, metavar="N1,N2,...")
-    ap.add_argument("--repeats", type=int, default=3, help="microbenchmark repeats")
+    ap.add_argument("--micro-repeats", type=int, default=3, help="microbenchmark repeats")
     ap.add_argument(
-        "--runs",
+        "--repeats",
         type=int,
         default=None,
-        help="runs per workload, fastest kept (default 3; 1 on CUDA)",
+        help="interleaved timed rounds, after one warm-up run (default 3; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deterministic kernels, and fail unless every path's greedy tokens are identical "
+        "(--no-deterministic: report the share of identical tokens instead)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-DEVICE)")
@@ -136,7 +151,8 @@ def resolve_device(choice: str) -> torch.device:
 def resolve_paths(args, device: torch.device) -> list[PathSpec]:
     """The baseline (resident on the compute device) and every offloaded path asked for."""
     cuda = device.type == "cuda"
-    placement = Placement(args.placement or ("host" if cuda else "cpu"))
+    # host with CUDA and CuPy, gpu with CUDA only, cpu without: the server's default too
+    placement = Placement(args.placement) if args.placement else paths.default_placement(device)
     # by default every path of the tier except plain 'resident', which the baseline already is
     allowed = paths.valid_gathers(placement)
     default = [g for g in allowed if g != "resident"] or list(allowed)
@@ -158,7 +174,8 @@ def resolve_paths(args, device: torch.device) -> list[PathSpec]:
 
 
 def resolve_workload(args, device: torch.device, max_positions: int) -> Workload:
-    n, m, budget, sizes, steps, micro, ceiling_mib = DEFAULTS[(args.quick, device.type == "cuda")]
+    defaults = DEFAULTS[(args.quick, device.type == "cuda")]
+    n, m, budget, sizes, steps, micro, ceiling_mib, memory_mib = defaults
     pick = lambda value, default: default if value is None else value
     wl = Workload(
         num_seqs=pick(args.num_seqs, n),
@@ -170,16 +187,18 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         sweep_steps=pick(args.sweep_steps, steps),
         sweep_warmup=2,
         micro_rows=pick(args.micro_rows, [1 << k for k in micro]),
-        micro_repeats=args.repeats,
+        micro_repeats=args.micro_repeats,
         ceiling_bytes=ceiling_mib << 20,
+        memory_bytes=memory_mib << 20,
         seed=args.seed,
-        runs=pick(args.runs, 1 if device.type == "cuda" and not args.quick else 3),
+        repeats=pick(args.repeats, 1 if args.quick else 3),
     )
-    for name in ("num_seqs", "max_batched_tokens", "sweep_prompt_len", "sweep_steps"):
+    names = ("num_seqs", "max_batched_tokens", "sweep_prompt_len", "sweep_steps", "repeats")
+    for name in (*names, "micro_repeats"):
         if getattr(wl, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
-    if wl.decode_tokens < 0 or wl.micro_repeats < 1 or wl.runs < 1:
-        raise BenchError("--decode-tokens must be >= 0, --repeats and --runs >= 1")
+    if wl.decode_tokens < 0:
+        raise BenchError("--decode-tokens must be >= 0")
     # prompts must leave room for the decode tokens within the model's positions
     room = max_positions - wl.decode_tokens - 1
     if room < 1:
@@ -223,35 +242,8 @@ def load_source(args, device: torch.device, dtype: str, progress: bool) -> Model
     return src
 
 
-def run_rows(
-    src: ModelSource,
-    paths: list[PathSpec],
-    wl: Workload,
-    device: torch.device,
-    ceiling_gbps: float,
-    progress: bool,
-) -> tuple[list[dict], list[dict[str, list[list[int]]]]]:
-    """Every row, the baseline first, then the rows sharing its tier, then the others grouped
-    by tier (so each tier's tables are built once and freed once no later row needs them)."""
-    rows, tokens = [], []
-    ordered = [paths[0]] + sorted(paths[1:], key=lambda p: p.placement != paths[0].placement)
-    keep = Placement.HOST.value if device.type == "cuda" else Placement.CPU.value
-    bar = tqdm(ordered, desc=PROG, unit="row", disable=not progress)
-    for k, spec in enumerate(bar):
-        bar.set_postfix_str(spec.name)
-        try:
-            row, toks = run_path(src, spec, wl, device, ceiling_gbps, progress)
-        except (RuntimeError, ValueError) as e:  # CUDA OOM, a failed gather, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise BenchError(f"row '{spec.name}' failed: {type(e).__name__}: {first}") from e
-        rows.append(row)
-        tokens.append(toks)
-        if spec.placement != keep and spec.placement not in {p.placement for p in ordered[k + 1 :]}:
-            src.drop(spec.placement)
-    return rows, tokens
-
-
 def run(args, command: str) -> tuple[dict, Path, int]:
+    started = time.perf_counter()
     progress = sys.stderr.isatty()
     device = resolve_device(args.device)
     threads = args.threads or (1 if args.quick and device.type == "cpu" else None)
@@ -260,8 +252,18 @@ def run(args, command: str) -> tuple[dict, Path, int]:
             raise BenchError(f"--threads must be at least 1, got {threads}")
         # one compute thread keeps OpenMP from spinning against a busy machine's other work
         torch.set_num_threads(threads)
-    paths = resolve_paths(args, device)
+    specs = resolve_paths(args, device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    # before anything touches CUDA: cuBLAS reads its workspace setting once
+    previous = determinism.set_deterministic(True) if args.deterministic else None
+    try:
+        return _run(args, command, started, progress, device, specs, dtype)
+    finally:
+        if previous is not None:
+            determinism.apply(previous)
+
+
+def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, Path, int]:
     src = load_source(args, device, dtype, progress)
     cfg = src.model.config
     wl = resolve_workload(args, device, cfg.max_position_embeddings)
@@ -271,31 +273,57 @@ def run(args, command: str) -> tuple[dict, Path, int]:
     out_dir = Path(args.out or f"bench/results/{now:%Y%m%d-%H%M%S}-{tag}")
 
     ceiling = measure_link(device, wl.ceiling_bytes)
-    rows, tokens = run_rows(src, paths, wl, device, ceiling.gbps, progress)
-    failures = token_failures(rows, tokens)
-    add_penalties(rows)
-    micro = run_micro(src, device, wl, ceiling.gbps, paths[-1].placement)
+    memory = measure_memory_bandwidth(device, wl.memory_bytes)
+    benches, jobs, times = run_paths(src, specs, wl, device, args.deterministic, progress)
+    ctx = Context(
+        ceiling.gbps,
+        memory["gbps"],
+        weight_bytes(src.model),
+        kv_bytes_per_token(src.model),
+        wl.repeats,
+    )
+    built = build_rows(benches, jobs, ctx)
+    del benches  # their engines and KV cache: the microbenchmark needs the memory
+    rows = built["rows"]
+    failed = failures(rows, args.deterministic)
+    t0 = time.perf_counter()
+    micro = run_micro(src, device, wl, ceiling.gbps, specs[-1].placement)
+    times["micro_s"] = time.perf_counter() - t0
+    table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages
     src.drop_all()
+    times["total_s"] = time.perf_counter() - started
 
     res = {
         "command": command,
         "date": now.isoformat(timespec="seconds"),
         "environment": env,
+        "deterministic": {
+            "enabled": args.deterministic,
+            "settings": determinism.current().as_dict(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        },
         "model": {
             "description": src.description,
             "dtype": dtype,
             "engram_table_params": engram_param_count(src.model),
+            "weight_bytes_per_step": ctx.weight_bytes,
+            "kv_bytes_per_token": ctx.kv_bytes_per_token,
             "config": cfg.to_dict(),
+            "table_memory": table_memory,
             **src.info,
         },
         "workload": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(wl).items()},
         "ceiling": {**asdict(ceiling), "gbps": ceiling.gbps},
+        "memory_bandwidth": memory,
         "rows": rows,
-        "tokens_identical": not failures,
-        "failures": failures,
+        "host_rss_bytes": built["host_rss_bytes"],
+        "rows_identical": all(r["checks"]["rows"]["ok"] for r in rows),
+        "tokens_identical": all(r["checks"]["tokens"]["all_identical"] for r in rows),
+        "failures": failed,
         "micro": micro,
+        "bench_seconds": times,
     }
-    return res, out_dir, len(failures)
+    return res, out_dir, len(failed)
 
 
 # --- outputs ---------------------------------------------------------------------------------

@@ -27,9 +27,15 @@ def figure(res: dict, what: str, path: Path) -> Iterator[plt.Axes]:
 
 
 def plot_penalty_vs_batch(res: dict, path: Path) -> Path:
-    with figure(res, "offload penalty vs batch size", path) as ax:
+    """Median penalties; the grey band is the baseline's own spread (the noise)."""
+    with figure(res, "offload penalty vs batch size (grey: baseline's spread)", path) as ax:
+        noise = [(s["batch_size"], s["penalty"]["noise_pct"]) for s in res["rows"][0]["sweep"]]
+        noise = [(b, n) for b, n in noise if n is not None]
+        if noise:
+            xs, ns = zip(*noise)
+            ax.fill_between(xs, [-n for n in ns], ns, color="grey", alpha=0.25, lw=0)
         for row in res["rows"][1:]:
-            pts = [(s["batch_size"], s["penalty_pct"]) for s in row["sweep"]]
+            pts = [(s["batch_size"], s["penalty"]["pct"]) for s in row["sweep"]]
             pts = [(b, p) for b, p in pts if p is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=row["name"])
@@ -61,21 +67,37 @@ def plot_stall_per_layer(res: dict, path: Path) -> Path:
 
 
 def plot_gbps_vs_rows(res: dict, path: Path) -> Path:
+    """One panel per row width: GB/s per path, bf16 solid and fp8 dashed, against the ceiling."""
     micro, ceil = res.get("micro") or {}, res["ceiling"]
-    with figure(res, "gather bandwidth vs rows", path) as ax:
-        for p in micro.get("paths", []):
-            pts = [(m["rows"], m[f"{p}_gbps"]) for m in micro["rows"]]
-            ax.plot(*zip(*pts), marker="o", label=p)
-        ax.axhline(ceil["gbps"], color="black", ls="--", lw=1, label=f"ceiling: {ceil['label']}")
-        if micro.get("crossover_rows"):
-            ax.axvline(micro["crossover_rows"], color="grey", ls=":", label="staged/UVA crossover")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rows per gather")
-        ax.set_ylabel("GB/s")
+    widths = sorted({m.get("values", 0) for m in micro.get("rows", [])}) or [0]
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 4.5), squeeze=False)
+    try:
+        for ax, values in zip(axes[0], widths):
+            rows = [m for m in micro.get("rows", []) if m.get("values", 0) == values]
+            for k, p in enumerate(micro.get("paths", [])):
+                for fmt, style in (("bf16", "-"), ("fp8", "--")):
+                    pts = [(m["rows"], m[f"{p}_gbps"]) for m in rows if m.get("format") == fmt]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", color=f"C{k}", label=f"{p} {fmt}")
+            ax.axhline(ceil["gbps"], color="black", ls=":", lw=1, label="ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("rows per gather")
+            ax.set_title(f"{values} values per row" if values else "", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("GB/s (bytes moved)")
         if micro.get("skipped"):
-            ax.text(0.5, 0.5, micro["skipped"], transform=ax.transAxes, ha="center", fontsize=8)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+            axes[0][0].text(0.5, 0.5, micro["skipped"], transform=axes[0][0].transAxes,
+                            ha="center", fontsize=8)  # fmt: skip
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(
+            f"gather bandwidth vs rows (ceiling: {ceil['label']})\n"
+            f"{res['model']['description']} on {res['environment']['device']}",
+            fontsize=9,
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

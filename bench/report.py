@@ -1,4 +1,4 @@
-"""What ``engram-bench`` prints and records about where it ran: text tables and the environment.
+"""What ``engram-bench`` prints: text tables of a result.
 
 ``report`` reads only the result dict (the same one written to ``bench.json``), so a saved
 result can be printed again.
@@ -6,54 +6,11 @@ result can be printed again.
 
 from __future__ import annotations
 
-import os
-import platform
 import re
-from pathlib import Path
 
-import numpy as np
-import torch
+from .stats import fmt_penalty, fmt_spread
 
 PROG = "engram-bench"
-
-
-# --- environment -----------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine())
-
-
-def environment(device: torch.device) -> dict:
-    env = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "numpy": np.__version__,
-        "cupy": None,
-        "cuda_driver": None,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        import cupy
-
-        env["cupy"] = cupy.__version__
-        if device.type == "cuda":
-            v = cupy.cuda.runtime.driverGetVersion()
-            env["cuda_driver"] = f"{v // 1000}.{v % 1000 // 10}"
-    except Exception:
-        pass
-    return env
 
 
 def slug(text: str) -> str:
@@ -63,6 +20,10 @@ def slug(text: str) -> str:
 # --- formatting ------------------------------------------------------------------------------
 def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def fmt_pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -84,77 +45,172 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def penalty_cell(p: dict, is_base: bool) -> str:
+    """The baseline shows its own spread (the noise others are judged against)."""
+    if is_base:
+        noise = p["noise_pct"]
+        return "baseline" + ("" if noise is None else f" (+-{noise:.1f}%)")
+    return fmt_penalty(p)
+
+
+def busy_cell(hw: dict | None) -> str:
+    return "n/a" if hw is None or hw["gpu_busy"] is None else fmt_pct(hw["gpu_busy"]["fraction"])
+
+
+def roof_cell(hw: dict | None) -> str:
+    return "-" if hw is None else fmt_pct(hw["roofline"]["fraction_of_peak"])
+
+
 # --- the report, one section per table -------------------------------------------------------
-PAPER_HEADERS = [
-    "path",
-    "prefill tok/s",
-    "decode tok/s",
-    "total tok/s",
-    "penalty % pre/dec/tot",
-    "stall ms/step/layer",
-    "bytes/step",
-    "GB/s",
-    "% ceiling",
-    "tokens",
-]
+def header(res: dict) -> list[str]:
+    env, wl, ceil, mem = (
+        res["environment"],
+        res["workload"],
+        res["ceiling"],
+        res["memory_bandwidth"],
+    )
+    det = "on" if res["deterministic"]["enabled"] else "off"
+    commit = env.get("commit", "unknown")
+    if env.get("dirty"):
+        commit += " (uncommitted changes)"
+    return [
+        f"{PROG}: {res['model']['description']} on {env['device']}",
+        f"commit {commit}; torch {env['torch']}; deterministic mode {det}",
+        f"link ceiling: {ceil['gbps']:.2f} GB/s ({ceil['label']}, {fmt_bytes(ceil['bytes'])})",
+        f"peak memory bandwidth: {mem['gbps']:.2f} GB/s ({mem['label']}, "
+        f"{fmt_bytes(mem['bytes'])})",
+        f"every path ran every job once untimed (warm-up), then {wl['repeats']} interleaved "
+        "round(s) in rotated order; figures: median (min-max) over the rounds",
+    ]
 
 
 def paper_section(rows: list[dict], wl: dict) -> list[str]:
     lo, hi = wl["prompt_len"]
-    body = []
+    speed, hw = [], []
     for r in rows:
-        p, a = r["paper"], r["paper"]["all"]
-        pen = p["penalty_pct"]
-        body.append(
+        p, a, is_base = r["paper"], r["paper"]["all"], r is rows[0]
+        pen = p["penalty"]
+        speed.append(
             [
                 r["name"],
-                fmt(p["prefill_tok_s"]),
-                fmt(p["decode_tok_s"]),
-                fmt(p["total_tok_s"]),
-                "/".join(fmt(pen[k], "+.1f") for k in ("prefill", "decode", "total")),
+                fmt_spread(p["prefill_tok_s"]),
+                penalty_cell(pen["prefill"], is_base),
+                fmt_spread(p["decode_tok_s"]),
+                penalty_cell(pen["decode"], is_base),
+            ]
+        )
+        dec = p["decode_hw"]
+        hw.append(
+            [
+                r["name"],
+                fmt_bytes(dec["roofline"]["bytes_per_step"]) if dec else "-",
+                roof_cell(p["prefill_hw"]) + " / " + roof_cell(dec),
+                busy_cell(p["prefill_hw"]) + " / " + busy_cell(dec),
                 fmt(a["stall_ms_per_step_per_layer"], ".3f"),
                 fmt_bytes(a["bytes_per_step"]),
                 fmt(a["gbps"], ".2f"),
-                fmt(None if a["fraction_of_ceiling"] is None else 100 * a["fraction_of_ceiling"]),
-                "same" if r["tokens_match"] else "DIFFERENT",
+                fmt_pct(a["fraction_of_ceiling"]),
             ]
         )
+    heads = ["path", "prefill tok/s", "prefill penalty", "decode tok/s", "decode penalty"]
+    hw_heads = [
+        "path",
+        "decode bytes/step",
+        "% peak BW pre/dec",
+        "GPU busy pre/dec",
+        "stall ms/step/layer",
+        "Engram bytes/step",
+        "gather GB/s",
+        "% link",
+    ]
     return [
+        "",
         f"paper workload: {wl['num_seqs']} sequences, prompts Uniform({lo}, {hi}), "
         f"{wl['decode_tokens']} decode tokens each, {wl['max_batched_tokens']} tokens/step budget",
-        table(PAPER_HEADERS, body),
+        table(heads, speed),
+        "",
+        "paper workload, how close to the hardware (bytes a step must read: weights + KV "
+        "context + Engram rows)",
+        table(hw_heads, hw),
     ]
 
 
 def sweep_section(rows: list[dict], wl: dict) -> list[str]:
     if not rows or not rows[0]["sweep"]:
         return []
-    heads = ["path"] + [f"B={s['batch_size']}" for s in rows[0]["sweep"]]
-    body = [
-        [r["name"]] + [f"{s['tok_s']:.1f} ({fmt(s['penalty_pct'], '+.1f')})" for s in r["sweep"]]
-        for r in rows
+    body = []
+    for k in range(len(rows[0]["sweep"])):
+        for r in rows:
+            s = r["sweep"][k]
+            body.append(
+                [
+                    r["name"],
+                    str(s["batch_size"]),
+                    fmt_spread(s["tok_s"]),
+                    penalty_cell(s["penalty"], r is rows[0]),
+                    fmt_pct(s["roofline"]["fraction_of_peak"]),
+                    busy_cell(s),
+                    fmt(s["stall_ms_per_step_per_layer"], ".3f"),
+                ]
+            )
+    heads = [
+        "path",
+        "batch",
+        "decode tok/s",
+        "penalty",
+        "% peak BW",
+        "GPU busy",
+        "stall ms/step/layer",
     ]
     return [
         "",
-        f"decode batch sweep: {wl['sweep_steps']} timed steps, tok/s (penalty %)",
+        f"decode batch sweep: {wl['sweep_steps']} timed steps after {wl['sweep_warmup']} untimed",
         table(heads, body),
     ]
 
 
-def memory_section(rows: list[dict]) -> list[str]:
+def checks_section(rows: list[dict], deterministic: bool) -> list[str]:
+    body = []
+    for r in rows:
+        c = r["checks"]
+        rc, tc, lc = c["rows"], c["tokens"], c["logits"]
+        rows_cell = f"{rc['rows'] - rc['mismatched']}/{rc['rows']} identical"
+        if tc["all_identical"]:
+            tok = f"identical ({tc['runs']} runs)"
+        else:
+            tok = f"{fmt_pct(tc['identical_share'])} identical ({tc['runs']} runs)"
+        logit = "reference" if r is rows[0] else fmt(lc["max_abs_diff"], ".3g")
+        body.append([r["name"], rows_cell, tok, logit])
+    need = "must be identical" if deterministic else "share reported (not deterministic mode)"
+    return [
+        "",
+        f"checks against the baseline (rows: first steps of every job, bit for bit; tokens: "
+        f"every run, {need}; logits: max |difference|, first steps)",
+        table(["path", "Engram rows", "greedy tokens", "logits"], body),
+    ]
+
+
+def memory_section(res: dict) -> list[str]:
+    rows = res["rows"]
     body = []
     for r in rows:
         m = r["memory"]
         tiers = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in m["table_bytes_by_tier"].items() if v)
-        body.append(
-            [
-                r["name"],
-                fmt_bytes(m["gpu_max_allocated_bytes"]),
-                fmt_bytes(m["host_rss_bytes"]),
-                tiers or "-",
-            ]
-        )
-    return ["", "memory", table(["path", "GPU max allocated", "host RSS", "Engram tables"], body)]
+        body.append([r["name"], fmt_bytes(m["gpu_max_allocated_bytes"]), tiers or "-"])
+    return [
+        "",
+        f"memory (host RSS of the whole process: {fmt_bytes(res.get('host_rss_bytes'))})",
+        table(["path", "GPU max allocated", "Engram tables"], body),
+    ]
+
+
+def notes(res: dict) -> list[str]:
+    out = []
+    if res["workload"]["repeats"] < 2:
+        out.append("*: one round, so no noise estimate; --repeats 3 gives one")
+    if res["environment"]["device_type"] != "cuda":
+        out.append("GPU busy: n/a on CPU; % peak BW is against the measured host memcpy")
+    return [""] + out if out else []
 
 
 def micro_section(micro: dict, device_type: str) -> list[str]:
@@ -163,37 +219,72 @@ def micro_section(micro: dict, device_type: str) -> list[str]:
         return ["", f"gather microbenchmark skipped: {skipped}"] if skipped else []
     paths = micro["paths"]
     body = [
-        [str(m["rows"]), fmt_bytes(m["bytes"])]
-        + [
-            f"{1e3 * m[f'{p}_s']:.3f} / {m[f'{p}_gbps']:.2f} / "
-            f"{100 * m[f'{p}_fraction_of_ceiling']:.0f}%"
-            for p in paths
-        ]
+        [m.get("format", "-"), str(m.get("row_bytes", "-")), str(m["rows"]), fmt_bytes(m["bytes"])]
+        + [f"{m[f'{p}_gbps']:.2f} ({100 * m[f'{p}_fraction_of_ceiling']:.0f}%)" for p in paths]
         for m in micro["rows"]
     ]
     out = [
         "",
-        "gather microbenchmark (first Engram table; latency ms, GB/s, % ceiling)",
-        table(["rows", "bytes", *paths], body),
+        "gather microbenchmark (random rows of a synthetic table; GB/s of bytes moved, "
+        "% of the link ceiling)",
+        table(["format", "row B", "rows", "bytes", *paths], body),
     ]
-    if device_type != "cuda":
+    crossover = micro.get("crossover_rows")
+    if device_type != "cuda" or crossover is None:
         out.append("crossover: n/a on CPU (staged/UVA and 'auto' are CUDA paths)")
-    elif micro["crossover_rows"] is None:
-        out.append("crossover: UVA wins at every measured size")
     else:
-        out.append(f"crossover: staged beats UVA from {micro['crossover_rows']} rows per step")
+        for key, rows in crossover.items() if isinstance(crossover, dict) else []:
+            where = "UVA wins at every size" if rows is None else f"staged wins from {rows} rows"
+            out.append(f"crossover {key}: {where}")
+    out += host_gather_section(micro.get("host_gather") or [])
+    out += huge_page_section(micro.get("huge_pages") or {}, paths)
     return out
 
 
-def report(res: dict) -> str:
-    rows, wl, ceil, env = res["rows"], res["workload"], res["ceiling"], res["environment"]
-    out = [
-        f"{PROG}: {res['model']['description']} on {env['device']}",
-        f"link ceiling: {ceil['gbps']:.2f} GB/s ({ceil['label']}, {fmt_bytes(ceil['bytes'])})",
+def host_gather_section(host: list[dict]) -> list[str]:
+    """The staged path's host gather (threads) against one single-thread memcpy."""
+    if not host:
+        return []
+    threads = sorted({t for h in host for r in h["rows"] for t in r["gather_gbps"]}, key=int)
+    body = [
+        [str(h["row_bytes"]), str(r["rows"]), f"{r['memcpy_gbps']:.2f}"]
+        + [f"{r['gather_gbps'][t]:.2f}" if t in r["gather_gbps"] else "-" for t in threads]
+        + [f"{r['best_fraction_of_memcpy']:.2f}"]
+        for h in host
+        for r in h["rows"]
+    ]
+    heads = ["row B", "rows", "memcpy", *[f"{t} thr" for t in threads], "best/memcpy"]
+    return ["", "staged host gather vs single-thread memcpy of the same bytes (GB/s)",
+            table(heads, body)]  # fmt: skip
+
+
+def huge_page_section(huge: dict, paths: list[str]) -> list[str]:
+    if not huge.get("rows"):
+        return []
+    mem = huge["memory"]
+    body = [
+        [str(r["rows"])] + [f"{r[f'{p}_gbps'][0]:.2f} / {r[f'{p}_gbps'][1]:.2f}" for p in paths]
+        for r in huge["rows"]
+    ]
+    return [
         "",
+        f"huge pages ({', '.join(mem['huge'])}, {fmt_bytes(huge['huge_bytes'])} in huge pages) "
+        f"vs not ({', '.join(mem['plain'])}), {huge['row_bytes']}-byte rows, GB/s",
+        table(["rows", *paths], body),
+    ]
+
+
+def report(res: dict) -> str:
+    rows, wl, env = res["rows"], res["workload"], res["environment"]
+    out = [
+        *header(res),
         *paper_section(rows, wl),
         *sweep_section(rows, wl),
-        *memory_section(rows),
+        *checks_section(rows, res["deterministic"]["enabled"]),
+        *memory_section(res),
         *micro_section(res.get("micro") or {}, env["device_type"]),
+        *notes(res),
     ]
+    if res["failures"]:
+        out += ["", "FAILED:", *(f"- {m}" for m in res["failures"])]
     return "\n".join(out)

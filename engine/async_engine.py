@@ -182,6 +182,7 @@ class AsyncEngine:
             self._drain_inbox()
             if not self.engine.has_work:
                 self.engine.step()  # reports an idle scheduler
+                self.engine.runner.rows.flush()  # the last steps' offload figures
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue

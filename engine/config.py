@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.checkpoint import DTYPES, default_model_dir
 from offload.paths import GATHERS, Placement
+from offload.store import ROW_FORMATS
 
 from .attention import BACKENDS
 from .kv_cache import blocks_for
@@ -35,6 +36,19 @@ class EngineConfig:
     )
     gather: str = flag("auto", "how rows reach the compute device", choices=list(GATHERS))
     dedup: bool = flag(False, "fetch each distinct row once per step")
+    deterministic: bool = flag(
+        False,
+        "deterministic kernels: the same steps give bit-identical tokens run after run "
+        "(may be slower; see engine/determinism.py)",
+    )
+    row_format: str = flag(
+        "auto",
+        "Engram row format: auto (as stored: bf16, or fp8 from engram-quantize), fp8 "
+        "(quantise at load: half the bytes per row), bf16/f16/f32",
+        choices=list(ROW_FORMATS),
+    )
+    huge_pages: bool = flag(True, "back host tables with 2 MiB pages where the OS allows")
+    gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")
@@ -67,5 +81,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.gather_threads < 0:
+            raise ValueError("--gather-threads must be 0 (from the core count) or more")
         if self.kv_blocks < 0:
             raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

@@ -2,7 +2,9 @@
 
 Text is re-decoded from the sequence's output ids (so multi-byte characters split across
 tokens come out whole); what may still become the start of a stop string, or an incomplete
-UTF-8 character, is held back until it is settled.
+UTF-8 character, is held back until it is settled. Before ``min_tokens`` tokens are out, stop
+strings do not end the sequence; later, only a match that ends in text produced from then on
+counts (as vLLM checks).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from models.tokenizer import EngramTokenizer
 class Detokenizer:
     tokenizer: EngramTokenizer
     stop: list[str] = field(default_factory=list)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    min_tokens: int = 0
     ids: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of text already handed out
     stopped: bool = False
     text: str = ""
+    floor: int = 0  # a stop string must end past this many characters (min_tokens)
 
     def __post_init__(self) -> None:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -27,10 +33,15 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Append a token; return the newly settled text (possibly empty)."""
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids)
-        if self.stop:
+        full = self.tokenizer.decode(
+            self.ids, self.skip_special_tokens, self.spaces_between_special_tokens
+        )
+        if len(self.ids) < self.min_tokens:
+            self.floor = len(full)
+        elif self.stop:
             start = max(0, self.emitted - self.hold)
-            hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+            found = (full.find(s, max(start, self.floor - len(s) + 1)) for s in self.stop)
+            hits = [i for i in found if i >= 0]
             if hits:
                 self.stopped = True
                 self.text = full[: min(hits)]

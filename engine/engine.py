@@ -25,6 +25,7 @@ from models.tokenizer import EngramTokenizer
 from offload.prefetch import Prefetcher
 
 from .config import EngineConfig
+from .determinism import set_deterministic
 from .detokenize import Detokenizer
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -54,6 +55,8 @@ class EngineStats:
     def finished(self, reason: str, e2e_s: float | None) -> None: ...
     def preempted(self, n: int) -> None: ...
     def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None: ...
+    def step_logits(self, logits: torch.Tensor) -> None:
+        """The step's logits, before sampling (engram-bench compares paths on them)."""
 
 
 @dataclass
@@ -77,20 +80,34 @@ class Engine:
         rows: Prefetcher | None = None,
         tokenizer: EngramTokenizer | None = None,
         stats: EngineStats | None = None,
+        cache: KVCache | None = None,
     ) -> None:
+        """``cache``: a KV cache to use instead of allocating one; engines that never step at
+        the same time may share one (engram-bench's paths do)."""
         config.check()
+        if config.deterministic:
+            set_deterministic(True)
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.stats = stats or EngineStats()
         mc = model.config
         self.device = model.lm_head.weight.device
-        self.cache = KVCache(
-            mc,
-            num_blocks=config.num_kv_blocks(mc.max_position_embeddings),
-            block_size=config.block_size,
-            max_seqs=config.max_num_seqs,
-            dtype=model.model.embed_tokens.weight.dtype,
-            device=self.device,
+        self.cache = (
+            cache
+            if cache is not None
+            else KVCache(
+                mc,
+                num_blocks=config.num_kv_blocks(mc.max_position_embeddings),
+                block_size=config.block_size,
+                max_seqs=config.max_num_seqs,
+                dtype=model.model.embed_tokens.weight.dtype,
+                device=self.device,
+            )
         )
+        if self.cache.max_seqs < config.max_num_seqs:
+            raise ValueError(
+                f"the KV cache holds {self.cache.max_seqs} sequences, fewer than "
+                f"--max-num-seqs {config.max_num_seqs}"
+            )
         static = config.static_decode
         if static is None:
             static = self.device.type == "cuda" and not config.enforce_eager
@@ -119,7 +136,7 @@ class Engine:
                 list(prompt_ids),
                 params,
                 params.generator(i, self.device),
-                Detokenizer(self.tokenizer, params.stop) if self.tokenizer else None,
+                self._detokenizer(params),
             )
             for i in range(params.n)
         ]
@@ -127,6 +144,17 @@ class Engine:
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         return seqs
+
+    def _detokenizer(self, params: SamplingParams) -> Detokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return Detokenizer(
+            self.tokenizer,
+            params.stop,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
+            params.min_tokens,
+        )
 
     def abort(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -170,6 +198,7 @@ class Engine:
     def _run(self, step: ScheduledStep, outputs: list[SeqOutput]) -> None:
         need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
         logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
+        self.stats.step_logits(logits)
         now = time.monotonic()
         lengths = [len(x) for x in step.new_ids]
         last = np.cumsum(lengths) - 1  # each sequence's last row in the packed step
@@ -200,7 +229,13 @@ class Engine:
         """(token, logprobs) per row, or the exception that row raised. The batched sampler
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
-        rows = [SampleRow(s.params, s.output_ids, s.generator) for s in seqs]
+        eos = self.model.config.eos_token_id
+        rows = [
+            SampleRow(
+                s.params, s.output_ids, s.generator, s.params.banned_tokens(len(s.output_ids), eos)
+            )
+            for s in seqs
+        ]
         states = [None if r.params.greedy else r.generator.get_state() for r in rows]
         try:
             tokens, lps = sample(logits, rows)
@@ -254,13 +289,13 @@ class Engine:
         def score(owners: list[Sequence]) -> None:
             rows = [r for s in owners for r in wanted[s][0]]
             targets = [t for s in owners for t in wanted[s][1]]
-            k = max(s.params.logprobs for s in owners)
+            k = max(s.params.prompt_logprobs_k for s in owners)
             picked = logits[to_device(rows, logits.device)]
             got = iter(prompt_logprobs(picked, targets, k))
             for seq in owners:
                 for _ in wanted[seq][0]:
                     lp = next(got)
-                    lp.top = lp.top[: seq.params.logprobs]
+                    lp.top = lp.top[: seq.params.prompt_logprobs_k]
                     seq.prompt_logprobs.append(lp)
 
         had = {seq: len(seq.prompt_logprobs) for seq in wanted}
@@ -311,3 +346,4 @@ class Engine:
     def run_until_done(self) -> None:
         while self.has_work:
             self.step()
+        self.runner.rows.flush()  # every step's offload figures booked

@@ -51,6 +51,10 @@ class SamplingParams:
     echo: bool = False
     n: int = 1
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS and no stop string before this many tokens are generated
+    prompt_logprobs: int | None = None  # top-k alternatives per prompt token (vLLM's extension)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -72,8 +76,11 @@ class SamplingParams:
             raise BadParams("top_k must be -1 or 0 (off) or a positive count", "top_k")
         if self.max_tokens < 0 or self.n < 1:
             raise BadParams("max_tokens must be 0 or more and n at least 1", "max_tokens")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise BadParams("logprobs must be 0 or more", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise BadParams(f"{name} must be 0 or more", name)
+        if self.min_tokens < 0:
+            raise BadParams("min_tokens must be 0 or more", "min_tokens")
         for tok, bias in self.logit_bias.items():
             if not 0 <= tok < vocab_size:
                 raise BadParams(
@@ -82,6 +89,21 @@ class SamplingParams:
                 )
             if not math.isfinite(bias):
                 raise BadParams(f"logit_bias for token {tok} must be a finite number", "logit_bias")
+
+    @property
+    def prompt_logprobs_k(self) -> int | None:
+        """Alternatives to keep per prompt token, or None: no prompt logprobs. An echo with
+        logprobs needs them too."""
+        ks = [
+            k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None
+        ]
+        return max(ks) if ks else None
+
+    def banned_tokens(self, num_generated: int, eos_token_id: int | None) -> list[int]:
+        """Token ids this sequence may not sample next: EOS until min_tokens are out."""
+        if eos_token_id is None or self.ignore_eos or num_generated >= self.min_tokens:
+            return []
+        return [eos_token_id]
 
     def generator(self, choice: int, device: torch.device | str = "cpu") -> torch.Generator:
         seed = self.seed if self.seed is not None else random.randrange(1 << 62)
@@ -93,6 +115,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens are likelier (prompt logprobs only)
 
 
 @dataclass
@@ -102,6 +125,7 @@ class SampleRow:
     params: SamplingParams
     output_ids: list[int]
     generator: torch.Generator
+    banned: list[int] = field(default_factory=list)  # ids masked to -inf for this step
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -127,6 +151,17 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return x.index_put(at, to_device(v, dev, x.dtype), accumulate=True)
 
 
+def ban_tokens(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Each row's banned ids to -inf; a new tensor (x may be the caller's logits)."""
+    at = [(i, t) for i, row in enumerate(rows) for t in row.banned]
+    if not at:
+        return x
+    r, c = zip(*at)
+    dev = x.device
+    idx = (to_device(list(r), dev), to_device(list(c), dev))
+    return x.index_put(idx, x.new_full((), float("-inf")))
+
+
 def filtered_logprobs(
     x: torch.Tensor,
     temperature: torch.Tensor,
@@ -150,7 +185,7 @@ def filtered_logprobs(
 
 def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Token ids ``[S]`` (on the logits' device) for raw logits ``[S, V]``."""
-    x = adjust_logits(logits, rows)
+    x = ban_tokens(adjust_logits(logits, rows), rows)
     tokens = x.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if not sampled:
@@ -213,8 +248,16 @@ def sample(
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
-    """Logprob of each target token under the matching row of ``logits`` (prompt scoring)."""
+    """Logprob and rank of each target token under the matching row of ``logits`` (prompt
+    scoring), with its top-k alternatives. One copy to the host."""
     if not targets:
         return []
     ids = to_device(targets, logits.device)
-    return unpack_logprobs(logprobs_of(logits, ids, max(k, 0)).tolist(), [k] * len(targets))
+    packed = logprobs_of(logits, ids, max(k, 0))
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    rank = (lp > lp.gather(-1, ids[:, None])).sum(dim=-1, keepdim=True) + 1
+    host = torch.cat([packed, rank.double()], dim=-1).tolist()
+    out = unpack_logprobs([row[:-1] for row in host], [k] * len(targets))
+    for entry, row in zip(out, host):
+        entry.rank = int(row[-1])
+    return out

@@ -66,7 +66,7 @@ class Sequence:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.params.echo and self.params.logprobs is not None
+        return self.params.prompt_logprobs_k is not None
 
     @property
     def finished(self) -> bool:

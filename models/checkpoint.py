@@ -114,9 +114,12 @@ def load_checkpoint(
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
+    tables = {table_key(lid) for lid in config.engram_layer_ids}
     found: dict[str, Path] = {}
     for f in files:
         for k in file_keys(f):
+            if k.endswith(".scales") and k[: -len(".scales")] in tables:
+                continue  # fp8 tables in engram-quantize's split layout: scales beside values
             found[k] = f
     expected = _expected_keys(model)
     missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
@@ -126,14 +129,18 @@ def load_checkpoint(
             f"missing {missing or 'none'}; unexpected {unexpected or 'none'}"
         )
 
-    tables = {table_key(lid) for lid in config.engram_layer_ids}
     state = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                if k in tables and not load_tables:
+                if k not in found or (k in tables and not load_tables):
                     continue
                 t = sf.get_tensor(k)
+                if k in tables and (not t.is_floating_point() or t.dtype == torch.float8_e4m3fn):
+                    raise CheckpointError(
+                        f"{k} holds FP8 rows (engram-quantize output); load the tables through "
+                        "offload (OffloadedModel.load, engram-eval --row-format)"
+                    )
                 if t.is_floating_point():
                     t = t.to(dtype)
                 state[k] = t.to(device)

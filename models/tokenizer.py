@@ -68,6 +68,9 @@ class EngramTokenizer:
         self.tokenizer = tokenizer
         self.lookup = build_compression_lookup(tokenizer) if lookup is None else lookup
         self.compressed_vocab_size = int(self.lookup.max()) + 1
+        added = tokenizer.get_added_tokens_decoder()
+        self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
+        self.special_tokens = {i: t.content for i, t in added.items() if t.special}
 
     @classmethod
     def from_file(cls, path: str | Path) -> EngramTokenizer:
@@ -85,11 +88,38 @@ class EngramTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Text -> ids; add_special_tokens applies the tokenizer's post-processor (BOS etc.)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(
+        self,
+        ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """Ids -> text. With spaces_between_special_tokens=False, added tokens are joined to
+        their neighbours as-is instead of whatever separator the decoder puts between them."""
+        ids = list(ids)
+        if skip_special_tokens or spaces_between_special_tokens:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        added = self.added_tokens
+        parts, run = [], []
+        for tid in ids:
+            if tid in added:
+                if run:
+                    parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+                    run = []
+                parts.append(added[tid])
+            else:
+                run.append(tid)
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
+        return "".join(parts)
+
+    def to_json(self) -> str:
+        """The tokenizer.json content: what ``tokenizers.Tokenizer.from_str`` rebuilds it from."""
+        return self.tokenizer.to_str()
 
     def id_to_token(self, tid: int) -> str | None:
         return self.tokenizer.id_to_token(tid)

@@ -1,23 +1,29 @@
 """Choosing between the staged and UVA gather paths by measurement, not by guess.
 
-``measure_gathers`` times both CUDA paths (and a device-resident gather for reference) on the
-real tables for a range of rows per step; ``AutoGather`` keeps both prefetchers and, per step,
-takes the one that was faster at that many rows (the crossover measured at start-up).
+``measure_gathers`` times both CUDA paths as the engine runs them (staged: threaded host gather,
+one copy, decode; UVA: the Triton kernel on host-sorted rows, at a few persistent-grid sizes)
+on the real tables for a range of rows per step, and optionally a device-resident gather and
+torch's index_select on the mapped table for reference. ``AutoGather`` keeps both prefetchers
+and, per step, takes the one that was faster at that many rows (the crossover measured at
+start-up), with the UVA grid size that was fastest on large gathers.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
 import torch
 
 from .cuda_gather import StagedGather, UvaGather
-from .plan import LayerPlan
+from .plan import LayerPlan, LookupPlan
 from .prefetch import Prefetcher
 from .store import TableStore
 
 DEFAULT_ROWS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20)
+PROGRAMS_PER_SM = (1, 4, 8)  # persistent-grid sizes 'auto' tries, in programs per SM
+LARGE_ROWS = 1 << 16  # gathers this large pick the grid size
 
 
 def _time_cuda(fn, device: torch.device, repeats: int) -> float:
@@ -30,6 +36,11 @@ def _time_cuda(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def grid_sizes(device: torch.device) -> tuple[int, ...]:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return tuple(k * sms for k in PROGRAMS_PER_SM)
+
+
 def measure_gathers(
     store: TableStore,
     device: torch.device,
@@ -37,33 +48,64 @@ def measure_gathers(
     repeats: int = 5,
     seed: int = 0,
     resident: bool = False,
+    index_select: bool = False,
+    programs: tuple[int, ...] | None = None,
+    staged: StagedGather | None = None,
+    uva: UvaGather | None = None,
 ) -> list[dict]:
-    """Seconds per gather of n random rows of the first table, for each path."""
+    """Seconds per gather of n random rows of the first table, per path (``staged_s``,
+    ``uva_s`` at the fastest of ``programs`` grid sizes, named in ``uva_programs``; with
+    ``resident`` a device copy of the table, with ``index_select`` torch's gather on the mapped
+    table). Rows are decoded as the engine decodes them. Pass the prefetchers to measure
+    their own settings (their buffers grow; ``reset_buffers()`` after)."""
+    device = torch.device(device)
     table = next(iter(store.tables.values()))
     rng = np.random.default_rng(seed)
-    staged = StagedGather(store, device)
-    uva = UvaGather(store, device)
+    own = staged is None, uva is None
+    staged = staged or StagedGather(store, device)
+    uva = uva or UvaGather(store, device)
+    grid = programs or (uva.max_programs,)
+    keep = uva.max_programs
     dev_table = table.tensor[: min(table.rows, 1 << 20)].to(device) if resident else None
+    view = uva.views[table.layer_id]
     out = []
-    for n in rows_list:
-        lp = LayerPlan(table.layer_id, rng.integers(0, table.rows, n), None, n, 1)
-        idx_dev = torch.from_numpy(lp.fetch).to(device)
-        row = {"rows": int(n), "bytes": int(n * table.row_bytes)}
-        # Blocking copy: the next repeat refills the same staging slot, so overlapping it with
-        # this copy would both race and time less than a real step pays.
-        row["staged_s"] = _time_cuda(
-            lambda lp=lp: staged.gather_layer(lp, 0).to(device, non_blocking=False),
-            device,
-            repeats,
-        )
-        row["uva_s"] = _time_cuda(lambda lp=lp, i=idx_dev: uva.gather_layer(lp, i), device, repeats)
-        if dev_table is not None:
-            i = idx_dev % dev_table.shape[0]
-            row["resident_s"] = _time_cuda(
-                lambda i=i: torch.index_select(dev_table, 0, i), device, repeats
-            )
-        out.append(row)
-    staged.close()
+    try:
+        for n in rows_list:
+            lp = LayerPlan(table.layer_id, rng.integers(0, table.rows, n), None, n, 1)
+            slp = lp.sorted()  # as UvaGather.plan sends it
+            idx = torch.from_numpy(slp.fetch).to(device)
+            pos = torch.from_numpy(slp.positions).to(device)
+            row = {
+                "rows": int(n),
+                "row_bytes": table.row_bytes,
+                "format": table.fmt.name if table.fmt is not None else str(table.tensor.dtype),
+                "bytes": int(n * table.row_bytes),
+            }
+            row["staged_s"] = _time_cuda(lambda lp=lp: staged.gather_once(lp), device, repeats)
+            by_grid = {}
+            for p in grid:
+                uva.max_programs = p
+                by_grid[p] = _time_cuda(
+                    lambda s=slp, i=idx, q=pos: uva.gather_layer(s, i, q), device, repeats
+                )
+            best = min(by_grid, key=by_grid.get)
+            row.update(uva_s=by_grid[best], uva_programs=best)
+            row["uva_grid_s"] = {str(p): s for p, s in by_grid.items()}
+            if index_select:
+                raw = torch.from_numpy(lp.fetch).to(device)
+                row["index_select_s"] = _time_cuda(
+                    lambda r=raw: table.decode(torch.index_select(view, 0, r)), device, repeats
+                )
+            if dev_table is not None:
+                i = torch.from_numpy(lp.fetch % dev_table.shape[0]).to(device)
+                row["resident_s"] = _time_cuda(
+                    lambda i=i: table.decode(torch.index_select(dev_table, 0, i)), device, repeats
+                )
+            out.append(row)
+    finally:
+        uva.max_programs = keep
+        if own[0]:
+            staged.close()
     return out
 
 
@@ -75,6 +117,17 @@ def crossover_rows(measured: list[dict]) -> int | None:
     return None
 
 
+def best_programs(measured: list[dict]) -> int | None:
+    """The UVA grid size with the least total time over the large gathers (all when none
+    is large); None when only one size was measured."""
+    rows = [r for r in measured if r["rows"] >= LARGE_ROWS] or measured
+    sizes = {p for r in rows for p in r.get("uva_grid_s", {})}
+    if len(sizes) < 2:
+        return None
+    total = {p: statistics.fsum(r["uva_grid_s"][p] for r in rows) for p in sizes}
+    return int(min(total, key=total.get))
+
+
 class AutoGather(Prefetcher):
     """UVA below the measured crossover, staged above it, decided per step."""
 
@@ -82,19 +135,43 @@ class AutoGather(Prefetcher):
 
     def __init__(self, *args, crossover: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        kw = dict(dedup=self.dedup, accountant=self.accountant, timeout_s=self.timeout_s)
+        kw = dict(
+            dedup=self.dedup,
+            accountant=self.accountant,
+            timeout_s=self.timeout_s,
+            host_threads=self.host_threads,
+            uva_programs=self.uva_programs,
+        )
         self.staged = StagedGather(self.store, self.device, **kw)
         self.uva = UvaGather(self.store, self.device, **kw)
+        self.measured: list[dict] | None = None
         if crossover is None:
-            crossover = crossover_rows(measure_gathers(self.store, self.device, repeats=3))
+            grid = None if self.uva_programs else grid_sizes(self.device)
+            self.measured = measure_gathers(
+                self.store, self.device, repeats=3, programs=grid, staged=self.staged, uva=self.uva
+            )
+            crossover = crossover_rows(self.measured)
+            self.uva.max_programs = best_programs(self.measured) or self.uva.max_programs
+            self.staged.reset_buffers()
+            self.uva.reset_buffers()
         self.crossover = crossover
 
     def pick(self, rows: int) -> Prefetcher:
         return self.staged if self.crossover is not None and rows >= self.crossover else self.uva
 
+    def _pick_plan(self, plan: LookupPlan) -> Prefetcher:
+        return self.pick(max((lp.fetch.size for lp in plan.layers.values()), default=0))
+
+    def plan(self, row_ids) -> LookupPlan:
+        plan = super().plan(row_ids)
+        return plan.sorted() if self._pick_plan(plan) is self.uva else plan
+
     def start(self, plan, index=None, uploaded=None):
-        rows = max(lp.fetch.size for lp in plan.layers.values())
-        return self.pick(rows).start(plan, index, uploaded)
+        return self._pick_plan(plan).start(plan, index, uploaded)
+
+    def flush(self) -> None:
+        self.staged.flush()
+        self.uva.flush()
 
     def close(self) -> None:
         self.staged.close()

@@ -17,12 +17,15 @@ is garbage-collected, which cannot happen while a device view exists.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import re
 import weakref
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -162,7 +165,7 @@ class HostBuffer:
             ) from None
         if not torch.cuda.is_available():
             raise RuntimeError("registering host memory needs CUDA; use the buffer as host memory")
-        dev = _cuda_index(device)
+        dev = cuda_index(device)
         rt = cupy.cuda.runtime
         with cupy.cuda.Device(dev):
             rt.hostRegister(
@@ -177,29 +180,18 @@ class HostBuffer:
 
         if self.registered_device is None:
             raise RuntimeError("the buffer is not registered with CUDA; call register() first")
-        with cupy.cuda.Device(_cuda_index(device)):
+        with cupy.cuda.Device(cuda_index(device)):
             return int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).devicePointer)
 
     def device_view(
         self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str | int = "cuda"
     ) -> torch.Tensor:
         """A CUDA tensor over the registered buffer (zero-copy reads over PCIe)."""
-        import cupy
 
         host = self.view(dtype, shape)  # checks the size
-        dev = _cuda_index(device)
-        dptr = self.device_pointer(dev)
+        dev = cuda_index(device)
         nbytes = host.numel() * host.element_size()
-        with cupy.cuda.Device(dev):
-            mem = cupy.cuda.UnownedMemory(dptr, max(nbytes, 1), self, dev)
-            arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-            flat = torch.as_tensor(arr, device=torch.device("cuda", dev))
-        if nbytes and flat.data_ptr() != dptr:
-            raise RuntimeError(
-                "the registered buffer could not be viewed on the device without a copy; "
-                "use the staged gather"
-            )
-        return flat.view(dtype).view(shape)
+        return mapped_tensor(self.device_pointer(dev), nbytes, self, dev).view(dtype).view(shape)
 
     def close(self) -> None:
         """Unregister from CUDA and drop this buffer's reference to the memory (idempotent)."""
@@ -210,10 +202,99 @@ class HostBuffer:
         self._range = self.tensor = self._mm = None
 
 
-def _cuda_index(device: torch.device | str | int) -> int:
+def cuda_index(device: torch.device | str | int) -> int:
+    """The CUDA ordinal of ``device`` ("cuda" alone means the current device)."""
     if isinstance(device, int):
         return device
     device = torch.device(device)
     if device.type != "cuda":
-        raise ValueError(f"register needs a CUDA device, got {device}")
+        raise ValueError(f"mapped host memory needs a CUDA device, got {device}")
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def mapped_tensor(dptr: int, nbytes: int, owner, dev: int) -> torch.Tensor:
+    """A CUDA uint8 tensor over ``nbytes`` of mapped host memory at device pointer ``dptr``,
+    keeping ``owner`` alive; refuses (never fills GPU memory) if torch would copy."""
+    import cupy
+
+    with cupy.cuda.Device(dev):
+        mem = cupy.cuda.UnownedMemory(dptr, max(nbytes, 1), owner, dev)
+        arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+        flat = torch.as_tensor(arr, device=torch.device("cuda", dev))
+    if nbytes and flat.data_ptr() != dptr:
+        raise RuntimeError(
+            f"mapped host memory could not be viewed on cuda:{dev} without a copy; "
+            "use --gather staged"
+        )
+    return flat
+
+
+class PinnedBuffer:
+    """Page-locked host memory from CuPy, mapped into the device address space.
+
+    ``host`` is a CPU torch tensor over the buffer (no copy); ``device_view()`` is a CUDA
+    tensor over the same bytes, so a device kernel reads rows straight over PCIe (UVA).
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cuda"
+    ) -> None:
+        import cupy
+        import numpy as np
+
+        self.shape, self.dtype = tuple(shape), dtype
+        self.device_index = cuda_index(device)
+        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = max(1, n)
+        rt = cupy.cuda.runtime
+        # Mapped + portable: device-visible from every context (zero-copy reads). Allocated
+        # under the target device so pointer attributes (and torch's view) name that device.
+        with cupy.cuda.Device(self.device_index):
+            self._mem = cupy.cuda.PinnedMemory(
+                self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable
+            )
+        self.ptr = int(self._mem.ptr)
+        # PinnedMemoryPointer exports the buffer protocol and holds ``_mem``: the numpy array
+        # (and the torch tensor over it) keep the pinned allocation alive.
+        raw = np.frombuffer(cupy.cuda.PinnedMemoryPointer(self._mem, 0), np.uint8, count=n)
+        self.host = torch.from_numpy(raw).view(dtype).view(self.shape)
+
+    def device_view(self, device: torch.device) -> torch.Tensor:
+        import cupy
+
+        dev = cuda_index(device)
+        with cupy.cuda.Device(dev):
+            # With unified addressing the device pointer equals the host pointer; ask anyway.
+            dptr = int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).devicePointer)
+        n = self.host.numel() * self.host.element_size()
+        return mapped_tensor(dptr, n, self, dev).view(self.dtype).view(self.shape)
+
+    def describe(self) -> dict:
+        return {"kind": "cuda-pinned", "bytes": self.nbytes, "huge_bytes": 0, "registered": True}
+
+
+def host_table_memory(
+    shape: tuple[int, int], dtype: torch.dtype, mapped: bool, device, huge_pages: bool
+) -> tuple[HostBuffer | PinnedBuffer | None, torch.Tensor]:
+    """Memory for one host-side table and the tensor over it; ``mapped``: page-locked and
+    device-visible (the pinned host tier), else plain host memory (the cpu tier)."""
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    if not mapped:
+        if not huge_pages:
+            return None, torch.empty(shape, dtype=dtype)
+        buf = HostBuffer(nbytes, huge_pages=True)
+        return buf, buf.view(dtype, shape)
+    if huge_pages:
+        buf = HostBuffer(nbytes, huge_pages=True)
+        try:
+            buf.register(device)
+            return buf, buf.view(dtype, shape)
+        except Exception as e:  # keep serving: the page-locked allocation CUDA gives us
+            log.warning(
+                "registering huge-page table memory with CUDA failed (%s); using "
+                "cudaHostAlloc instead",
+                e,
+            )
+            buf.close()
+    pinned = PinnedBuffer(shape, dtype, device)
+    return pinned, pinned.host

@@ -129,8 +129,18 @@ def make_prefetcher(
     dedup: bool = False,
     accountant: Accountant | None = None,
     timeout_s: float = 60.0,
+    host_threads: int | None = None,
+    uva_programs: int | None = None,
 ) -> Prefetcher:
     device = torch.device(device)
     path = resolve(device, store.placement, gather)
     cls = PREFETCHERS[path.gather]
-    return cls(store, device, dedup=dedup, accountant=accountant, timeout_s=timeout_s)
+    return cls(
+        store,
+        device,
+        dedup=dedup,
+        accountant=accountant,
+        timeout_s=timeout_s,
+        host_threads=host_threads,
+        uva_programs=uva_programs,
+    )

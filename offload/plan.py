@@ -3,7 +3,12 @@
 Engram addresses depend only on token ids, so the plan is built from the step's new ids and
 each sequence's n-gram history (hashing is incremental: O(1) per new token) for all Engram
 layers at once. With de-duplication each layer fetches its unique rows once and the inverse
-index re-expands them on the device.
+index re-expands them on the device. A sorted plan (``LookupPlan.sorted``, for the UVA kernel)
+fetches rows in ascending order, so neighbouring rows share PCIe transactions, and carries
+``positions``: fetched row k lands at request position ``positions[k]``. The sort runs here on
+the host and its arrays travel in the step's single upload. A layer sends at most two index
+arrays of at most tokens x heads int64 each (fetch + inverse, or fetch + positions): the CUDA
+graph runner sizes its fixed upload buffer on that.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ class LayerPlan:
     inverse: np.ndarray | None  # [N * heads] index into fetch, None without de-duplication
     num_tokens: int
     heads: int
+    positions: np.ndarray | None = None  # [M] request position of each fetched row (sorted)
+
+    def sorted(self) -> LayerPlan:
+        """This layer fetching in ascending row order (de-duplicated plans already do)."""
+        if self.inverse is not None or self.positions is not None:
+            return self
+        perm = np.argsort(self.fetch, kind="stable")
+        return LayerPlan(self.layer_id, self.fetch[perm], None, self.num_tokens, self.heads, perm)
 
     @property
     def rows(self) -> int:
@@ -43,14 +56,20 @@ class LookupPlan:
     layers: dict[int, LayerPlan]  # in layer order: the order prefetches are issued
 
     def host_arrays(self) -> dict[str, np.ndarray]:
-        """The index arrays the device needs (``fetch{layer}``, and ``inverse{layer}`` when
-        de-duplicating), for the engine to send with the rest of the step's inputs."""
+        """The index arrays the device needs (``fetch{layer}``; ``inverse{layer}`` when
+        de-duplicating; ``positions{layer}`` when sorted), for the engine to send with the rest
+        of the step's inputs."""
         out = {}
         for lid, lp in self.layers.items():
             out[f"fetch{lid}"] = lp.fetch
             if lp.inverse is not None:
                 out[f"inverse{lid}"] = lp.inverse
+            if lp.positions is not None:
+                out[f"positions{lid}"] = lp.positions
         return out
+
+    def sorted(self) -> LookupPlan:
+        return LookupPlan({lid: lp.sorted() for lid, lp in self.layers.items()})
 
     @classmethod
     def build(

@@ -17,6 +17,11 @@ copy was synchronous, e.g. on the CPU, or when ``index`` is omitted and built he
 - ``uva`` (CUDA): the table is mapped pinned memory; a device gather on the side stream reads
   rows straight over PCIe. No host work, no host sync.
 
+Rows come back as the model reads them: plain tables bit for bit, FP8 tables dequantised to
+the table's ``row_dtype`` (in the UVA kernel while gathering; in torch after the gather on the
+other paths). Bytes booked per step are the stored bytes moved (an fp8 row is about half a
+bf16 row).
+
 Device buffers made on the side stream and consumed on the compute stream are kept alive with
 ``record_stream(compute)``: when the compute side drops them, the caching allocator waits for
 the compute stream's queued work before reusing the memory. (Events alone would order the
@@ -58,6 +63,10 @@ class PendingRows:
     def rows(self, layer_id: int) -> torch.Tensor:
         lp = self.plan.layers[layer_id]
         out = self._wait(layer_id)
+        if lp.positions is not None and not self.pf.places_rows:  # a sorted plan: unsort
+            placed = torch.empty_like(out)
+            placed[self.index[f"positions{layer_id}"].to(out.device)] = out
+            out = placed
         if lp.inverse is not None:
             out = out[self.index[f"inverse{layer_id}"].to(out.device)]
         return out.view(lp.num_tokens, lp.heads, -1)
@@ -66,11 +75,12 @@ class PendingRows:
         raise NotImplementedError
 
     def close(self) -> StepStats:
-        """The step's forward is done: book its figures (idempotent)."""
+        """The step's forward is issued: hand its figures to the accountant (idempotent). On
+        CUDA they are read from events once the device has run them, without waiting here."""
         if not self.closed:
             self.closed = True
             self._finish()
-            self.pf.accountant.record(self.stats)
+            self.pf.book(self)
         return self.stats
 
     def _finish(self) -> None:
@@ -79,6 +89,7 @@ class PendingRows:
 
 class Prefetcher:
     name = "base"
+    places_rows = False  # True: the gather itself writes a sorted plan's rows in request order
 
     def __init__(
         self,
@@ -87,10 +98,16 @@ class Prefetcher:
         dedup: bool = False,
         accountant: Accountant | None = None,
         timeout_s: float = 60.0,
+        host_threads: int | None = None,
+        uva_programs: int | None = None,
     ) -> None:
+        """``host_threads``: threads of the staged path's host gather (None: a default from the
+        core count); ``uva_programs``: the UVA kernel's persistent grid (None: measured by
+        'auto', else a multiple of the SM count). Paths that do not use them ignore them."""
         self.store, self.device, self.dedup = store, torch.device(device), dedup
         self.accountant = accountant or Accountant()
         self.timeout_s = timeout_s
+        self.host_threads, self.uva_programs = host_threads, uva_programs
         self.table_rows = {lid: t.rows for lid, t in store.tables.items()}
 
     def plan(self, row_ids: dict[int, np.ndarray]) -> LookupPlan:
@@ -110,12 +127,18 @@ class Prefetcher:
         return {k: torch.from_numpy(v).to(self.device) for k, v in plan.host_arrays().items()}
 
     def gather_host(self, lp: LayerPlan, out: torch.Tensor | None = None) -> torch.Tensor:
-        """CPU gather of one layer's rows (used by the worker and staged paths)."""
+        """CPU gather of one layer's stored rows, not decoded (the worker path)."""
         table = self.store[lp.layer_id].tensor
         idx = torch.from_numpy(lp.fetch)
         if out is None:
             return torch.index_select(table, 0, idx)
         return torch.index_select(table, 0, idx, out=out[: idx.numel()])
+
+    def book(self, pending: PendingRows) -> None:
+        self.accountant.record(pending.stats)
+
+    def flush(self) -> None:
+        """Book every step whose figures are still pending (waits for the device)."""
 
     def close(self) -> None:
         pass
@@ -124,9 +147,10 @@ class Prefetcher:
 # --- resident -----------------------------------------------------------------------------
 class _ResidentPending(PendingRows):
     def _wait(self, layer_id: int) -> torch.Tensor:
-        table = self.pf.store[layer_id].tensor
+        table = self.pf.store[layer_id]
         t = time.perf_counter()
-        out = torch.index_select(table, 0, self.index[f"fetch{layer_id}"].to(table.device))
+        idx = self.index[f"fetch{layer_id}"].to(table.tensor.device)
+        out = table.decode(torch.index_select(table.tensor, 0, idx))
         self.stats.layers[layer_id].prefetch_s = time.perf_counter() - t
         return out
 
@@ -182,7 +206,7 @@ class WorkerGather(Prefetcher):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-prefetch")
 
     def gather_layer(self, lp: LayerPlan) -> torch.Tensor:
-        return self.gather_host(lp)
+        return self.store[lp.layer_id].decode(self.gather_host(lp))
 
     def start(self, plan, index=None, uploaded=None):
         pending = _WorkerPending(self, plan, index if index is not None else self.plan_index(plan))

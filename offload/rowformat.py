@@ -2,7 +2,9 @@
 
 FP8 rows follow DeepSeek-V4.1's Engram storage: values in float8 e4m3fn, one power-of-two
 (ue8m0) scale byte per 32 values. Packed, a row is its W value bytes followed by its W/32 scale
-bytes (256 values = 256 + 8 bytes), so one row is one contiguous read.
+bytes (256 values = 256 + 8 bytes), so one row is one contiguous read. Rows narrower than 32
+values (the built-in model's are 16) are one group with one scale byte (16 values = 16 + 1
+bytes): a group never spans two rows, since rows are gathered one by one.
 
 Scale rule, per group of 32 values with amax = max |x|: scale = 2**e with e the smallest
 integer such that amax <= 448 * 2**e (448 = e4m3 max), i.e. 2**ceil(log2(amax / 448)), found
@@ -30,6 +32,9 @@ E4M3_MAX = 448.0
 FORMATS = ("bf16", "f16", "f32", "fp8")
 PLAIN_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 METADATA_KEY = "engram.row_format"  # safetensors metadata key of a quantised table file
+# float32 value of every e4m3fn byte, from torch's own cast: on the CPU a table lookup is several
+# times faster than the cast and gives the same bits
+E4M3_TO_F32 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class RowFormat:
 
     @property
     def groups(self) -> int:
-        return self.values // GROUP if self.name == "fp8" else 0
+        return self.values // group_size(self.values) if self.name == "fp8" else 0
 
     @property
     def row_bytes(self) -> int:
@@ -86,21 +91,29 @@ class RowFormat:
         raise ValueError(f"no row format for dtype {dtype}; use bfloat16, float16 or float32")
 
 
+def group_size(width: int) -> int:
+    """Values per scale byte in a row of ``width`` values: 32, or the whole row under 32."""
+    return GROUP if width >= GROUP else width
+
+
 def check_fp8_width(width: int) -> None:
-    if width <= 0 or width % GROUP:
+    if width <= 0 or (width > GROUP and width % GROUP):
         raise ValueError(
-            f"FP8 rows need a width that is a multiple of {GROUP}, got {width}; "
+            f"FP8 rows need a width under {GROUP} or a multiple of {GROUP}, got {width}; "
             "keep this table in bf16"
         )
 
 
 def packed_width(packed_bytes: int) -> int:
-    """W from the byte width of a packed fp8 row (W + W/32)."""
+    """W from the byte width of a packed fp8 row (W + W/32; W + 1 for rows under 32 values)."""
+    if 2 <= packed_bytes <= GROUP:
+        return packed_bytes - 1
     width, rem = divmod(packed_bytes * GROUP, GROUP + 1)
     if rem or width % GROUP or width == 0:
         raise ValueError(
             f"{packed_bytes} bytes is not a packed FP8 row (W + W/32 bytes with W a multiple "
-            f"of {GROUP}); pass scales separately or check the table"
+            f"of {GROUP}, or W + 1 with W under {GROUP}); pass scales separately or check the "
+            "table"
         )
     return width
 
@@ -123,14 +136,16 @@ def quantize_fp8(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 rows with ue8m0 scales per 32 values.
 
-    rows: [R, W] floating point, W a multiple of 32, finite. Packed: uint8 [R, W + W/32] (values
-    then scales per row). Not packed: (values float8_e4m3fn [R, W], scales uint8 [R, W/32]).
+    rows: [R, W] floating point, W a multiple of 32 (or under 32: one scale per row), finite.
+    Packed: uint8 [R, W + W/32] (values then scales per row). Not packed: (values
+    float8_e4m3fn [R, W], scales uint8 [R, W/32]).
     """
     if rows.dim() != 2 or not rows.is_floating_point():
         raise ValueError(f"want floating-point rows [R, W], got {tuple(rows.shape)} {rows.dtype}")
     r, w = rows.shape
     check_fp8_width(w)
-    x = rows.to(torch.float32).view(r, w // GROUP, GROUP)
+    g = group_size(w)
+    x = rows.to(torch.float32).reshape(r, w // g, g)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("rows contain NaN or inf; fix the table before quantising it")
     scale_bytes = scale_exponents(x.abs().amax(dim=2))
@@ -166,13 +181,19 @@ def dequantize_fp8(
         values, scales = split_packed(packed)
     else:
         values = packed
-        if values.dim() != 2 or scales.shape != (values.shape[0], values.shape[1] // GROUP):
+        g = group_size(values.shape[1]) if values.dim() == 2 and values.shape[1] else 1
+        if values.dim() != 2 or scales.shape != (values.shape[0], values.shape[1] // g):
             raise ValueError(
                 f"values {tuple(values.shape)} and scales {tuple(scales.shape)} do not match; "
                 f"want [R, W] and [R, W/{GROUP}]"
             )
         check_fp8_width(values.shape[1])
     r, w = values.shape
-    v = values.contiguous().view(torch.float8_e4m3fn).to(torch.float32).view(r, w // GROUP, GROUP)
+    g = group_size(w)
+    v = values.contiguous().view(torch.uint8)
+    if v.device.type == "cpu":
+        v = torch.from_numpy(E4M3_TO_F32[v.numpy()])
+    else:
+        v = v.view(torch.float8_e4m3fn).to(torch.float32)
     s = scales_from_bytes(scales.contiguous())
-    return (v * s[..., None]).view(r, w).to(out_dtype)
+    return v.view(r, w // g, g).mul_(s[..., None]).view(r, w).to(out_dtype)

@@ -3,6 +3,17 @@
 Tables stream from their safetensors file straight into the chosen tier in chunks: the file is
 memory-mapped, one chunk at a time is converted and copied into the final buffer, so RAM never
 holds two full copies and host tiers never pass through the GPU.
+
+Row formats (``rowformat``): a table holds plain rows (bf16 as trained, or f16/f32) or packed
+FP8 rows (uint8, values then scales). A checkpoint's tables load as stored, or are converted
+while they stream in (``row_format``: 'fp8' quantises plain tables chunk by chunk, exactly as
+``engram-quantize`` does; 'bf16'/'f16'/'f32' store plain rows). ``Table.decode`` turns gathered
+rows into what the model reads: plain rows as they are, FP8 rows dequantised to ``row_dtype``.
+
+Host memory comes from :class:`~offload.hostmem.HostBuffer`: 2 MiB pages where the OS allows
+(hugetlbfs when reserved, else transparent huge pages), registered with CUDA (portable + mapped)
+for the pinned host tier. ``huge_pages=False`` uses cudaHostAlloc for the host tier and plain
+torch memory for the cpu tier. ``describe()`` says what the tables got.
 """
 
 from __future__ import annotations
@@ -14,6 +25,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
+
+from .hostmem import SMAPS, HostBuffer, PinnedBuffer, host_table_memory, huge_bytes_in, thp_mode
+from .quantize import read_row_formats
+from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8, quantize_fp8
+
+ROW_FORMATS = ("auto", *FORMATS)  # what a load may ask for; 'auto' keeps tables as stored
 
 
 class Placement(str, enum.Enum):
@@ -43,55 +60,6 @@ def cupy_ok() -> bool:
     return cuda_ok()
 
 
-class PinnedBuffer:
-    """Page-locked host memory from CuPy, mapped into the device address space.
-
-    ``host`` is a CPU torch tensor over the buffer (no copy); ``device_view()`` is a CUDA
-    tensor over the same bytes, so a device kernel reads rows straight over PCIe (UVA).
-    """
-
-    def __init__(
-        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cuda"
-    ) -> None:
-        import cupy
-        import numpy as np
-
-        self.shape, self.dtype = tuple(shape), dtype
-        self.device_index = cuda_index(torch.device(device))
-        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        self.nbytes = max(1, n)
-        rt = cupy.cuda.runtime
-        # Mapped + portable: device-visible from every context (zero-copy reads). Allocated
-        # under the target device so pointer attributes (and torch's view) name that device.
-        with cupy.cuda.Device(self.device_index):
-            self._mem = cupy.cuda.PinnedMemory(
-                self.nbytes, rt.hostAllocMapped | rt.hostAllocPortable
-            )
-        self.ptr = int(self._mem.ptr)
-        # PinnedMemoryPointer exports the buffer protocol and holds ``_mem``: the numpy array
-        # (and the torch tensor over it) keep the pinned allocation alive.
-        raw = np.frombuffer(cupy.cuda.PinnedMemoryPointer(self._mem, 0), np.uint8, count=n)
-        self.host = torch.from_numpy(raw).view(dtype).view(self.shape)
-
-    def device_view(self, device: torch.device) -> torch.Tensor:
-        import cupy
-
-        dev = cuda_index(device)
-        with cupy.cuda.Device(dev):
-            # With unified addressing the device pointer equals the host pointer; ask anyway.
-            dptr = int(cupy.cuda.runtime.pointerGetAttributes(self.ptr).devicePointer)
-            mem = cupy.cuda.UnownedMemory(dptr, self.nbytes, self, dev)
-            arr = cupy.ndarray((self.nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-            flat = torch.as_tensor(arr, device=torch.device("cuda", dev))
-        if flat.data_ptr() != dptr:  # torch copied instead of viewing: refuse, never fill GPU
-            raise RuntimeError(
-                f"mapped host table could not be viewed on cuda:{dev} without a copy; "
-                "use --gather staged"
-            )
-        n = self.host.numel() * self.host.element_size()
-        return flat[:n].view(self.dtype).view(self.shape)
-
-
 def check_placement(placement: Placement, device: torch.device) -> None:
     """ValueError, with the fix, when tables cannot live in ``placement`` for ``device``."""
     if placement is not Placement.CPU and device.type != "cuda":
@@ -107,47 +75,97 @@ def check_placement(placement: Placement, device: torch.device) -> None:
         raise ValueError("placement 'host' needs CuPy: pip install 'engram-serve[gpu]'")
 
 
-def cuda_index(device: torch.device) -> int:
-    """The CUDA ordinal of ``device`` ("cuda" alone means the current device)."""
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @dataclass
 class Table:
     layer_id: int
-    tensor: torch.Tensor  # where gathers read from: device tensor (gpu) or host tensor
+    tensor: torch.Tensor  # stored rows, where gathers read: [R, W], or uint8 [R, W + W/32] fp8
     placement: Placement
-    pinned: PinnedBuffer | None = None  # set for the host tier
+    memory: HostBuffer | PinnedBuffer | None = None  # host memory behind ``tensor`` if ours
+    fmt: RowFormat | None = None  # None: plain rows of tensor.dtype (set when nameable)
+    row_dtype: torch.dtype | None = None  # what rows come back as (fp8: dequantised to it)
     _device_view: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt is None and self.tensor.dtype in PLAIN_DTYPES.values():
+            self.fmt = RowFormat.plain(self.tensor.dtype, int(self.tensor.shape[1]))
+        if self.row_dtype is None:
+            self.row_dtype = torch.bfloat16 if self.fp8 else self.tensor.dtype
+
+    @property
+    def fp8(self) -> bool:
+        return self.fmt is not None and self.fmt.name == "fp8"
 
     @property
     def rows(self) -> int:
         return int(self.tensor.shape[0])
 
     @property
+    def width(self) -> int:
+        """Values per row the model reads."""
+        return self.fmt.values if self.fp8 else int(self.tensor.shape[1])
+
+    @property
     def row_bytes(self) -> int:
+        """Bytes of one stored row: what a gather moves."""
         return int(self.tensor.shape[1]) * self.tensor.element_size()
 
     @property
     def nbytes(self) -> int:
         return self.rows * self.row_bytes
 
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Gathered stored rows -> the rows the model reads (on raw's device)."""
+        return dequantize_fp8(raw, self.row_dtype) if self.fp8 else raw
+
     def device_view(self, device: torch.device) -> torch.Tensor:
         """The host table as a device-visible tensor (UVA zero-copy reads)."""
-        if self.pinned is None:
-            raise RuntimeError(
-                f"Engram layer {self.layer_id}: table is not in mapped pinned memory"
-            )
-        if self._device_view is None:
-            self._device_view = self.pinned.device_view(device)
-        return self._device_view
+        mem = self.memory
+        if isinstance(mem, HostBuffer) and mem.registered_device is not None:
+            if self._device_view is None:
+                shape = tuple(self.tensor.shape)
+                self._device_view = mem.device_view(self.tensor.dtype, shape, device)
+            return self._device_view
+        if isinstance(mem, PinnedBuffer):
+            if self._device_view is None:
+                self._device_view = mem.device_view(device)
+            return self._device_view
+        raise RuntimeError(f"Engram layer {self.layer_id}: table is not in mapped pinned memory")
+
+
+def new_table(
+    layer_id: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    placement: Placement,
+    device: torch.device,
+    fp8: bool = False,
+    huge_pages: bool = True,
+) -> Table:
+    """An empty table of ``shape`` = (rows, values per row). Plain: rows of ``dtype``. FP8:
+    packed uint8 rows that gathers dequantise to ``dtype``."""
+    fmt, stored = None, shape
+    if fp8:
+        fmt = RowFormat("fp8", shape[1])
+        stored, dtype_stored = (shape[0], fmt.row_bytes), torch.uint8
+    else:
+        dtype_stored = dtype
+    memory = None
+    if placement is Placement.GPU:
+        t = torch.empty(stored, dtype=dtype_stored, device=device)
+    else:
+        memory, t = host_table_memory(
+            stored, dtype_stored, placement is Placement.HOST, device, huge_pages
+        )
+    return Table(layer_id, t, placement, memory, fmt, dtype if fp8 else None)
 
 
 class TableStore:
     """The Engram tables of one model, all in one placement."""
 
-    def __init__(self, tables: dict[int, Table], placement: Placement) -> None:
-        self.tables, self.placement = tables, placement
+    def __init__(
+        self, tables: dict[int, Table], placement: Placement, huge_pages: bool = False
+    ) -> None:
+        self.tables, self.placement, self.huge_pages = tables, placement, huge_pages
 
     def __getitem__(self, layer_id: int) -> Table:
         return self.tables[layer_id]
@@ -157,6 +175,36 @@ class TableStore:
         for t in self.tables.values():
             out[t.placement.value] += t.nbytes
         return out
+
+    def describe(self) -> dict:
+        """Row formats and the memory behind the tables (huge pages asked for and got)."""
+        try:
+            smaps = SMAPS.read_text()
+        except OSError:
+            smaps = ""
+        kinds, formats, huge, registered = set(), set(), 0, []
+        for t in self.tables.values():
+            formats.add(t.fmt.name if t.fmt is not None else str(t.tensor.dtype))
+            mem = t.memory
+            if isinstance(mem, HostBuffer):
+                kinds.add(mem.kind)
+                huge += min(mem.nbytes, huge_bytes_in(smaps, mem.ptr, mem.ptr + mem.span))
+                registered.append(mem.registered_device is not None)
+            elif isinstance(mem, PinnedBuffer):
+                kinds.add("cuda-pinned")
+                registered.append(True)
+            else:
+                kinds.add("device" if t.placement is Placement.GPU else "plain")
+        return {
+            "placement": self.placement.value,
+            "row_formats": sorted(formats),
+            "memory": sorted(kinds),
+            "huge_pages_requested": self.huge_pages,
+            "thp_mode": thp_mode(),
+            "bytes": sum(t.nbytes for t in self.tables.values()),
+            "huge_bytes": huge,
+            "registered": bool(registered) and all(registered),
+        }
 
     @classmethod
     def from_model(cls, model) -> TableStore:
@@ -176,22 +224,18 @@ class TableStore:
         dtype: torch.dtype,
         placement: Placement | str,
         device: torch.device | str = "cpu",
+        fp8: bool = False,
+        huge_pages: bool = True,
     ) -> TableStore:
+        """Empty tables of ``shapes`` (rows, values per row); see :func:`new_table`."""
         placement = Placement.parse(placement)
         device = torch.device(device)
         check_placement(placement, device)
-        tables = {}
-        for lid, shape in shapes.items():
-            pinned = None
-            if placement is Placement.GPU:
-                t = torch.empty(shape, dtype=dtype, device=device)
-            elif placement is Placement.HOST:
-                pinned = PinnedBuffer(shape, dtype, device)
-                t = pinned.host
-            else:
-                t = torch.empty(shape, dtype=dtype)
-            tables[lid] = Table(lid, t, placement, pinned)
-        return cls(tables, placement)
+        tables = {
+            lid: new_table(lid, tuple(shape), dtype, placement, device, fp8, huge_pages)
+            for lid, shape in shapes.items()
+        }
+        return cls(tables, placement, huge_pages)
 
     @classmethod
     def from_safetensors(
@@ -203,20 +247,51 @@ class TableStore:
         dtype: torch.dtype | None = None,
         chunk_rows: int = 1 << 16,
         progress: bool = True,
+        row_format: str = "auto",
+        row_dtype: torch.dtype = torch.bfloat16,
+        huge_pages: bool = True,
     ) -> TableStore:
-        """Stream each table (``{layer: tensor name}``) from the file into its tier."""
+        """Stream each table (``{layer: tensor name}``) from the file into its tier.
+
+        ``row_format``: 'auto' keeps each table as stored (plain rows in ``dtype`` when given);
+        'fp8' quantises plain tables while loading; 'bf16', 'f16', 'f32' store plain rows of
+        that dtype (fp8 tables dequantised while loading). ``row_dtype``: what gathers
+        dequantise fp8 rows to (the model's dtype).
+        """
+        if row_format not in ROW_FORMATS:
+            raise ValueError(
+                f"unknown row format {row_format!r}; use one of {', '.join(ROW_FORMATS)}"
+            )
+        placement = Placement.parse(placement)
+        device = torch.device(device)
+        check_placement(placement, device)
+        stored = read_row_formats(path)
+        tables: dict[int, Table] = {}
         with safe_open(str(path), framework="pt") as f:
-            slices = {lid: f.get_slice(key) for lid, key in keys.items()}
-            shapes = {}
-            for lid, sl in slices.items():
-                shape = sl.get_shape()
-                if len(shape) != 2:
-                    raise ValueError(f"{keys[lid]} in {path}: want 2-D rows x width, got {shape}")
-                shapes[lid] = (shape[0], shape[1])
-            if dtype is None:  # as stored
-                dtype = next(iter(slices.values()))[0:1].dtype
-            store = cls.allocate(shapes, dtype, placement, device)
-            total = sum(r for r, _ in shapes.values())
+            sources = {}
+            for lid, key in keys.items():
+                if key not in stored:
+                    raise ValueError(
+                        f"{key} in {path}: want a 2-D table of rows (bf16/f16/f32, or fp8 from "
+                        "engram-quantize); check the checkpoint"
+                    )
+                src = stored[key]
+                fp8 = row_format == "fp8" or (row_format == "auto" and src.name == "fp8")
+                if fp8 and src.name != "fp8":
+                    try:
+                        RowFormat("fp8", src.values)
+                    except ValueError as e:
+                        raise ValueError(f"{key}: {e}") from None
+                out = row_dtype if fp8 else PLAIN_DTYPES.get(row_format, dtype)
+                if out is None:  # auto, plain as stored
+                    out = PLAIN_DTYPES[src.name] if src.name in PLAIN_DTYPES else row_dtype
+                rows = f.get_slice(key).get_shape()[0]
+                tables[lid] = new_table(
+                    lid, (rows, src.values), out, placement, device, fp8, huge_pages
+                )
+                sources[lid] = (key, src)
+            store = cls(tables, placement, huge_pages)
+            total = sum(t.rows for t in tables.values())
             with tqdm(
                 total=total,
                 desc="loading Engram tables",
@@ -224,11 +299,11 @@ class TableStore:
                 unit_scale=True,
                 disable=not progress,
             ) as bar:
-                for lid, sl in slices.items():
-                    dst = store[lid].tensor
-                    for a in range(0, shapes[lid][0], chunk_rows):
-                        chunk = sl[a : a + chunk_rows]
-                        dst[a : a + chunk.shape[0]].copy_(chunk.to(dtype))
+                for lid, (key, src) in sources.items():
+                    dst = tables[lid]
+                    for a in range(0, dst.rows, chunk_rows):
+                        chunk = _load_chunk(f, key, src, dst, a, a + chunk_rows)
+                        dst.tensor[a : a + chunk.shape[0]].copy_(chunk)
                         bar.update(chunk.shape[0])
         return store
 
@@ -240,10 +315,37 @@ class TableStore:
         placement: Placement | str,
         device: torch.device | str = "cpu",
         progress: bool = True,
+        row_format: str = "auto",
+        row_dtype: torch.dtype = torch.bfloat16,
+        huge_pages: bool = True,
     ) -> TableStore:
         """The Engram tables of a checkpoint directory (its engram.safetensors)."""
         from models.checkpoint import ENGRAM_FILE, table_key
 
         keys = {lid: table_key(lid) for lid in layer_ids}
         path = Path(model_dir) / ENGRAM_FILE
-        return cls.from_safetensors(path, keys, placement, device, progress=progress)
+        return cls.from_safetensors(
+            path,
+            keys,
+            placement,
+            device,
+            progress=progress,
+            row_format=row_format,
+            row_dtype=row_dtype,
+            huge_pages=huge_pages,
+        )
+
+
+def _load_chunk(f, key: str, src: RowFormat, dst: Table, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a stored table, converted to ``dst``'s stored format."""
+    raw = f.get_slice(key)[a:b]
+    if src.name == "fp8":
+        if not src.packed:  # split layout: values, then the scales tensor beside them
+            raw = torch.cat([raw.view(torch.uint8), f.get_slice(f"{key}.scales")[a:b]], dim=1)
+        return raw if dst.fp8 else dequantize_fp8(raw, dst.tensor.dtype)
+    if dst.fp8:
+        try:
+            return quantize_fp8(raw.to(torch.float32))
+        except ValueError as e:
+            raise ValueError(f"{key}, rows {a}..{a + raw.shape[0] - 1}: {e}") from None
+    return raw.to(dst.tensor.dtype)

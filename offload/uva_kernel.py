@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from .rowformat import GROUP, packed_width
+from .rowformat import group_size, packed_width
 
 try:
     import triton
@@ -204,7 +204,8 @@ def gather_rows_fp8(
     """``out[k] = dequantize_fp8(packed_table[idx[k]])``, dequantised in the kernel, bit for bit
     equal to ``rowformat.dequantize_fp8``; returns ``out``.
 
-    packed_table: uint8 [R, W + W/32]; out: [len(idx), W] bfloat16, float16 or float32.
+    packed_table: uint8 [R, W + W/32] (W + 1 for rows under 32 values); out: [len(idx), W]
+    bfloat16, float16 or float32.
     Same ``sort`` / ``positions`` / bounds behaviour as :func:`gather_rows`.
     """
     _check_device(packed_table, idx, out)
@@ -213,6 +214,7 @@ def gather_rows_fp8(
     if not packed_table.is_contiguous() or not out.is_contiguous():
         raise ValueError("packed_table and out must be contiguous; call .contiguous()")
     w = packed_width(packed_table.shape[1])
+    gs = group_size(w)
     if out.dim() != 2 or out.shape[1] != w:
         raise ValueError(f"out must be [M, {w}] for these rows, got {tuple(out.shape)}")
     if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -221,8 +223,9 @@ def gather_rows_fp8(
     m = src.numel()
     if m == 0:
         return out
-    block_g = min(_pow2_at_least(w // GROUP), TILE_VALUES // GROUP)
-    rows = max(1, min(MAX_TILE_ROWS, TILE_VALUES // (block_g * GROUP)))
+    gs_p2 = _pow2_at_least(gs)
+    block_g = min(_pow2_at_least(w // gs), TILE_VALUES // gs_p2)
+    rows = max(1, min(MAX_TILE_ROWS, TILE_VALUES // (block_g * gs_p2)))
     grid = _grid(packed_table.device, triton.cdiv(m, rows), max_programs)
     _gather_fp8_kernel[grid](
         packed_table,
@@ -233,7 +236,9 @@ def gather_rows_fp8(
         packed_table.shape[0],
         HAS_DST=dst is not None,
         W=w,
-        G=w // GROUP,
+        G=w // gs,
+        GS=gs,
+        GS_P2=gs_p2,
         RB=packed_table.shape[1],
         ROWS=rows,
         BLOCK_G=block_g,
@@ -257,7 +262,9 @@ if triton is not None:
             dst = k.to(tl.int64)
         return src, dst, ok, in_req
 
-    @triton.jit
+    # The index arrays are views into the step's single upload at any offset, and M changes
+    # every step: not specialising on them keeps one compiled kernel per row shape.
+    @triton.jit(do_not_specialize=["src_ptr", "dst_ptr", "M"])
     def _gather_kernel(
         table_ptr,
         src_ptr,
@@ -303,7 +310,7 @@ if triton is not None:
         sub = tl.where(sign != 0, -sub, sub)
         return tl.where(e == 0, sub, bits.to(tl.float32, bitcast=True))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["src_ptr", "dst_ptr", "M"])
     def _gather_fp8_kernel(
         table_ptr,
         src_ptr,
@@ -314,12 +321,16 @@ if triton is not None:
         HAS_DST: tl.constexpr,
         W: tl.constexpr,
         G: tl.constexpr,
+        GS: tl.constexpr,
+        GS_P2: tl.constexpr,
         RB: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_G: tl.constexpr,
     ):
+        """G groups of GS values per row (GS = 32, or the whole row when it is narrower)."""
         g_ar = tl.arange(0, BLOCK_G)
-        j = tl.arange(0, 32)
+        j = tl.arange(0, GS_P2)
+        jm = j < GS
         num_tiles = tl.cdiv(M, ROWS)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             src, dst, ok, in_req = _tile_rows(src_ptr, dst_ptr, tile, M, R, HAS_DST, ROWS)
@@ -334,15 +345,16 @@ if triton is not None:
                     other=0,
                 )
                 scale = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # ue8m0; 0 -> 0.0
-                col = g[:, None] * 32 + j[None, :]  # [BLOCK_G, 32]
+                col = g[:, None] * GS + j[None, :]  # [BLOCK_G, GS_P2]
+                cm = gm[:, None] & jm[None, :]
                 vb = tl.load(
                     table_ptr + src_off[:, None, None] + col[None, :, :],
-                    mask=ok[:, None, None] & gm[None, :, None],
+                    mask=ok[:, None, None] & cm[None, :, :],
                     other=0,
                 )
                 vals = _e4m3_to_f32(vb) * scale[:, :, None]
                 tl.store(
                     out_ptr + dst_off[:, None, None] + col[None, :, :],
                     vals.to(out_ptr.dtype.element_ty),
-                    mask=in_req[:, None, None] & gm[None, :, None],
+                    mask=in_req[:, None, None] & cm[None, :, :],
                 )

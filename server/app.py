@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -38,6 +39,8 @@ from .openapi import (
     errors,
 )
 from .protocol import APIError, CompletionRequest, validation_error
+from .startup import LINK_BYTES, LoadCancelled, StartupClock, warm_up
+from .tokenization import router as tokenization_router
 
 log = logging.getLogger("engram.server")
 
@@ -60,36 +63,79 @@ class ServerState:
         self.on_load_error: Callable[[], None] | None = None
         self.link_bps = 0.0
         self.started = time.time()
+        self.startup = StartupClock()
+        self.loader: threading.Thread | None = None
         self._offload = offload
 
+    def start_loading(self) -> None:
+        self.loader = threading.Thread(target=self.load, name="engram-load", daemon=True)
+        self.loader.start()
+
     def load(self) -> None:
+        clock, built = self.startup, None
         try:
             e = self.cfg.engine
-            offload = self._offload or OffloadedModel.load(
-                e.model_dir,
-                e.placement,
-                e.gather,
-                e.device,
-                e.dtype,
-                e.dedup,
-                progress=sys.stderr.isatty(),  # a bar for a person watching, not in log files
-            )
-            self.link_bps = measure_copy_bandwidth(offload.device, 64 << 20)
+            offload = self._offload or self._load_offload(clock)
+            built = offload if self._offload is None else None
+            with clock.phase("link measurement"):
+                self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
+            with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
+                engine = AsyncEngine(offload, e, self.metrics)
+            with clock.phase("warm-up"):
+                warm_up(engine)
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
             self.metrics.init_offload_layers(
                 offload.model.config.engram_layer_ids, offload.placement.value
             )
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
             offload.accountant.subscribe(self.metrics.observe_offload_step)
-            engine = AsyncEngine(offload, e, self.metrics)
+            clock.check()
             engine.start()
             self.engine = engine
             log.info("%s", self.summary_line())
+            log.info("%s", clock.line())
+        except LoadCancelled as e:
+            log.warning("%s; stopped loading", e)
+            if built is not None:
+                built.close()
         except Exception as e:  # reported by /health and the CLI
             log.exception("model load failed")
             self.load_error = f"{type(e).__name__}: {e}"
             if self.on_load_error is not None:
                 self.on_load_error()
+
+    def _load_offload(self, clock: StartupClock) -> OffloadedModel:
+        e = self.cfg.engine
+        return OffloadedModel.load(
+            e.model_dir,
+            e.placement,
+            e.gather,
+            e.device,
+            e.dtype,
+            e.dedup,
+            progress=sys.stderr.isatty(),
+            row_format=e.row_format,
+            huge_pages=e.huge_pages,
+            host_threads=e.gather_threads or None,
+            phase=clock.phase,
+        )
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop loading (at its next phase boundary) and the engine. False when the loader was
+        still busy after ``timeout`` seconds (the caller must then exit without teardown)."""
+        self.startup.cancel.set()
+        if self.loader is not None:
+            self.loader.join(timeout)
+            if self.loader.is_alive():
+                log.error(
+                    "loading (%s) did not stop within %.0fs of shutdown",
+                    self.startup.current,
+                    timeout,
+                )
+                return False
+        if self.engine is not None:
+            self.engine.stop()
+        return True
 
     def summary_line(self) -> str:
         e = self.engine
@@ -158,10 +204,9 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="engram-load", daemon=True).start()
+        state.start_loading()
         yield
-        if state.engine is not None:
-            state.engine.stop()
+        await asyncio.to_thread(state.shutdown)
 
     app = FastAPI(title="engram-serve", version=package_version(), lifespan=lifespan)
     app.state.server = state
@@ -244,6 +289,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "gather": e.offload.gather,
             "dedup": e.offload.prefetcher.dedup,
             "table_bytes": e.offload.store.bytes_by_tier(),
+            "tables": e.offload.store.describe(),
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,
             "accounting": e.offload.accountant.summary(),
@@ -283,13 +329,15 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "chat_template_missing",
         )
 
+    # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
+    app.include_router(tokenization_router, dependencies=[Depends(check_key)])
     app.add_middleware(UnicodeCheck, metrics=state.metrics)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.add_middleware(CatchAll, metrics=state.metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = describe(app)
+            app.openapi_schema = describe(app, check_key)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from engine.config import EngineConfig
+from engine.determinism import set_deterministic
 from models.config import ModelConfig
 from offload.paths import SettingError, resolve
 
@@ -64,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in _cli_fields(EngineConfig) + _cli_fields(ServerConfig):
         name = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        if f.type == "bool":
-            ap.add_argument(name, action="store_true", help=meta["help"])
+        if f.type == "bool":  # a switch; one that defaults on is turned off with --no-NAME
+            off = f.default is True
+            flag = "--no-" + name[2:] if off else name
+            action = "store_false" if off else "store_true"
+            ap.add_argument(flag, dest=f.name, action=action, help=meta["help"])
             continue
         kind = TYPES[f.type.split(" |")[0]]
         ap.add_argument(
@@ -82,11 +86,12 @@ def env_argv(ap: argparse.ArgumentParser) -> list[str]:
         flag = next((o for o in action.option_strings if o.startswith("--")), None)
         if flag is None or flag == "--help":
             continue
-        raw = os.environ.get("ENGRAM_" + flag[2:].upper().replace("-", "_"), "").strip()
+        raw = os.environ.get("ENGRAM_" + action.dest.upper(), "").strip()
         if not raw:
             continue
-        if action.nargs == 0:  # a switch
-            if raw.lower() in ("1", "true", "yes", "on"):
+        if action.nargs == 0:  # a switch: ENGRAM_DEDUP=1 turns it on, ENGRAM_HUGE_PAGES=0 off
+            on = raw.lower() in ("1", "true", "yes", "on")
+            if on != isinstance(action, argparse._StoreFalseAction):
                 out.append(flag)
         else:
             out += [flag, raw]
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = to_config(args)
+    if cfg.engine.deterministic:  # before anything touches CUDA (see engine/determinism.py)
+        set_deterministic(True)
     app = create_app(cfg)
     config = uvicorn.Config(
         app,
@@ -158,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     server.run()
     if server.exit_code:
         print(f"engram-serve: error: model load failed: {state.load_error}", file=sys.stderr)
+    if state.loader is not None and state.loader.is_alive():
+        # loading is stuck inside one phase (e.g. a huge table copy): tearing the interpreter
+        # down under it can crash inside CUDA, so leave without teardown; nothing is on disk
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(server.exit_code)
     return server.exit_code
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
@@ -50,6 +50,11 @@ def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
         logprobs=logprobs,
         echo=req.echo,
         n=best_of,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        prompt_logprobs=None if req.stream else req.prompt_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
     )
 
 
@@ -88,6 +93,15 @@ def check_length(engine: AsyncEngine, n_prompt: int, max_tokens: int | None) -> 
     return max_tokens
 
 
+def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    if min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})",
+            "min_tokens",
+        )
+
+
 class Completion:
     """One HTTP completion request: its engine requests and how to render their output."""
 
@@ -97,6 +111,8 @@ class Completion:
         self.max_tokens = [
             check_length(engine, len(ids), req.max_tokens) for ids, _ in self.prompts
         ]
+        for mt in self.max_tokens:
+            check_min_tokens(req.min_tokens, mt)
         self.created = int(time.time())
         self.id = f"cmpl-{time.time_ns():x}"
         self.subs: list[RequestStream] = []
@@ -164,7 +180,9 @@ class Completion:
         items = []
         if echo_prompt:
             seq = self._seq(choice)
-            items += list(zip(seq.prompt_logprobs, choice.prompt_ids))
+            k = self.req.logprobs  # the prompt's entries may hold more (prompt_logprobs)
+            for e, tid in zip(seq.prompt_logprobs, choice.prompt_ids):
+                items.append((e if e is None else replace(e, top=e.top[:k]), tid))
         items += [(e, e.token_id) for e in entries]
         if offset0 is None:
             offset0 = 0 if self.req.echo else len(choice.prompt_text)
@@ -188,9 +206,37 @@ class Completion:
                 out.append(c)
         return out
 
+    def _prompt_logprobs(self, choice: Choice) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (the first has none) the token and its
+        top alternatives, ``{id: {logprob, rank, decoded_token}}``."""
+        k = self.req.prompt_logprobs
+        out: list[dict | None] = []
+        for e in self._seq(choice).prompt_logprobs:
+            if e is None:
+                out.append(None)
+                continue
+            entry = {e.token_id: (e.logprob, e.rank)}
+            for rank, (tid, lp) in enumerate(e.top[:k], start=1):
+                entry.setdefault(tid, (lp, rank))
+            out.append(
+                {
+                    str(tid): {
+                        "logprob": max(lp, -9999.0),
+                        "rank": rank,
+                        "decoded_token": self._token_text(tid),
+                    }
+                    for tid, (lp, rank) in entry.items()
+                }
+            )
+        return out
+
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids, _ in self.prompts)
         return usage(prompt, sum(len(c.token_ids) for c in self.choices))
+
+    def choice_usage(self, choice: Choice) -> dict:
+        """vLLM's continuous_usage_stats: one choice's counts so far."""
+        return usage(len(choice.prompt_ids), len(choice.token_ids))
 
     async def collect(self) -> dict:
         async for choice, delta in self.deltas():
@@ -201,14 +247,15 @@ class Completion:
         rendered = []
         for c in self.best():
             text = (c.prompt_text + c.text) if self.req.echo else c.text
-            rendered.append(
-                {
-                    "index": c.index,
-                    "text": text,
-                    "logprobs": self._logprobs(c, c.logprobs, self.req.echo),
-                    "finish_reason": c.finish_reason,
-                }
-            )
+            body = {
+                "index": c.index,
+                "text": text,
+                "logprobs": self._logprobs(c, c.logprobs, self.req.echo),
+                "finish_reason": c.finish_reason,
+            }
+            if self.req.prompt_logprobs is not None:
+                body["prompt_logprobs"] = self._prompt_logprobs(c)
+            rendered.append(body)
         return completion_body(self.id, self.model_name, rendered, self.usage(), self.created)
 
     async def stream(self) -> AsyncIterator[str]:
@@ -216,6 +263,9 @@ class Completion:
             body = completion_body(self.id, self.model_name, choices, usage_, self.created)
             return f"data: {json.dumps(body)}\n\n"
 
+        opts = self.req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and opts.continuous_usage_stats  # as vLLM: needs both
         echoed: set[int] = set()
         offsets = {c.index: len(c.prompt_text) for c in self.choices}  # text_offset so far
         try:
@@ -224,7 +274,10 @@ class Completion:
                     echoed.add(choice.index)
                     lp = self._logprobs(choice, [], True)
                     echo = {"index": choice.index, "text": choice.prompt_text, "logprobs": lp}
-                    yield chunk([{**echo, "finish_reason": None}])
+                    yield chunk(
+                        [{**echo, "finish_reason": None}],
+                        self.choice_usage(choice) if continuous else None,
+                    )
                 choice.token_ids += delta.token_ids
                 choice.finish_reason = delta.finish_reason or choice.finish_reason
                 if not delta.text and not delta.finish_reason and self.req.logprobs is None:
@@ -240,9 +293,10 @@ class Completion:
                             "logprobs": lp,
                             "finish_reason": delta.finish_reason,
                         }
-                    ]
+                    ],
+                    self.choice_usage(choice) if continuous else None,
                 )
-            if self.req.stream_options and self.req.stream_options.include_usage:
+            if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
         except Exception as e:  # the status is sent already: the error is the last event

@@ -22,7 +22,9 @@ class ServerConfig:
     host: str = flag("127.0.0.1", "address to listen on")
     port: int = flag(8000, "port to listen on")
     api_key: str | None = flag(
-        None, "require 'Authorization: Bearer KEY' on /v1 routes (default: no key)"
+        None,
+        "require 'Authorization: Bearer KEY' on /v1 routes and the tokenizer endpoints "
+        "(default: no key)",
     )
     max_body_bytes: int = flag(1 << 20, "larger request bodies get 413")
     bench_result: str | None = flag(

@@ -7,10 +7,12 @@ error body, and none it never sends (FastAPI's 422: validation errors are 400 he
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 
@@ -130,10 +132,17 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def describe(app: FastAPI) -> dict[str, Any]:
+def describe(app: FastAPI, key_check: Callable | None = None) -> dict[str, Any]:
     """The OpenAPI document with every status: 500 everywhere, 400 and 413 where there is a
-    body, 401 on /v1 routes, each with the error schema; no 422."""
+    body, 401 on the routes behind ``key_check``, each with the error schema; no 422."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    keyed = {
+        (route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        and any(d.dependency is key_check for d in route.dependencies)
+        for method in route.methods
+    }
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
@@ -143,13 +152,13 @@ def describe(app: FastAPI) -> dict[str, Any]:
     )
     schemas["ErrorResponse"].pop("$defs", None)
     for path, ops in doc["paths"].items():
-        for op in ops.values():
+        for method, op in ops.items():
             responses = op["responses"]
             responses.pop("422", None)
             codes = {500}
             if "requestBody" in op:
                 codes |= {400, 413}
-            if path.startswith("/v1/"):
+            if (path, method) in keyed:
                 codes.add(401)
             json_error = {"application/json": {"schema": ERROR_REF}}
             for code in sorted(codes):

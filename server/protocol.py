@@ -61,6 +61,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage on every chunk
 
 
 def json_int(v):
@@ -74,6 +75,7 @@ JsonInt = BeforeValidator(json_int)
 Int = Annotated[int, JsonInt]
 NonNegative = Annotated[int, Field(ge=0), JsonInt]
 Count = Annotated[int, Field(ge=1, le=16), JsonInt]
+TopK = Annotated[int, Field(ge=0, le=20), JsonInt]  # logprob alternatives per token
 Text = Annotated[StrictStr, Field(min_length=1)]
 TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
 NoSuffix = Annotated[
@@ -115,13 +117,34 @@ class CompletionRequest(BaseModel):
     seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Annotated[int, Field(ge=0, le=20), JsonInt] | None = None
+    logprobs: TopK | None = None
     echo: bool = False
     presence_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
     suffix: NoSuffix | None = None  # refused unless empty
     user: str | None = None
+    # vLLM's extensions (README, "Request extensions")
+    ignore_eos: bool = False
+    min_tokens: NonNegative = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: TopK | None = None
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens(cls, v, info):
+        mt = info.data.get("max_tokens")
+        if mt is not None and v > mt:
+            raise ValueError(f"min_tokens ({v}) must be at most max_tokens ({mt})")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs(cls, v, info):
+        if v and info.data.get("stream"):  # as vLLM: nothing to put them in a chunk
+            raise ValueError("prompt_logprobs are not available when stream=true")
+        return v
 
     @field_validator("logit_bias")
     @classmethod

@@ -9,6 +9,9 @@ import torch
 # Without a GPU, Triton kernels run in its interpreter (set before any kernel module imports).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Deterministic mode (engram-bench's default) needs this before the process's first CUDA
+# matmul: torch reads it once (engine/determinism.py).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams

@@ -106,7 +106,8 @@ def test_greedy_outputs_are_the_recorded_ones():
     from .conftest import GOLDEN
 
     rec = json.loads((GOLDEN / "builtin_greedy.json").read_text())
-    om = OffloadedModel.load(None, placement="cpu", gather="worker", progress=False)
+    # recorded on the CPU: the same device here, whatever else this machine has
+    om = OffloadedModel.load(None, placement="cpu", gather="worker", device="cpu", progress=False)
     prompts = [c["prompt_ids"] for c in rec["cases"]]
     eos = om.model.config.eos_token_id
     got = generate(om.model, prompts, rec["max_tokens"], eos_token_id=eos, rows=om.prefetcher)

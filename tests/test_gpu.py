@@ -29,7 +29,7 @@ def test_mapped_pinned_table_reads_back_on_device():
     t = store[0]
     t.tensor.copy_(torch.arange(16000, dtype=torch.float32).view(1000, 16))
     view = t.device_view(torch.device("cuda"))
-    assert view.is_cuda and view.data_ptr() == t.pinned.ptr  # a view, not a copy on the GPU
+    assert view.is_cuda and view.data_ptr() == t.memory.ptr  # a view, not a copy on the GPU
     idx = torch.tensor([0, 999, 17], device="cuda")
     assert torch.equal(view[idx].cpu(), t.tensor[idx.cpu()])
 

@@ -215,15 +215,15 @@ def test_quantize_command_split_layout(tmp_path):
 @pytest.mark.parametrize(
     "setup,message",
     [
-        ("narrow", "width that is a multiple of 32, got 8; keep this table in bf16"),
+        ("odd-width", "a multiple of 32, got 40; keep this table in bf16"),
         ("missing", "is not a checkpoint directory (no config.json); check --model"),
         ("not-empty", "is not empty; choose a new --out"),
     ],
 )
 def test_quantize_command_errors_are_one_line_with_the_fix(tmp_path, capsys, setup, message):
     src, out = tmp_path / "src", tmp_path / "q"
-    if setup == "narrow":
-        _checkpoint(src, head_dim=8)
+    if setup == "odd-width":
+        _checkpoint(src, head_dim=40)
     elif setup == "not-empty":
         _checkpoint(src)
         out.mkdir()

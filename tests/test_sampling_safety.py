@@ -1,6 +1,7 @@
 """The sampler is safe for every value the API takes: property tests over extreme parameters
-and logits in each backbone dtype (huge, tiny, tied). Always a valid token id, never NaN, at
-least one token eligible; greedy rows are the argmax of the adjusted logits."""
+and logits in each backbone dtype (huge, tiny, tied), with banned tokens (min_tokens). Always a
+valid token id that is not banned, never NaN, at least one token eligible; greedy rows are the
+argmax of the adjusted logits."""
 
 import math
 
@@ -15,6 +16,7 @@ from engine.sampling import (
     SampleRow,
     SamplingParams,
     adjust_logits,
+    ban_tokens,
     filtered_logprobs,
     sample,
 )
@@ -82,17 +84,18 @@ def batches(draw):
         p = draw(params(vocab))
         p.check(vocab)  # everything drawn is a value the engine accepts
         out = draw(st.lists(st.integers(0, vocab - 1), max_size=12))
-        rows.append(SampleRow(p, out, p.generator(0)))
+        banned = draw(st.lists(st.integers(0, vocab - 1), max_size=vocab - 1, unique=True))
+        rows.append(SampleRow(p, out, p.generator(0), banned))
     return x, rows
 
 
 def _check(x: torch.Tensor, rows: list[SampleRow]) -> None:
     tokens, lps = sample(x, rows)
     vocab = x.shape[1]
-    adjusted = adjust_logits(x, rows)
+    adjusted = ban_tokens(adjust_logits(x, rows), rows)
     assert not torch.isnan(adjusted).any()
     for i, (tok, lp, row) in enumerate(zip(tokens, lps, rows)):
-        assert isinstance(tok, int) and 0 <= tok < vocab
+        assert isinstance(tok, int) and 0 <= tok < vocab and tok not in row.banned
         p = row.params
         if p.greedy:
             assert adjusted[i, tok] == adjusted[i].max()
@@ -124,7 +127,9 @@ def test_any_accepted_values_give_a_valid_token(batch):
 @given(batches())
 def test_any_accepted_values_give_a_valid_token_on_the_device(batch):
     x, rows = batch
-    rows = [SampleRow(r.params, r.output_ids, r.params.generator(0, "cuda")) for r in rows]
+    rows = [
+        SampleRow(r.params, r.output_ids, r.params.generator(0, "cuda"), r.banned) for r in rows
+    ]
     _check(x.cuda(), rows)
 
 

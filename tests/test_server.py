@@ -8,8 +8,7 @@ import httpx
 import openai
 import pytest
 
-from offload.paths import resolve_gather
-from offload.store import Placement
+from offload.paths import default_placement, resolve_device, resolve_gather
 
 from .live import LiveServer, serve
 
@@ -326,9 +325,13 @@ def test_metrics_expose_every_name_with_sane_values(srv):
     assert srv.metric("engram_offload_table_bytes") > 0
     assert srv.metric("engram_offload_link_bandwidth_bytes_per_second") > 0
     info = httpx.get(srv.url + "/v1/offload").json()
-    assert info["placement"] == "cpu"
-    assert info["gather"] == resolve_gather(Placement.CPU, "auto")
+    placement = default_placement(resolve_device(None))  # the server's default on this machine
+    assert info["placement"] == placement.value
+    assert info["gather"] == resolve_gather(placement, "auto")
     assert info["accounting"]["steps"] > 0 and json.dumps(info)
+    tables = info["tables"]  # which row format and memory the tables got
+    assert tables["placement"] == "cpu" and tables["row_formats"] and tables["memory"]
+    assert tables["bytes"] == info["table_bytes"]["cpu"]
 
 
 def test_health_is_503_until_the_model_loads(tmp_path):
@@ -368,3 +371,14 @@ def test_small_kv_pool_preempts_and_recomputes_without_changing_tokens(tiny_ckpt
         assert s.metric("engram_num_preemptions_total") > 0
         assert s.state.engine.cache.free_blocks == 12
         _assert_error(_post(s, {"prompt": "x", "max_tokens": 250}), 400, "192")
+
+
+def test_fp8_rows_quantised_at_load_serve_and_halve_the_bytes(tiny_ckpt):
+    with serve(tiny_ckpt, row_format="fp8", max_num_seqs=2) as s:
+        r = _post(s, {"prompt": "import sys", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        info = httpx.get(s.url + "/v1/offload").json()
+    assert info["tables"]["row_formats"] == ["fp8"]
+    rows = sum(v["rows_per_step"] for v in info["accounting"]["layers"].values())
+    moved = sum(v["bytes_per_step"] for v in info["accounting"]["layers"].values())
+    assert moved == rows * 9  # 8 fp8 values + 1 scale byte per row, instead of 32 bytes (f32)

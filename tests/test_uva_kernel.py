@@ -168,7 +168,7 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # f16 inf, as the reference
-@pytest.mark.parametrize("width", [32, 96, 256])
+@pytest.mark.parametrize("width", [3, 16, 32, 96, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("sort", [True, False])
 def test_fp8_gather_equals_the_reference_dequantisation(width, dtype, sort):
@@ -230,10 +230,13 @@ for word, rw, bw, rows, vec in [("i32", 32, 32, 64, "v4.b32"), ("i32", 66, 128, 
     assert f"ld.global.{vec}" in code, (word, rw)
 for out in ("bf16", "fp16", "fp32"):
     sig = dict(zip(names, ["*u8", "*i64", "*i64", f"*{out}", "i32", "i64"]))
-    sig.update({k: "constexpr" for k in ("HAS_DST", "W", "G", "RB", "ROWS", "BLOCK_G")})
-    code = ptx(uk._gather_fp8_kernel, sig, {"HAS_DST": False, "W": 256, "G": 8, "RB": 264,
-                                            "ROWS": 16, "BLOCK_G": 8})
-    assert "mul.f32" in code and ".ftz" not in code  # exact products, subnormals kept
+    sig.update({k: "constexpr" for k in ("HAS_DST", "W", "G", "GS", "GS_P2", "RB", "ROWS",
+                                         "BLOCK_G")})
+    for w, gs, p2, rows, bg in [(256, 32, 32, 16, 8), (16, 16, 16, 64, 1)]:
+        consts = {"HAS_DST": False, "W": w, "G": w // gs, "GS": gs, "GS_P2": p2,
+                  "RB": w + w // gs, "ROWS": rows, "BLOCK_G": bg}
+        code = ptx(uk._gather_fp8_kernel, sig, consts)
+        assert "mul.f32" in code and ".ftz" not in code  # exact products, subnormals kept
 print("ok")
 """
 
@@ -266,7 +269,7 @@ needs_gpu = pytest.mark.skipif(not _cupy_ok(), reason="needs CUDA and CuPy")
 
 
 def _mapped(table_cpu: torch.Tensor) -> tuple[object, torch.Tensor]:
-    from offload.store import PinnedBuffer
+    from offload.hostmem import PinnedBuffer
 
     buf = PinnedBuffer(tuple(table_cpu.shape), table_cpu.dtype, "cuda")
     buf.host.copy_(table_cpu)

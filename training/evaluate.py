@@ -1,9 +1,15 @@
 """``engram-eval``: validation loss and perplexity on the held-out stdlib files.
 
-Rows: the model; the same model with every Engram output zeroed; optionally a dense baseline
-trained with the same recipe (``engram-train --dense``). Prints a Markdown table.
+Rows: the model (once per ``--row-format``); the same model with every Engram output zeroed;
+optionally a dense baseline trained with the same recipe (``engram-train --dense``). Prints a
+Markdown table.
 
     engram-eval --dense runs/dense
+    engram-eval --row-format bf16 fp8    # the held-out cost of FP8 Engram rows
+
+A row format loads the tables the way the server does (``offload.store``: quantised at load
+for 'fp8', or as stored) and decodes them as a gather returns them, so the model reads exactly
+the rows it would be served.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import default_model_dir, load_checkpoint
 from models.llama import EngramForCausalLM
+from offload.store import ROW_FORMATS, TableStore
 
 from .corpus import encode_files, split_files
 
@@ -52,32 +59,69 @@ def validation_loss(
     return total / (n * seq_len)
 
 
+def load_with_row_format(
+    model_dir: str | Path | None, row_format: str
+) -> tuple[EngramForCausalLM, object]:
+    """A checkpoint whose Engram tables hold the rows a gather returns in ``row_format``."""
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    model, tok = load_checkpoint(model_dir, load_tables=False)
+    store = TableStore.from_checkpoint(
+        model_dir,
+        model.config.engram_layer_ids,
+        "cpu",
+        progress=False,
+        row_format=row_format,
+        row_dtype=torch.float32,
+        huge_pages=False,
+    )
+    for lid, table in store.tables.items():
+        rows = table.decode(table.tensor).to(torch.float32)
+        emb = model.model.layers[lid].engram.multi_head_embedding.embedding
+        emb.weight = torch.nn.Parameter(rows, requires_grad=False)
+    return model, tok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="engram-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")
     ap.add_argument("--dense", default=None, help="dense baseline checkpoint directory")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-files", type=int, default=None)
+    ap.add_argument(
+        "--row-format",
+        nargs="+",
+        choices=ROW_FORMATS,
+        default=["auto"],
+        help="Engram table row formats to evaluate, one row each (auto: as stored; fp8: "
+        "quantised at load as the server does)",
+    )
     args = ap.parse_args(argv)
     if args.max_files is not None and args.max_files < 1:
         ap.error("--max-files must be at least 1 (leave it out for every held-out file)")
     try:
-        model, tok = load_checkpoint(args.model)
+        models = {fmt: load_with_row_format(args.model, fmt) for fmt in args.row_format}
         dense = load_checkpoint(Path(args.dense)) if args.dense else None
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         ap.error(str(e))
+    model, tok = next(iter(models.values()))
     if dense is not None and dense[1].tokenizer.to_str() != tok.tokenizer.to_str():
         ap.error(f"{args.dense} uses another tokenizer; train it with --tokenizer-from")
     ids = validation_ids(tok.tokenizer, args.max_files)
     if len(ids) <= args.seq_len:
         ap.error(f"{len(ids)} held-out tokens do not fill one --seq-len {args.seq_len} window")
     rows = [
-        ("Engram model", validation_loss(model, ids, seq_len=args.seq_len)),
+        (
+            "Engram model" if fmt == "auto" else f"Engram model, {fmt} Engram rows",
+            validation_loss(m, ids, seq_len=args.seq_len),
+        )
+        for fmt, (m, _) in models.items()
+    ]
+    rows.append(
         (
             "Engram model, Engram outputs zeroed",
             validation_loss(model, ids, seq_len=args.seq_len, engram_scale=0.0),
-        ),
-    ]
+        )
+    )
     if dense is not None:
         loss = validation_loss(dense[0], ids, seq_len=args.seq_len)
         rows.append(("Dense baseline (same recipe, no Engram)", loss))
