@@ -19,8 +19,8 @@ from .live import serve
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # Examples per operation and mode; the completions endpoint is where the work is.
-EXAMPLES = {"POST /v1/completions": 200}
-DEFAULT_EXAMPLES = 15
+EXAMPLES = {"POST /v1/completions": 300}
+DEFAULT_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
