@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .engram import ConvStep, Engram
+from .engram import ConvStep, Engram, embedding
 from .hashing import NgramHasher
 from .tokenizer import compress_ids
 
@@ -48,9 +48,14 @@ class StepContext(Protocol):
 
 
 def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables, computed on the CPU in float64 (also while a model is built on the meta
+    device, whose arange would import torch's compiler stack) and moved to ``device``."""
     hd = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    t = torch.arange(config.max_position_embeddings, dtype=torch.float64)
+    cpu = torch.device("cpu")
+    inv = 1.0 / (
+        config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd)
+    )
+    t = torch.arange(config.max_position_embeddings, dtype=torch.float64, device=cpu)
     freqs = torch.outer(t, inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float().to(device), emb.sin().float().to(device)
@@ -119,7 +124,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, hasher: NgramHasher) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         layers = []
         for i in range(config.num_hidden_layers):
             engram = None
