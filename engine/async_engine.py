@@ -18,7 +18,7 @@ from offload.offloaded_model import OffloadedModel
 
 from .config import EngineConfig
 from .engine import Engine, EngineStats, SeqOutput
-from .sampling import SamplingParams
+from .sampling import BadParams, SamplingParams
 from .sequence import Sequence
 
 
@@ -28,6 +28,15 @@ class QueueFull(RuntimeError):
 
 class EngineDead(RuntimeError):
     pass
+
+
+class NeverFits(ValueError):
+    """A request larger than the engine's limits: waiting cannot help. ``param`` names the
+    request field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Delta:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    bad_params: bool = False  # the error comes from the request's own parameters
 
 
 class RequestStream:
@@ -106,20 +116,42 @@ class AsyncEngine:
 
     # --- API for handlers (event-loop thread) ----------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        return self.submit_many([(prompt_ids, params)])[0]
+
+    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue prompts together: all or none. NeverFits (or BadParams) when no amount of
+        waiting can admit them, QueueFull when the queue has no room for them now."""
         if self._stop.is_set() or not self._thread.is_alive():
             raise EngineDead("the engine is not running")
+        for _, params in items:
+            params.check(self.model.config.vocab_size)
+        cfg, total = self.config, sum(params.n for _, params in items)
+        widest = max(params.n for _, params in items)
+        if widest > cfg.max_num_seqs:
+            raise NeverFits(
+                f"{widest} sequences per prompt can never run together: --max-num-seqs is "
+                f"{cfg.max_num_seqs}",
+                "n",
+            )
+        if total > cfg.max_queue:
+            raise NeverFits(
+                f"{total} sequences ({len(items)} prompts x {widest}) can never be queued: "
+                f"--max-queue is {cfg.max_queue}",
+                "n",
+            )
+        loop = asyncio.get_running_loop()
         with self._lock:
             waiting = len(self.engine.scheduler.waiting) + self._waiting_in_inbox
-            if waiting + params.n > self.config.max_queue:
-                raise QueueFull(
-                    f"{waiting} sequences already waiting (max {self.config.max_queue})"
-                )
-            rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"
-            req = RequestStream(rid, list(prompt_ids), params, asyncio.get_running_loop())
-            self._inbox.append(("add", req))
-            self._waiting_in_inbox += params.n
+            if waiting + total > cfg.max_queue:
+                raise QueueFull(f"{waiting} sequences already waiting (max {cfg.max_queue})")
+            reqs = []
+            for prompt_ids, params in items:
+                rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"
+                reqs.append(RequestStream(rid, list(prompt_ids), params, loop))
+                self._inbox.append(("add", reqs[-1]))
+            self._waiting_in_inbox += total
         self._wake.set()
-        return req
+        return reqs
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -133,8 +165,15 @@ class AsyncEngine:
             self._waiting_in_inbox = 0
         for op, item in inbox:
             if op == "add":
+                try:
+                    item.seqs = self.engine.add(item.id, item.prompt_ids, item.params)
+                except Exception as e:  # checked at submit: only a bug lands here
+                    bad = isinstance(e, BadParams)
+                    msg = str(e) if bad else f"engine error: {type(e).__name__}: {e}"
+                    for j in range(item.params.n):
+                        item.push(Delta(j, finish_reason="error", error=msg, bad_params=bad))
+                    continue
                 self.requests[item.id] = item
-                item.seqs = self.engine.add(item.id, item.prompt_ids, item.params)
             elif op == "abort" and item in self.requests:
                 self.engine.abort(self.requests.pop(item).seqs)
 
@@ -160,8 +199,9 @@ class AsyncEngine:
             for s in req.seqs:
                 if not s.finished:
                     self.engine.finish(s, "error")
+            bad = out.bad_params
             for s in req.seqs:
-                req.push(Delta(s.choice, finish_reason="error", error=out.error))
+                req.push(Delta(s.choice, finish_reason="error", error=out.error, bad_params=bad))
             return
         req.push(Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason))
         if out.finish_reason is not None:

@@ -6,8 +6,9 @@
     append, detokenize, stop, finish       per sequence
 
 ``Engine.step`` is synchronous and single-threaded; :mod:`engine.async_engine` runs it on a
-thread for the server. A step that raises fails the sequences in it (their KV memory freed)
-and the engine goes on with the rest.
+thread for the server. A fault that belongs to one sequence (its sampling, logprobs,
+detokenizing, stop strings) fails that sequence alone; a fault in the shared forward pass fails
+the step's sequences. Either way their KV memory is freed and the engine goes on with the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .detokenize import Detokenizer
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import (
+    BadParams,
     SampleRow,
     SamplingParams,
     TokenLogprobs,
@@ -67,6 +69,7 @@ class SeqOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    bad_params: bool = False  # the error comes from the request's own parameters
 
 
 class Engine:
@@ -114,7 +117,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
-        self.fault: BaseException | None = None
+        self.fault: BaseException | None = None  # the last one, for offline callers
 
     @property
     def max_tokens_per_seq(self) -> int:
@@ -123,7 +126,9 @@ class Engine:
 
     # --- requests ----------------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """Queue ``params.n`` sequences for a prompt; returns them (choice order)."""
+        """Queue ``params.n`` sequences for a prompt; returns them (choice order). Raises
+        BadParams for parameters no sampler can honour."""
+        params.check(self.model.config.vocab_size)
         seqs = [
             Sequence(
                 request_id,
@@ -172,13 +177,13 @@ class Engine:
             self._report()
             return []
         self.stats.preempted(len(step.preempted))
+        outputs: list[SeqOutput] = []
         try:
-            outputs = self._run(step)
-        except Exception as e:  # fail this step's sequences; keep serving
+            self._run(step, outputs)
+        except Exception as e:  # a shared fault: fail this step's sequences; keep serving
             log.exception("engine step failed")
             self.fault = e
             msg = f"engine error: {type(e).__name__}: {e}"
-            outputs = []
             for seq in step.seqs:
                 if not seq.finished:
                     self.finish(seq, "error")
@@ -190,7 +195,7 @@ class Engine:
         s = self.scheduler
         self.stats.scheduler_state(len(s.running), len(s.waiting), self.cache.usage)
 
-    def _run(self, step: ScheduledStep) -> list[SeqOutput]:
+    def _run(self, step: ScheduledStep, outputs: list[SeqOutput]) -> None:
         need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
         logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
         self.stats.step_logits(logits)
@@ -198,15 +203,32 @@ class Engine:
         lengths = [len(x) for x in step.new_ids]
         last = np.cumsum(lengths) - 1  # each sequence's last row in the packed step
         if need_all:
-            self._prompt_logprobs(step, logits, last, lengths)
+            outputs += self._prompt_logprobs(step, logits, last, lengths)
         at = [i for i, seq in enumerate(step.seqs) if step.samples[i] and not seq.finished]
+        for i in [i for i in at if step.seqs[i].params.max_tokens == 0]:  # prompt scoring only
+            outputs.append(SeqOutput(step.seqs[i], finish_reason="length"))
+            self.finish(step.seqs[i], "length", now)
+        at = [i for i in at if not step.seqs[i].finished]
         if not at:
-            return []
+            return
         picked = logits  # a decode step: every row is sampled, in order
         if need_all or len(at) != len(step.seqs):
             rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
             picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
+        for seq, got in zip(seqs, self._sample(picked, seqs)):
+            if isinstance(got, Exception):
+                outputs.append(self._fail(seq, got))
+                continue
+            try:
+                outputs.append(self._append(seq, *got, now))
+            except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                outputs.append(self._fail(seq, e))
+
+    def _sample(self, logits, seqs: list[Sequence]) -> list[tuple[int, TokenLogprobs | None]]:
+        """(token, logprobs) per row, or the exception that row raised. The batched sampler
+        runs first; if it raises, each row is sampled alone from its generator's state before
+        the batch, so the rows that did nothing wrong get the tokens they would have got."""
         eos = self.model.config.eos_token_id
         rows = [
             SampleRow(
@@ -214,13 +236,38 @@ class Engine:
             )
             for s in seqs
         ]
-        tokens, lps = sample(picked, rows)
-        return [self._append(seq, tok, lp, now) for seq, tok, lp in zip(seqs, tokens, lps)]
+        states = [None if r.params.greedy else r.generator.get_state() for r in rows]
+        try:
+            tokens, lps = sample(logits, rows)
+            return list(zip(tokens, lps))
+        except Exception:
+            log.warning("batched sampling raised; sampling its %d rows one by one", len(rows))
+        out = []
+        for k, row in enumerate(rows):
+            if states[k] is not None:  # greedy rows never draw from theirs
+                row.generator.set_state(states[k])
+            try:
+                tokens, lps = sample(logits[k : k + 1], [row])
+                out.append((tokens[0], lps[0]))
+            except Exception as e:
+                out.append(e)
+        return out
 
-    def _prompt_logprobs(self, step: ScheduledStep, logits, last, lengths) -> None:
+    def _fail(self, seq: Sequence, e: Exception) -> SeqOutput:
+        """Fail one sequence (its KV memory freed) with the reason; the step goes on."""
+        bad = isinstance(e, BadParams)
+        if not bad:
+            log.error("sequence %s/%d failed", seq.request_id, seq.choice, exc_info=e)
+        self.fault = e
+        self.finish(seq, "error")
+        msg = str(e) if bad else f"engine error: {type(e).__name__}: {e}"
+        return SeqOutput(seq, finish_reason="error", error=msg, bad_params=bad)
+
+    def _prompt_logprobs(self, step: ScheduledStep, logits, last, lengths) -> list[SeqOutput]:
         """Logprob of each prompt token given the ones before it (the first has none). Entry p
-        comes from the row of token p - 1; a recomputed (preempted) prompt adds nothing twice."""
-        rows, targets, owners = [], [], []
+        comes from the row of token p - 1; a recomputed (preempted) prompt adds nothing twice.
+        Returns the failures: a sequence whose scoring raises fails alone."""
+        wanted: dict[Sequence, tuple[list[int], list[int]]] = {}
         for i, seq in enumerate(step.seqs):
             if not seq.wants_prompt_logprobs:
                 continue
@@ -228,19 +275,43 @@ class Engine:
             before = seq.num_computed - n  # the runner has advanced it already
             if not seq.prompt_logprobs:
                 seq.prompt_logprobs.append(None)
+            rows, targets = [], []
             for j in range(n):
                 pos = before + j + 1  # the prompt token this row predicts
                 if len(seq.prompt_logprobs) <= pos < len(seq.prompt_ids):
                     rows.append(int(last[i]) - n + 1 + j)
                     targets.append(seq.prompt_ids[pos])
-                    owners.append(seq)
-        if not rows:
-            return
-        k = max(s.params.prompt_logprobs_k for s in owners)
-        got = prompt_logprobs(logits[to_device(rows, logits.device)], targets, k)
-        for seq, lp in zip(owners, got):
-            lp.top = lp.top[: seq.params.prompt_logprobs_k]
-            seq.prompt_logprobs.append(lp)
+            if rows:
+                wanted[seq] = (rows, targets)
+        if not wanted:
+            return []
+
+        def score(owners: list[Sequence]) -> None:
+            rows = [r for s in owners for r in wanted[s][0]]
+            targets = [t for s in owners for t in wanted[s][1]]
+            k = max(s.params.prompt_logprobs_k for s in owners)
+            picked = logits[to_device(rows, logits.device)]
+            got = iter(prompt_logprobs(picked, targets, k))
+            for seq in owners:
+                for _ in wanted[seq][0]:
+                    lp = next(got)
+                    lp.top = lp.top[: seq.params.prompt_logprobs_k]
+                    seq.prompt_logprobs.append(lp)
+
+        had = {seq: len(seq.prompt_logprobs) for seq in wanted}
+        try:
+            score(list(wanted))
+            return []
+        except Exception:
+            log.warning("batched prompt scoring raised; scoring its sequences one by one")
+        failed = []
+        for seq in wanted:
+            del seq.prompt_logprobs[had[seq] :]
+            try:
+                score([seq])
+            except Exception as e:
+                failed.append(self._fail(seq, e))
+        return failed
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
         params = seq.params

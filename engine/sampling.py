@@ -11,6 +11,7 @@ together with any logprobs asked for.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+
+
+class BadParams(ValueError):
+    """Sampling parameters no sampler can honour; ``param`` names the offending one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
@@ -50,6 +59,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    def check(self, vocab_size: int) -> None:
+        """BadParams naming the first value that cannot work (non-finite, out of range, a
+        token id outside the vocab); the HTTP schema is stricter, this guards every caller."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise BadParams(f"{name} must be a finite number", name)
+        if self.temperature < 0:
+            raise BadParams("temperature must be 0 (greedy) or more", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise BadParams("top_p must be in (0, 1]", "top_p")
+        if not 0 <= self.min_p <= 1:
+            raise BadParams("min_p must be in [0, 1]", "min_p")
+        if self.top_k < -1:
+            raise BadParams("top_k must be -1 or 0 (off) or a positive count", "top_k")
+        if self.max_tokens < 0 or self.n < 1:
+            raise BadParams("max_tokens must be 0 or more and n at least 1", "max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise BadParams(f"{name} must be 0 or more", name)
+        if self.min_tokens < 0:
+            raise BadParams("min_tokens must be 0 or more", "min_tokens")
+        for tok, bias in self.logit_bias.items():
+            if not 0 <= tok < vocab_size:
+                raise BadParams(
+                    f"logit_bias token id {tok} is outside the vocab (0..{vocab_size - 1})",
+                    "logit_bias",
+                )
+            if not math.isfinite(bias):
+                raise BadParams(f"logit_bias for token {tok} must be a finite number", "logit_bias")
 
     @property
     def prompt_logprobs_k(self) -> int | None:
@@ -157,7 +196,7 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     lp, order = filtered_logprobs(
         x[sampled],
         vec([p.temperature for p in ps]),
-        to_device([p.top_k if p.top_k > 0 else V for p in ps], dev),
+        to_device([min(p.top_k, V) if p.top_k > 0 else V for p in ps], dev),
         vec([p.top_p for p in ps]),
         vec([p.min_p for p in ps]),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +27,18 @@ from offload.offloaded_model import OffloadedModel
 from .completions import Completion, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
-from .protocol import APIError, CompletionRequest
+from .middleware import CatchAll, UnicodeCheck, error_response
+from .openapi import (
+    STREAM,
+    CompletionResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Version,
+    describe,
+    errors,
+)
+from .protocol import APIError, CompletionRequest, validation_error
 from .startup import LINK_BYTES, LoadCancelled, StartupClock, warm_up
 from .tokenization import router as tokenization_router
 
@@ -145,12 +156,6 @@ class ServerState:
         return self.engine
 
 
-def error_response(e: APIError, metrics: Metrics | None = None) -> JSONResponse:
-    if metrics is not None:
-        metrics.error(e.status)
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
 class BodyLimit:
     """ASGI middleware: refuse request bodies over the limit with 413, before any handler.
 
@@ -212,29 +217,12 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
-        errs = e.errors()
-        parts, param = [], None
-        for er in errs[:5]:
-            if er.get("type") == "json_invalid":  # loc holds a character offset, not a field
-                where = er.get("loc", ["", "?"])[-1]
-                reason = (er.get("ctx") or {}).get("error", "")
-                parts.append(f"request body is not valid JSON (at character {where}: {reason})")
-                continue
-            loc = [str(x) for x in er.get("loc", []) if x != "body"]
-            param = param or (loc[0] if loc else None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {er.get('msg')}")
-        return error_response(
-            APIError(400, "; ".join(parts) or "invalid request", param), state.metrics
-        )
+        return error_response(validation_error(list(e.errors())), state.metrics)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        return error_response(APIError(e.status_code, str(e.detail)), state.metrics)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):
-        log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(e).__name__}"), state.metrics)
+    async def _http(request: Request, e: StarletteHTTPException):  # 404, 405 (with Allow)
+        err = APIError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
+        return error_response(err, state.metrics)
 
     def check_key(request: Request) -> None:
         if not cfg.api_key:
@@ -248,7 +236,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
         if name is not None and name != cfg.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health}})
     async def health():
         if state.engine is None:
             return JSONResponse(
@@ -257,17 +245,16 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             )
         return {"status": "ok"}
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"model": Version}})
     async def get_version():
         return {"version": package_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def list_models():
-        card = {
+    def model_card() -> dict:
+        return {
             "id": cfg.model_name,
             "object": "model",
             "created": int(state.started),
@@ -275,9 +262,21 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "root": str(cfg.model_dir),
             "max_model_len": state.engine.max_tokens_per_seq if state.engine else None,
         }
-        return {"object": "list", "data": [card]}
 
-    @app.get("/v1/offload", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=[Depends(check_key)], responses={200: {"model": ModelList}})
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get(
+        "/v1/models/{model}",
+        dependencies=[Depends(check_key)],
+        responses={200: {"model": ModelCard}, **errors(404)},
+    )
+    async def retrieve_model(model: str):
+        check_model(model)
+        return model_card()
+
+    @app.get("/v1/offload", dependencies=[Depends(check_key)], responses=errors(503))
     async def offload_info():
         e = state.ready_engine()
         bench = None
@@ -297,9 +296,17 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             "last_bench": bench,
         }
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post(
+        "/v1/completions",
+        dependencies=[Depends(check_key)],
+        responses={
+            200: {"model": CompletionResponse, "content": STREAM},
+            **errors(404, 429, 503),
+        },
+    )
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        body.check()
         engine = state.ready_engine()
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
@@ -313,7 +320,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
             return Response(status_code=499)
         return result
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=errors(400))
     async def chat(request: Request):
         raise APIError(
             400,
@@ -324,5 +331,14 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
 
     # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
     app.include_router(tokenization_router, dependencies=[Depends(check_key)])
+    app.add_middleware(UnicodeCheck, metrics=state.metrics)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(CatchAll, metrics=state.metrics)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe(app, check_key)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -29,6 +29,27 @@ from .config import ServerConfig
 TYPES = {"int": int, "float": float, "str": str}
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help; a help text that already says its default keeps it."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class HealthChecksAtDebug(logging.Filter):
+    """uvicorn's access line for GET /health at debug level: load balancers and orchestrators
+    poll it every few seconds, which would bury the requests that matter at info."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?")[0] == "/health":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _cli_fields(cls) -> list[dataclasses.Field]:
     return [
         f for f in dataclasses.fields(cls) if "help" in f.metadata and f.metadata.get("cli", True)
@@ -39,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="engram-serve",
         description="OpenAI-compatible server for Engram models (flags also read ENGRAM_<FLAG>).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
     )
     for f in _cli_fields(EngineConfig) + _cli_fields(ServerConfig):
         name = "--" + f.name.replace("_", "-")
@@ -137,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=cfg.log_level,
         timeout_graceful_shutdown=30,
     )
+    logging.getLogger("uvicorn.access").addFilter(HealthChecksAtDebug())  # after uvicorn's config
     server = GracefulServer(config)
     state = app.state.server
     state.on_load_error = server.fail  # a server that cannot load exits instead of idling at 503

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from engine.async_engine import AsyncEngine, Delta, EngineDead, QueueFull, RequestStream
-from engine.sampling import SamplingParams
+from engine.async_engine import AsyncEngine, Delta, EngineDead, NeverFits, QueueFull, RequestStream
+from engine.sampling import BadParams, SamplingParams
 
 from .protocol import APIError, CompletionRequest, completion_body, completion_logprobs, usage
+
+log = logging.getLogger("engram.server")
 
 
 @dataclass
 class Choice:
-    index: int
+    index: int  # as rendered (best_of: reassigned once the best n are known)
+    prompt: int  # which prompt (sub-request) and which of its sequences
+    seq: int
     prompt_ids: list[int]
     prompt_text: str
     text: str = ""
@@ -28,6 +33,10 @@ class Choice:
 
 
 def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
+    best_of = req.best_of or req.n
+    logprobs = req.logprobs
+    if best_of > req.n and logprobs is None:
+        logprobs = 0  # ranking needs each token's logprob; not rendered
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -36,10 +45,11 @@ def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        stop=list(req.stop or []),
-        logprobs=req.logprobs,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        stop=req.stops,
+        logprobs=logprobs,
         echo=req.echo,
-        n=req.n,
+        n=best_of,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
         prompt_logprobs=None if req.stream else req.prompt_logprobs,
@@ -106,24 +116,27 @@ class Completion:
         self.created = int(time.time())
         self.id = f"cmpl-{time.time_ns():x}"
         self.subs: list[RequestStream] = []
-        n = req.n
+        self.per_prompt = m = req.best_of or req.n  # sequences run per prompt
         self.choices = [
-            Choice(i * n + j, ids, text)
+            Choice(i * m + j, i, j, ids, text)
             for i, (ids, text) in enumerate(self.prompts)
-            for j in range(n)
+            for j in range(m)
         ]
 
     def submit(self) -> None:
+        items = [
+            (ids, to_params(self.req, mt)) for (ids, _), mt in zip(self.prompts, self.max_tokens)
+        ]
         try:
-            for (ids, _), mt in zip(self.prompts, self.max_tokens):
-                self.subs.append(self.engine.submit(ids, to_params(self.req, mt)))
+            self.subs = self.engine.submit_many(items)
+        except (BadParams, NeverFits) as e:
+            param = "best_of" if e.param == "n" and self.req.best_of else e.param
+            raise APIError(400, str(e), param) from e
         except QueueFull as e:
-            self.abort()
             raise APIError(
                 429, f"server busy: {e}; retry later", None, "queue_full", {"Retry-After": "1"}
             ) from e
         except EngineDead as e:
-            self.abort()
             raise APIError(503, str(e)) from e
 
     def abort(self) -> None:
@@ -132,7 +145,7 @@ class Completion:
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
         """Merge the sub-requests' deltas until every choice has finished."""
-        n = self.req.n
+        n = self.per_prompt
         unfinished = {k: n for k in range(len(self.subs))}
         getters = {asyncio.ensure_future(s.queue.get()): k for k, s in enumerate(self.subs)}
         try:
@@ -142,6 +155,9 @@ class Completion:
                     k = getters.pop(fut)
                     delta: Delta = fut.result()
                     if delta.error:
+                        self.abort()  # the request fails as a whole: stop its other prompts
+                        if delta.bad_params:
+                            raise APIError(400, delta.error)
                         raise APIError(500, delta.error, None, "engine_error")
                     if delta.finish_reason:
                         unfinished[k] -= 1
@@ -156,7 +172,9 @@ class Completion:
     def _token_text(self, tid: int) -> str:
         return self.engine.tokenizer.decode([tid], skip_special_tokens=False)
 
-    def _logprobs(self, choice: Choice, entries: list, echo_prompt: bool) -> dict | None:
+    def _logprobs(
+        self, choice: Choice, entries: list, echo_prompt: bool, offset0: int | None = None
+    ) -> dict | None:
         if self.req.logprobs is None:
             return None
         items = []
@@ -166,12 +184,27 @@ class Completion:
             for e, tid in zip(seq.prompt_logprobs, choice.prompt_ids):
                 items.append((e if e is None else replace(e, top=e.top[:k]), tid))
         items += [(e, e.token_id) for e in entries]
-        offset0 = 0 if self.req.echo else len(choice.prompt_text)
+        if offset0 is None:
+            offset0 = 0 if self.req.echo else len(choice.prompt_text)
         return completion_logprobs(items, self._token_text, offset0)
 
     def _seq(self, choice: Choice):
-        k, j = divmod(choice.index, self.req.n)
-        return self.subs[k].seqs[j]
+        return self.subs[choice.prompt].seqs[choice.seq]
+
+    def best(self) -> list[Choice]:
+        """The choices to render: all of them, or with best_of the n of each prompt's
+        sequences with the highest cumulative logprob (vLLM's rule), renumbered."""
+        n, m = self.req.n, self.per_prompt
+        if m == n:
+            return self.choices
+        out = []
+        for k in range(len(self.prompts)):
+            group = self.choices[k * m : (k + 1) * m]
+            group.sort(key=lambda c: -sum(e.logprob for e in c.logprobs))
+            for rank, c in enumerate(group[:n]):
+                c.index = k * n + rank
+                out.append(c)
+        return out
 
     def _prompt_logprobs(self, choice: Choice) -> list[dict | None]:
         """vLLM's prompt_logprobs: per prompt token (the first has none) the token and its
@@ -212,7 +245,7 @@ class Completion:
             choice.logprobs += delta.logprobs
             choice.finish_reason = delta.finish_reason or choice.finish_reason
         rendered = []
-        for c in self.choices:
+        for c in self.best():
             text = (c.prompt_text + c.text) if self.req.echo else c.text
             body = {
                 "index": c.index,
@@ -233,31 +266,31 @@ class Completion:
         opts = self.req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and opts.continuous_usage_stats  # as vLLM: needs both
+        echoed: set[int] = set()
+        offsets = {c.index: len(c.prompt_text) for c in self.choices}  # text_offset so far
         try:
-            if self.req.echo:
-                for c in self.choices:
-                    yield chunk(
-                        [
-                            {
-                                "index": c.index,
-                                "text": c.prompt_text,
-                                "logprobs": self._logprobs(c, [], True),
-                                "finish_reason": None,
-                            }
-                        ],
-                        self.choice_usage(c) if continuous else None,
-                    )
             async for choice, delta in self.deltas():
+                if self.req.echo and choice.index not in echoed:  # prefilled: its logprobs are in
+                    echoed.add(choice.index)
+                    lp = self._logprobs(choice, [], True)
+                    echo = {"index": choice.index, "text": choice.prompt_text, "logprobs": lp}
+                    yield chunk(
+                        [{**echo, "finish_reason": None}],
+                        self.choice_usage(choice) if continuous else None,
+                    )
                 choice.token_ids += delta.token_ids
                 choice.finish_reason = delta.finish_reason or choice.finish_reason
                 if not delta.text and not delta.finish_reason and self.req.logprobs is None:
                     continue
+                lp = self._logprobs(choice, delta.logprobs, False, offsets[choice.index])
+                if lp is not None:
+                    offsets[choice.index] += sum(len(t) for t in lp["tokens"])
                 yield chunk(
                     [
                         {
                             "index": choice.index,
                             "text": delta.text,
-                            "logprobs": self._logprobs(choice, delta.logprobs, False),
+                            "logprobs": lp,
                             "finish_reason": delta.finish_reason,
                         }
                     ],
@@ -266,7 +299,10 @@ class Completion:
             if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
-        except APIError as e:
+        except Exception as e:  # the status is sent already: the error is the last event
+            if not isinstance(e, APIError):
+                log.exception("completion stream failed")
+                e = APIError(500, f"internal error: {type(e).__name__}")
             yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:

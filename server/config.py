@@ -22,10 +22,14 @@ class ServerConfig:
     host: str = flag("127.0.0.1", "address to listen on")
     port: int = flag(8000, "port to listen on")
     api_key: str | None = flag(
-        None, "require 'Authorization: Bearer KEY' on /v1 routes and the tokenizer endpoints"
+        None,
+        "require 'Authorization: Bearer KEY' on /v1 routes and the tokenizer endpoints "
+        "(default: no key)",
     )
     max_body_bytes: int = flag(1 << 20, "larger request bodies get 413")
-    bench_result: str | None = flag(None, "engram-bench JSON shown by GET /v1/offload")
+    bench_result: str | None = flag(
+        None, "engram-bench JSON shown by GET /v1/offload (default: none)"
+    )
     log_level: str = flag("info", "log level", choices=list(LOG_LEVELS))
     engine: EngineConfig = field(default_factory=EngineConfig)
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from functools import partial
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class APIError(Exception):
@@ -47,36 +58,78 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, usage on every chunk
 
 
+def json_int(v):
+    """JSON has one number type: 2.0 is the integer 2, as JSON Schema's "integer" says. A
+    boolean, a string or 2.5 stays what it is and is refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# (limits go before the validator, or the JSON schema shows them as unknown keywords)
+JsonInt = BeforeValidator(json_int)
+Int = Annotated[int, JsonInt]
+NonNegative = Annotated[int, Field(ge=0), JsonInt]
+Count = Annotated[int, Field(ge=1, le=16), JsonInt]
+TopK = Annotated[int, Field(ge=0, le=20), JsonInt]  # logprob alternatives per token
+Text = Annotated[StrictStr, Field(min_length=1)]
+TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
+NoSuffix = Annotated[
+    str, WithJsonSchema({"type": "string", "maxLength": 0, "description": "not supported"})
+]
+# OpenAI's form: token ids as decimal strings -> bias added to the logit, -100..100
+LogitBias = Annotated[
+    dict[str, float],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        }
+    ),
+]
+Unit = partial(Field, allow_inf_nan=False)  # NaN/Infinity are not numbers the API takes
+
+
 class CompletionRequest(BaseModel):
-    # Unknown fields are ignored, as OpenAI's server does.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as OpenAI's server does. Types are strict, as OpenAI's are:
+    # a boolean is not a token id, "5" is not a number (2.0 is 2: JSON has one number type).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    max_tokens: NonNegative | None = 16  # 0 only with echo: score the prompt
+    temperature: float = Unit(1.0, ge=0.0, le=2.0)
+    top_p: float = Unit(1.0, gt=0.0, le=1.0)
+    top_k: Annotated[int, Field(ge=-1), JsonInt] = -1
+    n: Count = 1
+    best_of: Count | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: TopK | None = None
     echo: bool = False
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
+    logit_bias: LogitBias | None = None
+    suffix: NoSuffix | None = None  # refused unless empty
     user: str | None = None
     # vLLM's extensions (README, "Request extensions")
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: NonNegative = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: TopK | None = None
 
     @field_validator("min_tokens")
     @classmethod
@@ -93,26 +146,32 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt_logprobs are not available when stream=true")
         return v
 
-    @field_validator("stop")
+    @field_validator("logit_bias")
     @classmethod
-    def _stop(cls, v):
-        if v is None:
-            return []
-        v = [v] if isinstance(v, str) else v
-        if len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(s == "" for s in v):
-            raise ValueError("stop sequences must be non-empty")
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise PydanticCustomError("bias_key", "keys must be token ids (decimal strings)")
+            if not -100 <= bias <= 100:  # also refuses NaN
+                raise PydanticCustomError("bias_value", "biases must be numbers from -100 to 100")
         return v
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, (list, str)) and len(v) == 0:
-            raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
-            raise ValueError("token-id prompts must not be empty")
-        return v
+    def check(self) -> None:
+        """APIError 400 for combinations the fields alone cannot refuse."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens must be at least 1 unless echo is true", "max_tokens")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server", "suffix")
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(
+                400, f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of"
+            )
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise APIError(400, "best_of > n cannot be streamed; set stream to false", "best_of")
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -121,6 +180,46 @@ class CompletionRequest(BaseModel):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
+
+
+# Fields whose type is a union: pydantic reports one error per alternative; when none is more
+# specific than a wrong type, the message says which shapes the field takes.
+SHAPES = {
+    "prompt": "a non-empty string, a list of them, a list of token ids (integers >= 0), "
+    "or a list of token-id lists",
+    "stop": "a non-empty string or a list of at most 4 of them",
+}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """One 400 from pydantic's errors: each field once, named as the client wrote it."""
+    parts, param, seen = [], None, set()
+    for er in errors:
+        loc = [x for x in er.get("loc", ()) if x != "body"]
+        if er.get("type") == "json_invalid":  # loc holds a character offset, not a field
+            reason = (er.get("ctx") or {}).get("error", "")
+            where = loc[-1] if loc else "?"
+            parts.append(f"request body is not valid JSON (at character {where}: {reason})")
+            continue
+        field = str(loc[0]) if loc else ""
+        if field in seen:
+            continue
+        if field in SHAPES:  # the alternative that got furthest, or the shapes it takes
+            alts = [e for e in errors if e.get("loc", ())[1:2] == (field,)]
+            er = max(alts, key=lambda e: (not e["type"].endswith("_type"), len(e["loc"])))
+            loc = [field, *er["loc"][3:]]
+            if er["type"].endswith("_type") and len(loc) == 1:
+                er = {**er, "msg": f"must be {SHAPES[field]}"}
+        seen.add(field)
+        param = param or field or None
+        where = field + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+        parts.append(f"{where or 'body'}: {er.get('msg')}")
+    return APIError(400, "; ".join(parts[:5]) or "invalid request", param)
+
+
+def finite(logprob: float) -> float:
+    """JSON has no -Infinity: a token with probability 0 reports -9999.0, as OpenAI does."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def completion_logprobs(entries: list, token_text, offset0: int) -> dict:
@@ -136,8 +235,8 @@ def completion_logprobs(entries: list, token_text, offset0: int) -> dict:
             lps.append(None)
             tops.append(None)
         else:
-            lps.append(e.logprob)
-            tops.append({token_text(t): lp for t, lp in e.top} if e.top else {})
+            lps.append(finite(e.logprob))
+            tops.append({token_text(t): finite(lp) for t, lp in e.top} if e.top else {})
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from engine.async_engine import AsyncEngine
 from models.tokenizer import EngramTokenizer
 
-from .protocol import APIError
+from .openapi import errors
+from .protocol import APIError, NonNegative
 
 router = APIRouter()
 
@@ -25,7 +26,7 @@ router = APIRouter()
 class TokenizeRequest(BaseModel):
     """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one: prompt or messages."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -35,10 +36,10 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[NonNegative]  # strict, as on /v1/completions: true is not a token id
 
 
 def _tokenizer(request: Request, model: str | None) -> tuple[AsyncEngine, EngramTokenizer]:
@@ -51,7 +52,7 @@ def _tokenizer(request: Request, model: str | None) -> tuple[AsyncEngine, Engram
     return engine, engine.tokenizer
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=errors(404, 503))
 async def tokenize(body: TokenizeRequest, request: Request):
     engine, tok = _tokenizer(request, body.model)
     if body.messages is not None:
@@ -74,7 +75,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     }
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=errors(404, 503))
 async def detokenize(body: DetokenizeRequest, request: Request):
     _, tok = _tokenizer(request, body.model)
     bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
@@ -113,7 +114,7 @@ def tokenizer_info(tok: EngramTokenizer, eos_id: int | None, bos_id: int | None,
     }
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", responses=errors(503))
 async def get_tokenizer_info(request: Request):
     engine, tok = _tokenizer(request, None)
     mc = engine.model.config

@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 import signal
@@ -119,3 +120,121 @@ def test_serve_then_sigterm_exits_cleanly(tiny_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_help_shows_every_flags_default(capsys):
+    import re
+
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    options = out.split("\noptions:\n", 1)[1]
+    entries = {}  # first option string -> its help text, joined onto one line
+    for entry in re.split(r"\n(?=  -)", options):
+        words = entry.split()
+        entries[words[0].rstrip(",")] = " ".join(words)
+    for action in build_parser()._actions:
+        if action.dest == "help":
+            continue
+        text = entries[action.option_strings[0]]
+        assert "(default:" in text and "(default: None)" not in text, text
+
+
+def _serve_on_a_terminal(tiny_ckpt) -> tuple[str, str]:
+    """engram-serve with stderr on a terminal (a pty, 100 columns): poll /health, run one
+    completion, stop it. Returns (stdout, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    port = free_port()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "--model", str(tiny_ckpt), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
+    os.close(slave)
+    err: list[bytes] = []
+
+    def drain():  # keep the terminal's buffer from filling up
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            err.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    os.close(master)
+    return out, b"".join(err).decode(errors="replace")
+
+
+def test_health_polls_log_at_debug_and_a_terminal_gets_the_loading_bar(tiny_ckpt):
+    out, err = _serve_on_a_terminal(tiny_ckpt)
+    logs = out + err
+    assert '"POST /v1/completions HTTP/1.1" 200' in logs
+    assert "/health" not in logs  # polled many times: at debug only
+    assert "loading Engram tables" in err  # a person at a terminal sees the bar
+
+
+def test_health_access_lines_are_debug_records():
+    from server.cli import HealthChecksAtDebug
+
+    access = logging.getLogger("uvicorn.access")
+    line = '%s - "%s %s HTTP/%s" %d'
+
+    def record(path: str) -> logging.LogRecord:
+        args = ("127.0.0.1:5", "GET", path, "1.1", 200)
+        return access.makeRecord(access.name, logging.INFO, __file__, 1, line, args, None)
+
+    keep, level = HealthChecksAtDebug(), access.level
+    try:
+        access.setLevel(logging.INFO)
+        assert not keep.filter(record("/health")) and keep.filter(record("/v1/models"))
+        access.setLevel(logging.DEBUG)
+        r = record("/health?probe=1")
+        assert keep.filter(r) and r.levelno == logging.DEBUG and r.levelname == "DEBUG"
+    finally:
+        access.setLevel(level)
+
+
+def test_no_progress_bar_into_a_log_file(tiny_ckpt, capfd):
+    from server.app import ServerState
+    from server.config import ServerConfig
+
+    state = ServerState(ServerConfig.make(model=str(tiny_ckpt)))
+    state.load()  # stderr is pytest's capture here, not a terminal
+    try:
+        assert state.engine is not None
+        err = capfd.readouterr().err
+        assert "loading Engram tables" not in err and "\r" not in err
+    finally:
+        state.engine.stop()

@@ -67,6 +67,18 @@ def test_dockerfile_uses_the_ci_install_steps():
     assert ".ci/install dev" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_ci_runs_the_readme_set_up_and_test_command():
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("## ", 1)[0]
+    blocks = [b.split("```", 1)[0].strip() for b in setup.split("```bash\n")[1:]]
+    install, test = blocks[:2]
+    assert install.startswith("python3 -m venv .venv && . .venv/bin/activate && .ci/install dev")
+    assert install.endswith("&& engram-serve")
+    run = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert run[-1] == test == ". .venv/bin/activate && python3 -m pytest -q"
+    assert "python3 -m venv .venv" in run and ". .venv/bin/activate" in run
+
+
 def test_dockerfile_healthcheck_probes_the_configured_port(tiny_ckpt):
     text = (ROOT / "Dockerfile").read_text()
     probe = text.split("HEALTHCHECK", 1)[1].split("CMD python3 -c ", 1)[1].splitlines()[0]

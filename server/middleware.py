@@ -1,0 +1,126 @@
+"""ASGI middleware around the app: bodies must be Unicode, and an unexpected exception becomes
+one logged traceback and one OpenAI-shaped 500 on a connection that stays usable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from fastapi.responses import JSONResponse
+
+from .metrics import Metrics
+from .protocol import APIError
+
+log = logging.getLogger("engram.server")
+
+# A JSON escape of a UTF-16 surrogate; a proper pair decodes to one character, so a surrogate
+# left in the decoded text is a lone one.
+ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def error_response(e: APIError, metrics: Metrics | None = None) -> JSONResponse:
+    if metrics is not None:
+        metrics.error(e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def bad_unicode_at(value) -> tuple[str, str | None] | None:
+    """Where the first string (or key) holding a lone surrogate sits, e.g. ``prompt[1]``, and
+    the request field it belongs to."""
+    stack = [("", None, value)]
+    while stack:
+        where, field, v = stack.pop()
+        if isinstance(v, str):
+            if SURROGATE.search(v):
+                return where or "body", field
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if SURROGATE.search(k):
+                    return (f"{where} (a key)" if where else f"field name {ascii(k)}"), field
+                stack.append((f"{where}.{k}" if where else k, field or k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", field, x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def unicode_error(body: bytes) -> APIError | None:
+    """A 400 naming the field whose text is not valid Unicode (invalid UTF-8 bytes, or a lone
+    UTF-16 surrogate written as a JSON escape); None when the body is fine or is not JSON at
+    all (the app reports that)."""
+    try:
+        text, bad_bytes = body.decode("utf-8"), False
+    except UnicodeDecodeError:  # the bad bytes become lone surrogates, found below
+        text, bad_bytes = body.decode("utf-8", "surrogateescape"), True
+    if not bad_bytes and not ESCAPED_SURROGATE.search(body):
+        return None
+    try:
+        found = bad_unicode_at(json.loads(text))
+    except (ValueError, RecursionError):
+        return APIError(400, "request body is not valid UTF-8") if bad_bytes else None
+    if found is None:
+        return None
+    where, field = found
+    why = "bytes that are not UTF-8" if bad_bytes else "a lone UTF-16 surrogate"
+    return APIError(400, f"{where}: not valid Unicode ({why})", field, "invalid_unicode")
+
+
+class UnicodeCheck:
+    """Refuse a request body whose text is not valid Unicode with a 400 naming the field,
+    before any handler could trip on it (tokenizers and JSON encoders raise on surrogates)."""
+
+    def __init__(self, app, metrics: Metrics | None = None) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+        err = unicode_error(body)
+        if err is not None:
+            return await error_response(err, self.metrics)(scope, receive, send)
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class CatchAll:
+    """The outermost handler: an exception no handler answered is logged once, with its
+    traceback, and answered with a 500 in OpenAI's shape. Nothing re-raises it, so the server
+    does not log it again nor drop the keep-alive connection."""
+
+    def __init__(self, app, metrics: Metrics | None = None) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:  # otherwise the response is cut short; nothing more to say
+                err = APIError(500, f"internal error: {type(e).__name__}")
+                await error_response(err, self.metrics)(scope, receive, send)
