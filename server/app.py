@@ -27,7 +27,7 @@ from offload.offloaded_model import OffloadedModel
 from .completions import Completion, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
-from .middleware import CatchAll, UnicodeCheck, error_response
+from .middleware import BodyCheck, CatchAll, error_response
 from .openapi import (
     STREAM,
     CompletionResponse,
@@ -154,49 +154,6 @@ class ServerState:
             msg = self.load_error or "the model is still loading"
             raise APIError(503, msg, None, "model_not_ready")
         return self.engine
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over the limit with 413, before any handler.
-
-    A declared Content-Length is checked up front; a chunked body is read (up to the limit)
-    and replayed to the app."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        too_big = error_response(
-            APIError(413, f"request body over {self.limit} bytes", None, "request_too_large")
-        )
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.limit:
-                return await too_big(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await too_big(scope, receive, send)
-            if not msg.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> FastAPI:
@@ -331,8 +288,7 @@ def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> Fast
 
     # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
     app.include_router(tokenization_router, dependencies=[Depends(check_key)])
-    app.add_middleware(UnicodeCheck, metrics=state.metrics)
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(BodyCheck, limit=cfg.max_body_bytes, metrics=state.metrics)
     app.add_middleware(CatchAll, metrics=state.metrics)
 
     def openapi() -> dict:

@@ -66,22 +66,30 @@ def unicode_error(body: bytes) -> APIError | None:
     return APIError(400, f"{where}: not valid Unicode ({why})", field, "invalid_unicode")
 
 
-class UnicodeCheck:
-    """Refuse a request body whose text is not valid Unicode with a 400 naming the field,
-    before any handler could trip on it (tokenizers and JSON encoders raise on surrogates)."""
+class BodyCheck:
+    """Read a request body once, before any handler: over ``limit`` bytes (declared or sent)
+    -> 413; text that is not valid Unicode -> 400 naming the field (tokenizers and JSON
+    encoders raise on lone surrogates); otherwise the body is replayed to the app."""
 
-    def __init__(self, app, metrics: Metrics | None = None) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, limit: int, metrics: Metrics | None = None) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        chunks = []
+        too_big = APIError(413, f"request body over {self.limit} bytes", None, "request_too_large")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await error_response(too_big, self.metrics)(scope, receive, send)
+        chunks, size = [], 0
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
                 return
             chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await error_response(too_big, self.metrics)(scope, receive, send)
             if not msg.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
