@@ -63,13 +63,6 @@ def as_bytes(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(rows, -1)
 
 
-def row_ids(plan: LookupPlan, layer_id: int) -> np.ndarray:
-    """The global row of every (token, head) lookup of a layer, in the order the model reads
-    them (what de-duplication's inverse index re-expands to)."""
-    lp = plan.layers[layer_id]
-    return lp.fetch if lp.inverse is None else lp.fetch[lp.inverse]
-
-
 class CheckedRows:
     """One step's pending rows; each layer's rows are compared as the model takes them."""
 
@@ -87,7 +80,7 @@ class CheckedRows:
     def rows(self, layer_id: int) -> torch.Tensor:
         out = self.pending.rows(layer_id)
         table = self.reference[layer_id]
-        ids = np.ascontiguousarray(row_ids(self.plan, layer_id), dtype=np.int64)
+        ids = np.ascontiguousarray(self.plan.layers[layer_id].requested(), dtype=np.int64)
         stored = table.tensor.index_select(0, torch.from_numpy(ids).to(table.tensor.device))
         want = table.decode(stored)  # what the model reads (fp8: the reference dequantisation)
         n = ids.size

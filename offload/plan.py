@@ -46,6 +46,17 @@ class LayerPlan:
     def rows(self) -> int:
         return self.num_tokens * self.heads
 
+    def requested(self) -> np.ndarray:
+        """The global row of every (token, head) lookup, in the order the model reads them
+        (what a sorted plan's positions and de-duplication's inverse put back)."""
+        if self.inverse is not None:
+            return self.fetch[self.inverse]
+        if self.positions is not None:
+            out = np.empty_like(self.fetch)
+            out[self.positions] = self.fetch
+            return out
+        return self.fetch
+
     @property
     def unique_rows(self) -> int:
         return int(np.unique(self.fetch).size) if self.inverse is None else int(self.fetch.size)

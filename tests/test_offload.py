@@ -214,3 +214,15 @@ def test_auto_on_plain_host_memory_uses_the_worker_only_with_a_spare_core():
         torch.set_num_threads(before)
     assert resolve_gather(Placement.CPU, "worker") == "worker"
     assert resolve_gather(Placement.HOST, "auto") == "auto"
+
+
+def test_requested_rows_are_in_the_order_the_model_reads_them():
+    ids = {0: np.array([[9, 3], [7, 3], [1, 8]])}
+    flat = ids[0].reshape(-1)
+    for plan in (
+        LookupPlan.build(ids, {0: 10}),
+        LookupPlan.build(ids, {0: 10}, dedup=True),
+        LookupPlan.build(ids, {0: 10}).sorted(),  # what the UVA path fetches
+    ):
+        np.testing.assert_array_equal(plan.layers[0].requested(), flat)
+    assert not np.array_equal(LookupPlan.build(ids, {0: 10}).sorted().layers[0].fetch, flat)
