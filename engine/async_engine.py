@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from offload.offloaded_model import OffloadedModel
 
 from .config import EngineConfig
@@ -178,6 +180,9 @@ class AsyncEngine:
                 self.engine.abort(self.requests.pop(item).seqs)
 
     def _loop(self) -> None:
+        dev = self.engine.device
+        if dev.type == "cuda" and dev.index is not None:  # events and kernels go to its device
+            torch.cuda.set_device(dev)
         while not self._stop.is_set():
             self._drain_inbox()
             if not self.engine.has_work:

@@ -36,7 +36,7 @@ from offload.prefetch import Prefetcher
 from . import paged_attention
 from .attention import write_kv
 from .fused import store_rows
-from .inputs import Uploader, block_tables
+from .inputs import Uploader, aligned, block_tables
 from .kv_cache import KVCache, blocks_for
 from .sequence import Sequence
 
@@ -118,8 +118,9 @@ class DecodeGraphs:
         # rows in the model's dtype: the Engram module casts them to it anyway (exactly)
         shape = (top, mc.engram_total_heads, mc.engram_head_dim)
         self.rows = {lid: torch.zeros(shape, dtype=dtype, device=dev) for lid in self.engram}
-        # room for the dynamic tail of an upload: each layer's fetch and inverse indices
-        self.index_bytes = 2 * 8 * top * mc.engram_total_heads * len(self.engram) + 64
+        # room for the dynamic tail of an upload: per layer two int64 index arrays (fetch, and
+        # inverse or positions) of at most one entry per (token, head), each 16-byte aligned
+        self.index_bytes = len(self.engram) * 2 * aligned(8 * top * mc.engram_total_heads)
         self.buckets = {b: self._bucket(b) for b in self.buckets_sizes}
         self.pool = None
         self.steps = 0  # decode steps served from the static buffers
@@ -149,7 +150,7 @@ class DecodeGraphs:
 
     def _bucket(self, size: int) -> _Bucket:
         parts = self._padded(size, [], [])
-        static = sum(-(-a.nbytes // 8) * 8 for a in parts.values())
+        static = sum(aligned(a.nbytes) for a in parts.values())
         buffer = torch.zeros(static + self.index_bytes, dtype=torch.uint8, device=self.cache.device)
         views = self.uploader.upload(parts, into=buffer)  # all padding: a valid no-op step
         conv = None

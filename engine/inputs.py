@@ -23,6 +23,12 @@ from .sequence import Sequence
 _TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
 
 
+def aligned(nbytes: int) -> int:
+    """Parts start at 16-byte offsets: each views as its dtype, and Triton, which specialises
+    kernels on 16-byte pointer alignment, sees the same alignment every step (no recompiles)."""
+    return -(-nbytes // 16) * 16
+
+
 class Uploader:
     """Packs a step's int32/int64 arrays into one host byte buffer (pinned on CUDA, two of
     them alternating, grown as steps grow) and sends it with one non-blocking copy. A buffer is
@@ -57,7 +63,7 @@ class Uploader:
             if a.dtype not in _TORCH:
                 a = a.astype(np.int64)
             arrays.append((name, a, total))
-            total += -(-a.nbytes // 8) * 8  # 8-byte aligned: every part views as its dtype
+            total += aligned(a.nbytes)
         slot, self._turn = self._turn, self._turn ^ 1
         if self._done[slot] is not None:
             self._done[slot].synchronize()  # the copy that last read this buffer is done
@@ -144,17 +150,13 @@ def build_inputs(
         "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
         "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
     }
-    conv_total = None
     if cache.conv:
-        arrays, conv_total = ConvStep.host_arrays(
-            lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size
-        )
+        arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
         parts.update({f"conv_{k}": v for k, v in arrays.items()})
     dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
     conv = None
-    if conv_total is not None:
-        names = ("taps", "hist_pos", "tok_pos", "tail_pos")
-        conv = ConvStep(**{k: dev[f"conv_{k}"] for k in names}, total=conv_total)
+    if cache.conv:
+        conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
     return StepInputs(
         lengths=lengths.tolist(),
         starts=starts.tolist(),

@@ -162,6 +162,18 @@ def ban_tokens(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return x.index_put(idx, x.new_full((), float("-inf")))
 
 
+def mass_before(probs: torch.Tensor, integer: bool | None = None) -> torch.Tensor:
+    """Probability mass of the tokens ranked above each one. Under deterministic algorithms on
+    CUDA, torch refuses a float cumsum; there (``integer``, by default) the sum runs on
+    integers: probabilities in units of 2**-52, exact and deterministic."""
+    if integer is None:
+        integer = probs.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if integer:
+        units = torch.round(probs.double() * 2.0**52).long()
+        return ((units.cumsum(dim=-1) - units).double() / 2.0**52).to(probs.dtype)
+    return torch.cumsum(probs, dim=-1) - probs
+
+
 def filtered_logprobs(
     x: torch.Tensor,
     temperature: torch.Tensor,
@@ -177,7 +189,7 @@ def filtered_logprobs(
     keep = rank[None, :] < top_k[:, None]
     probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
     # drop a token once the mass before it reaches top_p; min_p is relative to the best
-    keep &= (torch.cumsum(probs, dim=-1) - probs) < top_p[:, None]
+    keep &= mass_before(probs) < top_p[:, None]
     keep &= probs >= min_p[:, None] * probs[:, :1]
     keep[:, 0] = True
     return torch.log_softmax(vals.masked_fill(~keep, float("-inf")), dim=-1), order
@@ -193,8 +205,9 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     dev, V = x.device, x.shape[-1]
     ps = [rows[i].params for i in sampled]
     vec = lambda vals: to_device(vals, dev, torch.float32)
+    at = to_device(sampled, dev)  # indexing with a host list would copy synchronously
     lp, order = filtered_logprobs(
-        x[sampled],
+        x[at],
         vec([p.temperature for p in ps]),
         to_device([min(p.top_k, V) if p.top_k > 0 else V for p in ps], dev),
         vec([p.top_p for p in ps]),
@@ -204,7 +217,7 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     for k, i in enumerate(sampled):
         q[k].exponential_(generator=rows[i].generator)
     pick = (lp - q.clamp_min_(1e-20).log()).argmax(dim=-1, keepdim=True)
-    tokens[sampled] = order.gather(-1, pick).squeeze(-1)
+    tokens[at] = order.gather(-1, pick).squeeze(-1)
     return tokens
 
 
@@ -237,7 +250,8 @@ def sample(
     if not want:
         return tokens.tolist(), [None] * len(rows)
     ks = [rows[i].params.logprobs for i in want]
-    packed = logprobs_of(logits[want], tokens[want], max(ks))
+    at = to_device(want, logits.device)
+    packed = logprobs_of(logits[at], tokens[at], max(ks))
     host = torch.cat([tokens.double(), packed.flatten()]).tolist()
     S = len(rows)
     toks = [int(t) for t in host[:S]]

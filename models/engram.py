@@ -47,36 +47,33 @@ class MultiHeadEmbedding(nn.Module):
 class ConvStep:
     """Per-step index for the causal dilated conv over packed ragged sequences.
 
-    ``src`` is laid out as ``[history rows of every sequence, new rows]`` (see ragged.py);
-    ``taps[n, j]`` is the row of ``src`` that kernel tap j reads for new token n.
+    The conv reads ``rows = [every sequence's history rows (S * L), the new rows (N)]``:
+    ``taps[n, j]`` is the row kernel tap j reads for new token n, and ``tail[s]`` the rows that
+    become sequence s's next history. Gathers only (no scatter): deterministic and capturable
+    in a CUDA graph.
     """
 
     taps: torch.Tensor  # [N, kernel] long
-    hist_pos: torch.Tensor  # [S * L] where each sequence's history goes in src
-    tok_pos: torch.Tensor  # [N] where new rows go in src
-    tail_pos: torch.Tensor  # [S, L] rows that become each sequence's next history
-    total: int
+    tail: torch.Tensor  # [S, L] long
 
     @staticmethod
-    def host_arrays(lengths, kernel_size: int, dilation: int) -> tuple[dict[str, np.ndarray], int]:
+    def host_arrays(lengths, kernel_size: int, dilation: int) -> dict[str, np.ndarray]:
         """The index arrays (int64, on the host) for sequences advancing by ``lengths`` new
-        tokens each, and the size of ``src``; the engine uploads them with the rest of a step."""
+        tokens each; the engine uploads them with the rest of a step."""
         lay = ragged_layout(np.asarray(lengths), (kernel_size - 1) * dilation)
+        # row of ``rows`` behind each position of the per-sequence [history, new] layout
+        order = np.empty(lay.total, dtype=np.int64)
+        order[lay.hist_pos] = np.arange(lay.hist_pos.size)
+        order[lay.tok_pos] = lay.hist_pos.size + np.arange(lay.tok_pos.size)
         lags = (kernel_size - 1 - np.arange(kernel_size)) * dilation
-        arrays = dict(
-            taps=lay.tok_pos[:, None] - lags[None, :],
-            hist_pos=lay.hist_pos,
-            tok_pos=lay.tok_pos,
-            tail_pos=lay.tail_pos,
-        )
-        return arrays, lay.total
+        return dict(taps=order[lay.tok_pos[:, None] - lags[None, :]], tail=order[lay.tail_pos])
 
     @classmethod
     def build(cls, lengths, kernel_size: int, dilation: int, device=None) -> ConvStep:
         """Index for sequences advancing by ``lengths`` new tokens each."""
-        arrays, total = cls.host_arrays(lengths, kernel_size, dilation)
+        arrays = cls.host_arrays(lengths, kernel_size, dilation)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-        return cls(**{k: t(v) for k, v in arrays.items()}, total=total)
+        return cls(**{k: t(v) for k, v in arrays.items()})
 
 
 class ShortConv(nn.Module):
@@ -130,12 +127,10 @@ class ShortConv(nn.Module):
         """
         N, G, C = x.shape
         normed = self._norm(x)
-        src = normed.new_empty(step.total, G * C)
-        src[step.hist_pos] = history.reshape(-1, G * C).to(normed.dtype)
-        src[step.tok_pos] = normed
+        rows = torch.cat([history.reshape(-1, G * C).to(normed.dtype), normed])
         w = self.conv.weight[:, 0, :]  # [G*C, kernel]
-        y = (src[step.taps] * w.t().unsqueeze(0)).sum(dim=1)
-        return F.silu(y).reshape(N, G, C), src[step.tail_pos]
+        y = (rows[step.taps] * w.t().unsqueeze(0)).sum(dim=1)
+        return F.silu(y).reshape(N, G, C), rows[step.tail]
 
 
 class Engram(nn.Module):

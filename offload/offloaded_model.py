@@ -82,6 +82,8 @@ class OffloadedModel:
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         with phase("device init"):
             if device.type == "cuda":
+                if device.index is not None:  # this (loading) thread's kernels and events
+                    torch.cuda.set_device(device)
                 torch.empty(1, device=device)  # the CUDA context
         with phase("weights"):
             model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import torch
 import uvicorn
 
 from server.app import create_app
@@ -37,12 +38,15 @@ class LiveServer:
 
     def start(self, ready: bool = True) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
+        # a GPU start-up compiles kernels, measures the gather paths and captures CUDA graphs
+        deadline = time.monotonic() + (300 if torch.cuda.is_available() else 60)
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 r = httpx.get(self.url + "/health", timeout=2)
                 if r.status_code == 200 or (not ready and r.status_code == 503):
                     return self
+                if r.status_code == 503 and r.json().get("status") == "error":
+                    raise RuntimeError(f"server failed to load: {r.json().get('error')}")
             time.sleep(0.05)
         raise RuntimeError("server did not become ready")
 

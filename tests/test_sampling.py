@@ -110,3 +110,14 @@ def test_detokenizer_holds_back_partial_utf8(tiny_ckpt):
     pieces = [d.add(t) for t in ids] + [d.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_top_p_mass_on_integers_matches_the_float_sum():
+    """The integer prefix sum (what deterministic CUDA runs) equals the float one."""
+    from engine.sampling import mass_before
+
+    probs = torch.softmax(torch.randn(8, 500, generator=torch.Generator().manual_seed(2)), -1)
+    probs = probs.sort(dim=-1, descending=True).values
+    exact = mass_before(probs, integer=True)
+    torch.testing.assert_close(exact, mass_before(probs, integer=False), atol=1e-6, rtol=0)
+    assert torch.equal(exact[:, 0], torch.zeros(8))
