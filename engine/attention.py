@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import paged_attention
 from .fused import store_rows
-from .inputs import StepInputs
+from .inputs import StepInputs, to_device
 from .kv_cache import KVCache
 
 BACKENDS = ("auto", "triton", "reference")
@@ -68,7 +68,7 @@ def _groups(inp: StepInputs) -> list[_Group]:
     groups = []
     decodes = [i for i, n in enumerate(inp.lengths) if n == 1]
     if decodes:
-        at = torch.tensor(decodes, device=dev)
+        at = to_device(decodes, dev)
         ends = {inp.starts[i] + 1 for i in decodes}
         rows = inp.query_start_loc[at].long()
         if len(decodes) == len(inp.lengths):  # a decode step: the rows are 0..S-1
@@ -77,7 +77,7 @@ def _groups(inp: StepInputs) -> list[_Group]:
     tok = 0
     for i, n in enumerate(inp.lengths):
         if n > 1:
-            at = torch.tensor([i], device=dev)
+            at = to_device([i], dev)
             groups.append(_Group(slice(tok, tok + n), at, n, inp.starts[i] + n, True))
         tok += n
     return groups

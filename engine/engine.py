@@ -27,6 +27,7 @@ from offload.prefetch import Prefetcher
 from .config import EngineConfig
 from .determinism import set_deterministic
 from .detokenize import Detokenizer
+from .inputs import to_device
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import (
@@ -36,7 +37,6 @@ from .sampling import (
     TokenLogprobs,
     prompt_logprobs,
     sample,
-    to_device,
 )
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence

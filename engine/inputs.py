@@ -11,16 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.engram import ConvStep
 
-from .kv_cache import KVCache
-from .sequence import Sequence
+if TYPE_CHECKING:  # types only: sampling imports this module for to_device
+    from .kv_cache import KVCache
+    from .sequence import Sequence
 
 _TORCH = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64}
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
+    """A small host list on the device without a host sync (an async copy, not torch.tensor's
+    synchronous one)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def aligned(nbytes: int) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .inputs import to_device
+
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
 
 
@@ -27,12 +29,6 @@ class BadParams(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
-    """A small host list on the device without a host sync (an async copy, not torch.tensor's
-    synchronous one)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 @dataclass
