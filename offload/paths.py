@@ -79,8 +79,9 @@ def default_placement(device: torch.device) -> Placement:
 def resolve_gather(placement: Placement, gather: str) -> str:
     """The path ``gather`` stands for on ``placement``. 'auto' on the host tier is the measured
     staged/UVA switch. On plain host memory the worker thread only pays off with a core to
-    itself: when torch's threads already take every core, engram-bench measured it 30-50%
-    slower than gathering inline (contention, not stall), so 'auto' gathers inline there."""
+    itself: when torch's threads already take every core, its rows are never late (no stall)
+    but the hand-off costs a few percent of a small-batch decode step (engram-bench, committed
+    CPU results), so 'auto' gathers inline there."""
     if gather not in GATHERS:
         raise ValueError(f"unknown gather path {gather!r}; use one of {', '.join(GATHERS)}")
     allowed = valid_gathers(placement)
