@@ -15,6 +15,17 @@ from server.app import create_app
 from server.config import ServerConfig
 
 
+def wait_healthy(url: str, timeout: float = 60.0) -> None:
+    """Poll ``url``/health until it answers 200 (a server in another process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

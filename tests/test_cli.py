@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from server.cli import main, parse_args, validate
 
-from .live import free_port
+from .live import free_port, wait_healthy
 
 
 def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
@@ -105,14 +104,7 @@ def test_serve_then_sigterm_exits_cleanly(tiny_ckpt):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url)
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
@@ -177,14 +169,7 @@ def _serve_on_a_terminal(tiny_ckpt) -> tuple[str, str]:
     reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url)
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
