@@ -114,7 +114,7 @@ class Scheduler:
                 break
             if self.cache.free_slots == 0:
                 break
-            pending = seq.all_ids
+            pending = seq.pending_ids()  # all of it: it holds nothing in the cache yet
             n = min(len(pending), budget)
             need = self.cache.blocks_for(n)
             if need > free_blocks:

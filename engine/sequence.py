@@ -57,8 +57,12 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def pending_ids(self) -> list[int]:
-        """Tokens not yet in the cache (prompt remainder, or the last sampled token)."""
-        return self.all_ids[self.num_computed :]
+        """Tokens not yet in the cache (prompt remainder, or the last sampled token), without
+        copying the whole context (this runs for every sequence every step)."""
+        done, prompt = self.num_computed, self.prompt_ids
+        if done >= len(prompt):
+            return self.output_ids[done - len(prompt) :]
+        return prompt[done:] + self.output_ids
 
     @property
     def prefilling(self) -> bool:
