@@ -1,10 +1,11 @@
 """Incremental detokenization with stop strings matched across token boundaries.
 
-Text is re-decoded from the sequence's output ids (so multi-byte characters split across
-tokens come out whole); what may still become the start of a stop string, or an incomplete
-UTF-8 character, is held back until it is settled. Before ``min_tokens`` tokens are out, stop
-strings do not end the sequence; later, only a match that ends in text produced from then on
-counts (as vLLM checks).
+Each token re-decodes only a short window of ids, from the last point where the text was
+complete: multi-byte characters split across tokens come out whole, and a long generation
+costs the same per token as a short one. What may still become the start of a stop string,
+or an incomplete UTF-8 character, is held back until it is settled. Before ``min_tokens``
+tokens are out, stop strings do not end the sequence; later, only a match that ends in text
+produced from then on counts (as vLLM checks).
 """
 
 from __future__ import annotations
@@ -26,16 +27,26 @@ class Detokenizer:
     stopped: bool = False
     text: str = ""
     floor: int = 0  # a stop string must end past this many characters (min_tokens)
+    complete: str = ""  # the text of ids[:read], which ended on a whole character
+    prefix: int = 0  # ids[prefix:read] decode to the tail of ``complete`` (the window's start)
+    read: int = 0
 
     def __post_init__(self) -> None:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, self.skip_special_tokens, self.spaces_between_special_tokens
+        )
+
     def add(self, token_id: int) -> str:
         """Append a token; return the newly settled text (possibly empty)."""
         self.ids.append(token_id)
-        full = self.tokenizer.decode(
-            self.ids, self.skip_special_tokens, self.spaces_between_special_tokens
-        )
+        before = self._decode(self.ids[self.prefix : self.read])
+        window = self._decode(self.ids[self.prefix :])
+        full = self.complete + window[len(before) :]
+        if not window.endswith("\ufffd"):  # whole characters: the window moves up
+            self.complete, self.prefix, self.read = full, self.read, len(self.ids)
         if len(self.ids) < self.min_tokens:
             self.floor = len(full)
         elif self.stop:

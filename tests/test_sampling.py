@@ -121,3 +121,20 @@ def test_top_p_mass_on_integers_matches_the_float_sum():
     exact = mass_before(probs, integer=True)
     torch.testing.assert_close(exact, mass_before(probs, integer=False), atol=1e-6, rtol=0)
     assert torch.equal(exact[:, 0], torch.zeros(8))
+
+
+def test_incremental_detokenizing_equals_decoding_everything():
+    """The windowed decode hands out exactly the text of all ids, for random ids of the
+    built-in byte-level tokenizer (split and invalid UTF-8 included), in any flag setting."""
+    import numpy as np
+
+    from models.checkpoint import default_model_dir
+
+    tok = EngramTokenizer.from_file(default_model_dir() / "tokenizer.json")
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 120))).tolist()
+        skip = bool(trial % 2)
+        d = Detokenizer(tok, skip_special_tokens=skip)
+        text = "".join(d.add(t) for t in ids) + d.flush()
+        assert text == tok.decode(ids, skip), trial
