@@ -132,9 +132,14 @@ def test_incremental_detokenizing_equals_decoding_everything():
 
     tok = EngramTokenizer.from_file(default_model_dir() / "tokenizer.json")
     rng = np.random.default_rng(0)
-    for trial in range(20):
-        ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 120))).tolist()
-        skip = bool(trial % 2)
+    words = ["x = 'é✓'", " 😀🎉", " 日本語のテキスト", " naïve café", "\n\tdef f():", " Ωμέγα"]
+    for trial in range(40):
+        if trial % 2:  # text whose characters span several byte tokens
+            text = "".join(rng.choice(words, size=int(rng.integers(1, 12))))
+            ids = tok.encode(text)
+        else:  # any ids at all, invalid UTF-8 included
+            ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 120))).tolist()
+        skip = bool(trial % 4 < 2)
         d = Detokenizer(tok, skip_special_tokens=skip)
         text = "".join(d.add(t) for t in ids) + d.flush()
         assert text == tok.decode(ids, skip), trial
