@@ -21,6 +21,7 @@ from models.llama import EngramForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run (or interpret)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -95,3 +96,37 @@ def tiny_checkpoint(directory: Path, vocab_size: int = 512, seed: int = 0) -> Pa
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
+
+
+def compile_for_h100(script: str, cache_dir: Path) -> None:
+    """Run ``script`` (which compiles Triton kernels for sm_90 and prints "ok") with Triton's
+    real compiler, not the interpreter; skip where this Triton cannot compile for a target."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(cache_dir), TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if r.returncode == 3:
+        pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
+    if "ptxas" in r.stderr and "not found" in r.stderr.lower():
+        pytest.skip("Triton's ptxas is not available here")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_ckpt):
+    """A real uvicorn server on the tiny checkpoint, one per test module."""
+    from .live import serve
+
+    with serve(tiny_ckpt, max_num_seqs=8, max_num_batched_tokens=64) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)

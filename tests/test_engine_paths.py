@@ -14,10 +14,9 @@ from engine.model_runner import ModelRunner
 from engine.paged_attention import triton_available
 from engine.sampling import SamplingParams
 
-from .conftest import new_seq, tiny_model
+from .conftest import DEV, new_seq, tiny_model
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run there or interpreted
 
 
 def _logits(model, attention, schedule, seqs_ids):

@@ -12,10 +12,9 @@ from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
 from models.llama import apply_rope
 
-from .conftest import new_seq, tiny_model
+from .conftest import DEV, compile_for_h100, new_seq, tiny_model
 
 pytestmark = pytest.mark.skipif(not fused.triton_available(), reason="needs triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run there or interpreted
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -118,15 +117,4 @@ print("ok")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
 def test_kernels_compile_for_an_h100(tmp_path):
     """The interpreter is lenient: Triton's real compiler must accept the kernels for sm_90."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env, capture_output=True)
-    if r.returncode == 3:
-        pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
-    assert r.returncode == 0 and r.stdout.decode().strip() == "ok", r.stderr.decode()[-3000:]
+    compile_for_h100(COMPILE, tmp_path)

@@ -1,26 +1,23 @@
 """Paged attention kernels against a plain torch reference (interpreter on CPU, real on CUDA)."""
 
 import importlib.util
-import os
 import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 pytest.importorskip("triton")
 
-from engine import paged_attention as pa  # noqa: E402
-from engine.paged_attention import (  # noqa: E402
+from engine import paged_attention as pa
+from engine.paged_attention import (
     default_num_splits,
     paged_attention_decode,
     paged_attention_prefill,
     triton_available,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .conftest import DEV
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
@@ -40,7 +37,7 @@ def make_case(ctx_lens, heads, kv_heads, head_dim, block_size=16, dtype=torch.fl
     k = torch.randn(shape, generator=gen).to(dtype)
     v = torch.randn(shape, generator=gen).to(dtype)
     ctx = torch.tensor(ctx_lens, dtype=torch.int32)
-    return k.to(DEVICE), v.to(DEVICE), tables.to(DEVICE), ctx.to(DEVICE)
+    return k.to(DEV), v.to(DEV), tables.to(DEV), ctx.to(DEV)
 
 
 def reference(q, k, v, tables, qsl, ctx, block_size, scale, acc=torch.float64):
@@ -81,7 +78,7 @@ CTX = [1, 15, 16, 17, 33, 100, 0]
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (8, 1, 16), (2, 2, 80)])
 def test_decode_matches_reference_fp32(heads, kv_heads, head_dim):
     k, v, tables, ctx = make_case(CTX, heads, kv_heads, head_dim)
-    q = torch.randn(len(CTX), heads, head_dim).to(DEVICE)
+    q = torch.randn(len(CTX), heads, head_dim).to(DEV)
     scale = head_dim**-0.5
     want = decode_reference(q, k, v, tables, ctx, 16, scale)
     for splits in (1, 3):
@@ -92,7 +89,7 @@ def test_decode_matches_reference_fp32(heads, kv_heads, head_dim):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_half_precision(dtype):
     k, v, tables, ctx = make_case(CTX, 4, 2, 32, dtype=dtype, seed=1)
-    q = torch.randn(len(CTX), 4, 32).to(dtype).to(DEVICE)
+    q = torch.randn(len(CTX), 4, 32).to(dtype).to(DEV)
     want = decode_reference(q, k, v, tables, ctx, 16, 32**-0.5)  # from the rounded inputs
     got = paged_attention_decode(q, k, v, tables, ctx, 16, 32**-0.5, num_splits=2)
     assert got.dtype == dtype
@@ -102,7 +99,7 @@ def test_decode_half_precision(dtype):
 def test_decode_splits_agree_and_empty_splits_are_harmless():
     # 100 tokens are two 64-token tiles: with 5 splits, three of them see nothing
     k, v, tables, ctx = make_case([100, 17, 64, 65], 4, 2, 16, seed=2)
-    q = torch.randn(4, 4, 16).to(DEVICE)
+    q = torch.randn(4, 4, 16).to(DEV)
     outs = [paged_attention_decode(q, k, v, tables, ctx, 16, 0.3, num_splits=n) for n in (1, 2, 5)]
     for o in outs[1:]:
         assert (o - outs[0]).abs().max().item() < 1e-6
@@ -113,16 +110,16 @@ def test_decode_splits_agree_and_empty_splits_are_harmless():
 def test_decode_block_sizes(block_size):
     lens = [1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5]
     k, v, tables, ctx = make_case(lens, 4, 2, 16, block_size=block_size, seed=3)
-    q = torch.randn(len(lens), 4, 16).to(DEVICE)
+    q = torch.randn(len(lens), 4, 16).to(DEV)
     got = paged_attention_decode(q, k, v, tables, ctx, block_size, 0.25, num_splits=2)
     close(got, decode_reference(q, k, v, tables, ctx, block_size, 0.25), torch.float32)
 
 
 def test_decode_padding_rows_are_zero_and_out_is_written_in_place():
     k, v, tables, ctx = make_case([0, 20, 0], 4, 2, 16, seed=4)
-    q = (torch.randn(3, 4, 16) * 1e4).to(DEVICE)  # padding rows may hold anything
+    q = (torch.randn(3, 4, 16) * 1e4).to(DEV)  # padding rows may hold anything
     for splits in (1, 3):
-        out = torch.full((3, 4, 16), float("nan"), device=DEVICE)
+        out = torch.full((3, 4, 16), float("nan"), device=DEV)
         got = paged_attention_decode(q, k, v, tables, ctx, 16, 0.25, out=out, num_splits=splits)
         assert got is out
         assert torch.isfinite(out).all()
@@ -133,7 +130,7 @@ def test_decode_padding_rows_are_zero_and_out_is_written_in_place():
 def test_decode_reads_strided_q_from_a_fused_projection():
     heads, kv_heads, d = 4, 2, 16
     k, v, tables, ctx = make_case([5, 40], heads, kv_heads, d, seed=5)
-    qkv = torch.randn(2, (heads + 2 * kv_heads) * d).to(DEVICE)
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * d).to(DEV)
     q = qkv[:, : heads * d].view(2, heads, d)  # row stride is not heads * d
     got = paged_attention_decode(q, k, v, tables, ctx, 16, 0.25)
     close(got, decode_reference(q, k, v, tables, ctx, 16, 0.25), torch.float32)
@@ -144,8 +141,8 @@ def prefill_case(prefixes, q_lens, heads, kv_heads, head_dim, dtype=torch.float3
     k, v, tables, ctx = make_case(ctx_lens, heads, kv_heads, head_dim, dtype=dtype, seed=seed)
     qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     gen = torch.Generator().manual_seed(seed + 100)
-    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-    return q, k, v, tables, qsl.to(DEVICE), ctx
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype).to(DEV)
+    return q, k, v, tables, qsl.to(DEV), ctx
 
 
 def run_prefill(q, k, v, tables, qsl, ctx, scale, dtype):
@@ -190,7 +187,7 @@ def test_prefill_skips_empty_sequences_and_writes_out():
 def _decode_args():
     k, v, tables, ctx = make_case([5, 9], 4, 2, 16)
     return dict(
-        q=torch.randn(2, 4, 16).to(DEVICE),
+        q=torch.randn(2, 4, 16).to(DEV),
         k_cache=k,
         v_cache=v,
         block_tables=tables,
@@ -201,7 +198,7 @@ def _decode_args():
 
 
 def _t(*shape, dtype=torch.float32):
-    return torch.randn(*shape, device=DEVICE).to(dtype)
+    return torch.randn(*shape, device=DEV).to(dtype)
 
 
 BAD = {
@@ -211,8 +208,8 @@ BAD = {
     "head_dim": lambda: dict(q=_t(2, 4, 32)),
     "gqa": lambda: dict(q=_t(2, 3, 16)),
     "v shape": lambda: dict(v_cache=_t(64, 1, 16)),
-    "tables dtype": lambda: dict(block_tables=torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)),
-    "lens shape": lambda: dict(context_lens=torch.zeros(3, dtype=torch.int32, device=DEVICE)),
+    "tables dtype": lambda: dict(block_tables=torch.zeros(2, 2, dtype=torch.int64, device=DEV)),
+    "lens shape": lambda: dict(context_lens=torch.zeros(3, dtype=torch.int32, device=DEV)),
     "rows": lambda: dict(q=_t(3, 4, 16)),
     "block size": lambda: dict(block_size=12),
     "scale tensor": lambda: dict(scale=torch.tensor(0.25)),
@@ -241,11 +238,11 @@ def test_gpu_refuses_host_tensors():
 def test_prefill_refuses_bad_query_start_loc():
     args = _decode_args()
     args.pop("context_lens")
-    ctx = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor([5, 9], dtype=torch.int32, device=DEV)
     for qsl in (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1, 2])):
         with pytest.raises(ValueError, match="query_start_loc"):
             paged_attention_prefill(
-                query_start_loc=qsl.to(DEVICE), context_lens=ctx, max_query_len=1, **args
+                query_start_loc=qsl.to(DEV), context_lens=ctx, max_query_len=1, **args
             )
 
 
@@ -277,7 +274,7 @@ def realistic_decode(seqs, max_ctx, seed=0):
     lens = torch.randint(1, max_ctx + 1, (seqs,), generator=gen).tolist()
     lens[0] = max_ctx
     k, v, tables, ctx = make_case(lens, 20, 4, 128, dtype=torch.bfloat16, seed=seed)
-    q = torch.randn(seqs, 20, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    q = torch.randn(seqs, 20, 128, generator=gen).to(torch.bfloat16).to(DEV)
     return q, k, v, tables, ctx
 
 
@@ -290,7 +287,7 @@ def gpu_reference(q, k, v, tables, qsl, ctx, block_size, scale):
 @pytest.mark.parametrize("seqs", [1, 7, 64])
 def test_gpu_decode_bf16_realistic(seqs):
     q, k, v, tables, ctx = realistic_decode(seqs, 1024, seed=seqs)
-    qsl = torch.arange(seqs + 1, device=DEVICE)
+    qsl = torch.arange(seqs + 1, device=DEV)
     want = gpu_reference(q, k, v, tables, qsl, ctx, 16, 128**-0.5)
     for splits in (None, 1, 7):
         got = paged_attention_decode(q, k, v, tables, ctx, 16, 128**-0.5, num_splits=splits)

@@ -15,17 +15,6 @@ from .live import LiveServer, serve
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_ckpt):
-    with serve(tiny_ckpt, max_num_seqs=8, max_num_batched_tokens=64) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-
-
 def _model(client):
     return client.models.list().data[0].id
 

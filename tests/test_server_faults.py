@@ -15,23 +15,10 @@ import engine.engine as engine_module
 from engine.detokenize import Detokenizer
 from engine.sampling import BadParams
 
-from .live import serve
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 SAMPLER_FAULT, PARAMS_FAULT = 666, 667  # culprit seeds
 DETOK_FAULT = "<poison>"  # culprit stop string
-
-
-@pytest.fixture(scope="module")
-def srv(tiny_ckpt):
-    with serve(tiny_ckpt, max_num_seqs=8, max_num_batched_tokens=64) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
 
 
 def _wait(cond, timeout=20.0):

@@ -2,29 +2,21 @@
 reference dequantisation. On CPU the kernels run under TRITON_INTERPRET=1; the gpu tests run
 the same kernels on a mapped pinned table, on a side stream and inside a CUDA graph."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 pytest.importorskip("triton")
 
-from offload.rowformat import dequantize_fp8, quantize_fp8  # noqa: E402
-from offload.uva_kernel import (  # noqa: E402
+from offload.rowformat import dequantize_fp8, quantize_fp8
+from offload.uva_kernel import (
     check_rows,
     gather_rows,
     gather_rows_fp8,
     triton_available,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from .conftest import DEV, compile_for_h100
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -245,17 +237,7 @@ print("ok")
 def test_kernels_compile_for_an_h100_with_wide_loads(tmp_path):
     """The interpreter is lenient; this runs Triton's real compiler (to sm_90 PTX) on the kernels
     and checks the row loads are vectorised (16 bytes for 128-byte rows) and no flush-to-zero."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    r = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True
-    )
-    if r.returncode == 3:
-        pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
-    if "ptxas" in r.stderr and "not found" in r.stderr.lower():
-        pytest.skip("Triton's ptxas is not available here")
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    compile_for_h100(COMPILE_SCRIPT, tmp_path)
 
 
 # --- on the GPU -----------------------------------------------------------------------------
