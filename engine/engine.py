@@ -232,7 +232,11 @@ class Engine:
         eos = self.model.config.eos_token_id
         rows = [
             SampleRow(
-                s.params, s.output_ids, s.generator, s.params.banned_tokens(len(s.output_ids), eos)
+                s.params,
+                s.output_ids,
+                s.generator,
+                s.params.banned_tokens(len(s.output_ids), eos),
+                s.prompt_ids,
             )
             for s in seqs
         ]

@@ -45,6 +45,8 @@ def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        min_p=req.min_p,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         stop=req.stops,
         logprobs=logprobs,
