@@ -15,12 +15,15 @@ from .live import free_port, wait_healthy
 
 
 def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert main(["--model", str(tmp_path / "nope")]) == 1  # settings that cannot work: 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and "--model" in err
     (tmp_path / "config.json").write_text('{"engram_layer_ids": [99]}')
-    assert main(["--model", str(tmp_path)]) == 2
+    assert main(["--model", str(tmp_path)]) == 1
     assert "engram_layer_ids" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a command line argparse cannot read: 2
+        main(["--max-num-seqs", "many"])
+    assert e.value.code == 2
 
 
 def test_impossible_settings(tiny_ckpt):
