@@ -165,7 +165,8 @@ def token_id_pattern(vocab_size: int) -> str:
 # server refuses a request that breaks one with a 400 naming the field.
 COMPLETION_RULES = (
     "Rules across fields (a request that breaks one gets a 400 naming the field): prompt tokens "
-    "+ max_tokens <= max_model_len (GET /v1/models) for each prompt; min_tokens <= max_tokens; "
+    "+ max_tokens <= max_model_len (GET /v1/models) for each prompt; min_tokens <= max_tokens "
+    "(null max_tokens: the context left after the prompt); "
     "best_of >= n; best_of > n is not streamed; prompts x best_of (or n) <= --max-queue; "
     "max_tokens 0 only with echo (scores the prompt)."
 )

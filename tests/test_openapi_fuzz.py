@@ -68,9 +68,11 @@ def within_cross_field_rules(tok: EngramTokenizer, context: int, max_queue: int)
         max_tokens = body.get("max_tokens", 16)
         n = body.get("n", 1)
         best_of = body.get("best_of") or n
+        # null max_tokens: the rest of the context, for each prompt
+        room = [context - k if max_tokens is None else max_tokens for k in lengths]
         return (
-            (max_tokens is None or all(k + max_tokens <= context for k in lengths))
-            and body.get("min_tokens", 0) <= (max_tokens if max_tokens is not None else context)
+            all(k + r <= context for k, r in zip(lengths, room))
+            and all(body.get("min_tokens", 0) <= r for r in room)
             and best_of >= n
             and not (body.get("stream") and best_of > n)
             and len(prompts) * best_of <= max_queue
