@@ -135,6 +135,8 @@ def test_help_shows_every_flags_default(capsys):
             continue
         text = entries[action.option_strings[0]]
         assert "(default:" in text and "(default: None)" not in text, text
+    # a switch that defaults on says what turning it off does
+    assert "ordinary 4 KiB pages instead of 2 MiB" in entries["--no-huge-pages"]
 
 
 def _serve_on_a_terminal(tiny_ckpt) -> tuple[str, str]:

@@ -65,6 +65,8 @@ def test_dockerfile_uses_the_ci_install_steps():
     assert ".ci/install" in text and "HEALTHCHECK" in text and "/health" in text
     assert "USER engram" in text and "EXPOSE 8000" in text
     assert ".ci/install dev" in (ROOT / ".ci" / "run").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored  # a local venv (GBs) stays out of the image
 
 
 def test_ci_runs_the_readme_set_up_and_test_command():
