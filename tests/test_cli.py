@@ -228,3 +228,14 @@ def test_no_progress_bar_into_a_log_file(tiny_ckpt, capfd):
         assert "loading Engram tables" not in err and "\r" not in err
     finally:
         state.engine.stop()
+
+
+def test_cpu_threads_leave_a_core_by_default(monkeypatch):
+    from offload.paths import cores
+    from server.cli import cpu_threads
+
+    n, why = cpu_threads(0)
+    assert n == max(1, cores() - 1) and "one left for the HTTP loop and the row worker" in why
+    assert cpu_threads(3)[0] == 3
+    monkeypatch.setenv("ENGRAM_CPU_THREADS", "2")
+    assert parse_args([]).cpu_threads == 2
