@@ -239,3 +239,17 @@ def test_cpu_threads_leave_a_core_by_default(monkeypatch):
     assert cpu_threads(3)[0] == 3
     monkeypatch.setenv("ENGRAM_CPU_THREADS", "2")
     assert parse_args([]).cpu_threads == 2
+
+
+def test_readme_flag_table_documents_every_flag():
+    from pathlib import Path
+
+    from server.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for action in build_parser()._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag in (None, "--help"):
+            continue
+        assert any(f"`{flag}" in row.split("|")[1] for row in rows), f"{flag} not in the table"
