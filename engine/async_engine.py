@@ -180,7 +180,8 @@ class AsyncEngine:
         with self._lock:
             waiting = len(self.engine.scheduler.waiting) + self._waiting_in_inbox
             if waiting + total > cfg.max_queue:
-                raise QueueFull(f"{waiting} sequences already waiting (max {cfg.max_queue})")
+                limit = f"--max-queue {cfg.max_queue}"
+                raise QueueFull(f"{waiting} sequences already waiting ({limit})")
             reqs = []
             for prompt_ids, params in items:
                 rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"

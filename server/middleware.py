@@ -122,7 +122,8 @@ class BodyCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        too_big = APIError(413, f"request body over {self.limit} bytes", None, "request_too_large")
+        why = f"request body over {self.limit} bytes (--max-body-bytes)"
+        too_big = APIError(413, why, None, "request_too_large")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
