@@ -202,3 +202,19 @@ def test_negative_settings_are_refused(tiny_ckpt, flag):
     proc = engram_serve("--model", str(tiny_ckpt), flag, "-1")
     assert proc.wait(60) == 1
     assert f"{flag} must be" in proc.stdout.read()
+
+
+def test_ending_requests_frees_their_kv_memory(tiny_ckpt):
+    from .live import serve
+
+    with serve(tiny_ckpt, max_num_seqs=2) as s:
+        out, threads = _load(s.url, running=2, queued=1, max_tokens=400)
+        engine = s.state.engine
+        assert engine.cache.usage > 0
+        engine.drain("draining")  # the queued stream ends; the running two go on
+        engine.cut("cut")
+        for t in threads:
+            t.join(30)
+        assert engine.cache.usage == 0 and not engine.busy  # every block back in the pool
+        assert _error_event(out["queued0"][1])["message"] == "draining"
+        assert all(_error_event(out[f"run{i}"][1])["message"] == "cut" for i in range(2))
