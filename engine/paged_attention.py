@@ -13,11 +13,15 @@ import os
 
 import torch
 
+from offload.triton_compat import patch_interpreter
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the module still imports; the kernels refuse to run
     triton = None
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_interpreter()
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
