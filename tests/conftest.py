@@ -100,7 +100,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 def compile_for_h100(script: str, cache_dir: Path) -> None:
     """Run ``script`` (which compiles Triton kernels for sm_90 and prints "ok") with Triton's
-    real compiler, not the interpreter; skip where this Triton cannot compile for a target."""
+    real compiler, not the interpreter; skip where this Triton cannot compile for a target
+    (exit 3) or does not show what the script reads (exit 4)."""
     import subprocess
     import sys
 
@@ -111,6 +112,8 @@ def compile_for_h100(script: str, cache_dir: Path) -> None:
     )
     if r.returncode == 3:
         pytest.skip("this Triton has no ASTSource/GPUTarget compile API")
+    if r.returncode == 4:
+        pytest.skip("this Triton does not print ptxas's log (TRITON_DUMP_PTXAS_LOG)")
     if "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
