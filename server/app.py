@@ -143,7 +143,8 @@ class ServerState:
             f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
         )
         return (
-            f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}; "
+            f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}, "
+            f"dtype {e.offload.dtype or e.offload.model.lm_head.weight.dtype}; "
             f"Engram tables: {tiers} (placement {e.offload.placement.value}, "
             f"gather {e.offload.gather}); KV cache {e.cache.nbytes() / 2**20:.1f} MiB; "
             f"link {self.link_bps / 1e9:.1f} GB/s"
