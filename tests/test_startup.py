@@ -97,8 +97,11 @@ def test_start_up_logs_where_its_time_went(tiny_ckpt, caplog):
         steps = httpx.get(s.url + "/v1/offload").json()["accounting"]["steps"]
         assert 0 < steps <= 3
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up ")]
-    for phase in ("device init", "weights", "tables", "gather setup", "link", "engine", "warm-up"):
+    phases = ("device init", "weights", "tables", "gather setup", "link", "engine", "warm-up")
+    for phase in (*phases, "kernel check"):
         assert f"{phase}" in line, line
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model ")]
+    assert "dtype float32 (--dtype auto on cpu)" in summary, summary
 
 
 def test_deterministic_switch_sets_every_setting_and_undoes(monkeypatch):
