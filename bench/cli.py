@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: 1 with --quick on CPU, else torch's)",
     )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--no-micro",
+        action="store_true",
+        help="skip the gather microbenchmark (another run has it)",
+    )
     return ap
 
 
@@ -291,7 +296,9 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     rows = built["rows"]
     failed = failures(rows, args.deterministic)
     t0 = time.perf_counter()
-    micro = run_micro(src, device, wl, ceiling.gbps, specs[-1].placement)
+    micro = {"skipped": "--no-micro"}
+    if not args.no_micro:
+        micro = run_micro(src, device, wl, ceiling.gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
     table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages
     src.drop_all()

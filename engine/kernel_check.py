@@ -220,9 +220,10 @@ def check_graphs(engine, sizes: tuple[int, ...] | None = None) -> list[Checked]:
 
 
 # --- all of it -------------------------------------------------------------------------------
-def check_kernels(engine, kernels: Kernels | None = None) -> list[Checked]:
-    """Run every check that applies to ``engine``; raise :class:`KernelCheckError` on the
-    first kernel outside its tolerance. Returns what was checked."""
+def check_kernels(engine, kernels: Kernels | None = None, strict: bool = True) -> list[Checked]:
+    """Run every check that applies to ``engine``; with ``strict`` raise
+    :class:`KernelCheckError` for the first kernel outside its tolerance. Returns what was
+    checked (``Checked.ok`` says how each went)."""
     kernels = kernels or Kernels()
     checked: list[Checked] = []
     with torch.inference_mode():
@@ -233,7 +234,7 @@ def check_kernels(engine, kernels: Kernels | None = None) -> list[Checked]:
     if engine.cache.device.type == "cuda":
         torch.cuda.synchronize(engine.cache.device)
     for c in checked:
-        if not c.ok:
+        if strict and not c.ok:
             raise KernelCheckError(c)
     return checked
 
