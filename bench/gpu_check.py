@@ -137,8 +137,13 @@ def read_tests(cpu: bool) -> Callable[[Path, int], tuple[str, str, dict]]:
 
 def _read_tests(out: Path, rc: int, cpu: bool) -> tuple[str, str, dict]:
     xml = out / "gpu-tests.xml"
-    if not xml.is_file():
-        return "failed", f"pytest exited {rc} without a report (see its log)", {}
+    if not xml.is_file():  # e.g. a crash inside CUDA took pytest down
+        why = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+        return (
+            "failed",
+            f"pytest ended ({why}) without a report: " + tests_so_far(out / "logs" / "tests.log"),
+            {},
+        )
     root = ET.parse(xml).getroot()
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not collected": 0}
     failed, missing = [], set()
@@ -173,7 +178,7 @@ def tests_so_far(log: Path) -> str:
     text = log.read_text(errors="replace") if log.is_file() else ""
     got = {k: len(re.findall(rf"::\S+ {k.upper()}", text)) for k in ("passed", "failed", "skipped")}
     failed = re.findall(r"^(\S+::\S+) FAILED", text, re.M)
-    line = ", ".join(f"{v} {k}" for k, v in got.items()) + " before it was stopped"
+    line = ", ".join(f"{v} {k}" for k, v in got.items()) + " before it stopped"
     return line + (f"; failed: {', '.join(failed[:5])}" if failed else "")
 
 
@@ -261,6 +266,9 @@ def run_stage(stage: Stage, out: Path, deadline: float, have: dict[str, bool]) -
         )  # fmt: skip
         try:
             rc = proc.wait(timeout=budget)
+        except KeyboardInterrupt:  # the stage runs in its own session: stop it too
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # SIGKILL: a CUDA process torn down mid-load
             proc.wait()  # by SIGTERM has segfaulted; nothing of it is kept but its log

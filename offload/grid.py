@@ -116,7 +116,7 @@ def choose_grid(
         _elapsed(lambda: torch.mm(a, a, out=c), compute_stream) for _ in range(repeats)
     )
     # as long as the slowest gather alone, so the two overlap for the whole gather
-    count = max(1, round(max(alone.values()) / max(mm_s, 1e-9)))
+    count = min(10_000, max(1, round(max(alone.values()) / max(mm_s, 1e-9))))
 
     def compute() -> None:
         for _ in range(count):
