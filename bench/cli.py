@@ -34,6 +34,8 @@ import torch
 
 from engine import determinism
 from models.checkpoint import default_model_dir
+from models.dtype import CHOICES as DTYPE_CHOICES
+from models.dtype import resolve_dtype, stored_dtype
 from offload import paths
 from offload.link import measure_link
 from offload.store import Placement
@@ -89,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        default=None,
-        help="backbone dtype (default: bfloat16 on CUDA, float32 on CPU)",
+        choices=list(DTYPE_CHOICES),
+        default="auto",
+        help="backbone dtype (auto: the checkpoint's half precision on CUDA, bfloat16 for a "
+        "synthetic model; float32 on CPU)",
     )
     ap.add_argument(
         "--placement",
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: 1 with --quick on CPU, else torch's)",
     )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--no-micro",
+        action="store_true",
+        help="skip the gather microbenchmark (another run has it)",
+    )
     return ap
 
 
@@ -253,7 +261,8 @@ def run(args, command: str) -> tuple[dict, Path, int]:
         # one compute thread keeps OpenMP from spinning against a busy machine's other work
         torch.set_num_threads(threads)
     specs = resolve_paths(args, device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    stored = None if args.synthetic else stored_dtype(args.model or default_model_dir())
+    dtype = resolve_dtype(args.dtype, device, stored).name
     # before anything touches CUDA: cuBLAS reads its workspace setting once
     previous = determinism.set_deterministic(True) if args.deterministic else None
     try:
@@ -290,7 +299,9 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     rows = built["rows"]
     failed = failures(rows, args.deterministic)
     t0 = time.perf_counter()
-    micro = run_micro(src, device, wl, link_gbps, specs[-1].placement)
+    micro = {"skipped": "--no-micro"}
+    if not args.no_micro:
+        micro = run_micro(src, device, wl, link_gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
     table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages
     src.drop_all()

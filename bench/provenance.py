@@ -46,6 +46,13 @@ def git_commit(repo: Path = REPO) -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
 def nvidia_driver() -> str | None:
     out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return out.splitlines()[0].strip() if out else None
@@ -60,6 +67,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "numpy": np.__version__,
+        "triton": _version("triton"),
         "cupy": None,
         "cuda_driver": None,
         "nvidia_driver": nvidia_driver() if device.type == "cuda" else None,

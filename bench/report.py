@@ -222,6 +222,23 @@ def memory_section(res: dict) -> list[str]:
     ]
 
 
+def grid_section(rows: list[dict]) -> list[str]:
+    """Per UVA path: the persistent grid it chose beside compute, and why."""
+    out = []
+    for r in rows:
+        g = r.get("uva_grid")
+        if not g:
+            continue
+        steps = ", ".join(f"{p}: {s * 1e3:.3f}" for p, s in g["step_s"].items())
+        out.append(
+            f"{r['name']}: {g['programs']} programs (at most {g['bound']} of {g['sms']} SMs); "
+            f"step beside compute, ms by grid: {steps}; {g['why']}"
+        )
+    if not out:
+        return []
+    return ["", "UVA gather grid (chosen at start-up with compute running beside it)", *out]
+
+
 def notes(res: dict) -> list[str]:
     out = []
     if res["workload"]["repeats"] < 2:
@@ -304,6 +321,7 @@ def report(res: dict) -> str:
         *sweep_section(rows, wl),
         *checks_section(rows, res["deterministic"]["enabled"]),
         *memory_section(res),
+        *grid_section(rows),
         *micro_section(res.get("micro") or {}, env["device_type"]),
         *notes(res),
     ]

@@ -88,6 +88,12 @@ def own_gpu_peak(b: PathBench, benches: list[PathBench]) -> int | None:
     return b.gpu_peak - sum(s.bytes_by_tier().get("gpu", 0) for s in others.values())
 
 
+def uva_grid(b: PathBench) -> dict | None:
+    """The UVA path's persistent grid: what it measured beside compute and why it chose it."""
+    grid = getattr(b.offloaded.prefetcher, "grid", None)
+    return grid.as_dict() if grid is not None else None
+
+
 def path_row(b: PathBench, benches: list[PathBench], jobs: list[Job], ctx: Context) -> dict:
     paper = next(j for j in jobs if j.name == "paper")
     return {
@@ -97,6 +103,7 @@ def path_row(b: PathBench, benches: list[PathBench], jobs: list[Job], ctx: Conte
         "dedup": b.spec.dedup,
         # the 'auto' path's measured staged/UVA switch
         "auto_crossover_rows": getattr(b.offloaded.prefetcher, "crossover", None),
+        "uva_grid": uva_grid(b),
         "paper": paper_figures(b, paper, ctx),
         "sweep": [sweep_point(b, j, ctx) for j in jobs if j is not paper],
         "checks": {

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.checkpoint import DTYPES, default_model_dir
+from models.checkpoint import default_model_dir
+from models.dtype import CHOICES as DTYPE_CHOICES
 from offload.paths import GATHERS, Placement
 from offload.store import ROW_FORMATS
 
@@ -27,7 +28,12 @@ def flag(default, help: str, **extra):
 class EngineConfig:
     model: str | None = flag(None, "checkpoint directory (default: the built-in stdlib model)")
     device: str | None = flag(None, "cuda, cuda:1 or cpu (default: cuda when available)")
-    dtype: str = flag("float32", "backbone dtype", choices=list(DTYPES))
+    dtype: str = flag(
+        "auto",
+        "backbone dtype (auto: on CUDA bfloat16 for a float32 or bfloat16 checkpoint, float16 "
+        "for a float16 one; float32 on a CPU)",
+        choices=list(DTYPE_CHOICES),
+    )
     placement: str | None = flag(
         None,
         "where Engram tables live (default: host with CUDA and CuPy, gpu with CUDA only, "

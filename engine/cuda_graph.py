@@ -217,6 +217,27 @@ class DecodeGraphs:
             used / 2**20,
         )
 
+    def run_bucket(self, size: int, parts: dict[str, np.ndarray], replay: bool) -> torch.Tensor:
+        """Logits of bucket ``size`` on static inputs ``parts`` (``padding_inputs`` edited),
+        its graphs replayed or its pieces run eagerly on the same buffers, rows as they lie
+        (the start-up check compares the two). Nothing is written where padding writes
+        nothing."""
+        bucket = self.buckets[size]
+        views = self.uploader.upload(parts, into=bucket.buffer)
+        if views["block_tables"].data_ptr() != bucket.views["block_tables"].data_ptr():
+            raise RuntimeError("decode inputs did not land at the graphs' addresses")
+        with torch.inference_mode():
+            for k in range(len(self.pieces)):
+                if replay:
+                    bucket.graphs[k].replay()
+                else:
+                    self._run_piece(k, bucket)
+        return self.logits[:size].clone()
+
+    def padding_inputs(self, size: int) -> dict[str, np.ndarray]:
+        """Bucket ``size``'s static inputs for a step of padding rows only."""
+        return self._padded(size, [], [])
+
     # --- one decode step -----------------------------------------------------------------------
     def step(
         self,

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from models.checkpoint import DTYPES
+from models.dtype import CHOICES as DTYPES
 from models.llama import EngramForCausalLM
 from offload.offloaded_model import OffloadedModel
 from offload.prefetch import Prefetcher
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="auto", choices=list(DTYPES))
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")

@@ -10,19 +10,79 @@ from shapes and Python ints only, so decode calls can be captured in CUDA graphs
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+
+from offload.triton_compat import patch_interpreter
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the module still imports; the kernels refuse to run
     triton = None
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_interpreter()
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
-DECODE_TILE = 64  # KV tokens per loop iteration (several 16-token blocks at once)
+DECODE_TILE = 64  # KV tokens per split unit of default_num_splits (the widest decode tile)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and warps of one kernel launch."""
+
+    block_n: int  # KV tokens per loop iteration
+    num_warps: int
+    block_m: int = 0  # prefill: new tokens per program
+    num_stages: int = 2
+
+
+# (half precision?, BLOCK_D) -> config. Chosen by compiling every kernel for sm_90 with
+# Triton 3.6 (what CUDA torch 2.11 ships) and 3.9 and reading ptxas's spill count: each entry
+# is one that spills nothing, with room below the 255-register limit (tests/test_paged_attention
+# compiles them again). float32 runs the dot products on FMAs (no TF32), so its accumulators
+# need smaller tiles than bf16/fp16 on tensor cores.
+DECODE_CONFIGS = {
+    (True, 64): KernelConfig(64, 4),
+    (True, 128): KernelConfig(64, 8),
+    (True, 256): KernelConfig(32, 4),
+    (False, 64): KernelConfig(32, 8),
+    (False, 128): KernelConfig(32, 8),
+    (False, 256): KernelConfig(16, 4),
+}
+PREFILL_CONFIGS = {
+    (True, 64): KernelConfig(64, 8, block_m=64),
+    (True, 128): KernelConfig(32, 8, block_m=64),
+    (True, 256): KernelConfig(16, 8, block_m=32),
+    (False, 64): KernelConfig(32, 8, block_m=32),
+    (False, 128): KernelConfig(16, 8, block_m=32),
+    (False, 256): KernelConfig(16, 4, block_m=16),
+}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, _next_pow2(head_dim))
+
+
+def _block_g(group: int) -> int:
+    return max(16, _next_pow2(group))
+
+
+def decode_config(head_dim: int, group: int, dtype: torch.dtype) -> KernelConfig:
+    """The decode kernel's launch for this head_dim, query heads per KV head and dtype."""
+    cfg = DECODE_CONFIGS[(dtype != torch.float32, max(64, _block_d(head_dim)))]
+    wide = _block_g(group) // 16  # more query heads per program: a narrower KV tile
+    if wide > 1:
+        cfg = KernelConfig(max(16, cfg.block_n // wide), 8)
+    return cfg
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+    """The prefill kernel's launch for this head_dim and dtype."""
+    return PREFILL_CONFIGS[(dtype != torch.float32, max(64, _block_d(head_dim)))]
 
 
 def triton_available() -> bool:
@@ -333,7 +393,8 @@ def paged_attention_decode(
     if seqs == 0:
         return out
     group = heads // kv_heads
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = _block_d(head_dim)
+    cfg = decode_config(head_dim, group, q.dtype)
     direct = num_splits == 1
     if direct:
         o_part, lse = out, out  # lse is unused when writing straight to out
@@ -351,9 +412,8 @@ def paged_attention_decode(
         *o_strides, *lse_strides,
         float(scale) * LOG2E, num_splits, max_blocks * block_size,
         HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, _next_pow2(group)), BLOCK_D=block_d,
-        BLOCK_N=DECODE_TILE if block_d <= 128 else 32, DIRECT=direct, **_dot_flags(q),
-        num_warps=4, num_stages=2,
+        BLOCK_G=_block_g(group), BLOCK_D=block_d, BLOCK_N=cfg.block_n, DIRECT=direct,
+        **_dot_flags(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(seqs, heads)](
@@ -400,10 +460,8 @@ def paged_attention_prefill(
     tokens, heads, head_dim = q.shape
     if tokens == 0 or seqs == 0 or max_query_len == 0:
         return out
-    block_d = max(16, _next_pow2(head_dim))
-    small = q.dtype == torch.float32 or block_d > 128
-    block_m, block_n = (32, 32) if small else (64, 64)
-    grid = (triton.cdiv(max_query_len, block_m), heads, seqs)
+    cfg = prefill_config(head_dim, q.dtype)
+    grid = (triton.cdiv(max_query_len, cfg.block_m), heads, seqs)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -411,8 +469,8 @@ def paged_attention_prefill(
         out.stride(0), out.stride(1),
         float(scale) * LOG2E, block_tables.shape[1] * block_size,
         HEAD_DIM=head_dim, GROUP=heads // k_cache.shape[1], BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_flags(q),
-        num_warps=4, num_stages=2,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(head_dim), **_dot_flags(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 

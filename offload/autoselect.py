@@ -5,7 +5,7 @@ one copy, decode; UVA: the Triton kernel on host-sorted rows, at a few persisten
 on the real tables for a range of rows per step, and optionally a device-resident gather and
 torch's index_select on the mapped table for reference. ``AutoGather`` keeps both prefetchers
 and, per step, takes the one that was faster at that many rows (the crossover measured at
-start-up), with the UVA grid size that was fastest on large gathers.
+start-up), with the UVA grid its UVA prefetcher chose beside compute (:mod:`offload.grid`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from .cuda_gather import StagedGather, UvaGather
+from .grid import candidates, sm_count
 from .plan import LayerPlan, LookupPlan
 from .prefetch import Prefetcher
 from .store import TableStore
 
 DEFAULT_ROWS = (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20)
-PROGRAMS_PER_SM = (1, 4, 8)  # persistent-grid sizes 'auto' tries, in programs per SM
-LARGE_ROWS = 1 << 16  # gathers this large pick the grid size
+LARGE_ROWS = 1 << 16  # gathers this large pick the grid size (best_programs)
 
 
 def _time_cuda(fn, device: torch.device, repeats: int) -> float:
@@ -37,8 +37,8 @@ def _time_cuda(fn, device: torch.device, repeats: int) -> float:
 
 
 def grid_sizes(device: torch.device) -> tuple[int, ...]:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return tuple(k * sms for k in PROGRAMS_PER_SM)
+    """The grids the UVA gather may use (within its bound on SMs), for measurements alone."""
+    return candidates(sm_count(device))
 
 
 def measure_gathers(
@@ -145,16 +145,18 @@ class AutoGather(Prefetcher):
         self.staged = StagedGather(self.store, self.device, **kw)
         self.uva = UvaGather(self.store, self.device, **kw)
         self.measured: list[dict] | None = None
-        if crossover is None:
-            grid = None if self.uva_programs else grid_sizes(self.device)
+        if crossover is None:  # at the grid the UVA path chose beside compute
             self.measured = measure_gathers(
-                self.store, self.device, repeats=3, programs=grid, staged=self.staged, uva=self.uva
+                self.store, self.device, repeats=3, staged=self.staged, uva=self.uva
             )
             crossover = crossover_rows(self.measured)
-            self.uva.max_programs = best_programs(self.measured) or self.uva.max_programs
             self.staged.reset_buffers()
             self.uva.reset_buffers()
         self.crossover = crossover
+
+    @property
+    def grid(self):
+        return self.uva.grid
 
     def pick(self, rows: int) -> Prefetcher:
         return self.staged if self.crossover is not None and rows >= self.crossover else self.uva

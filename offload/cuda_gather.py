@@ -20,13 +20,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
+from .grid import ROWS as GRID_ROWS
+from .grid import GridChoice, choose_grid, max_programs, sm_count
 from .host_gather import ThreadedGather
 from .plan import GatherError, LayerPlan, LookupPlan
 from .prefetch import PendingRows, Prefetcher
 from .store import Table
-from .uva_kernel import default_programs, gather_rows, gather_rows_fp8, triton_available
+from .uva_kernel import gather_rows, gather_rows_fp8, triton_available
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,9 @@ class _CudaPrefetcher(Prefetcher):
 class UvaGather(_CudaPrefetcher):
     """Device gather reading the mapped pinned table directly over PCIe: the Triton kernel
     (:mod:`offload.uva_kernel`) on host-sorted rows, writing each row at its request position,
-    fp8 rows dequantised as they are read; a persistent grid of ``max_programs`` programs
-    bounds its share of the SMs while it overlaps compute."""
+    fp8 rows dequantised as they are read; a persistent grid of ``max_programs`` programs,
+    at most half the SMs, chosen by measuring it beside compute (:mod:`offload.grid`; ``grid``
+    says what was measured) unless ``uva_programs`` fixes it."""
 
     name = "uva"
     places_rows = True
@@ -209,10 +213,33 @@ class UvaGather(_CudaPrefetcher):
                 "triton is not importable: the UVA gather falls back to torch.index_select on "
                 "the mapped table (several times slower on large gathers); install triton"
             )
-        self.max_programs = self.uva_programs or default_programs(self.device)
+        self.max_programs = self.uva_programs or max_programs(sm_count(self.device))
         self._out = GrownBuffers(self.device)
+        self.grid: GridChoice | None = None
         if self.kernel:
             self._compile()
+            if not self.uva_programs:
+                self.grid = self._choose_grid()
+                self.max_programs = self.grid.programs
+                log.info("UVA gather grid: %d programs, %s", self.max_programs, self.grid.why)
+
+    def _choose_grid(self) -> GridChoice:
+        """The grid measured beside compute on the first table (random rows, sorted as a
+        plan sends them)."""
+        lid, t = next(iter(self.store.tables.items()))
+        n = min(GRID_ROWS, max(1, t.rows))
+        rows = np.random.default_rng(0).integers(0, t.rows, n)
+        lp = LayerPlan(lid, rows, None, n, 1).sorted()
+        idx = torch.from_numpy(lp.fetch).to(self.device)
+        pos = torch.from_numpy(lp.positions).to(self.device)
+        out = torch.empty((n, t.width), dtype=t.row_dtype, device=self.device)
+        view = self.views[lid]
+
+        def gather(programs: int) -> None:
+            uva_gather(view, t, idx, pos, out, programs)
+
+        with torch.cuda.device(self.device):
+            return choose_grid(gather, self.device, rows=n)
 
     def _compile(self) -> None:
         """Compile the kernels for every table now (with and without positions), not in the

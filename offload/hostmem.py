@@ -104,9 +104,8 @@ class HostBuffer:
         if self._mm is None:
             slack = HUGE_PAGE if huge_pages else 0  # room to align the range to 2 MiB
             self._mm = mmap.mmap(-1, size + slack, flags=flags, prot=prot)
-        whole = torch.frombuffer(self._mm, dtype=torch.uint8)  # holds the mapping alive
         if self.kind == "none" and huge_pages:
-            offset = -whole.data_ptr() % HUGE_PAGE
+            offset = -torch.frombuffer(self._mm, dtype=torch.uint8).data_ptr() % HUGE_PAGE
             if self.thp_mode in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
                 try:
                     self._mm.madvise(mmap.MADV_HUGEPAGE, offset, size)
@@ -114,7 +113,11 @@ class HostBuffer:
                 except OSError:  # a kernel without THP support: plain pages
                     pass
         self.span = size  # bytes of the aligned range (what register() pins)
-        self._range = whole[offset : offset + size]
+        # A tensor whose storage starts at the aligned range (and holds the mapping alive), not
+        # a view into the whole mapping: torch's is_pinned() asks CUDA about the storage's base
+        # address, and only the aligned range is registered (the mapping's base is not 2 MiB
+        # aligned on kernels before 6.7).
+        self._range = torch.frombuffer(self._mm, dtype=torch.uint8, offset=offset, count=size)
         self.tensor = self._range[:nbytes]
         self.ptr = self._range.data_ptr()
         if fill is not None:

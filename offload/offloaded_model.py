@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import default_model_dir, load_checkpoint, parse_dtype
+from models.checkpoint import default_model_dir, load_checkpoint
+from models.dtype import Dtype, resolve_dtype, stored_dtype
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
@@ -35,6 +36,7 @@ class OffloadedModel:
     store: TableStore
     prefetcher: Prefetcher
     device: torch.device
+    dtype: Dtype | None = None  # the backbone's dtype and why (None: built from a model)
 
     @property
     def accountant(self) -> Accountant:
@@ -58,7 +60,7 @@ class OffloadedModel:
         placement: str | Placement | None = None,
         gather: str = "auto",
         device: str | torch.device | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         dedup: bool = False,
         timeout_s: float = 60.0,
         progress: bool = True,
@@ -67,7 +69,8 @@ class OffloadedModel:
         host_threads: int | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
     ) -> OffloadedModel:
-        """``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
+        """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
+        ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
         ``host_threads``: the staged path's host gather threads (None: from the core count);
         ``phase(name)``: a context manager around each stage (the server times its start-up
@@ -80,13 +83,16 @@ class OffloadedModel:
                 f"unknown row format {row_format!r}; use one of {', '.join(ROW_FORMATS)}"
             )
         model_dir = Path(model_dir) if model_dir else default_model_dir()
+        chosen = resolve_dtype(dtype, device, stored_dtype(model_dir))
         with phase("device init"):
             if device.type == "cuda":
                 if device.index is not None:  # this (loading) thread's kernels and events
                     torch.cuda.set_device(device)
                 torch.empty(1, device=device)  # the CUDA context
         with phase("weights"):
-            model, tok = load_checkpoint(model_dir, dtype=dtype, device=device, load_tables=False)
+            model, tok = load_checkpoint(
+                model_dir, dtype=chosen.dtype, device=device, load_tables=False
+            )
         with phase(f"tables (read + place in {placement.value})"):
             store = TableStore.from_checkpoint(
                 model_dir,
@@ -95,11 +101,13 @@ class OffloadedModel:
                 device,
                 progress,
                 row_format=row_format,
-                row_dtype=parse_dtype(dtype),
+                row_dtype=chosen.dtype,
                 huge_pages=huge_pages,
             )
         with phase(f"gather setup ({gather})"):
-            return cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
+            om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
+        om.dtype = chosen
+        return om
 
     @classmethod
     def from_parts(

@@ -29,11 +29,13 @@ tensors (the tests do).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 
 from .rowformat import group_size, packed_width
+from .triton_compat import patch_interpreter
 
 try:
     import triton
@@ -41,6 +43,8 @@ try:
 except ImportError:  # the kernels are unavailable; everything else in the package still works
     triton = None
     tl = None
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_interpreter()
 
 TILE_BYTES = 8192  # bytes of rows one program moves per loop iteration
 TILE_VALUES = 4096  # fp8: values one program dequantises per loop iteration
@@ -306,9 +310,11 @@ if triton is not None:
         m = x & 0x7
         bits = sign | ((e + 120) << 23) | (m << 20)  # normal: 2**(e-7) * (1 + m/8)
         bits = tl.where((x & 0x7F) == 0x7F, sign | 0x7FC00000, bits)  # NaN
-        sub = m.to(tl.float32) * 0.001953125  # subnormal: m * 2**-9
-        sub = tl.where(sign != 0, -sub, sub)
-        return tl.where(e == 0, sub, bits.to(tl.float32, bitcast=True))
+        # subnormal: m * 2**-9 (exact), its sign set as a bit: Triton 3.5/3.6 lower a float
+        # negation as 0 - x, which turns byte 0x80 into +0.0 instead of -0.0
+        sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)
+        bits = tl.where(e == 0, sign | sub, bits)
+        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit(do_not_specialize=["src_ptr", "dst_ptr", "M"])
     def _gather_fp8_kernel(

@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine
+from engine.kernel_check import KernelCheckError, Kernels, check_kernels
+from engine.kernel_check import summary as kernel_summary
 from models.config import ModelConfig
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
@@ -40,7 +42,7 @@ from .openapi import (
     errors,
 )
 from .protocol import APIError, CompletionRequest, validation_error
-from .startup import LINK_BYTES, LoadCancelled, StartupClock, warm_up
+from .startup import LINK_BYTES, LoadCancelled, StartupClock, forget_steps, warm_up
 from .tokenization import router as tokenization_router
 
 log = logging.getLogger("engram.server")
@@ -64,8 +66,16 @@ def request_limits(cfg: ServerConfig, model: ModelConfig) -> Limits:
 class ServerState:
     """Loads the model in the background so /health can answer 503 until it is ready."""
 
-    def __init__(self, cfg: ServerConfig, offload: OffloadedModel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        offload: OffloadedModel | None = None,
+        kernels: Kernels | None = None,
+    ) -> None:
+        """``kernels``: the attention kernels the start-up check runs against the reference
+        (default: the serving path's)."""
         self.cfg = cfg
+        self.kernels = kernels
         try:
             model = offload.model.config if offload else ModelConfig.load(cfg.model_dir)
             self.limits: Limits | None = request_limits(cfg, model)
@@ -100,8 +110,12 @@ class ServerState:
                 self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
             with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
                 engine = AsyncEngine(offload, e, self.metrics)
-            with clock.phase("warm-up"):
+            with clock.phase("warm-up"):  # compiles every kernel the check runs
                 warm_up(engine)
+            with clock.phase("kernel check"):
+                checked = check_kernels(engine.engine, self.kernels)
+            forget_steps(offload.accountant)  # the check's gathers are not traffic
+            log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
             self.metrics.init_offload_layers(
                 offload.model.config.engram_layer_ids, offload.placement.value
@@ -117,6 +131,13 @@ class ServerState:
             log.warning("%s; stopped loading", e)
             if built is not None:
                 built.close()
+        except KernelCheckError as e:  # one line says it all: the kernel, the error, the flag
+            log.error("%s", e)
+            self.load_error = str(e)
+            if built is not None:
+                built.close()
+            if self.on_load_error is not None:
+                self.on_load_error()
         except Exception as e:  # reported by /health and the CLI
             log.exception("model load failed")
             self.load_error = f"{type(e).__name__}: {e}"
@@ -186,7 +207,8 @@ class ServerState:
             f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
         )
         return (
-            f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}; "
+            f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}, "
+            f"dtype {e.offload.dtype or e.offload.model.lm_head.weight.dtype}; "
             f"Engram tables: {tiers} (placement {e.offload.placement.value}, "
             f"gather {e.offload.gather}); KV cache {e.cache.nbytes() / 2**20:.1f} MiB; "
             f"link {self.link_bps / 1e9:.1f} GB/s"
@@ -199,8 +221,11 @@ class ServerState:
         return self.engine
 
 
-def create_app(cfg: ServerConfig, offload: OffloadedModel | None = None) -> FastAPI:
-    state = ServerState(cfg, offload)
+def create_app(
+    cfg: ServerConfig, offload: OffloadedModel | None = None, kernels: Kernels | None = None
+) -> FastAPI:
+    """``kernels``: what the start-up kernel check runs (default: the serving kernels)."""
+    state = ServerState(cfg, offload, kernels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

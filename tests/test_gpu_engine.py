@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine import determinism
 from engine.config import EngineConfig
 from engine.cuda_graph import bucket_sizes
 from engine.engine import Engine
@@ -115,3 +116,25 @@ def test_server_starts_with_graphs_on_the_builtin_model():
         assert graphs is not None and graphs.capture and graphs.steps >= 15
     finally:
         srv.stop()
+
+
+# here, not in test_startup.py: GPU machines without the web stack collect this file
+def test_deterministic_mode_runs_the_engine_on_the_gpu_and_repeats_it():
+    """No op of a step refuses deterministic mode on CUDA (greedy and sampled), and the same
+    batch twice gives the same tokens."""
+    before = determinism.current()
+    model = tiny_model(2).to("cuda")
+
+    def once() -> list[list[int]]:
+        eng = Engine(model, EngineConfig(max_num_seqs=4, kv_blocks=16, deterministic=True))
+        greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        sampled = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+        seqs = [eng.add("g", [1, 2, 3, 4, 5], greedy)[0], eng.add("s", [9, 8, 7], sampled)[0]]
+        eng.run_until_done()
+        assert eng.fault is None
+        return [s.output_ids for s in seqs]
+
+    try:
+        assert once() == once()
+    finally:
+        determinism.apply(before)

@@ -179,7 +179,8 @@ def test_staged_path_gathers_on_several_host_threads():
 def test_auto_measures_the_kernel_at_several_grid_sizes_and_keeps_the_best():
     store = TableStore.allocate({0: (1 << 16, 64)}, torch.bfloat16, "host", "cuda")
     grid = grid_sizes(torch.device("cuda"))
-    assert len(grid) == 3 and grid[0] == torch.cuda.get_device_properties(0).multi_processor_count
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert len(grid) == 3 and max(grid) == sms // 2  # never more than half the SMs
     rows = measure_gathers(
         store, "cuda", (256, 1 << 16), repeats=2, programs=grid, resident=True, index_select=True
     )
@@ -192,6 +193,11 @@ def test_auto_measures_the_kernel_at_several_grid_sizes_and_keeps_the_best():
     assert crossover_rows(rows) in (None, 256, 1 << 16)
     auto = AutoGather(store, "cuda")
     assert auto.measured is not None and auto.uva.max_programs in grid
+    # the grid was chosen beside compute: every candidate's joined step was measured
+    choice = auto.grid
+    assert choice is not None and choice.programs == auto.uva.max_programs
+    assert set(choice.step_s) == set(grid) and choice.compute_s > 0 and choice.why
+    assert all(r["uva_programs"] == auto.uva.max_programs for r in auto.measured)
     ids = {0: np.random.default_rng(3).integers(0, 1 << 16, (700, 1))}
     plan = auto.plan(ids)
     assert (plan.layers[0].positions is not None) == (auto.pick(700) is auto.uva)

@@ -74,6 +74,19 @@ def test_host_buffer_is_zeroed_aligned_and_described(huge):
     buf.close()
 
 
+@pytest.mark.parametrize("huge", [True, False])
+def test_tensor_storage_is_exactly_the_range_that_register_pins(huge):
+    """torch's is_pinned() asks CUDA about a tensor's storage base, so the storage must start
+    where the registered (2 MiB-aligned) range starts: a view into a larger mapping whose base
+    is not aligned reports is_pinned() == False on a registered buffer."""
+    buf = HostBuffer(3 * HUGE_PAGE + 5, huge_pages=huge)
+    for t in (buf.tensor, buf.view(torch.bfloat16, (8, 4))):
+        storage = t.untyped_storage()
+        assert storage.data_ptr() == buf.ptr
+        assert storage.nbytes() == buf.span
+    buf.close()
+
+
 def test_views_write_through_and_outlive_close():
     buf = HostBuffer(1 << 20, huge_pages=False)
     table = buf.view(torch.bfloat16, (1024, 256))

@@ -172,6 +172,22 @@ def test_fp8_gather_equals_the_reference_dequantisation(width, dtype, sort):
     assert _same_values(out.cpu(), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_negative_zero_and_negative_subnormals_keep_their_sign_bit(dtype):
+    """Byte 0x80 is -0.0 and 0x81..0x87 are negative subnormals: compared as bit patterns (a
+    value comparison calls -0.0 equal to +0.0). Triton 3.5/3.6 lower float negation as 0 - x,
+    which loses the sign of zero; the kernel must set the sign bit instead."""
+    codes = torch.arange(256, dtype=torch.uint8).view(8, 32)  # every e4m3 byte, unit scale
+    packed = torch.cat([codes, torch.full((8, 1), 127, dtype=torch.uint8)], 1)
+    out = torch.empty((8, 32), dtype=dtype, device=DEV)
+    gather_rows_fp8(packed.to(DEV), _idx(list(range(8))), out, sort=False)
+    want = dequantize_fp8(packed, dtype)
+    neg = _bits(out.cpu()[4, :8].contiguous())  # bytes 0x80..0x87
+    assert torch.equal(neg, _bits(want[4, :8].contiguous())), (neg, _bits(want[4, :8]))
+    assert torch.signbit(out.cpu()[4, :8].float()).all()
+    assert _same_values(out.cpu(), want)
+
+
 def test_fp8_wide_rows_loop_over_groups_and_bad_rows_are_zeros():
     packed = _fp8_table(9, 4096 + 32, seed=2)  # 129 groups: more than one column chunk
     idx = _idx([8, -3, 2, 9])
