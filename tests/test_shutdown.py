@@ -91,13 +91,15 @@ def _error_event(events: list) -> dict:
 def test_sigterm_lets_running_requests_finish_and_refuses_the_rest(tiny_ckpt):
     proc, url = _start(tiny_ckpt, "--max-num-seqs", "2", "--shutdown-timeout", "60")
     try:
-        out, threads = _load(url, running=2, queued=3, max_tokens=150)
+        out, threads = _load(url, running=2, queued=3, max_tokens=480)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while httpx.get(url + "/health").json()["status"] != "draining":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         late = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10)
         assert late.status_code == 503 and late.headers["retry-after"] == "1"
         assert late.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(url + "/health").json()["status"] == "draining"
         for t in threads:
             t.join(120)
         assert proc.wait(60) == 0
@@ -109,7 +111,7 @@ def test_sigterm_lets_running_requests_finish_and_refuses_the_rest(tiny_ckpt):
         status, events = out[f"run{i}"]
         assert status == 200 and events[-1] == "[DONE]", events[-3:]
         assert events[-3]["choices"][0]["finish_reason"] == "length"
-        assert events[-2]["usage"]["completion_tokens"] == 150
+        assert events[-2]["usage"]["completion_tokens"] == 480
     status, events = out["queued0"]  # a queued stream: its status was sent already
     assert status == 200 and len(events) == 2
     _error_event(events)
@@ -215,6 +217,9 @@ def test_ending_requests_frees_their_kv_memory(tiny_ckpt):
         engine.cut("cut")
         for t in threads:
             t.join(30)
+        deadline = time.monotonic() + 10
+        while engine.busy and time.monotonic() < deadline:  # the streams' last aborts
+            time.sleep(0.01)
         assert engine.cache.usage == 0 and not engine.busy  # every block back in the pool
         assert _error_event(out["queued0"][1])["message"] == "draining"
         assert all(_error_event(out[f"run{i}"][1])["message"] == "cut" for i in range(2))
