@@ -113,7 +113,11 @@ def _measure(store: TableStore, device: torch.device, wl: Workload) -> list[dict
 
 
 def run_micro(
-    src: ModelSource, device: torch.device, wl: Workload, ceiling_gbps: float, placement: str
+    src: ModelSource,
+    device: torch.device,
+    wl: Workload,
+    ceiling_gbps: float | None,
+    placement: str,
 ) -> dict:
     """The micro table (see the module docstring); ``src`` and ``placement`` are unused: the
     tables are synthetic, in pinned host memory on CUDA and plain host memory on CPU."""
@@ -131,7 +135,8 @@ def run_micro(
             m.update(values=values, format=fmt, row_bytes=store[0].row_bytes)
             for p in paths:
                 m[f"{p}_gbps"] = m["bytes"] / m[f"{p}_s"] / 1e9
-                m[f"{p}_fraction_of_ceiling"] = m[f"{p}_gbps"] / ceiling_gbps
+                link = m[f"{p}_gbps"] / ceiling_gbps if ceiling_gbps else None  # None: CPU
+                m[f"{p}_fraction_of_ceiling"] = link
         host = _host_gather(store, wl, cuda) if fmt == "bf16" and huge_pages else None
         memory = store.describe()
         del store

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report import has_link  # noqa: E402
+
 
 @contextmanager
 def figure(res: dict, what: str, path: Path) -> Iterator[plt.Axes]:
@@ -67,30 +69,38 @@ def plot_stall_per_layer(res: dict, path: Path) -> Path:
 
 
 def plot_gbps_vs_rows(res: dict, path: Path) -> Path:
-    """One panel per row width: GB/s per path, bf16 solid and fp8 dashed, against the ceiling."""
+    """One panel per row width: GB/s per path (colour), bf16 solid with circles and fp8 dashed
+    with open squares, on a log scale (fp8 rows are a fraction of bf16's GB/s on CPU), against
+    the link ceiling where there is a link (CUDA); a CPU has none."""
     micro, ceil = res.get("micro") or {}, res["ceiling"]
+    link = has_link(res)
     widths = sorted({m.get("values", 0) for m in micro.get("rows", [])}) or [0]
     fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 4.5), squeeze=False)
+    styles = {"bf16": dict(ls="-", marker="o"), "fp8": dict(ls="--", marker="s", mfc="none")}
     try:
         for ax, values in zip(axes[0], widths):
             rows = [m for m in micro.get("rows", []) if m.get("values", 0) == values]
             for k, p in enumerate(micro.get("paths", [])):
-                for fmt, style in (("bf16", "-"), ("fp8", "--")):
+                for fmt, style in styles.items():
                     pts = [(m["rows"], m[f"{p}_gbps"]) for m in rows if m.get("format") == fmt]
                     if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=f"C{k}", label=f"{p} {fmt}")
-            ax.axhline(ceil["gbps"], color="black", ls=":", lw=1, label="ceiling")
+                        ax.plot(*zip(*pts), color=f"C{k}", label=f"{p} {fmt}", **style)
+            if link:
+                ax.axhline(ceil["gbps"], color="black", ls=":", lw=1, label="link ceiling")
             ax.set_xscale("log", base=2)
+            if rows:
+                ax.set_yscale("log")
             ax.set_xlabel("rows per gather")
             ax.set_title(f"{values} values per row" if values else "", fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("GB/s (bytes moved)")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel("GB/s (bytes moved, log scale)")
         if micro.get("skipped"):
             axes[0][0].text(0.5, 0.5, micro["skipped"], transform=axes[0][0].transAxes,
                             ha="center", fontsize=8)  # fmt: skip
-        axes[0][-1].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, handlelength=3.5)
+        what = f"ceiling: {ceil['label']}" if link else "no link on CPU, so no ceiling"
         fig.suptitle(
-            f"gather bandwidth vs rows (ceiling: {ceil['label']})\n"
+            f"gather bandwidth vs rows ({what})\n"
             f"{res['model']['description']} on {res['environment']['device']}",
             fontsize=9,
         )

@@ -61,14 +61,32 @@ def roof_cell(hw: dict | None) -> str:
     return "-" if hw is None else fmt_pct(hw["roofline"]["fraction_of_peak"])
 
 
+def has_link(res: dict) -> bool:
+    """Whether the tables reach compute over a link (CUDA); results from before the "link"
+    field was written say it with their device."""
+    return res["ceiling"].get("link", res["environment"]["device_type"] == "cuda")
+
+
+def link_line(res: dict) -> str:
+    """The link ceiling, or on a CPU (no link) the memcpy figure as what it is: a reference."""
+    ceil = res["ceiling"]
+    size = fmt_bytes(ceil["bytes"])
+    if has_link(res):
+        return f"link ceiling: {ceil['gbps']:.2f} GB/s ({ceil['label']}, {size})"
+    return (
+        f"link ceiling: none (no link on CPU); {ceil['label']}: {ceil['gbps']:.2f} GB/s over "
+        f"{size}, for reference (gathers that stay in cache run faster)"
+    )
+
+
+def gbps_cell(gbps: float, fraction: float | None) -> str:
+    """GB/s, with the share of the link ceiling where there is one."""
+    return f"{gbps:.2f}" if fraction is None else f"{gbps:.2f} ({100 * fraction:.0f}%)"
+
+
 # --- the report, one section per table -------------------------------------------------------
 def header(res: dict) -> list[str]:
-    env, wl, ceil, mem = (
-        res["environment"],
-        res["workload"],
-        res["ceiling"],
-        res["memory_bandwidth"],
-    )
+    env, wl, mem = res["environment"], res["workload"], res["memory_bandwidth"]
     det = "on" if res["deterministic"]["enabled"] else "off"
     commit = env.get("commit", "unknown")
     if env.get("dirty"):
@@ -76,7 +94,7 @@ def header(res: dict) -> list[str]:
     return [
         f"{PROG}: {res['model']['description']} on {env['device']}",
         f"commit {commit}; torch {env['torch']}; deterministic mode {det}",
-        f"link ceiling: {ceil['gbps']:.2f} GB/s ({ceil['label']}, {fmt_bytes(ceil['bytes'])})",
+        link_line(res),
         f"peak memory bandwidth: {mem['gbps']:.2f} GB/s ({mem['label']}, "
         f"{fmt_bytes(mem['bytes'])})",
         f"every path ran every job once untimed (warm-up), then {wl['repeats']} interleaved "
@@ -84,7 +102,7 @@ def header(res: dict) -> list[str]:
     ]
 
 
-def paper_section(rows: list[dict], wl: dict) -> list[str]:
+def paper_section(rows: list[dict], wl: dict, link: bool = True) -> list[str]:
     lo, hi = wl["prompt_len"]
     speed, hw = [], []
     for r in rows:
@@ -109,7 +127,7 @@ def paper_section(rows: list[dict], wl: dict) -> list[str]:
                 fmt(a["stall_ms_per_step_per_layer"], ".3f"),
                 fmt_bytes(a["bytes_per_step"]),
                 fmt(a["gbps"], ".2f"),
-                fmt_pct(a["fraction_of_ceiling"]),
+                fmt_pct(a["fraction_of_ceiling"]) if link else "n/a",  # no link on a CPU
             ]
         )
     heads = ["path", "prefill tok/s", "prefill penalty", "decode tok/s", "decode penalty"]
@@ -231,19 +249,23 @@ def notes(res: dict) -> list[str]:
 
 
 def micro_section(micro: dict, device_type: str) -> list[str]:
+    link = device_type == "cuda"
     if not micro.get("rows"):
         skipped = micro.get("skipped")
         return ["", f"gather microbenchmark skipped: {skipped}"] if skipped else []
     paths = micro["paths"]
     body = [
         [m.get("format", "-"), str(m.get("row_bytes", "-")), str(m["rows"]), fmt_bytes(m["bytes"])]
-        + [f"{m[f'{p}_gbps']:.2f} ({100 * m[f'{p}_fraction_of_ceiling']:.0f}%)" for p in paths]
+        + [
+            gbps_cell(m[f"{p}_gbps"], m[f"{p}_fraction_of_ceiling"] if link else None)
+            for p in paths
+        ]
         for m in micro["rows"]
     ]
+    of_link = ", % of the link ceiling" if link else ""
     out = [
         "",
-        "gather microbenchmark (random rows of a synthetic table; GB/s of bytes moved, "
-        "% of the link ceiling)",
+        f"gather microbenchmark (random rows of a synthetic table; GB/s of bytes moved{of_link})",
         table(["format", "row B", "rows", "bytes", *paths], body),
     ]
     crossover = micro.get("crossover_rows")
@@ -295,7 +317,7 @@ def report(res: dict) -> str:
     rows, wl, env = res["rows"], res["workload"], res["environment"]
     out = [
         *header(res),
-        *paper_section(rows, wl),
+        *paper_section(rows, wl, has_link(res)),
         *sweep_section(rows, wl),
         *checks_section(rows, res["deterministic"]["enabled"]),
         *memory_section(res),

@@ -46,7 +46,7 @@ class StepLog:
         return steps
 
 
-def step_figures(steps: list[StepStats], ceiling_gbps: float, timed_gather: bool) -> dict:
+def step_figures(steps: list[StepStats], ceiling_gbps: float | None, timed_gather: bool) -> dict:
     """Per-step means over ``steps``: stall, bytes, rows, achieved GB/s (per layer and all)."""
     n = max(len(steps), 1)
     gbps = lambda nbytes, s: nbytes / s / 1e9 if timed_gather and s > 0 else None
@@ -74,7 +74,7 @@ def step_figures(steps: list[StepStats], ceiling_gbps: float, timed_gather: bool
         ),
         "bytes_per_step": nbytes / n,
         "gbps": total,
-        "fraction_of_ceiling": total / ceiling_gbps if total is not None else None,
+        "fraction_of_ceiling": total / ceiling_gbps if total is not None and ceiling_gbps else None,
         "stall_fraction": sum(s.stall_s for s in steps) / step_s if step_s > 0 else 0.0,
         "layers": {str(k): v for k, v in layers.items()},
     }

@@ -15,7 +15,7 @@ from .workload import Job
 class Context:
     """What every row's figures are measured against."""
 
-    ceiling_gbps: float  # the link ceiling (gathers' GB/s)
+    ceiling_gbps: float | None  # the link ceiling (gathers' GB/s); None: no link (CPU)
     peak_gbps: float  # memory bandwidth (roofline)
     weight_bytes: int
     kv_bytes_per_token: int

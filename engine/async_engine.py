@@ -32,6 +32,10 @@ class EngineDead(RuntimeError):
     pass
 
 
+class Draining(RuntimeError):
+    """The server is shutting down: it admits no new requests."""
+
+
 class NeverFits(ValueError):
     """A request larger than the engine's limits: waiting cannot help. ``param`` names the
     request field."""
@@ -52,6 +56,7 @@ class Delta:
     finish_reason: str | None = None
     error: str | None = None
     bad_params: bool = False  # the error comes from the request's own parameters
+    unavailable: bool = False  # the server is shutting down: a 503, retry elsewhere
 
 
 class RequestStream:
@@ -89,6 +94,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
         self.steps = 0
+        self.draining = False
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -99,6 +105,33 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self.offload.close()
+
+    # --- graceful shutdown (event-loop thread; the engine thread acts between steps) ------
+    def drain(self, message: str) -> None:
+        """Admit nothing more; requests none of whose sequences has been scheduled yet end now
+        with ``message`` (a 503). Running ones go on."""
+        self.draining = True
+        self._post("drain", message)
+
+    def cut(self, message: str) -> None:
+        """End every open request now with ``message`` (a 503); their KV memory is freed."""
+        self._post("cut", message)
+
+    @property
+    def busy(self) -> bool:
+        """Requests are queued or running."""
+        return bool(self.requests) or bool(self._inbox)
+
+    def _post(self, op: str, item) -> None:
+        with self._lock:
+            self._inbox.append((op, item))
+        self._wake.set()
+
+    def _end(self, req: RequestStream, message: str) -> None:
+        self.requests.pop(req.id, None)
+        self.engine.abort(req.seqs)
+        for j in range(req.params.n):
+            req.push(Delta(j, finish_reason="abort", error=message, unavailable=True))
 
     @property
     def cache(self):
@@ -123,6 +156,8 @@ class AsyncEngine:
     def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
         """Queue prompts together: all or none. NeverFits (or BadParams) when no amount of
         waiting can admit them, QueueFull when the queue has no room for them now."""
+        if self.draining:
+            raise Draining("the server is shutting down")
         if self._stop.is_set() or not self._thread.is_alive():
             raise EngineDead("the engine is not running")
         for _, params in items:
@@ -135,17 +170,18 @@ class AsyncEngine:
                 f"{cfg.max_num_seqs}",
                 "n",
             )
-        if total > cfg.max_queue:
+        if total > cfg.max_queue:  # the prompt list is what overflows unless n alone does
             raise NeverFits(
                 f"{total} sequences ({len(items)} prompts x {widest}) can never be queued: "
                 f"--max-queue is {cfg.max_queue}",
-                "n",
+                "n" if len(items) == 1 else "prompt",
             )
         loop = asyncio.get_running_loop()
         with self._lock:
             waiting = len(self.engine.scheduler.waiting) + self._waiting_in_inbox
             if waiting + total > cfg.max_queue:
-                raise QueueFull(f"{waiting} sequences already waiting (max {cfg.max_queue})")
+                limit = f"--max-queue {cfg.max_queue}"
+                raise QueueFull(f"{waiting} sequences already waiting ({limit})")
             reqs = []
             for prompt_ids, params in items:
                 rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"
@@ -156,9 +192,7 @@ class AsyncEngine:
         return reqs
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-        self._wake.set()
+        self._post("abort", request_id)
 
     # --- the loop (engine thread) ----------------------------------------------
     def _drain_inbox(self) -> None:
@@ -178,6 +212,13 @@ class AsyncEngine:
                 self.requests[item.id] = item
             elif op == "abort" and item in self.requests:
                 self.engine.abort(self.requests.pop(item).seqs)
+            elif op == "drain":  # the queued: not one of their sequences has run yet
+                for req in list(self.requests.values()):
+                    if all(s.scheduled_at is None for s in req.seqs):
+                        self._end(req, item)
+            elif op == "cut":
+                for req in list(self.requests.values()):
+                    self._end(req, item)
 
     def _loop(self) -> None:
         dev = self.engine.device

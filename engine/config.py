@@ -53,7 +53,11 @@ class EngineConfig:
         "(quantise at load: half the bytes per row), bf16/f16/f32",
         choices=list(ROW_FORMATS),
     )
-    huge_pages: bool = flag(True, "back host tables with 2 MiB pages where the OS allows")
+    huge_pages: bool = flag(
+        True,
+        "back host tables with 2 MiB pages where the OS allows",
+        off_help="back host tables with ordinary 4 KiB pages instead of 2 MiB ones",
+    )
     gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")

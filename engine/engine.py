@@ -52,7 +52,9 @@ class EngineStats:
     def generation_tokens(self, n: int) -> None: ...
     def first_token(self, ttft_s: float, queue_s: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
-    def finished(self, reason: str, e2e_s: float | None) -> None: ...
+    def finished(self, reason: str, e2e_s: float | None, seq: Sequence | None = None) -> None:
+        """A sequence ended: e2e_s from arrival, None when aborted or failed before its end."""
+
     def preempted(self, n: int) -> None: ...
     def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None: ...
     def step_logits(self, logits: torch.Tensor) -> None:
@@ -163,7 +165,7 @@ class Engine:
 
     def finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:
         self.scheduler.finish(seq, reason)
-        self.stats.finished(reason, None if now is None else now - seq.arrival)
+        self.stats.finished(reason, None if now is None else now - seq.arrival, seq)
 
     @property
     def has_work(self) -> bool:
@@ -232,7 +234,11 @@ class Engine:
         eos = self.model.config.eos_token_id
         rows = [
             SampleRow(
-                s.params, s.output_ids, s.generator, s.params.banned_tokens(len(s.output_ids), eos)
+                s.params,
+                s.output_ids,
+                s.generator,
+                s.params.banned_tokens(len(s.output_ids), eos),
+                s.prompt_ids,
             )
             for s in seqs
         ]

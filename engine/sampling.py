@@ -1,8 +1,9 @@
 """One sampler for every caller: a whole step's rows at once, on the logits' device.
 
-Per-row rules (OpenAI's and vLLM's): logit bias, presence/frequency penalties, temperature,
-top-k, top-p, min-p. Sampling is an exponential race (``argmax(log p - log q)``, q ~ Exp(1)
-drawn from the sequence's own generator), so a seeded sequence gets the same tokens whatever
+Per-row rules (OpenAI's and vLLM's), in vLLM's order: logit bias, the repetition penalty
+(prompt and output tokens), presence/frequency penalties, temperature, top-k, top-p, min-p.
+Sampling is an exponential race (``argmax(log p - log q)``, q ~ Exp(1) drawn from the
+sequence's own generator), so a seeded sequence gets the same tokens whatever
 else shares its batch. Every value the API accepts is numerically safe: temperatures below
 ``GREEDY_BELOW`` are greedy, logits are shifted by their row maximum before scaling, and the
 most likely token always stays eligible. One device-to-host copy brings back the step's tokens
@@ -41,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages tokens seen in prompt or output
     logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top-k alternatives per token (0: only the chosen token)
@@ -59,13 +61,16 @@ class SamplingParams:
     def check(self, vocab_size: int) -> None:
         """BadParams naming the first value that cannot work (non-finite, out of range, a
         token id outside the vocab); the HTTP schema is stricter, this guards every caller."""
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+        names = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")
+        for name in (*names, "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise BadParams(f"{name} must be a finite number", name)
         if self.temperature < 0:
             raise BadParams("temperature must be 0 (greedy) or more", "temperature")
         if not 0 < self.top_p <= 1:
             raise BadParams("top_p must be in (0, 1]", "top_p")
+        if self.repetition_penalty <= 0:
+            raise BadParams("repetition_penalty must be greater than 0", "repetition_penalty")
         if not 0 <= self.min_p <= 1:
             raise BadParams("min_p must be in [0, 1]", "min_p")
         if self.top_k < -1:
@@ -122,29 +127,64 @@ class SampleRow:
     output_ids: list[int]
     generator: torch.Generator
     banned: list[int] = field(default_factory=list)  # ids masked to -inf for this step
+    prompt_ids: list[int] = field(default_factory=list)  # seen tokens, for repetition_penalty
+
+
+# repetition penalties are applied in float32: beyond these bounds the effect is the same (seen
+# tokens pushed to the bottom or top) and 1 / penalty stays finite
+PENALTY_RANGE = (1e-30, 1e30)
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Logit bias, then OpenAI's penalty rule: logit -= presence * [count > 0] + frequency *
-    count. One scatter for the whole step; returns a new float32 tensor."""
-    r, c, v = [], [], []
+    """vLLM's order: logit bias; the repetition penalty (a token seen in the prompt or the
+    output has its logit divided by the penalty if positive, multiplied by it otherwise);
+    OpenAI's penalty rule (logit -= presence * [count > 0] + frequency * count). One scatter
+    per rule for the whole step; returns a new float32 tensor."""
+    x = logits.float()
+    bias = [(i, tok, b) for i, row in enumerate(rows) for tok, b in row.params.logit_bias.items()]
+    x = _add_at(x, bias)
+    x = _repetition(x, rows)
+    pen = []
     for i, row in enumerate(rows):
         p = row.params
-        for tok, bias in p.logit_bias.items():
-            r.append(i), c.append(tok), v.append(bias)
         if row.output_ids and (p.presence_penalty or p.frequency_penalty):
             for tok, n in Counter(row.output_ids).items():
-                (
-                    r.append(i),
-                    c.append(tok),
-                    v.append(-(p.presence_penalty + p.frequency_penalty * n)),
-                )
-    x = logits.float()
-    if not r:
+                pen.append((i, tok, -(p.presence_penalty + p.frequency_penalty * n)))
+    return _add_at(x, pen)
+
+
+def _add_at(x: torch.Tensor, entries: list[tuple[int, int, float]]) -> torch.Tensor:
+    """x with each (row, token, value) added (a new tensor; x is left as it was)."""
+    if not entries:
         return x
+    r, c, v = zip(*entries)
     dev = x.device
-    at = (to_device(r, dev), to_device(c, dev))
-    return x.index_put(at, to_device(v, dev, x.dtype), accumulate=True)
+    at = (to_device(list(r), dev), to_device(list(c), dev))
+    return x.index_put(at, to_device(list(v), dev, x.dtype), accumulate=True)
+
+
+def _repetition(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """vLLM's repetition penalty for the whole step: one mask of seen tokens (scattered from
+    every penalised row's prompt and output ids at once), one multiply."""
+    hit = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not hit:
+        return x
+    lo, hi = PENALTY_RANGE
+    ids = [rows[i].prompt_ids + rows[i].output_ids for i in hit]
+    dev = x.device
+    at_rows = to_device([k for k, seen in enumerate(ids) for _ in seen], dev, torch.long)
+    at_ids = to_device([t for seen in ids for t in seen], dev, torch.long)
+    seen = torch.zeros(len(hit), x.shape[-1], dtype=torch.bool, device=dev)
+    seen[at_rows, at_ids] = True
+    pen = to_device([min(max(rows[i].params.repetition_penalty, lo), hi) for i in hit], dev)
+    pen = pen.to(x.dtype)[:, None]
+    at = to_device(hit, dev)
+    sub = x[at]
+    big = torch.finfo(x.dtype).max  # a huge logit times the penalty stays a number
+    scaled = (sub * torch.where(sub > 0, 1.0 / pen, pen)).clamp(-big, big)
+    out = x.clone()
+    out[at] = torch.where(seen, scaled, sub)
+    return out
 
 
 def ban_tokens(x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

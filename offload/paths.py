@@ -19,6 +19,16 @@ from .prefetch import Prefetcher, ResidentGather, WorkerGather
 from .store import Placement, TableStore, check_placement, cupy_ok
 
 GATHERS = ("auto", "resident", "worker", "staged", "uva")
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity: a container's cpuset, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 PREFETCHERS: dict[str, type[Prefetcher]] = {
     "resident": ResidentGather,
     "worker": WorkerGather,
@@ -86,7 +96,7 @@ def resolve_gather(placement: Placement, gather: str) -> str:
         raise ValueError(f"unknown gather path {gather!r}; use one of {', '.join(GATHERS)}")
     allowed = valid_gathers(placement)
     if gather == "auto" and placement is Placement.CPU:
-        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
+        spare_core = torch.get_num_threads() < cores()
         return "worker" if spare_core else "resident"
     if gather == "auto":
         return allowed[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import sys
@@ -14,7 +13,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,17 +22,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
+from models.config import ModelConfig
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
-from .completions import Completion, wait_or_disconnect
+from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
-from .middleware import BodyCheck, CatchAll, error_response
+from .middleware import BodyCheck, CatchAll, KeyCheck, error_response, needs_key
 from .openapi import (
     STREAM,
     CompletionResponse,
     Health,
+    Limits,
     ModelCard,
     ModelList,
     Version,
@@ -54,6 +55,14 @@ def package_version() -> str:
         return "0.0.0"
 
 
+def request_limits(cfg: ServerConfig, model: ModelConfig) -> Limits:
+    """The limits the settings and the model's config set (known before the model loads)."""
+    e = cfg.engine
+    context = model.max_position_embeddings
+    pool = e.num_kv_blocks(context) * e.block_size  # the engine's max_tokens_per_seq
+    return Limits(model.vocab_size, min(context, pool), e.max_num_seqs, e.max_queue)
+
+
 class ServerState:
     """Loads the model in the background so /health can answer 503 until it is ready."""
 
@@ -67,7 +76,16 @@ class ServerState:
         (default: the serving path's)."""
         self.cfg = cfg
         self.kernels = kernels
-        self.metrics = Metrics(cfg.model_name)
+        try:
+            model = offload.model.config if offload else ModelConfig.load(cfg.model_dir)
+            self.limits: Limits | None = request_limits(cfg, model)
+        except ValueError:  # the load fails too and says why (/health, the CLI's exit)
+            self.limits = None
+        self.metrics = Metrics(
+            cfg.model_name,
+            names=cfg.metrics_names,
+            max_model_len=self.limits.max_model_len if self.limits else 2048,
+        )
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.on_load_error: Callable[[], None] | None = None
@@ -75,6 +93,7 @@ class ServerState:
         self.started = time.time()
         self.startup = StartupClock()
         self.loader: threading.Thread | None = None
+        self.draining = False
         self._offload = offload
 
     def start_loading(self) -> None:
@@ -141,6 +160,30 @@ class ServerState:
             phase=clock.phase,
         )
 
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: admit nothing more (503 with Retry-After), end the queued
+        requests with a 503 now, give the running ones ``timeout`` seconds, then end what is
+        left with an error (streams: an error event and [DONE]; KV memory freed)."""
+        self.draining = True
+        self.startup.cancel.set()  # a load in progress stops at its next phase boundary
+        engine = self.engine
+        if engine is None:
+            return
+        engine.drain("the server is shutting down; retry on another replica")
+        deadline = time.monotonic() + timeout
+        log.info("draining: %d requests open, up to %.0fs to finish", len(engine.requests), timeout)
+        while engine.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.busy:
+            log.warning(
+                "shutdown timeout (%.0fs): ending %d requests still running",
+                timeout,
+                len(engine.requests),
+            )
+            engine.cut(f"the server shut down before this request finished ({timeout:.0f}s)")
+            while engine.busy and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.02)
+
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Stop loading (at its next phase boundary) and the engine. False when the loader was
         still busy after ``timeout`` seconds (the caller must then exit without teardown)."""
@@ -206,20 +249,16 @@ def create_app(
         err = APIError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
         return error_response(err, state.metrics)
 
-    def check_key(request: Request) -> None:
-        if not cfg.api_key:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-            raise APIError(401, "invalid or missing API key", None, "invalid_api_key")
-
     def check_model(name: str | None) -> None:
         if name is not None and name != cfg.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
+    # HEAD as well as GET on /health and /metrics: probes (aiperf's among them) use it
+    @app.head("/health", operation_id="head_health", responses={503: {"model": Health}})
     @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health}})
     async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining", "error": None}, status_code=503)
         if state.engine is None:
             return JSONResponse(
                 {"status": "error" if state.load_error else "loading", "error": state.load_error},
@@ -231,6 +270,7 @@ def create_app(
     async def get_version():
         return {"version": package_version()}
 
+    @app.head("/metrics", operation_id="head_metrics", response_class=PlainTextResponse)
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -245,20 +285,19 @@ def create_app(
             "max_model_len": state.engine.max_tokens_per_seq if state.engine else None,
         }
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)], responses={200: {"model": ModelList}})
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models():
         return {"object": "list", "data": [model_card()]}
 
     @app.get(
         "/v1/models/{model}",
-        dependencies=[Depends(check_key)],
         responses={200: {"model": ModelCard}, **errors(404)},
     )
     async def retrieve_model(model: str):
         check_model(model)
         return model_card()
 
-    @app.get("/v1/offload", dependencies=[Depends(check_key)], responses=errors(503))
+    @app.get("/v1/offload", responses=errors(503))
     async def offload_info():
         e = state.ready_engine()
         bench = None
@@ -280,7 +319,6 @@ def create_app(
 
     @app.post(
         "/v1/completions",
-        dependencies=[Depends(check_key)],
         responses={
             200: {"model": CompletionResponse, "content": STREAM},
             **errors(404, 429, 503),
@@ -289,6 +327,8 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         body.check()
+        if state.draining:
+            raise shutting_down("the server is shutting down; retry on another replica")
         engine = state.ready_engine()
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
@@ -302,7 +342,7 @@ def create_app(
             return Response(status_code=499)
         return result
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)], responses=errors(400))
+    @app.post("/v1/chat/completions", responses=errors(400))
     async def chat(request: Request):
         raise APIError(
             400,
@@ -311,14 +351,16 @@ def create_app(
             "chat_template_missing",
         )
 
-    # vLLM's /tokenize, /detokenize, /tokenizer_info: behind the key, as vLLM guards them
-    app.include_router(tokenization_router, dependencies=[Depends(check_key)])
+    # vLLM's /tokenize, /detokenize, /tokenizer_info (behind the key here: vLLM leaves them open)
+    app.include_router(tokenization_router)
+    # outermost last: CatchAll, then the key (before any body is read), then the body checks
     app.add_middleware(BodyCheck, limit=cfg.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(KeyCheck, api_key=cfg.api_key, metrics=state.metrics)
     app.add_middleware(CatchAll, metrics=state.metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = describe(app, check_key)
+            app.openapi_schema = describe(app, state.limits, needs_key)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -7,24 +7,30 @@ name, type, default, choices and help all come from the field.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
+import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from engine.config import EngineConfig
 from engine.determinism import set_deterministic
 from models.config import ModelConfig
-from offload.paths import SettingError, resolve
+from offload.paths import SettingError, cores, resolve
 
 from .app import create_app
 from .config import ServerConfig
+from .launch import SignalLatch
+
+log = logging.getLogger("engram.server")
 
 TYPES = {"int": int, "float": float, "str": str}
 
@@ -69,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
             off = f.default is True
             flag = "--no-" + name[2:] if off else name
             action = "store_false" if off else "store_true"
-            ap.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+            # --no-NAME says what it does, not what NAME does (its default)
+            text = meta["off_help"] if off else meta["help"]
+            ap.add_argument(flag, dest=f.name, action=action, help=text)
             continue
         kind = TYPES[f.type.split(" |")[0]]
         ap.add_argument(
@@ -124,6 +132,10 @@ def validate(args: argparse.Namespace) -> str | None:
         return str(e)
     if cfg.max_body_bytes < 1:
         return "--max-body-bytes must be at least 1"
+    if cfg.shutdown_timeout < 0:
+        return "--shutdown-timeout must be 0 (end running requests at once) or more seconds"
+    if cfg.cpu_threads < 0:
+        return "--cpu-threads must be 0 (all cores but one) or more"
     if not 0 < cfg.port < 65536:
         return f"--port {cfg.port} is not a valid port"
     if cfg.bench_result:
@@ -138,16 +150,57 @@ def validate(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def cpu_threads(requested: int) -> tuple[int, str]:
+    """torch's CPU thread count and why: ``requested``, or one per core less one, so the HTTP
+    loop and the row worker have a core and torch's threads never wait on a busy one."""
+    n = cores()
+    if requested:
+        return requested, f"--cpu-threads {requested}; {n} cores"
+    return max(1, n - 1), f"{n} cores, one left for the HTTP loop and the row worker"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a port in use is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None, latch: SignalLatch | None = None) -> int:
+    """Exit status: 0 after a clean shutdown (a signal included), 1 when the settings cannot
+    work or the model fails to load, 2 for a command line argparse cannot read."""
+    latch = latch or SignalLatch().install()
     args = parse_args(argv)
     problem = validate(args)
     if problem:
         print(f"engram-serve: error: {problem}", file=sys.stderr)
-        return 2
+        return 1
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     cfg = to_config(args)
+    if latch.count:
+        log.info("%s before start-up: exiting", latch.name)
+        return 0
+    try:
+        sock = listen(cfg.host, cfg.port)
+    except OSError as e:
+        print(
+            f"engram-serve: error: cannot listen on {cfg.host}:{cfg.port} ({e.strerror}); "
+            "pass another --port or stop what uses it",
+            file=sys.stderr,
+        )
+        return 1
+    threads, why = cpu_threads(cfg.cpu_threads)
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d (%s)", threads, why)
     if cfg.engine.deterministic:  # before anything touches CUDA (see engine/determinism.py)
         set_deterministic(True)
     app = create_app(cfg)
@@ -156,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=10,  # after the drain: responses still being written
     )
     logging.getLogger("uvicorn.access").addFilter(HealthChecksAtDebug())  # after uvicorn's config
-    server = GracefulServer(config)
     state = app.state.server
+    server = GracefulServer(config, latch, lambda: state.drain(cfg.shutdown_timeout))
     state.on_load_error = server.fail  # a server that cannot load exits instead of idling at 503
-    server.run()
+    server.run(sockets=[sock])
     if server.exit_code:
         print(f"engram-serve: error: model load failed: {state.load_error}", file=sys.stderr)
     if state.loader is not None and state.loader.is_alive():
@@ -176,10 +229,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, but SIGINT/SIGTERM end in exit status 0 after the graceful shutdown
-    (stock uvicorn re-raises the signal once done, which makes the status 128+N)."""
+    """uvicorn's server with a drain before its shutdown: on the first SIGINT/SIGTERM (counted
+    by the latch from process start), ``drain`` runs while the socket still answers (new
+    requests get 503), then uvicorn shuts down and the process exits with status 0 (stock
+    uvicorn closes the socket at once and re-raises the signal: status 128+N)."""
 
     exit_code = 0
+
+    def __init__(
+        self, config: uvicorn.Config, latch: SignalLatch, drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(config)
+        self.latch, self.drain = latch, drain
+        self._draining: asyncio.Future | None = None
 
     def fail(self) -> None:
         """From any thread: shut down gracefully and exit with status 1."""
@@ -188,12 +250,21 @@ class GracefulServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
-        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        yield  # the latch has caught them since the process started; it stays installed
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.latch.count and self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain_then_exit())
+        return await super().on_tick(counter)
+
+    async def _drain_then_exit(self) -> None:
+        log.info("%s: shutting down gracefully; a second signal exits now", self.latch.name)
         try:
-            yield
+            await self.drain()
+        except Exception:
+            log.exception("drain failed")
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            self.should_exit = True
 
 
 if __name__ == "__main__":

@@ -11,12 +11,25 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from engine.async_engine import AsyncEngine, Delta, EngineDead, NeverFits, QueueFull, RequestStream
+from engine.async_engine import (
+    AsyncEngine,
+    Delta,
+    Draining,
+    EngineDead,
+    NeverFits,
+    QueueFull,
+    RequestStream,
+)
 from engine.sampling import BadParams, SamplingParams
 
 from .protocol import APIError, CompletionRequest, completion_body, completion_logprobs, usage
 
 log = logging.getLogger("engram.server")
+
+
+def shutting_down(message: str) -> APIError:
+    """503 for a request the server will not run because it is shutting down: retry elsewhere."""
+    return APIError(503, message, None, "shutting_down", {"Retry-After": "1"})
 
 
 @dataclass
@@ -45,6 +58,8 @@ def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        min_p=req.min_p,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         stop=req.stops,
         logprobs=logprobs,
@@ -82,12 +97,15 @@ def check_length(engine: AsyncEngine, n_prompt: int, max_tokens: int | None) -> 
     if max_tokens is None:
         max_tokens = limit - n_prompt
     if n_prompt + max_tokens > limit:
+        why = ""
+        if limit < engine.max_context:  # the KV pool, not the model, is what is short
+            why = f" (the KV cache: --kv-blocks {engine.cache.num_blocks} hold {limit} tokens)"
         raise APIError(
             400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the length of the prompt or max_tokens.",
-            "max_tokens",
+            f"This model's maximum context length is {limit} tokens{why}. However, you "
+            f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} "
+            "for the completion). Please reduce the length of the prompt or max_tokens.",
+            "prompt" if n_prompt >= limit else "max_tokens",
             "context_length_exceeded",
         )
     return max_tokens
@@ -132,6 +150,8 @@ class Completion:
         except (BadParams, NeverFits) as e:
             param = "best_of" if e.param == "n" and self.req.best_of else e.param
             raise APIError(400, str(e), param) from e
+        except Draining as e:
+            raise shutting_down(f"{e}; retry on another replica") from e
         except QueueFull as e:
             raise APIError(
                 429, f"server busy: {e}; retry later", None, "queue_full", {"Retry-After": "1"}
@@ -156,6 +176,8 @@ class Completion:
                     delta: Delta = fut.result()
                     if delta.error:
                         self.abort()  # the request fails as a whole: stop its other prompts
+                        if delta.unavailable:
+                            raise shutting_down(delta.error)
                         if delta.bad_params:
                             raise APIError(400, delta.error)
                         raise APIError(500, delta.error, None, "engine_error")

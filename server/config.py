@@ -12,6 +12,7 @@ from pathlib import Path
 from engine.config import EngineConfig, flag
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS_NAMES = ("both", "engram", "vllm")
 
 
 @dataclass
@@ -23,14 +24,29 @@ class ServerConfig:
     port: int = flag(8000, "port to listen on")
     api_key: str | None = flag(
         None,
-        "require 'Authorization: Bearer KEY' on /v1 routes and the tokenizer endpoints "
-        "(default: no key)",
+        "require 'Authorization: Bearer KEY' on every /v1 path and the tokenizer endpoints; "
+        "/health, /version, /metrics and the OpenAPI pages stay open (default: no key)",
     )
     max_body_bytes: int = flag(1 << 20, "larger request bodies get 413")
     bench_result: str | None = flag(
         None, "engram-bench JSON shown by GET /v1/offload (default: none)"
     )
     log_level: str = flag("info", "log level", choices=list(LOG_LEVELS))
+    shutdown_timeout: float = flag(
+        30.0,
+        "seconds running requests get to finish after SIGTERM/SIGINT (new ones get 503); "
+        "what is left then ends with an error",
+    )
+    cpu_threads: int = flag(
+        0,
+        "torch CPU threads (0: one per core less one, which stays free for the HTTP loop and "
+        "the row worker; oversubscribed cores make every step wait)",
+    )
+    metrics_names: str = flag(
+        "both",
+        "serving metrics under vLLM's vllm:* names, engram_* names, or both",
+        choices=list(METRICS_NAMES),
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property

@@ -1,15 +1,33 @@
-"""Prometheus metrics: vLLM's serving set (``engram_`` prefix) and the offload set.
+"""Prometheus metrics: the serving set under vLLM's own ``vllm:`` names and under ``engram_``
+names (``--metrics-names``), the offload set, and the standard process collectors.
 
-Every series carries ``model_name``. Offload figures come from the engine's accountant, one
-observation per step; names follow Prometheus conventions (base units, ``_total`` counters).
+One source of truth, two names: every observation the engine reports (a token, a finished
+sequence, the scheduler's state) feeds both serving families at once. The ``vllm:`` family has
+vLLM's names, labels (``model_name``, ``engine``) and buckets, so vLLM's Grafana dashboard and
+the autoscalers built on ``vllm:num_requests_waiting`` read this server unchanged. Offload
+figures come from the engine's accountant, one observation per step; names follow Prometheus
+conventions (base units, ``_total`` counters).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from engine.engine import EngineStats
+from engine.sequence import Sequence
 from offload.accounting import StepStats
+
+from .config import METRICS_NAMES
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -18,14 +36,192 @@ LATENCY_BUCKETS = (
 PREFETCH_BUCKETS = (
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
 )  # fmt: skip
+# vLLM's buckets (vllm/v1/metrics/loggers.py)
+VLLM_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+VLLM_TOKEN_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+VLLM_REQUEST_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
+def buckets_1_2_5(max_value: int) -> list[int]:
+    """vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to ``max_value``."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return out or [1]
+            out.append(m * scale)
+        scale *= 10
+
+
+@dataclass
+class Serving:
+    """One family of serving metrics, its children already labelled."""
+
+    running: Gauge
+    waiting: Gauge
+    kv: Gauge
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue: Histogram
+    prompt: Counter
+    gen: Counter
+    preempt: Counter
+    success: dict[str, Counter]
+
+
+@dataclass
+class VllmRequest:
+    """vLLM's per-request histograms, observed when a sequence (or all n of a prompt) ends."""
+
+    prompt_tokens: Histogram
+    generation_tokens: Histogram
+    max_generation_tokens: Histogram
+    params_n: Histogram
+    params_max_tokens: Histogram
+    inference: Histogram
+    prefill: Histogram
+    decode: Histogram
+    time_per_output_token: Histogram
+
+
+def serving_family(r: CollectorRegistry, prefix: str, labels: dict, buckets: dict) -> Serving:
+    names, values = list(labels), list(labels.values())
+
+    def make(kind, name, doc, extra=(), **kw):
+        return kind(prefix + name, doc, names + list(extra), registry=r, **kw)
+
+    success = make(Counter, "request_success", "Finished sequences by reason.", ["finished_reason"])
+    return Serving(
+        running=make(Gauge, "num_requests_running", "Sequences in the running batch.").labels(
+            *values
+        ),
+        waiting=make(Gauge, "num_requests_waiting", "Sequences waiting to be scheduled.").labels(
+            *values
+        ),
+        kv=make(Gauge, "kv_cache_usage_perc", "KV cache usage (1 means 100 percent).").labels(
+            *values
+        ),
+        ttft=make(
+            Histogram,
+            "time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=buckets["ttft"],
+        ).labels(*values),
+        itl=make(
+            Histogram,
+            "inter_token_latency_seconds",
+            "Time between output tokens.",
+            buckets=buckets["token"],
+        ).labels(*values),
+        e2e=make(
+            Histogram,
+            "e2e_request_latency_seconds",
+            "Arrival to last token.",
+            buckets=buckets["request"],
+        ).labels(*values),
+        queue=make(
+            Histogram,
+            "request_queue_time_seconds",
+            "Arrival to first schedule.",
+            buckets=buckets["request"],
+        ).labels(*values),
+        prompt=make(Counter, "prompt_tokens", "Prompt tokens received.").labels(*values),
+        gen=make(Counter, "generation_tokens", "Tokens generated.").labels(*values),
+        preempt=make(
+            Counter, "num_preemptions", "Sequences preempted (KV freed, recomputed later)."
+        ).labels(*values),
+        success={reason: success.labels(*values, reason) for reason in FINISH_REASONS},
+    )
+
+
+def vllm_request_family(r: CollectorRegistry, labels: dict, max_model_len: int) -> VllmRequest:
+    names, values = list(labels), list(labels.values())
+    tokens = buckets_1_2_5(max_model_len)
+
+    def hist(name, doc, buckets):
+        return Histogram("vllm:" + name, doc, names, buckets=buckets, registry=r).labels(*values)
+
+    return VllmRequest(
+        prompt_tokens=hist("request_prompt_tokens", "Number of prefill tokens processed.", tokens),
+        generation_tokens=hist(
+            "request_generation_tokens", "Number of generation tokens processed.", tokens
+        ),
+        max_generation_tokens=hist(
+            "request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            tokens,
+        ),
+        params_n=hist(
+            "request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20]
+        ),
+        params_max_tokens=hist(
+            "request_params_max_tokens", "Histogram of the max_tokens request parameter.", tokens
+        ),
+        inference=hist(
+            "request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            VLLM_REQUEST_BUCKETS,
+        ),
+        prefill=hist(
+            "request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            VLLM_REQUEST_BUCKETS,
+        ),
+        decode=hist(
+            "request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            VLLM_REQUEST_BUCKETS,
+        ),
+        time_per_output_token=hist(
+            "request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            VLLM_TOKEN_LATENCY_BUCKETS,
+        ),
+    )
+
+
 class Metrics(EngineStats):
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(
+        self,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+        names: str = "both",
+        max_model_len: int = 2048,
+    ) -> None:
+        if names not in METRICS_NAMES:
+            raise ValueError(f"metrics names must be one of {', '.join(METRICS_NAMES)}")
+        self.registry = r = registry or CollectorRegistry()
         self.model_name = model_name
-        r, m = self.registry, ["model_name"]
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes..
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
+        self.families: list[Serving] = []
+        if names in ("both", "engram"):
+            ours = {"ttft": LATENCY_BUCKETS, "token": LATENCY_BUCKETS, "request": LATENCY_BUCKETS}
+            self.families.append(serving_family(r, "engram_", {"model_name": model_name}, ours))
+        self.vllm: VllmRequest | None = None
+        if names in ("both", "vllm"):
+            labels = {"model_name": model_name, "engine": "0"}  # one engine per server
+            theirs = {
+                "ttft": VLLM_TTFT_BUCKETS,
+                "token": VLLM_TOKEN_LATENCY_BUCKETS,
+                "request": VLLM_REQUEST_BUCKETS,
+            }
+            self.families.append(serving_family(r, "vllm:", labels, theirs))
+            self.vllm = vllm_request_family(r, labels, max_model_len)
+        self._groups: dict[str, list[int]] = {}  # request id -> [sequences left, most tokens]
+        m = ["model_name"]
 
         def gauge(name, doc, labels=()):
             return Gauge(name, doc, m + list(labels), registry=r)
@@ -33,33 +229,6 @@ class Metrics(EngineStats):
         def counter(name, doc, labels=()):
             return Counter(name, doc, m + list(labels), registry=r)
 
-        def hist(name, doc, buckets, labels=()):
-            return Histogram(name, doc, m + list(labels), buckets=buckets, registry=r)
-
-        # --- serving ---------------------------------------------------------------------------
-        self._running = gauge("engram_num_requests_running", "Sequences in the running batch.")
-        self._waiting = gauge("engram_num_requests_waiting", "Sequences waiting to be scheduled.")
-        self._kv = gauge("engram_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
-        self._ttft = hist(
-            "engram_time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS
-        )
-        self._itl = hist(
-            "engram_inter_token_latency_seconds", "Time between output tokens.", LATENCY_BUCKETS
-        )
-        self._e2e = hist(
-            "engram_e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS
-        )
-        self._queue = hist(
-            "engram_request_queue_time_seconds", "Arrival to first schedule.", LATENCY_BUCKETS
-        )
-        self._prompt = counter("engram_prompt_tokens", "Prompt tokens received.")
-        self._gen = counter("engram_generation_tokens", "Tokens generated.")
-        self._success = counter(
-            "engram_request_success", "Finished sequences by reason.", ["finished_reason"]
-        )
-        self._preempt = counter(
-            "engram_num_preemptions", "Sequences preempted (KV freed, recomputed later)."
-        )
         self._errors = counter(
             "engram_request_errors", "Requests answered with an error, by HTTP status.", ["status"]
         )
@@ -76,11 +245,12 @@ class Metrics(EngineStats):
         self._misses = counter(
             "engram_offload_cache_misses", "Rows that had to be fetched from their tier.", lt
         )
-        self._prefetch = hist(
+        self._prefetch = Histogram(
             "engram_offload_prefetch_duration_seconds",
             "Issue-to-ready time of one layer's rows.",
-            PREFETCH_BUCKETS,
-            ["layer"],
+            m + ["layer"],
+            buckets=PREFETCH_BUCKETS,
+            registry=r,
         )
         self._stall = counter(
             "engram_offload_stall_seconds", "Time compute waited for Engram rows.", ["layer"]
@@ -99,41 +269,64 @@ class Metrics(EngineStats):
             "Host-to-device copy ceiling measured at start-up.",
         )
         self.fraction_source = None  # () -> float, the accountant's stall fraction
-
-        for reason in FINISH_REASONS:
-            self._success.labels(model_name, reason)
-        self._prompt.labels(model_name)
-        self._gen.labels(model_name)
-        self._preempt.labels(model_name)
         self.scheduler_state(0, 0, 0.0)
 
     # --- EngineStats: called from the engine thread ------------------------------------------
     def prompt_tokens(self, n: int) -> None:
-        self._prompt.labels(self.model_name).inc(n)
+        for f in self.families:
+            f.prompt.inc(n)
 
     def generation_tokens(self, n: int) -> None:
-        self._gen.labels(self.model_name).inc(n)
+        for f in self.families:
+            f.gen.inc(n)
 
     def first_token(self, ttft_s: float, queue_s: float) -> None:
-        self._ttft.labels(self.model_name).observe(ttft_s)
-        self._queue.labels(self.model_name).observe(queue_s)
+        for f in self.families:
+            f.ttft.observe(ttft_s)
+            f.queue.observe(queue_s)
 
     def inter_token(self, seconds: float) -> None:
-        self._itl.labels(self.model_name).observe(seconds)
+        for f in self.families:
+            f.itl.observe(seconds)
 
-    def finished(self, reason: str, e2e_s: float | None = None) -> None:
-        self._success.labels(self.model_name, reason).inc()
-        if e2e_s is not None:
-            self._e2e.labels(self.model_name).observe(e2e_s)
+    def finished(self, reason: str, e2e_s: float | None = None, seq: Sequence | None = None):
+        for f in self.families:
+            f.success[reason].inc()
+            if e2e_s is not None:
+                f.e2e.observe(e2e_s)
+        if self.vllm is not None and seq is not None:
+            self._vllm_finished(seq, e2e_s is not None)
+
+    def _vllm_finished(self, seq: Sequence, completed: bool) -> None:
+        """vLLM's per-request histograms: phases and token counts of a sequence that ran to
+        its end; n and the most tokens generated once every sequence of its prompt is done."""
+        v, gen = self.vllm, len(seq.output_ids)
+        if completed and seq.first_token_at is not None and seq.scheduled_at is not None:
+            first, last, started = seq.first_token_at, seq.last_token_at, seq.scheduled_at
+            v.prompt_tokens.observe(len(seq.prompt_ids))
+            v.generation_tokens.observe(gen)
+            v.params_max_tokens.observe(seq.params.max_tokens)
+            v.prefill.observe(first - started)
+            v.decode.observe(last - first)
+            v.inference.observe(last - started)
+            v.time_per_output_token.observe((last - first) / (gen - 1) if gen > 1 else 0.0)
+        group = self._groups.setdefault(seq.request_id, [seq.params.n, 0])
+        group[0] -= 1
+        group[1] = max(group[1], gen)
+        if group[0] <= 0:
+            del self._groups[seq.request_id]
+            v.params_n.observe(seq.params.n)
+            v.max_generation_tokens.observe(group[1])
 
     def preempted(self, n: int) -> None:
-        self._preempt.labels(self.model_name).inc(n)
+        for f in self.families:
+            f.preempt.inc(n)
 
     def scheduler_state(self, running: int, waiting: int, kv_usage: float) -> None:
-        m = self.model_name
-        self._running.labels(m).set(running)
-        self._waiting.labels(m).set(waiting)
-        self._kv.labels(m).set(kv_usage)
+        for f in self.families:
+            f.running.set(running)
+            f.waiting.set(waiting)
+            f.kv.set(kv_usage)
 
     # --- HTTP and offload ---------------------------------------------------------------------
 

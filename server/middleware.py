@@ -1,8 +1,10 @@
-"""ASGI middleware around the app: bodies must be Unicode, and an unexpected exception becomes
-one logged traceback and one OpenAI-shaped 500 on a connection that stays usable."""
+"""ASGI middleware around the app, outermost first: an unexpected exception becomes one logged
+traceback and one OpenAI-shaped 500 on a connection that stays usable; the API key is checked
+from the headers alone, before any body is read; bodies are bounded, JSON and Unicode."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -18,6 +20,7 @@ log = logging.getLogger("engram.server")
 # left in the decoded text is a lone one.
 ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 SURROGATE = re.compile("[\ud800-\udfff]")
+JSON = b"application/json"
 
 
 def error_response(e: APIError, metrics: Metrics | None = None) -> JSONResponse:
@@ -66,10 +69,52 @@ def unicode_error(body: bytes) -> APIError | None:
     return APIError(400, f"{where}: not valid Unicode ({why})", field, "invalid_unicode")
 
 
+# Routes behind --api-key: every /v1 path (unknown ones too: they answer 401 without a key, as
+# vLLM's do) and the tokenizer endpoints. The rest (health, version, metrics, the OpenAPI
+# document and its pages) are open.
+KEYED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def needs_key(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/") or path in KEYED_PATHS
+
+
+class KeyCheck:
+    """``Authorization: Bearer KEY`` on the routes :func:`needs_key` names, from the request
+    line and headers alone: a request without the key gets its 401 before its body is read
+    (no 413 or 400 tells a stranger anything). CORS preflights (OPTIONS) pass, as in vLLM."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics | None = None) -> None:
+        self.app, self.key, self.metrics = app, (api_key or "").encode(), metrics
+
+    async def __call__(self, scope, receive, send):
+        if (
+            not self.key
+            or scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or not needs_key(scope["path"])
+        ):
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        err = APIError(401, "invalid or missing API key", None, "invalid_api_key")
+        return await error_response(err, self.metrics)(scope, receive, send)
+
+
+def json_media_type(content_type: bytes) -> bool:
+    mime = content_type.split(b";", 1)[0].strip().lower()
+    return mime == b"application/json" or (
+        mime.startswith(b"application/") and mime.endswith(b"+json")
+    )
+
+
 class BodyCheck:
     """Read a request body once, before any handler: over ``limit`` bytes (declared or sent)
-    -> 413; text that is not valid Unicode -> 400 naming the field (tokenizers and JSON
-    encoders raise on lone surrogates); otherwise the body is replayed to the app."""
+    -> 413; a Content-Type that is not JSON -> 415 (none at all is read as JSON, as curl
+    sends it without -H); text that is not valid Unicode -> 400 naming the field (tokenizers
+    and JSON encoders raise on lone surrogates); otherwise the body is replayed to the app."""
 
     def __init__(self, app, limit: int, metrics: Metrics | None = None) -> None:
         self.app, self.limit, self.metrics = app, limit, metrics
@@ -77,10 +122,13 @@ class BodyCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        too_big = APIError(413, f"request body over {self.limit} bytes", None, "request_too_large")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        why = f"request body over {self.limit} bytes (--max-body-bytes)"
+        too_big = APIError(413, why, None, "request_too_large")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await error_response(too_big, self.metrics)(scope, receive, send)
+
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -93,6 +141,18 @@ class BodyCheck:
             if not msg.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
+        kind = headers.get(b"content-type")
+        if kind is None:
+            scope = {**scope, "headers": [*scope.get("headers", []), (b"content-type", JSON)]}
+        elif body and not json_media_type(kind):
+            shown = kind.decode("latin-1")[:100]
+            err = APIError(
+                415,
+                f"request bodies are JSON: send Content-Type: application/json (got {shown!r})",
+                None,
+                "unsupported_media_type",
+            )
+            return await error_response(err, self.metrics)(scope, receive, send)
         err = unicode_error(body)
         if err is not None:
             return await error_response(err, self.metrics)(scope, receive, send)

@@ -8,11 +8,11 @@ error body, and none it never sends (FastAPI's 422: validation errors are 400 he
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 
@@ -71,7 +71,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading", "error", "draining"]
     error: str | None = None
 
 
@@ -115,9 +115,11 @@ WHY = {
     401: "Missing or wrong API key (when the server has one)",
     404: "Unknown model",
     413: "Request body over --max-body-bytes",
+    415: "A request body that is not JSON (send Content-Type: application/json)",
     429: "The waiting queue is full; retry after Retry-After seconds",
     500: "An engine or server fault (the server keeps serving)",
-    503: "The model is still loading or failed to load",
+    503: "The model is still loading or failed to load, or the server is shutting down "
+    "(then with Retry-After: retry on another replica)",
 }
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -127,22 +129,101 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {
         c: {"model": ErrorResponse, "description": WHY[c]} for c in codes
     }
-    if 429 in out:
-        out[429]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
+    for code in (429, 503):
+        if code in out:
+            out[code]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
     return out
 
 
-def describe(app: FastAPI, key_check: Callable | None = None) -> dict[str, Any]:
-    """The OpenAPI document with every status: 500 everywhere, 400 and 413 where there is a
-    body, 401 on the routes behind ``key_check``, each with the error schema; no 422."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server (its model and settings), so the document can
+    state it: a request the schema allows is one the server runs."""
+
+    vocab_size: int
+    max_model_len: int  # tokens one sequence can hold: prompt + completion
+    max_num_seqs: int  # n and best_of
+    max_queue: int  # sequences of one request (prompts x best_of)
+
+
+def token_id_pattern(vocab_size: int) -> str:
+    """A regex for the decimal strings 0 .. vocab_size - 1 (leading zeros allowed, as the
+    server reads them): the keys of logit_bias."""
+    top = str(vocab_size - 1)
+    k = len(top)
+    alts = ["0"] + ([f"[1-9][0-9]{{0,{k - 2}}}"] if k > 1 else [])
+    for i, ch in enumerate(top):
+        lo, hi = (1 if i == 0 else 0), int(ch) - 1
+        if hi >= lo:
+            rest = f"[0-9]{{{k - i - 1}}}" if k - i - 1 else ""
+            alts.append(f"{top[:i]}[{lo}-{hi}]{rest}")
+    alts.append(top)
+    return "^0*(?:" + "|".join(alts) + ")$"
+
+
+# Rules across fields that JSON Schema cannot state (sums and comparisons of two fields); the
+# server refuses a request that breaks one with a 400 naming the field.
+COMPLETION_RULES = (
+    "Rules across fields (a request that breaks one gets a 400 naming the field): prompt tokens "
+    "+ max_tokens <= max_model_len (GET /v1/models) for each prompt; min_tokens <= max_tokens "
+    "(null max_tokens: the context left after the prompt); "
+    "best_of >= n; best_of > n is not streamed; prompts x best_of (or n) <= --max-queue; "
+    "max_tokens 0 only with echo (scores the prompt)."
+)
+
+
+def _nullable(prop: dict) -> dict:
+    """The non-null alternative of an ``anyOf: [X, null]`` property (or the property)."""
+    for alt in prop.get("anyOf", []):
+        if alt.get("type") != "null":
+            return alt
+    return prop
+
+
+def complete_completion_request(schema: dict, lim: Limits) -> None:
+    """The limits the server's model and settings set, on the generated request schema."""
+    props = schema["properties"]
+    last_id = lim.vocab_size - 1
+    string, strings, ids, id_lists = props["prompt"]["anyOf"]
+    strings["maxItems"] = lim.max_queue
+    ids["items"]["maximum"] = last_id
+    ids["maxItems"] = lim.max_model_len - 1  # a completion needs one token of room
+    id_lists["maxItems"] = lim.max_queue
+    id_lists["items"]["items"]["maximum"] = last_id
+    id_lists["items"]["maxItems"] = lim.max_model_len - 1
+    _nullable(props["max_tokens"])["maximum"] = lim.max_model_len - 1
+    props["min_tokens"]["maximum"] = lim.max_model_len - 1
+    props["n"]["maximum"] = lim.max_num_seqs
+    _nullable(props["best_of"])["maximum"] = lim.max_num_seqs
+    bias = _nullable(props["logit_bias"])
+    bias["propertyNames"] = {"pattern": token_id_pattern(lim.vocab_size)}
+    # what JSON Schema can say of two fields: implications between fixed values
+    schema["allOf"] = [
+        {  # max_tokens 0 scores the prompt: only with echo, and nothing is generated
+            "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+            "then": {
+                "properties": {"echo": {"const": True}, "min_tokens": {"const": 0}},
+                "required": ["echo"],
+            },
+        },
+        {  # prompt logprobs have no place in a stream's chunks
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "then": {"properties": {"prompt_logprobs": {"enum": [None, 0]}}},
+        },
+    ]
+    schema["description"] = COMPLETION_RULES
+
+
+def describe(
+    app: FastAPI,
+    limits: Limits | None,
+    needs_key: Callable[[str], bool] = lambda path: False,
+    chat_template: bool = False,
+) -> dict[str, Any]:
+    """The OpenAPI document with every status: 500 everywhere, 400, 413 and 415 where there
+    is a body, 401 on the paths behind the key, each with the error schema; no 422. Request
+    schemas carry the limits of this server's model and settings."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    keyed = {
-        (route.path, method.lower())
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        and any(d.dependency is key_check for d in route.dependencies)
-        for method in route.methods
-    }
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
@@ -151,16 +232,34 @@ def describe(app: FastAPI, key_check: Callable | None = None) -> dict[str, Any]:
         ref_template="#/components/schemas/{model}"
     )
     schemas["ErrorResponse"].pop("$defs", None)
+    complete_completion_request(schemas["CompletionRequest"], limits)
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = limits.vocab_size - 1
+    if not chat_template:
+        no_chat(doc, schemas)
     for path, ops in doc["paths"].items():
-        for method, op in ops.items():
+        for op in ops.values():
             responses = op["responses"]
             responses.pop("422", None)
             codes = {500}
             if "requestBody" in op:
-                codes |= {400, 413}
-            if (path, method) in keyed:
+                codes |= {400, 413, 415}
+            if needs_key(path):
                 codes.add(401)
             json_error = {"application/json": {"schema": ERROR_REF}}
             for code in sorted(codes):
                 responses.setdefault(str(code), {"description": WHY[code], "content": json_error})
     return doc
+
+
+def no_chat(doc: dict, schemas: dict) -> None:
+    """A model without a chat template: chat requests are refused, whatever they hold, and
+    /tokenize takes a prompt only. The document says so."""
+    why = "this model has no chat template: every chat request is answered 400"
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    chat["description"] = why + " (code chat_template_missing); use /v1/completions"
+    chat["responses"].pop("200", None)
+    chat["responses"]["400"]["description"] = why
+    tok = schemas["TokenizeRequest"]
+    tok["required"] = ["prompt"]
+    tok["properties"]["prompt"] = {"type": "string", "title": "Prompt"}
+    tok["properties"]["messages"] = {"not": {}, "description": why + "; send prompt"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from functools import partial
@@ -72,9 +73,9 @@ def json_int(v):
 
 # (limits go before the validator, or the JSON schema shows them as unknown keywords)
 JsonInt = BeforeValidator(json_int)
-Int = Annotated[int, JsonInt]
 NonNegative = Annotated[int, Field(ge=0), JsonInt]
-Count = Annotated[int, Field(ge=1, le=16), JsonInt]
+Count = Annotated[int, Field(ge=1), JsonInt]  # at most --max-num-seqs: /openapi.json says so
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), JsonInt]  # int64, as vLLM bounds it
 TopK = Annotated[int, Field(ge=0, le=20), JsonInt]  # logprob alternatives per token
 Text = Annotated[StrictStr, Field(min_length=1)]
 TokenIds = Annotated[list[NonNegative], Field(min_length=1)]
@@ -93,6 +94,41 @@ LogitBias = Annotated[
     ),
 ]
 Unit = partial(Field, allow_inf_nan=False)  # NaN/Infinity are not numbers the API takes
+
+# vLLM's sampling extensions this server does not implement: only their default (or null) is
+# accepted; any other value is refused with a 400 naming the field, never silently ignored.
+UNSUPPORTED = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "stop_token_ids": [],
+    "include_stop_str_in_output": False,
+    "allowed_token_ids": None,
+    "bad_words": [],
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
+    "structured_outputs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "response_format": None,
+}
+
+
+def unsupported(name: str):
+    default = UNSUPPORTED[name]
+    allowed = [None] if default is None else [None, default]
+    shown = json.dumps(default)
+
+    def only_default(v):
+        numeric = isinstance(default, float) and type(v) is int  # JSON: 1 is 1.0
+        if v is None or v == default and (type(v) is type(default) or numeric):
+            return v
+        why = "not supported by this server (only {shown} is accepted)"
+        raise PydanticCustomError("unsupported", why, {"shown": shown})
+
+    schema = {"enum": allowed, "description": f"vLLM's; not supported: only {shown} or null"}
+    return Annotated[Any, BeforeValidator(only_default), WithJsonSchema(schema)]
 
 
 class CompletionRequest(BaseModel):
@@ -114,13 +150,15 @@ class CompletionRequest(BaseModel):
     n: Count = 1
     best_of: Count | None = None
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: Int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: TopK | None = None
     echo: bool = False
     presence_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Unit(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Unit(1.0, gt=0.0)  # vLLM's: prompt and output tokens
+    min_p: float = Unit(0.0, ge=0.0, le=1.0)  # vLLM's: relative to the likeliest token
     logit_bias: LogitBias | None = None
     suffix: NoSuffix | None = None  # refused unless empty
     user: str | None = None
@@ -130,6 +168,20 @@ class CompletionRequest(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     prompt_logprobs: TopK | None = None
+    use_beam_search: unsupported("use_beam_search") = None
+    length_penalty: unsupported("length_penalty") = None
+    stop_token_ids: unsupported("stop_token_ids") = None
+    include_stop_str_in_output: unsupported("include_stop_str_in_output") = None
+    allowed_token_ids: unsupported("allowed_token_ids") = None
+    bad_words: unsupported("bad_words") = None
+    truncate_prompt_tokens: unsupported("truncate_prompt_tokens") = None
+    logits_processors: unsupported("logits_processors") = None
+    structured_outputs: unsupported("structured_outputs") = None
+    guided_json: unsupported("guided_json") = None
+    guided_regex: unsupported("guided_regex") = None
+    guided_choice: unsupported("guided_choice") = None
+    guided_grammar: unsupported("guided_grammar") = None
+    response_format: unsupported("response_format") = None
 
     @field_validator("min_tokens")
     @classmethod

@@ -82,3 +82,21 @@ def serve(model_dir, **overrides):
         yield srv
     finally:
         srv.stop()
+
+
+def engram_serve(*args: str, **env: str):
+    """The real ``engram-serve`` command (the installed entry point) in its own process,
+    stdout and stderr together in ``proc.stdout``, text mode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("engram-serve")
+    return subprocess.Popen(
+        [str(exe), *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

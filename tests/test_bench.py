@@ -124,6 +124,12 @@ def test_quick_run_writes_rows_penalties_checks_and_plots(ckpt, tmp_path, capsys
             r["memcpy_gbps"] > 0 and r["best_fraction_of_memcpy"] > 0 for r in host[0]["rows"]
         )
         assert [r["rows"] for r in micro["huge_pages"]["rows"]] == [256, 1024]
+        # no link on a CPU: no share of one, and the memcpy line is a reference, not a ceiling
+        assert res["ceiling"]["link"] is False
+        assert all(m["worker_fraction_of_ceiling"] is None for m in micro["rows"])
+        assert all(r["paper"]["all"]["fraction_of_ceiling"] is None for r in res["rows"])
+    else:
+        assert res["ceiling"]["link"] is True
     placement = paths.default_placement(device).value
     assert res["model"]["table_memory"]["placement"] == placement
     assert res["model"]["table_memory"]["row_formats"] == ["bf16"]
@@ -135,6 +141,10 @@ def test_quick_run_writes_rows_penalties_checks_and_plots(ckpt, tmp_path, capsys
         assert (out / name).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert expected_rows(device)[-1] in printed and "penalty" in printed
+    if not cuda:
+        assert "link ceiling: none (no link on CPU)" in printed
+        micro_table = printed.split("gather microbenchmark", 1)[1].split("\n\n", 1)[0]
+        assert "%" not in micro_table.split("\n", 2)[2]  # GB/s alone, no share of a link
     assert "peak memory bandwidth" in printed and "Engram rows" in printed
 
 

@@ -15,12 +15,15 @@ from .live import free_port, wait_healthy
 
 
 def test_bad_model_directory_is_one_clear_line(tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert main(["--model", str(tmp_path / "nope")]) == 1  # settings that cannot work: 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and "--model" in err
     (tmp_path / "config.json").write_text('{"engram_layer_ids": [99]}')
-    assert main(["--model", str(tmp_path)]) == 2
+    assert main(["--model", str(tmp_path)]) == 1
     assert "engram_layer_ids" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a command line argparse cannot read: 2
+        main(["--max-num-seqs", "many"])
+    assert e.value.code == 2
 
 
 def test_impossible_settings(tiny_ckpt):
@@ -132,6 +135,8 @@ def test_help_shows_every_flags_default(capsys):
             continue
         text = entries[action.option_strings[0]]
         assert "(default:" in text and "(default: None)" not in text, text
+    # a switch that defaults on says what turning it off does
+    assert "ordinary 4 KiB pages instead of 2 MiB" in entries["--no-huge-pages"]
 
 
 def _serve_on_a_terminal(tiny_ckpt) -> tuple[str, str]:
@@ -223,3 +228,28 @@ def test_no_progress_bar_into_a_log_file(tiny_ckpt, capfd):
         assert "loading Engram tables" not in err and "\r" not in err
     finally:
         state.engine.stop()
+
+
+def test_cpu_threads_leave_a_core_by_default(monkeypatch):
+    from offload.paths import cores
+    from server.cli import cpu_threads
+
+    n, why = cpu_threads(0)
+    assert n == max(1, cores() - 1) and "one left for the HTTP loop and the row worker" in why
+    assert cpu_threads(3)[0] == 3
+    monkeypatch.setenv("ENGRAM_CPU_THREADS", "2")
+    assert parse_args([]).cpu_threads == 2
+
+
+def test_readme_flag_table_documents_every_flag():
+    from pathlib import Path
+
+    from server.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for action in build_parser()._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag in (None, "--help"):
+            continue
+        assert any(f"`{flag}" in row.split("|")[1] for row in rows), f"{flag} not in the table"

@@ -87,8 +87,13 @@ def test_engram_eval_prints_the_table_and_refuses_bad_input(capsys, tmp_path):
     from training.evaluate import main
 
     assert main(["--max-files", "3", "--seq-len", "128"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
     assert "| Engram model | " in out and "| Engram model, Engram outputs zeroed | " in out
+    # not a terminal: no bars (no carriage returns), one line per row with the time left
+    assert "\r" not in err and "%|" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("engram-eval: ")]
+    assert len(lines) == 2 and "1/2 Engram model:" in lines[0] and "s left)" in lines[0]
     for argv, says in [
         (["--dense", str(tmp_path / "none")], "does not exist"),
         (["--max-files", "0"], "--max-files must be at least 1"),
@@ -114,3 +119,17 @@ def test_greedy_outputs_are_the_recorded_ones():
     om.close()
     assert got == [c["output_ids"] for c in rec["cases"]]
     assert om.tokenizer.encode(rec["cases"][0]["prompt"]) == prompts[0]
+
+
+def test_engram_eval_at_a_terminal_shows_one_bar_over_every_row(capsys):
+    from training.evaluate import run_rows
+
+    def row(bar):
+        bar.update(5)
+        return 1.5
+
+    said = []
+    out = run_rows([("a", row), ("b", row)], 5, terminal=True, say=said.append)
+    err = capsys.readouterr().err
+    assert out == [("a", 1.5), ("b", 1.5)] and not said  # the bar, not lines
+    assert "engram-eval" in err and "10/10" in err  # one total: every row's windows

@@ -65,6 +65,8 @@ def test_dockerfile_uses_the_ci_install_steps():
     assert ".ci/install" in text and "HEALTHCHECK" in text and "/health" in text
     assert "USER engram" in text and "EXPOSE 8000" in text
     assert ".ci/install dev" in (ROOT / ".ci" / "run").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored  # a local venv (GBs) stays out of the image
 
 
 def test_ci_runs_the_readme_set_up_and_test_command():
@@ -89,6 +91,44 @@ def test_dockerfile_healthcheck_probes_the_configured_port(tiny_ckpt):
         env["ENGRAM_PORT"] = str(free_port())  # nothing listens there: unhealthy
         r = subprocess.run(["python3", "-c", code], env=env, capture_output=True, timeout=30)
         assert r.returncode != 0
+
+
+# vLLM's published Grafana dashboard (examples/observability/prometheus_grafana/grafana.json in
+# vllm-project/vllm): its panels' expressions, copied as they are; and the query the
+# production-stack's KEDA autoscaling scales on.
+VLLM_QUANTILES = [
+    f'histogram_quantile({q}, sum by(le) (rate(vllm:{m}_bucket{{model_name="$model_name"}}'
+    "[$__rate_interval])))"
+    for m in ("e2e_request_latency_seconds", "inter_token_latency_seconds",
+              "time_to_first_token_seconds")
+    for q in ("0.99", "0.95", "0.9", "0.5")
+]  # fmt: skip
+VLLM_MEANS = [
+    f'rate(vllm:{m}_sum{{model_name="$model_name"}}[$__rate_interval])\n/\n'
+    f'rate(vllm:{m}_count{{model_name="$model_name"}}[$__rate_interval])'
+    for m in ("e2e_request_latency_seconds", "inter_token_latency_seconds",
+              "time_to_first_token_seconds")
+]  # fmt: skip
+VLLM_DASHBOARD = [
+    *VLLM_QUANTILES,
+    *VLLM_MEANS,
+    'rate(vllm:prompt_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:generation_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'vllm:num_requests_running{model_name="$model_name"}',
+    'vllm:num_requests_waiting{model_name="$model_name"}',
+    'vllm:kv_cache_usage_perc{model_name="$model_name"}',
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    'sum by(finished_reason) (increase(vllm:request_success_total{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    'rate(vllm:request_queue_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_prefill_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_decode_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_max_num_generation_tokens_sum{model_name="$model_name"}[$__rate_interval])',
+    "vllm:num_requests_waiting",  # production-stack / KEDA ScaledObject trigger
+]
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -166,7 +206,8 @@ def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_pat
                 pytest.fail("Prometheus did not scrape the server")
             up = _query(prom, 'up{job="engram-serve"}')["data"]["result"]
             assert up and up[0]["value"][1] == "1"
-            for title, expr in _dashboard_exprs():
+            ours = _dashboard_exprs()
+            for title, expr in ours + [("vLLM dashboard", e) for e in VLLM_DASHBOARD]:
                 q = expr.replace("$model_name", "engram-test").replace("$__rate_interval", "20s")
                 res = _query(prom, q)
                 assert res["status"] == "success", (title, q, res)

@@ -143,3 +143,58 @@ def test_incremental_detokenizing_equals_decoding_everything():
         d = Detokenizer(tok, skip_special_tokens=skip)
         text = "".join(d.add(t) for t in ids) + d.flush()
         assert text == tok.decode(ids, skip), trial
+
+
+def _vllm_penalties(logits, prompts, outputs, rep, presence, frequency, bias):
+    """vLLM's rule, written row by row with a dense mask: bias, then each token seen in the
+    prompt or the output divided by the penalty where its logit is positive (multiplied where
+    not), then presence and frequency on output counts."""
+    x = logits.clone().float()
+    for i in range(x.shape[0]):
+        for tok, b in bias[i].items():
+            x[i, tok] += b
+        seen = torch.zeros(x.shape[1], dtype=torch.bool)
+        seen[list(prompts[i]) + list(outputs[i])] = True
+        p = torch.full_like(x[i], rep[i])
+        x[i] = torch.where(seen, torch.where(x[i] > 0, x[i] / p, x[i] * p), x[i])
+        counts = torch.bincount(torch.tensor(outputs[i], dtype=torch.long), minlength=x.shape[1])
+        x[i] -= frequency[i] * counts + presence[i] * (counts > 0)
+    return x
+
+
+def test_repetition_penalty_matches_vllms_rule_across_a_batch():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 40, generator=g) * 3
+    prompts = [[1, 2, 3, 3], [5], [], [7, 8]]
+    outputs = [[3, 9], [], [4, 4, 11], [8]]
+    rep = [1.3, 0.7, 2.0, 1.0]  # below 1 favours seen tokens; 1.0 is off
+    presence, frequency = [0.5, 0.0, -0.2, 0.3], [0.25, 0.1, 0.4, 0.0]
+    bias = [{2: 5.0}, {5: -3.0}, {}, {8: 1.0}]  # bias first: it can flip a logit's sign
+    rows = [
+        SampleRow(
+            SamplingParams(
+                repetition_penalty=rep[i],
+                presence_penalty=presence[i],
+                frequency_penalty=frequency[i],
+                logit_bias=bias[i],
+            ),
+            outputs[i],
+            torch.Generator(),
+            prompt_ids=prompts[i],
+        )
+        for i in range(4)
+    ]
+    want = _vllm_penalties(logits, prompts, outputs, rep, presence, frequency, bias)
+    got = adjust_logits(logits, rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.equal(got[0], logits[0])  # the penalty moved the seen tokens
+    torch.testing.assert_close(got[3], want[3])  # penalty 1.0: presence/bias only
+
+
+def test_repetition_penalty_changes_what_greedy_picks():
+    logits = torch.tensor([0.0, 2.0, 1.9, -1.0])
+    base = SamplingParams(temperature=0.0)
+    assert _draw(logits, _row(base)) == 1
+    p = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+    row = SampleRow(p, [], torch.Generator(), prompt_ids=[1])
+    assert _draw(logits, row) == 2  # 2.0 / 1.2 < 1.9

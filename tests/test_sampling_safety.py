@@ -69,6 +69,13 @@ def params(draw, vocab: int):
         min_p=draw(st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1.0, 1e-45]))),
         presence_penalty=draw(st.floats(-2.0, 2.0)),
         frequency_penalty=draw(st.floats(-2.0, 2.0)),
+        # any positive float the API takes, the extremes included
+        repetition_penalty=draw(
+            st.one_of(
+                st.floats(0.0, 1e308, exclude_min=True),
+                st.sampled_from([5e-324, 1e-40, 1.0, 1e39, 1.7e308]),
+            )
+        ),
         logit_bias=draw(bias),
         logprobs=draw(st.sampled_from([None, 0, 3, 20])),
         seed=draw(st.integers(-(2**70), 2**70)),
@@ -85,7 +92,8 @@ def batches(draw):
         p.check(vocab)  # everything drawn is a value the engine accepts
         out = draw(st.lists(st.integers(0, vocab - 1), max_size=12))
         banned = draw(st.lists(st.integers(0, vocab - 1), max_size=vocab - 1, unique=True))
-        rows.append(SampleRow(p, out, p.generator(0), banned))
+        prompt = draw(st.lists(st.integers(0, vocab - 1), max_size=vocab + 3))
+        rows.append(SampleRow(p, out, p.generator(0), banned, prompt))
     return x, rows
 
 
@@ -161,6 +169,8 @@ def test_top_p_that_underflows_float32_keeps_the_best_token():
         (dict(top_p=float("nan")), "top_p"),
         (dict(min_p=1.5), "min_p"),
         (dict(presence_penalty=float("-inf")), "presence_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
         (dict(top_k=-2), "top_k"),
         (dict(logit_bias={40: 1.0}), "logit_bias"),
         (dict(logit_bias={-1: 1.0}), "logit_bias"),

@@ -186,7 +186,7 @@ def test_queue_full_is_429_with_retry_after(tiny_ckpt):
             while s.metric("engram_num_requests_waiting") < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             r = _post(s, long)
-            err = _assert_error(r, 429, "retry")
+            err = _assert_error(r, 429, "retry", "--max-queue 1")
             assert r.headers["retry-after"] == "1" and err["code"] == "queue_full"
             assert first.result().status_code == 200 and second.result().status_code == 200
 

@@ -157,7 +157,10 @@ def test_requests_no_wait_can_admit_are_400_naming_the_limit(srv):
     wide = {"prompt": "x", "best_of": 5, "max_tokens": 1}
     _error(_post(srv, wide), 400, "best_of", "--max-num-seqs is 4")
     many = {"prompt": ["a", "b", "c", "d"], "n": 2, "max_tokens": 1}
-    _error(_post(srv, many), 400, "n", "--max-queue is 6")
+    _error(_post(srv, many), 400, "prompt", "--max-queue is 6")
+    prompts = {"prompt": ["a"] * 7, "max_tokens": 1}  # the list, not n, is what is too long
+    _error(_post(srv, prompts), 400, "prompt", "7 sequences", "--max-queue is 6")
+    _error(_post(srv, {"prompt": "x", "n": 7, "max_tokens": 1}), 400, "n", "--max-num-seqs")
     fits = {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1}
     assert _post(srv, fits).status_code == 200
 

@@ -38,7 +38,7 @@ def slow(cls, *args, **kwargs):
     return store
 
 TableStore.from_checkpoint = classmethod(slow)
-runpy.run_module("server.cli", run_name="__main__", alter_sys=True)
+runpy.run_module("server.launch", run_name="__main__", alter_sys=True)
 """
 
 

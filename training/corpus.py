@@ -68,10 +68,12 @@ def train_tokenizer(files: Iterable[Path], vocab_size: int = 8192) -> Tokenizer:
     return tok
 
 
-def encode_files(tok: Tokenizer, files: list[Path], desc: str = "encoding") -> np.ndarray:
+def encode_files(
+    tok: Tokenizer, files: list[Path], desc: str = "encoding", progress: bool = True
+) -> np.ndarray:
     """All files as one id stream, each followed by EOS."""
     eos = tok.token_to_id(EOS)
     parts = []
-    for p in tqdm(files, desc=desc, unit="file", leave=False):
+    for p in tqdm(files, desc=desc, unit="file", leave=False, disable=not progress):
         parts.append(np.array(tok.encode(read_text(p)).ids + [eos], dtype=np.int32))
     return np.concatenate(parts)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +33,10 @@ from offload.store import ROW_FORMATS, TableStore
 from .corpus import encode_files, split_files
 
 
-def validation_ids(tokenizer, max_files: int | None = None) -> np.ndarray:
+def validation_ids(tokenizer, max_files: int | None = None, progress: bool = True) -> np.ndarray:
     _, val = split_files()
-    return encode_files(tokenizer, val[:max_files] if max_files else val, "encoding val")
+    files = val[:max_files] if max_files else val
+    return encode_files(tokenizer, files, "encoding val", progress)
 
 
 @torch.inference_mode()
@@ -43,20 +47,56 @@ def validation_loss(
     batch_size: int = 8,
     engram_scale: float = 1.0,
     progress: bool = True,
+    bar: tqdm | None = None,
 ) -> float:
-    """Mean next-token cross-entropy (nats) over non-overlapping windows of the stream."""
+    """Mean next-token cross-entropy (nats) over non-overlapping windows of the stream.
+    ``bar``: a progress bar to advance by each batch's windows (instead of one of its own)."""
     n = (len(ids) - 1) // seq_len
     if n < 1:
         raise ValueError(f"need more than {seq_len} validation tokens, got {len(ids)}")
     x_all = np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     y_all = np.asarray(ids[1 : n * seq_len + 1], dtype=np.int64).reshape(n, seq_len)
     total = 0.0
-    for i in tqdm(range(0, n, batch_size), desc="eval", leave=False, disable=not progress):
+    own = bar is None
+    if own:
+        bar = tqdm(total=n, desc="eval", unit="window", leave=False, disable=not progress)
+    for i in range(0, n, batch_size):
         x = torch.from_numpy(x_all[i : i + batch_size])
         y = torch.from_numpy(y_all[i : i + batch_size])
         logits = model.forward_full(x, engram_scale=engram_scale).float()
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        bar.update(len(x))
+    if own:
+        bar.close()
     return total / (n * seq_len)
+
+
+def run_rows(
+    rows: list[tuple[str, Callable[[tqdm | None], float]]],
+    windows: int,
+    terminal: bool,
+    say: Callable[[str], None],
+) -> list[tuple[str, float]]:
+    """Each row's loss. At a terminal: one bar over every row's windows (its time left is the
+    whole run's). Elsewhere (a log, CI): no bar; one line per row with the time it took and an
+    estimate of the time left, from the rows so far."""
+    out, started = [], time.perf_counter()
+    bar = tqdm(total=windows * len(rows), desc="engram-eval", unit="window") if terminal else None
+    for k, (name, run) in enumerate(rows, start=1):
+        if bar is not None:
+            bar.set_postfix_str(name)
+        t = time.perf_counter()
+        out.append((name, run(bar)))
+        if bar is None:
+            spent = time.perf_counter() - started
+            left = spent / k * (len(rows) - k)
+            say(
+                f"engram-eval: {k}/{len(rows)} {name}: {time.perf_counter() - t:.1f}s "
+                f"(about {left:.0f}s left)"
+            )
+    if bar is not None:
+        bar.close()
+    return out
 
 
 def load_with_row_format(
@@ -106,25 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = next(iter(models.values()))
     if dense is not None and dense[1].tokenizer.to_str() != tok.tokenizer.to_str():
         ap.error(f"{args.dense} uses another tokenizer; train it with --tokenizer-from")
-    ids = validation_ids(tok.tokenizer, args.max_files)
+    terminal = sys.stderr.isatty()
+    ids = validation_ids(tok.tokenizer, args.max_files, progress=terminal)
     if len(ids) <= args.seq_len:
         ap.error(f"{len(ids)} held-out tokens do not fill one --seq-len {args.seq_len} window")
-    rows = [
-        (
-            "Engram model" if fmt == "auto" else f"Engram model, {fmt} Engram rows",
-            validation_loss(m, ids, seq_len=args.seq_len),
+
+    def row(m, scale: float = 1.0):
+        return lambda bar: validation_loss(
+            m, ids, args.seq_len, engram_scale=scale, progress=terminal, bar=bar
         )
+
+    todo = [
+        ("Engram model" if fmt == "auto" else f"Engram model, {fmt} Engram rows", row(m))
         for fmt, (m, _) in models.items()
     ]
-    rows.append(
-        (
-            "Engram model, Engram outputs zeroed",
-            validation_loss(model, ids, seq_len=args.seq_len, engram_scale=0.0),
-        )
-    )
+    todo.append(("Engram model, Engram outputs zeroed", row(model, 0.0)))
     if dense is not None:
-        loss = validation_loss(dense[0], ids, seq_len=args.seq_len)
-        rows.append(("Dense baseline (same recipe, no Engram)", loss))
+        todo.append(("Dense baseline (same recipe, no Engram)", row(dense[0])))
+    windows = (len(ids) - 1) // args.seq_len
+    rows = run_rows(todo, windows, terminal, lambda line: print(line, file=sys.stderr))
     print(f"validation: {len(ids)} tokens from held-out stdlib files, windows of {args.seq_len}")
     print()
     print("| model | val loss (nats/token) | perplexity |")
