@@ -71,3 +71,24 @@ def test_refreshed_counts_match_the_reference(decay):
     seed = (np.array([2, 8, 250, 999], np.int64), np.array([50.0, 3.0, 3.0, 9.0]))
     got = refreshed_lfu_hits(reads, sizes, 64, decay, seed)
     assert got == [reference_lfu(reads, k, 64, decay, seed) for k in sizes]
+
+
+def test_hitrate_writes_its_table_and_plot(tmp_path):
+    import json
+
+    from bench.hitrate import main
+
+    out = tmp_path / "hr"
+    args = ["--max-train-files", "3", "--max-val-files", "1", "--no-v41", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "hit_rate.json").read_text())
+    assert (out / "hit_rate.png").stat().st_size > 0
+    assert res["read_tokens"] > 0 and res["profile_tokens"] > res["read_tokens"]
+    for layer in res["layers"]:
+        for key in ("static_profile", "static_oracle", "lru", "refreshed_lfu"):
+            hits = layer[key]
+            assert len(hits) == len(layer["fractions"]) and all(0 <= h <= 1 for h in hits)
+            assert hits == sorted(hits)  # a bigger cache never hits less
+            assert hits[-1] <= layer["seen_before"] or key.startswith(("static", "profile"))
+        assert layer["static_oracle"][-1] >= layer["static_profile"][-1]
+    assert set(res["target_met"]) == {layer["layer"] for layer in res["layers"]}
