@@ -184,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": layers,
     }
     res["target_met"] = {
-        layer["layer"]: {
-            p: meets_target(layer, p) for p in ("static_profile", "lru", "refreshed_lfu")
-        }
-        for layer in layers
+        layer["layer"]: {p: meets_target(layer, p) for p in POLICIES} for layer in layers
     }
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{date}-cpu-hit-rate"

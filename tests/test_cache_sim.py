@@ -76,7 +76,7 @@ def test_refreshed_counts_match_the_reference(decay):
 def test_hitrate_writes_its_table_and_plot(tmp_path):
     import json
 
-    from bench.hitrate import main
+    from bench.hitrate import POLICIES, main
 
     out = tmp_path / "hr"
     args = ["--max-train-files", "3", "--max-val-files", "1", "--no-v41", "--out", str(out)]
@@ -92,3 +92,4 @@ def test_hitrate_writes_its_table_and_plot(tmp_path):
             assert hits[-1] <= layer["seen_before"] or key.startswith(("static", "profile"))
         assert layer["static_oracle"][-1] >= layer["static_profile"][-1]
     assert set(res["target_met"]) == {layer["layer"] for layer in res["layers"]}
+    assert all(set(m) == set(POLICIES) for m in res["target_met"].values())
