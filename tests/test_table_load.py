@@ -229,3 +229,21 @@ def test_load_peak_rss_stays_near_the_table_bytes(tmp_path, huge_pages):
     grew = m["hwm"] - m["before"]
     # the old path (a copy out of safetensors' mapping) peaked at ~2x the table's bytes
     assert grew <= 1.1 * m["bytes"] + (48 << 20), m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+def test_tables_stream_into_cuda_tiers_bit_identical(tmp_path, placement):
+    from offload.store import cupy_ok
+
+    if placement == "host" and not cupy_ok():
+        pytest.skip("the pinned host tier needs CuPy")
+    v41, plain = tmp_path / "v41.safetensors", tmp_path / "t.safetensors"
+    write_v41(v41)
+    write_table(plain)
+    for path, key in ((v41, f"{V41}.weight"), (plain, "t")):
+        cpu = TableStore.from_safetensors(path, {0: key}, "cpu", chunk_rows=13)
+        dev = TableStore.from_safetensors(path, {0: key}, placement, "cuda", chunk_rows=13)
+        assert torch.equal(dev[0].tensor.cpu(), cpu[0].tensor)
+        assert dev[0].fmt == cpu[0].fmt
