@@ -8,8 +8,9 @@ import time
 
 from bench import gpu_check
 from bench.gpu_check import Outcome, Stage, exit_code, read_tests, run_stage
+from bench.gpu_stages import warm_up
 
-from .conftest import ROOT
+from .conftest import ROOT, tiny_model
 
 
 def test_cpu_dry_run_runs_every_stage_and_writes_json_png_and_summary(tmp_path):
@@ -94,3 +95,24 @@ def test_a_stage_that_cannot_run_or_overruns_is_reported_and_the_next_still_runs
     assert exit_code([outcome("passed"), outcome("passed")]) == 0
     assert exit_code([outcome("passed"), outcome("not run")]) == 2
     assert exit_code([outcome("not run"), outcome("timed out")]) == 1
+
+
+def test_a_warm_up_whose_step_faults_is_reported_not_passed():
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from offload.offloaded_model import OffloadedModel
+
+    model = tiny_model()
+    om = OffloadedModel.from_model(model, "cpu", "worker")
+    engine = Engine(model, EngineConfig(), rows=om.prefetcher)
+    assert warm_up(engine)[1] is None
+    real = om.prefetcher.gather_layer
+
+    def failing(lp):
+        raise RuntimeError("injected fault")
+
+    om.prefetcher.gather_layer = failing  # the engine catches the step's fault and goes on
+    seconds, fault = warm_up(engine)
+    assert seconds > 0 and "injected fault" in fault
+    om.prefetcher.gather_layer = real
+    om.close()
