@@ -40,7 +40,7 @@ from offload import paths
 from offload.link import measure_link
 from offload.store import Placement
 
-from .micro import run_micro
+from .micro import ROW_VALUES, run_micro
 from .provenance import environment
 from .report import PROG, report, slug
 from .roofline import kv_bytes_per_token, measure_memory_bandwidth, weight_bytes
@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-rows", type=_int_list, default=None, metavar="N1,N2,...")
     ap.add_argument("--micro-repeats", type=int, default=3, help="microbenchmark repeats")
     ap.add_argument(
+        "--micro-values",
+        type=_int_list,
+        default=None,
+        metavar="V1,V2,...",
+        help="bf16 values per row of the microbenchmark tables (default 64,128,256)",
+    )
+    ap.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -196,6 +203,7 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         sweep_warmup=2,
         micro_rows=pick(args.micro_rows, [1 << k for k in micro]),
         micro_repeats=args.micro_repeats,
+        micro_values=tuple(pick(args.micro_values, list(ROW_VALUES))),
         ceiling_bytes=ceiling_mib << 20,
         memory_bytes=memory_mib << 20,
         seed=args.seed,
