@@ -142,6 +142,14 @@ def pack(work: Path, out: Path) -> None:
     _write(out / "gpu-check.tar.gz", write)
 
 
+def pack_running(work: Path, out: Path) -> None:
+    """Pack while a stage writes its files: one that moves under the walk waits for the next."""
+    try:
+        pack(work, out)
+    except (OSError, tarfile.TarError) as e:
+        print(stamp(f"      (packing the logs so far failed, next time then: {e})"), flush=True)
+
+
 def publish(result: dict, work: Path, out: Path) -> Path:
     """gpu-check.json, summary.md and the archive, as things stand."""
     from .gpu_summary import render
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(stage: Stage, i: int, after: list[Stage]) -> None:
         print(stamp(f"[{i + 1}/{len(args.stages)}] {stage.title} ..."), flush=True)
         later = [s for s in after if not can_run(s, have)]
-        tick = (lambda: pack(work, out)) if out is not None else None
+        tick = (lambda: pack_running(work, out)) if out is not None else None
         o = run_stage(stage, work, share(stage, later, deadline), have, tick, args.pack_every)
         outcomes.append(o)
         print(stamp(f"      {o.status} ({o.seconds:.0f} s): {o.detail}"), flush=True)
