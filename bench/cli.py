@@ -41,6 +41,7 @@ from offload.link import measure_link
 from offload.store import Placement
 
 from .micro import ROW_VALUES, run_micro
+from .phase import phase
 from .provenance import environment
 from .report import PROG, report, slug
 from .roofline import kv_bytes_per_token, measure_memory_bandwidth, weight_bytes
@@ -281,7 +282,10 @@ def run(args, command: str) -> tuple[dict, Path, int]:
 
 
 def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, Path, int]:
+    say = (lambda what: None) if progress else (lambda what: phase(f"{PROG}: {what}", sys.stderr))
+    say(f"loading {args.synthetic or 'the checkpoint'} on {device}")
     src = load_source(args, device, dtype, progress)
+    say("loaded; measuring the link and memory bandwidth")
     cfg = src.model.config
     wl = resolve_workload(args, device, cfg.max_position_embeddings)
     env = environment(device)
@@ -294,6 +298,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     # figure that cache-resident gathers beat, not a ceiling
     link_gbps = ceiling.gbps if device.type == "cuda" else None
     memory = measure_memory_bandwidth(device, wl.memory_bytes)
+    say(f"running {', '.join(s.name for s in specs)}")
     benches, jobs, times = run_paths(src, specs, wl, device, args.deterministic, progress)
     ctx = Context(
         link_gbps,
@@ -309,6 +314,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     t0 = time.perf_counter()
     micro = {"skipped": "--no-micro"}
     if not args.no_micro:
+        say("gather microbenchmark")
         micro = run_micro(src, device, wl, link_gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
     table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages

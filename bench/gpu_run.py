@@ -13,7 +13,6 @@ and what a stage leaves unused goes to the ones after it. Standard library only.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import shlex
@@ -24,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .phase import stamp
+
 REPO = Path(__file__).resolve().parents[1]
-T0 = time.monotonic()  # the command's start (this module is imported first thing)
 NEEDED = ("torch", "numpy", "safetensors", "tokenizers", "tqdm")
 MISSING_HINT = (
     "pip install them; without network, `pip install --target DIR ...` where there is one, "
@@ -59,11 +59,6 @@ class Outcome:
     budget_s: float | None = None
     stderr_tail: str = ""  # the last lines of its stderr, when it did not pass
     data: dict = field(default_factory=dict)
-
-
-def stamp(what: str) -> str:
-    """``[HH:MM:SS +elapsed s] what``: wall time and time since the command started."""
-    return f"[{dt.datetime.now():%H:%M:%S} +{time.monotonic() - T0:.1f} s] {what}"
 
 
 def caps(stages: list[Stage], total_s: float) -> dict[str, float]:

@@ -13,7 +13,6 @@ fails.
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import json
 import os
@@ -22,21 +21,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .phase import phase
+
 # engram-bench's deterministic mode needs this before the process's first CUDA matmul
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-T0 = time.monotonic()
 
 MODULES = (
     "torch", "numpy", "triton", "cupy", "safetensors", "tokenizers", "tqdm", "pytest",
     "matplotlib", "hypothesis", "fastapi", "uvicorn", "httpx", "openai",
 )  # fmt: skip
 CHECK_TARGET_S = 1.0  # the start-up check's cost target, once the kernels are compiled
-
-
-def phase(what: str) -> None:
-    """A timestamped line, flushed: a stage killed mid-way still says how far it got."""
-    now = dt.datetime.now().strftime("%H:%M:%S")
-    print(f"[{now} +{time.monotonic() - T0:.1f} s] {what}", flush=True)
 
 
 def module_versions() -> dict[str, str | None]:
