@@ -42,19 +42,8 @@ from pathlib import Path
 
 from . import commit
 from .gpu_read import read_bench, read_environment, read_startup, read_tests, tests_so_far
-from .gpu_run import (
-    NEEDED,
-    REPO,
-    T0,
-    Outcome,
-    Stage,
-    can_run,
-    caps,
-    exit_code,
-    run_stage,
-    share,
-    stamp,
-)
+from .gpu_run import NEEDED, REPO, Outcome, Stage, can_run, caps, exit_code, run_stage, share
+from .phase import T0, stamp
 
 DEADLINE_S = 450.0  # from the command's start: 7.5 minutes, inside an 8-minute slot
 RESERVE_S = 10.0  # kept back from the stages for the last files
