@@ -283,9 +283,8 @@ def run(args, command: str) -> tuple[dict, Path, int]:
 
 def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, Path, int]:
     say = (lambda what: None) if progress else (lambda what: phase(f"{PROG}: {what}", sys.stderr))
-    say(f"loading {args.synthetic or 'the checkpoint'} on {device}")
     src = load_source(args, device, dtype, progress)
-    say("loaded; measuring the link and memory bandwidth")
+    say(f"loaded {args.synthetic or 'the checkpoint'} on {device}; measuring the link")
     cfg = src.model.config
     wl = resolve_workload(args, device, cfg.max_position_embeddings)
     env = environment(device)
