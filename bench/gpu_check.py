@@ -46,7 +46,7 @@ from .gpu_run import NEEDED, REPO, Outcome, Stage, can_run, caps, exit_code, run
 from .phase import T0, stamp
 
 DEADLINE_S = 450.0  # from the command's start: 7.5 minutes, inside an 8-minute slot
-RESERVE_S = 10.0  # kept back from the stages for the last files
+RESERVE_S = 15.0  # kept back from the stages for a SIGKILLed stage and the last files
 FILES = ("summary.md", "gpu-check.json", "gpu-check.tar.gz")  # all the output folder gets
 ARCHIVE_ROOT = "gpu-check"
 
@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     result["caps_s"] = {
         k: round(v, 1) for k, v in caps(runnable, deadline - time.monotonic()).items()
     }
-    out: Path | None = None
+    # named now when given, so the first stage's logs are packed as it runs too; else once
+    # the environment stage has named the GPU
+    out = _out_dir(args.out, {}, args.cpu, started) if args.out else None
 
     def run(stage: Stage, i: int, after: list[Stage]) -> None:
         print(stamp(f"[{i + 1}/{len(args.stages)}] {stage.title} ..."), flush=True)
@@ -245,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         publish(result, work, out)
 
     try:
+        if out is not None:
+            progress([first, *rest])
         run(first, 0, rest)
         env = outcomes[0].data if outcomes[0].status == "passed" else {}
         result["environment"] = env
-        out = _out_dir(args.out, env, args.cpu, started)
+        out = out or _out_dir(None, env, args.cpu, started)
         progress(rest)
         # what really imports (a CuPy built for another CUDA is found but does not import)
         have.update({k: v is not None for k, v in env.get("modules", {}).items()})

@@ -182,7 +182,7 @@ def render(result: dict, work: Path) -> str:
     if result["status"] == "running":
         done = sum(o["status"] != "pending" for o in result["stages"])
         status += (f" (written after stage {done} of {len(result['stages'])}; as the last "
-                   "page of a run it was stopped there)")  # fmt: skip
+                   "page of a run, it was stopped in the next)")  # fmt: skip
     code = result.get("exit_code")
     lines = [
         f"# bench/gpu-check: {status} ({result['profile']})",
