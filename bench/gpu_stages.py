@@ -7,8 +7,10 @@
 commit, which optional modules import. ``startup`` writes ``startup.json``: the built-in model
 loaded as ``engram-serve`` loads it (CUDA, tables in pinned host memory, gather 'auto', dtype
 'auto'), once as stored and once with fp8 rows, warmed up, then the start-up kernel check
-(every check, not stopping at the first mismatch) with its cost. Exit status 1 when a check
-fails.
+(every check, not stopping at the first mismatch) with its cost, the tables' memory, the UVA
+grid and ``auto``'s crossover. Exit status 1 when a check fails or the engine faulted (it
+catches a failed step and keeps serving, so the fault is read from it, not raised). Each phase
+prints a timestamped, flushed line.
 """
 
 from __future__ import annotations
