@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from prometheus_client import generate_latest
@@ -19,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.checkpoint import default_model_dir
 from models.safetensors_header import read_header
 from server.app import create_app
-from server.cli import build_parser
+from server.cli import build_parser, parse_args
 from server.config import ServerConfig
 from server.metrics import Metrics
 
 from .conftest import ROOT
+from .live import engram_serve, free_port, wait_healthy
 
 KUBE = ROOT / "deploy" / "kubernetes"
 # (what to render, the components added to it)
@@ -117,15 +121,16 @@ def env(objs: dict[str, dict]) -> dict[str, dict]:
 
 def test_manifests_render_and_validate_against_the_named_version(rendered):
     kv = pytest.importorskip("kubernetes_validate")
-    version = kubernetes_version()
-    for name, objs in rendered.items():
-        for kind, doc in objs.items():
-            if (doc["apiVersion"], kind) in CUSTOM:
-                continue
-            try:
-                kv.validate(doc, version, strict=True)
-            except kv.ValidationError as e:
-                pytest.fail(f"{name}: {kind} fails the {version} schema: {e}")
+    # the version named, and the newest the validator ships (no API removed since)
+    for version in (kubernetes_version(), kv.latest_version()):
+        for name, objs in rendered.items():
+            for kind, doc in objs.items():
+                if (doc["apiVersion"], kind) in CUSTOM:
+                    continue
+                try:
+                    kv.validate(doc, version, strict=True)
+                except kv.ValidationError as e:
+                    pytest.fail(f"{name}: {kind} fails the {version} schema: {e}")
     assert set(rendered["base"]) == {
         "Deployment",
         "Service",
@@ -269,8 +274,56 @@ def test_every_engram_variable_is_one_the_cli_reads(rendered):
     unknown = used - known
     assert unknown <= PENDING_ENV, f"variables no flag reads: {sorted(unknown - PENDING_ENV)}"
     assert {"ENGRAM_SHUTDOWN_TIMEOUT", "ENGRAM_PORT", "ENGRAM_HOST"} <= used & known
+    # the values as well as the names: argparse checks their types and choices
+    for name in ("base", "gpu"):
+        values = {k: e["value"] for k, e in env(rendered[name]).items() if "value" in e}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in values.items():
+                mp.setenv(k, v)
+            args = parse_args([])
+        assert args.port == int(values["ENGRAM_PORT"]) and args.host == values["ENGRAM_HOST"]
+        assert args.shutdown_timeout == float(values["ENGRAM_SHUTDOWN_TIMEOUT"])
     if unknown:
         pytest.skip(f"waits for the shared-tables / data-parallel flags: {sorted(unknown)}")
+
+
+def test_engram_serve_with_the_pods_variables_answers_the_probes_and_drains_in_time(
+    rendered, tiny_ckpt, tmp_path
+):
+    """The real ``engram-serve`` started with the base pod's variables (its own port, the test
+    checkpoint, a private shared-tables folder): every probe and the scrape path answer 200 once
+    it serves, SIGTERM gets status 0 well inside the grace period."""
+    objs = rendered["base"]
+    c = container(objs)
+    values = {k: e["value"] for k, e in env(objs).items() if "value" in e}
+    port = free_port()
+    values.update(
+        ENGRAM_PORT=str(port),
+        ENGRAM_HOST="127.0.0.1",
+        ENGRAM_MODEL=str(tiny_ckpt),
+        ENGRAM_SHARED_TABLES_DIR=str(tmp_path),  # not the machine's /dev/shm
+    )
+    proc = engram_serve(**values)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout=120)
+        notes = objs["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        paths = {
+            c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        }
+        for path in sorted(paths | {notes["prometheus.io/path"]}):
+            assert httpx.get(url + path, timeout=10).status_code == 200, path
+        assert "vllm:num_requests_waiting{" in httpx.get(url + "/metrics", timeout=10).text
+        grace = objs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        budget = grace - c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(budget) == 0
+        assert time.monotonic() - t0 < budget
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
 
 
 def test_gpu_overlay_runs_one_engine_per_gpu(rendered):
