@@ -355,6 +355,10 @@ def write_outputs(res: dict, out_dir: Path, plots: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--host-cost" in argv:  # its own report, its own flags
+        from .hostcost import main as host_cost
+
+        return host_cost([a for a in argv if a != "--host-cost"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

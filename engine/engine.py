@@ -27,6 +27,7 @@ from offload.prefetch import Prefetcher
 from .config import EngineConfig
 from .determinism import set_deterministic
 from .detokenize import Detokenizer
+from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import to_device
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -172,16 +173,18 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     # --- one step ------------------------------------------------------------------------------
-    def step(self) -> list[SeqOutput]:
-        """Schedule and run one step; what each sequence produced (empty: nothing to run)."""
-        step = self.scheduler.schedule()
+    def step(self, timer: HostTimer | NoTimer = NO_TIMER) -> list[SeqOutput]:
+        """Schedule and run one step; what each sequence produced (empty: nothing to run).
+        ``timer``: charges the step's host work to its parts (engram-bench --host-cost)."""
+        with timer("schedule"):
+            step = self.scheduler.schedule()
         if step is None:
             self._report()
             return []
         self.stats.preempted(len(step.preempted))
         outputs: list[SeqOutput] = []
         try:
-            self._run(step, outputs)
+            self._run(step, outputs, timer)
         except Exception as e:  # a shared fault: fail this step's sequences; keep serving
             log.exception("engine step failed")
             self.fault = e
@@ -190,16 +193,17 @@ class Engine:
                 if not seq.finished:
                     self.finish(seq, "error")
                     outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
-        self._report()
+        with timer("stats"):
+            self._report()
         return outputs
 
     def _report(self) -> None:
         s = self.scheduler
         self.stats.scheduler_state(len(s.running), len(s.waiting), self.cache.usage)
 
-    def _run(self, step: ScheduledStep, outputs: list[SeqOutput]) -> None:
+    def _run(self, step: ScheduledStep, outputs: list[SeqOutput], timer=NO_TIMER) -> None:
         need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
-        logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
+        logits = self.runner.step(step.seqs, step.new_ids, need_all, timer)
         self.stats.step_logits(logits)
         now = time.monotonic()
         lengths = [len(x) for x in step.new_ids]
@@ -218,16 +222,21 @@ class Engine:
             rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
             picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
-        for seq, got in zip(seqs, self._sample(picked, seqs)):
-            if isinstance(got, Exception):
-                outputs.append(self._fail(seq, got))
-                continue
-            try:
-                outputs.append(self._append(seq, *got, now))
-            except Exception as e:  # its detokenizer or stop strings: this sequence alone
-                outputs.append(self._fail(seq, e))
+        with timer("sample"):
+            got_all = self._sample(picked, seqs, timer)
+        with timer("append"):
+            for seq, got in zip(seqs, got_all):
+                if isinstance(got, Exception):
+                    outputs.append(self._fail(seq, got))
+                    continue
+                try:
+                    outputs.append(self._append(seq, *got, now))
+                except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                    outputs.append(self._fail(seq, e))
 
-    def _sample(self, logits, seqs: list[Sequence]) -> list[tuple[int, TokenLogprobs | None]]:
+    def _sample(
+        self, logits, seqs: list[Sequence], timer=NO_TIMER
+    ) -> list[tuple[int, TokenLogprobs | None]]:
         """(token, logprobs) per row, or the exception that row raised. The batched sampler
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
@@ -244,7 +253,8 @@ class Engine:
         ]
         states = [None if r.params.greedy else r.generator.get_state() for r in rows]
         try:
-            tokens, lps = sample(logits, rows)
+            with timer("sample_kernels"):  # on a GPU: its kernels and the one copy back
+                tokens, lps = sample(logits, rows)
             return list(zip(tokens, lps))
         except Exception:
             log.warning("batched sampling raised; sampling its %d rows one by one", len(rows))

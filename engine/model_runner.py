@@ -20,6 +20,7 @@ from offload.store import TableStore
 from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
 from .fused import fuse_model
+from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import StepInputs, Uploader, build_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
@@ -71,52 +72,68 @@ class ModelRunner:
         if decode_graphs and self.attention == "triton":
             self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
 
+    def seat(self, seq: Sequence, history: np.ndarray) -> None:
+        """Give a sequence whose tokens are cached its n-gram history (engram-bench seats
+        sequences as after a prefill it does not run)."""
+        seq.ngram_history = np.asarray(history, np.int64)
+
     def step(
-        self, seqs: list[Sequence], new_ids: list[list[int]], all_logits: bool = False
+        self,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        all_logits: bool = False,
+        timer: HostTimer | NoTimer = NO_TIMER,
     ) -> torch.Tensor:
         """Logits ``[S, V]`` of each sequence's last new token (``[N, V]``: every new token)."""
         if len(seqs) != len(new_ids) or not seqs:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
         limit = self.model.config.max_position_embeddings
-        for seq, ids in zip(seqs, new_ids):
-            if not ids:
-                raise ValueError("every sequence in a step needs at least one new token")
-            if seq.num_computed + len(ids) > limit:
-                raise ValueError(
-                    f"sequence would reach {seq.num_computed + len(ids)} tokens, over "
-                    f"max_position_embeddings {limit}"
-                )
-        for seq, ids in zip(seqs, new_ids):
-            self.cache.reserve(seq, len(ids))
-        hasher = self.model.hasher
-        histories = np.stack(
-            [
-                s.ngram_history if s.ngram_history is not None else hasher.initial_history(1)[0]
-                for s in seqs
-            ]
-        )
-        row_ids, next_hist = self.model.row_ids(
-            histories,
-            np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
-            np.array([len(x) for x in new_ids]),
-        )
-        plan = self.rows.plan(row_ids)
+        with timer("reserve"):
+            for seq, ids in zip(seqs, new_ids):
+                if not ids:
+                    raise ValueError("every sequence in a step needs at least one new token")
+                if seq.num_computed + len(ids) > limit:
+                    raise ValueError(
+                        f"sequence would reach {seq.num_computed + len(ids)} tokens, over "
+                        f"max_position_embeddings {limit}"
+                    )
+            for seq, ids in zip(seqs, new_ids):
+                self.cache.reserve(seq, len(ids))
+        with timer("hash"):
+            hasher = self.model.hasher
+            histories = np.stack(
+                [
+                    s.ngram_history if s.ngram_history is not None else hasher.initial_history(1)[0]
+                    for s in seqs
+                ]
+            )
+            row_ids, next_hist = self.model.row_ids(
+                histories,
+                np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
+                np.array([len(x) for x in new_ids]),
+            )
+        with timer("plan"):
+            plan = self.rows.plan(row_ids)
         if self.graphs is not None and self.graphs.fits(new_ids, all_logits):
             logits = self.graphs.step(seqs, new_ids, plan, self.rows)
         else:
-            logits = self._eager(seqs, new_ids, plan, all_logits)
-        for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
-            seq.num_computed += len(ids)
-            seq.ngram_history = next_hist[i]
+            logits = self._eager(seqs, new_ids, plan, all_logits, timer)
+        with timer("advance"):
+            for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
+                seq.num_computed += len(ids)
+                seq.ngram_history = next_hist[i]
         return logits
 
-    def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool) -> torch.Tensor:
-        inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, plan.host_arrays())
-        # every layer's gather is issued now, before the forward pass starts
-        pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
+    def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool, timer=NO_TIMER):
+        with timer("pack"):
+            index = plan.host_arrays()
+            inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, index)
+        with timer("prefetch"):  # every layer's gather is issued now, before the forward pass
+            pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
         try:
-            with torch.inference_mode():
+            with timer("forward"), torch.inference_mode():
                 step = _Step(self.cache, inp, pending, self.attention)
                 return self.model.forward_step(inp.input_ids, step, inp.logits_index)
         finally:
-            pending.close()
+            with timer("prefetch"):
+                pending.close()
