@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import shlex
 import sys
@@ -148,6 +149,8 @@ def run(args) -> dict:
                 device="cpu", max_num_seqs=b, max_num_batched_tokens=max(b, 1024), block_size=bs
             )
             engines[b, mode] = Engine(model, cfg, tokenizer=tok, cache=cache)
+    gc.collect()
+    gc.freeze()  # as the server does after start-up
     rng = np.random.default_rng(args.seed)
     raw: dict[str, list[dict]] = {}
     jobs = [(b, c, m) for b, c in points for m in MODES]

@@ -9,6 +9,7 @@ fails only the requests in it; the engine keeps serving the rest.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import threading
 import time
@@ -98,6 +99,10 @@ class AsyncEngine:
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        # everything built so far (model, tables, tokenizer) lives as long as the server: out
+        # of the collector's sight, so a step's collections walk only the step's own objects
+        gc.collect()
+        gc.freeze()
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -132,7 +132,7 @@ class DecodeGraphs:
         """The static inputs of a step, padded to ``size`` rows (no sequences: all padding)."""
         bs, n = self.cache.block_size, len(seqs)
         pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-        tables = block_tables(seqs, size, self.max_blocks)
+        tables = block_tables(seqs, size, self.max_blocks, self.cache)
         slots = np.fromiter((s.slot for s in seqs), np.int64, n)
         pad = lambda a, fill, dtype=np.int64: np.concatenate(
             [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]

@@ -121,6 +121,9 @@ class Engine:
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
         self.fault: BaseException | None = None  # the last one, for offline callers
+        # requests without a seed draw from one generator: their step is one draw, not one
+        # per sequence (a seeded sequence keeps its own, so its tokens are reproducible)
+        self.unseeded = SamplingParams().generator(0, self.device)
 
     @property
     def max_tokens_per_seq(self) -> int:
@@ -138,7 +141,7 @@ class Engine:
                 i,
                 list(prompt_ids),
                 params,
-                params.generator(i, self.device),
+                self.unseeded if params.seed is None else params.generator(i, self.device),
                 self._detokenizer(params),
             )
             for i in range(params.n)
@@ -225,14 +228,17 @@ class Engine:
         with timer("sample"):
             got_all = self._sample(picked, seqs, timer)
         with timer("append"):
+            appended = 0
             for seq, got in zip(seqs, got_all):
                 if isinstance(got, Exception):
                     outputs.append(self._fail(seq, got))
                     continue
+                appended += 1
                 try:
                     outputs.append(self._append(seq, *got, now))
                 except Exception as e:  # its detokenizer or stop strings: this sequence alone
                     outputs.append(self._fail(seq, e))
+            self.stats.generation_tokens(appended)  # once per step, not per token
 
     def _sample(
         self, logits, seqs: list[Sequence], timer=NO_TIMER
@@ -251,7 +257,10 @@ class Engine:
             )
             for s in seqs
         ]
-        states = [None if r.params.greedy else r.generator.get_state() for r in rows]
+        states = [
+            None if r.params.greedy or r.params.seed is None else r.generator.get_state()
+            for r in rows
+        ]
         try:
             with timer("sample_kernels"):  # on a GPU: its kernels and the one copy back
                 tokens, lps = sample(logits, rows)
@@ -260,7 +269,7 @@ class Engine:
             log.warning("batched sampling raised; sampling its %d rows one by one", len(rows))
         out = []
         for k, row in enumerate(rows):
-            if states[k] is not None:  # greedy rows never draw from theirs
+            if states[k] is not None:  # greedy rows never draw; unseeded ones need no replay
                 row.generator.set_state(states[k])
             try:
                 tokens, lps = sample(logits[k : k + 1], [row])
@@ -332,7 +341,6 @@ class Engine:
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
         params = seq.params
         seq.output_ids.append(tok)
-        self.stats.generation_tokens(1)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.first_token(now - seq.arrival, (seq.scheduled_at or now) - seq.arrival)

@@ -118,13 +118,16 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
-def block_tables(seqs: list[Sequence], rows: int, width: int) -> np.ndarray:
-    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0)."""
-    counts = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
-    blocks = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int64)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
+def block_tables(seqs: list[Sequence], rows: int, width: int, cache: KVCache) -> np.ndarray:
+    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0):
+    rows of the cache's per-slot tables, no walk over the blocks."""
+    n = len(seqs)
+    slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+    if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
+        raise ValueError("a sequence in the step holds no KV slot (not admitted)")
     tables = np.zeros((rows, width), dtype=np.int32)
-    tables[np.repeat(np.arange(len(seqs)), counts), np.arange(blocks.size) - first] = blocks
+    have = min(width, cache.tables.shape[1])
+    tables[:n, :have] = cache.tables[slots, :have]
     return tables
 
 
@@ -146,7 +149,7 @@ def build_inputs(
     np.cumsum(lengths, out=qsl[1:])
     seq_of_tok = np.repeat(np.arange(n), lengths)
     positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs))
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
     parts = {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, int(qsl[-1])),
         "positions": positions,

@@ -24,6 +24,7 @@ from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import StepInputs, Uploader, build_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
+from .step_rows import NgramState
 
 
 class _Step:
@@ -65,6 +66,7 @@ class ModelRunner:
         # default: the model's own (loaded) tables, gathered in place
         self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
+        self.ngram = NgramState(model, cache.max_seqs + 1)
         self.attention = pick_backend(attention, cache.device)
         if self.attention == "triton":  # the device path: fewer, fused kernels per layer
             fuse_model(model)
@@ -73,9 +75,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
 
     def seat(self, seq: Sequence, history: np.ndarray) -> None:
-        """Give a sequence whose tokens are cached its n-gram history (engram-bench seats
-        sequences as after a prefill it does not run)."""
-        seq.ngram_history = np.asarray(history, np.int64)
+        """Give a sequence whose tokens are cached its n-gram history (compressed ids, oldest
+        first; engram-bench seats sequences as after a prefill it does not run)."""
+        fresh = self.cache.take_fresh()
+        self.ngram.reset(fresh)
+        self.cache.zero_conv(fresh)
+        self.ngram.history[seq.slot] = history
 
     def step(
         self,
@@ -100,18 +105,12 @@ class ModelRunner:
             for seq, ids in zip(seqs, new_ids):
                 self.cache.reserve(seq, len(ids))
         with timer("hash"):
-            hasher = self.model.hasher
-            histories = np.stack(
-                [
-                    s.ngram_history if s.ngram_history is not None else hasher.initial_history(1)[0]
-                    for s in seqs
-                ]
-            )
-            row_ids, next_hist = self.model.row_ids(
-                histories,
-                np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
-                np.array([len(x) for x in new_ids]),
-            )
+            fresh = self.cache.take_fresh()
+            self.ngram.reset(fresh)
+            slots = np.fromiter((s.slot for s in seqs), np.int64, len(seqs))
+            rows = self.ngram.step(slots, new_ids, [True] * len(seqs))
+            row_ids = rows.finish(np.empty(0, np.int64))
+        self.cache.zero_conv(fresh)
         with timer("plan"):
             plan = self.rows.plan(row_ids)
         if self.graphs is not None and self.graphs.fits(new_ids, all_logits):
@@ -119,9 +118,8 @@ class ModelRunner:
         else:
             logits = self._eager(seqs, new_ids, plan, all_logits, timer)
         with timer("advance"):
-            for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
+            for seq, ids in zip(seqs, new_ids):
                 seq.num_computed += len(ids)
-                seq.ngram_history = next_hist[i]
         return logits
 
     def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool, timer=NO_TIMER):

@@ -66,7 +66,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.num_preempted += 1
         self.cache.free(seq)
-        seq.num_computed, seq.ngram_history, seq.status = 0, None, Status.WAITING
+        seq.num_computed, seq.status = 0, Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 

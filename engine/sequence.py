@@ -11,7 +11,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .detokenize import Detokenizer
@@ -42,7 +41,6 @@ class Sequence:
     num_computed: int = 0  # tokens of prompt + output already in the KV cache
     block_table: list[int] = field(default_factory=list)
     slot: int = -1  # row of the per-sequence Engram conv state; -1 when not running
-    ngram_history: np.ndarray | None = None  # last max_ngram_size - 1 compressed ids
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None
