@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="the engine runs each step's host work in series with the device",
+    )
+    ap.add_argument(
         "--no-micro",
         action="store_true",
         help="skip the gather microbenchmark (another run has it)",
@@ -200,6 +205,7 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         memory_bytes=memory_mib << 20,
         seed=args.seed,
         repeats=pick(args.repeats, 1 if args.quick else 3),
+        overlap=not args.no_overlap,
     )
     names = ("num_seqs", "max_batched_tokens", "sweep_prompt_len", "sweep_steps", "repeats")
     for name in (*names, "micro_repeats"):

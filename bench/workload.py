@@ -49,6 +49,7 @@ class Workload:
     seed: int
     repeats: int  # interleaved timed rounds
     check_steps: int = 3  # steps per job whose rows and logits are checked
+    overlap: bool = True  # the engine's overlapped steps (--no-overlap: in series)
 
 
 @dataclass(frozen=True)

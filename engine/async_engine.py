@@ -109,6 +109,7 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.close()
         self.offload.close()
 
     # --- graceful shutdown (event-loop thread; the engine thread acts between steps) ------

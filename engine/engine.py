@@ -31,6 +31,7 @@ from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import to_device
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
+from .overlap import Overlap
 from .sampling import (
     BadParams,
     SampleRow,
@@ -120,7 +121,11 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
+        self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers
+        # sequences whose steps run without overlap (prompt logprobs, scoring only)
+        self._in_series: list[Sequence] = []
+        self.overlap = None if config.no_overlap else Overlap(self)
         # requests without a seed draw from one generator: their step is one draw, not one
         # per sequence (a seeded sequence keeps its own, so its tokens are reproducible)
         self.unseeded = SamplingParams().generator(0, self.device)
@@ -149,7 +154,15 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
+        if params.prompt_logprobs_k is not None or params.max_tokens == 0:
+            self._in_series += seqs
         return seqs
+
+    def needs_series(self) -> bool:
+        """A sequence whose prompt is scored is still prefilling: steps run one at a time."""
+        if self._in_series:
+            self._in_series = [s for s in self._in_series if not s.finished and s.prefilling]
+        return bool(self._in_series)
 
     def _detokenizer(self, params: SamplingParams) -> Detokenizer | None:
         if self.tokenizer is None:
@@ -173,12 +186,26 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (
+            self.overlap is not None and self.overlap.inflight is not None
+        )
+
+    def close(self) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
 
     # --- one step ------------------------------------------------------------------------------
     def step(self, timer: HostTimer | NoTimer = NO_TIMER) -> list[SeqOutput]:
         """Schedule and run one step; what each sequence produced (empty: nothing to run).
-        ``timer``: charges the step's host work to its parts (engram-bench --host-cost)."""
+        With overlap the step is submitted to the device and what comes back is the step
+        before's (:mod:`engine.overlap`). ``timer``: charges the step's host work to its parts
+        (engram-bench --host-cost)."""
+        if self.overlap is not None:
+            return self.overlap.step(timer)
+        return self.step_in_series(timer)
+
+    def step_in_series(self, timer: HostTimer | NoTimer = NO_TIMER) -> list[SeqOutput]:
+        """One step, start to end: schedule, run, read its tokens."""
         with timer("schedule"):
             step = self.scheduler.schedule()
         if step is None:
@@ -189,16 +216,20 @@ class Engine:
         try:
             self._run(step, outputs, timer)
         except Exception as e:  # a shared fault: fail this step's sequences; keep serving
-            log.exception("engine step failed")
-            self.fault = e
-            msg = f"engine error: {type(e).__name__}: {e}"
-            for seq in step.seqs:
-                if not seq.finished:
-                    self.finish(seq, "error")
-                    outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
+            self.fail_step(step, e, outputs)
         with timer("stats"):
             self._report()
         return outputs
+
+    def fail_step(self, step: ScheduledStep, e: Exception, outputs: list[SeqOutput]) -> None:
+        """A shared fault (the forward pass, the step's inputs): fail the step's sequences."""
+        log.error("engine step failed", exc_info=e)
+        self.fault = e
+        msg = f"engine error: {type(e).__name__}: {e}"
+        for seq in step.seqs:
+            if not seq.finished:
+                self.finish(seq, "error")
+                outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
 
     def _report(self) -> None:
         s = self.scheduler
@@ -246,17 +277,26 @@ class Engine:
         """(token, logprobs) per row, or the exception that row raised. The batched sampler
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
+        return self.sample_rows(logits, self.sample_inputs(seqs), timer)
+
+    def sample_inputs(self, seqs: list[Sequence]) -> list[SampleRow]:
+        """The sampler's rows. With a token in flight it counts as generated (EOS bans), and a
+        penalised row gets its own copy of the output ids (the token is added on the device's
+        side once known)."""
         eos = self.model.config.eos_token_id
-        rows = [
-            SampleRow(
-                s.params,
-                s.output_ids,
-                s.generator,
-                s.params.banned_tokens(len(s.output_ids), eos),
-                s.prompt_ids,
-            )
-            for s in seqs
-        ]
+        rows = []
+        for s in seqs:
+            p, out = s.params, s.output_ids
+            if s.inflight and (
+                p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+            ):
+                out = list(out)
+            made = len(s.output_ids) + s.inflight
+            rows.append(SampleRow(p, out, s.generator, p.banned_tokens(made, eos), s.prompt_ids))
+        return rows
+
+    def sample_rows(self, logits, rows: list[SampleRow], timer=NO_TIMER) -> list:
+        """(token, logprobs) per row, or the exception that row raised (see _sample)."""
         states = [
             None if r.params.greedy or r.params.seed is None else r.generator.get_state()
             for r in rows

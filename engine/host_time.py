@@ -16,8 +16,9 @@ import gc
 import time
 from contextlib import AbstractContextManager, nullcontext
 
-# parts that run on the device on a GPU; on a CPU they run in the host thread
-DEVICE_PARTS = frozenset({"forward", "sample_kernels"})
+# parts that run on the device on a GPU; on a CPU they run in the host thread, or (``device``)
+# on the worker that plays the device when steps overlap
+DEVICE_PARTS = frozenset({"forward", "sample_kernels", "device"})
 
 _NULL = nullcontext()
 

@@ -131,6 +131,59 @@ def block_tables(seqs: list[Sequence], rows: int, width: int, cache: KVCache) ->
     return tables
 
 
+def pack_inputs(
+    seqs: list[Sequence], new_ids: list[list[int]], cache: KVCache, all_logits: bool
+) -> dict[str, np.ndarray]:
+    """The step's host arrays (blocks must already be reserved); nothing is read from the
+    sequences after this, so the step can run while the host moves on."""
+    bs, cfg, n = cache.block_size, cache.config, len(seqs)
+    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+    total = int(lengths.sum())
+    qsl = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=qsl[1:])
+    if total == n:  # a decode step: one token per sequence
+        seq_of_tok, positions = np.arange(n), starts
+    else:
+        seq_of_tok = np.repeat(np.arange(n), lengths)
+        positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
+    parts = {
+        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
+        "positions": positions,
+        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        # the attention kernels' metadata is int32
+        "block_tables": tables,
+        "context_lens": (starts + lengths).astype(np.int32),
+        "query_start_loc": qsl.astype(np.int32),
+        "logits_index": np.arange(total) if all_logits else qsl[1:] - 1,
+        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
+    }
+    if cache.conv:
+        arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
+        parts.update({f"conv_{k}": v for k, v in arrays.items()})
+    return parts
+
+
+def upload_inputs(
+    parts: dict[str, np.ndarray], uploader: Uploader, row_index: dict[str, np.ndarray]
+) -> StepInputs:
+    """The packed arrays and the lookup plan's index arrays on the device, in one copy."""
+    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
+    conv = None
+    if "conv_taps" in parts:
+        conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
+    qsl = parts["query_start_loc"]
+    lengths = np.diff(qsl)
+    return StepInputs(
+        lengths=lengths.tolist(),
+        starts=(parts["context_lens"] - lengths).tolist(),
+        conv_step=conv,
+        row_index={k: dev[f"row_{k}"] for k in row_index},
+        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
+    )
+
+
 def build_inputs(
     seqs: list[Sequence],
     new_ids: list[list[int]],
@@ -141,37 +194,4 @@ def build_inputs(
 ) -> StepInputs:
     """Host arrays for the step (blocks must already be reserved) and the lookup plan's index
     arrays, uploaded in one copy."""
-    bs, cfg, n = cache.block_size, cache.config, len(seqs)
-    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
-    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-    ends = starts + lengths
-    qsl = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=qsl[1:])
-    seq_of_tok = np.repeat(np.arange(n), lengths)
-    positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
-    parts = {
-        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, int(qsl[-1])),
-        "positions": positions,
-        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
-        # the attention kernels' metadata is int32
-        "block_tables": tables,
-        "context_lens": ends.astype(np.int32),
-        "query_start_loc": qsl.astype(np.int32),
-        "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
-        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
-    }
-    if cache.conv:
-        arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
-        parts.update({f"conv_{k}": v for k, v in arrays.items()})
-    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
-    conv = None
-    if cache.conv:
-        conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
-    return StepInputs(
-        lengths=lengths.tolist(),
-        starts=starts.tolist(),
-        conv_step=conv,
-        row_index={k: dev[f"row_{k}"] for k in row_index},
-        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
-    )
+    return upload_inputs(pack_inputs(seqs, new_ids, cache, all_logits), uploader, row_index)

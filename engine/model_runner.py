@@ -8,12 +8,13 @@ then each sequence's cached length and n-gram history advance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from models.llama import EngramForCausalLM
 from offload.paths import make_prefetcher
-from offload.plan import LookupPlan
 from offload.prefetch import PendingRows, Prefetcher
 from offload.store import TableStore
 
@@ -21,10 +22,10 @@ from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
 from .fused import fuse_model
 from .host_time import NO_TIMER, HostTimer, NoTimer
-from .inputs import StepInputs, Uploader, build_inputs
+from .inputs import StepInputs, Uploader, pack_inputs, upload_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
-from .step_rows import NgramState
+from .step_rows import NgramState, Rows
 
 
 class _Step:
@@ -88,8 +89,27 @@ class ModelRunner:
         new_ids: list[list[int]],
         all_logits: bool = False,
         timer: HostTimer | NoTimer = NO_TIMER,
-    ) -> torch.Tensor:
-        """Logits ``[S, V]`` of each sequence's last new token (``[N, V]``: every new token)."""
+        known: list[bool] | None = None,
+        later: bool = False,
+    ) -> torch.Tensor | Prepared:
+        """Logits ``[S, V]`` of each sequence's last new token (``[N, V]``: every new token).
+
+        ``known[i]`` False: sequence i feeds one token still on the device (a placeholder).
+        ``later``: do the host side only and return it (:meth:`Prepared.run` does the rest,
+        on the device's worker, given the placeholders' tokens)."""
+        prep = self.prepare(seqs, new_ids, all_logits, timer, known)
+        return prep if later else prep.run(np.empty(0, np.int64), timer)
+
+    def prepare(
+        self,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        all_logits: bool = False,
+        timer: HostTimer | NoTimer = NO_TIMER,
+        known: list[bool] | None = None,
+    ) -> Prepared:
+        """The host side of a step: blocks reserved, rows hashed (but for the placeholders'
+        own part), inputs packed, the sequences' cached lengths advanced."""
         if len(seqs) != len(new_ids) or not seqs:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
         limit = self.model.config.max_position_embeddings
@@ -108,24 +128,30 @@ class ModelRunner:
             fresh = self.cache.take_fresh()
             self.ngram.reset(fresh)
             slots = np.fromiter((s.slot for s in seqs), np.int64, len(seqs))
-            rows = self.ngram.step(slots, new_ids, [True] * len(seqs))
-            row_ids = rows.finish(np.empty(0, np.int64))
-        self.cache.zero_conv(fresh)
-        with timer("plan"):
-            plan = self.rows.plan(row_ids)
-        if self.graphs is not None and self.graphs.fits(new_ids, all_logits):
-            logits = self.graphs.step(seqs, new_ids, plan, self.rows)
-        else:
-            logits = self._eager(seqs, new_ids, plan, all_logits, timer)
+            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
+        graph = self.graphs is not None and self.graphs.fits(new_ids, all_logits)
+        with timer("pack"):
+            if graph:
+                parts = self.graphs.pack(seqs, new_ids)
+            else:
+                parts = pack_inputs(seqs, new_ids, self.cache, all_logits)
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):
                 seq.num_computed += len(ids)
-        return logits
+        return Prepared(self, len(seqs), rows, fresh, parts, graph)
 
-    def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool, timer=NO_TIMER):
-        with timer("pack"):
-            index = plan.host_arrays()
-            inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, index)
+    def execute(self, prep: Prepared, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
+        """The device side of a step: placeholders filled in, the plan, one upload, every
+        layer's gather issued, the forward pass."""
+        self.cache.zero_conv(prep.fresh)
+        with timer("plan"):
+            if prep.rows.wait.size:
+                prep.parts["input_ids"][prep.rows.wait] = tokens
+            plan = self.rows.plan(prep.rows.finish(tokens))
+        if prep.graph:
+            return self.graphs.run(prep.n, prep.parts, plan, self.rows)
+        with timer("upload"):
+            inp = upload_inputs(prep.parts, self.uploader, plan.host_arrays())
         with timer("prefetch"):  # every layer's gather is issued now, before the forward pass
             pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
         try:
@@ -135,3 +161,19 @@ class ModelRunner:
         finally:
             with timer("prefetch"):
                 pending.close()
+
+
+@dataclass
+class Prepared:
+    """A step whose host side is done; :meth:`run` (once) gives its logits."""
+
+    runner: ModelRunner
+    n: int
+    rows: Rows
+    fresh: list[int]
+    parts: dict[str, np.ndarray]
+    graph: bool
+
+    def run(self, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
+        """``tokens``: the raw ids of the placeholders, in the step's token order."""
+        return self.runner.execute(self, tokens, timer)

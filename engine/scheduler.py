@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preempted = 0
+        self.max_tokens_per_seq = 1 << 62  # the engine sets its limit
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -89,6 +90,8 @@ class Scheduler:
                 continue
             if hold_decodes and not seq.prefilling:
                 continue
+            if seq.inflight and seq.ends_with_inflight(self.max_tokens_per_seq):
+                continue  # overlap: it finishes when its token is read
             pending = seq.pending_ids()
             n = min(len(pending), budget)
             need = self._blocks_needed(seq, n)
