@@ -41,6 +41,7 @@ class Detokenizer:
         self._bytes = self.tokenizer.token_bytes() if self.byte_level else None
         self._skip = set(self.tokenizer.special_tokens) if self.skip_special_tokens else set()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -52,8 +53,12 @@ class Detokenizer:
         self.ids.append(token_id)
         if self._bytes is not None:
             piece = b"" if token_id in self._skip else self._bytes[token_id]
-            full = self.complete = self.complete + self._utf8.decode(piece)
-            if self._utf8.getstate()[0]:  # a character waits for its remaining bytes
+            if piece:
+                self.complete += self._utf8.decode(piece)
+                # an ASCII last byte leaves nothing waiting in the decoder
+                self._partial = piece[-1] >= 0x80 and bool(self._utf8.getstate()[0])
+            full = self.complete
+            if self._partial:  # a character waits for its remaining bytes
                 full += "\ufffd"  # as a whole decode shows it
         else:
             full = self._window(token_id)

@@ -63,7 +63,7 @@ class EngineStats:
         """The step's logits, before sampling (engram-bench compares paths on them)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqOutput:
     """What one sequence produced in one step."""
 
@@ -121,6 +121,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
+        self._eos, self._max_tokens = mc.eos_token_id, self.max_tokens_per_seq
         self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers
         # sequences whose steps run without overlap (prompt logprobs, scoring only)
@@ -286,13 +287,17 @@ class Engine:
         eos = self.model.config.eos_token_id
         rows = []
         for s in seqs:
-            p, out = s.params, s.output_ids
+            p, out, row = s.params, s.output_ids, s.sample_row
             if s.inflight and (
                 p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
             ):
                 out = list(out)
-            made = len(s.output_ids) + s.inflight
-            rows.append(SampleRow(p, out, s.generator, p.banned_tokens(made, eos), s.prompt_ids))
+            banned = p.banned_tokens(len(s.output_ids) + s.inflight, eos) if p.min_tokens else []
+            if row is None or banned or out is not s.output_ids:
+                row = SampleRow(p, out, s.generator, banned, s.prompt_ids)
+                if not banned and out is s.output_ids:  # the same every step: kept
+                    s.sample_row = row
+            rows.append(row)
         return rows
 
     def sample_rows(self, logits, rows: list[SampleRow], timer=NO_TIMER) -> list:
@@ -379,29 +384,32 @@ class Engine:
         return failed
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
-        params = seq.params
-        seq.output_ids.append(tok)
+        params, out_ids, detok = seq.params, seq.output_ids, seq.detok
+        out_ids.append(tok)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.first_token(now - seq.arrival, (seq.scheduled_at or now) - seq.arrival)
         else:
             self.stats.inter_token(now - seq.last_token_at)
         seq.last_token_at = now
-        out = SeqOutput(seq, token_ids=[tok])
+        out = SeqOutput(seq, [tok])
         if lp is not None:
             out.logprobs.append(lp)
             seq.output_logprobs.append(lp)
-        eos = None if params.ignore_eos else self.model.config.eos_token_id
-        if seq.detok is not None:
-            out.text = seq.detok.add(tok) if tok != eos else ""
+        eos = None if params.ignore_eos else self._eos
+        if detok is not None:
+            out.text = detok.add(tok) if tok != eos else ""
         reason = None
-        if tok == eos or (seq.detok is not None and seq.detok.stopped):
+        if tok == eos or (detok is not None and detok.stopped):
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
+        elif (
+            len(out_ids) >= params.max_tokens
+            or len(seq.prompt_ids) + len(out_ids) >= self._max_tokens
+        ):
             reason = "length"
         if reason:
-            if seq.detok is not None:
-                out.text += seq.detok.flush()
+            if detok is not None:
+                out.text += detok.flush()
             out.finish_reason = reason
             self.finish(seq, reason, now)
         return out

@@ -131,38 +131,59 @@ def block_tables(seqs: list[Sequence], rows: int, width: int, cache: KVCache) ->
     return tables
 
 
-def pack_inputs(
-    seqs: list[Sequence], new_ids: list[list[int]], cache: KVCache, all_logits: bool
-) -> dict[str, np.ndarray]:
-    """The step's host arrays (blocks must already be reserved); nothing is read from the
-    sequences after this, so the step can run while the host moves on."""
-    bs, cfg, n = cache.block_size, cache.config, len(seqs)
-    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
-    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-    total = int(lengths.sum())
+def _shape_arrays(lengths: np.ndarray, cache: KVCache, all_logits: bool) -> dict:
+    """The arrays that depend on the new tokens' counts alone (a decode step's are the same
+    for every step of its batch size)."""
+    cfg, n, total = cache.config, len(lengths), int(lengths.sum())
     qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=qsl[1:])
-    if total == n:  # a decode step: one token per sequence
-        seq_of_tok, positions = np.arange(n), starts
-    else:
-        seq_of_tok = np.repeat(np.arange(n), lengths)
-        positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
-    parts = {
-        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
-        "positions": positions,
-        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
-        # the attention kernels' metadata is int32
-        "block_tables": tables,
-        "context_lens": (starts + lengths).astype(np.int32),
-        "query_start_loc": qsl.astype(np.int32),
+    out = {
+        "query_start_loc": qsl.astype(np.int32),  # the attention kernels' metadata is int32
         "logits_index": np.arange(total) if all_logits else qsl[1:] - 1,
-        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
     }
     if cache.conv:
         arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
-        parts.update({f"conv_{k}": v for k, v in arrays.items()})
-    return parts
+        out.update({f"conv_{k}": v for k, v in arrays.items()})
+    return out
+
+
+def pack_inputs(
+    seqs: list[Sequence],
+    new_ids: list[list[int]],
+    cache: KVCache,
+    all_logits: bool,
+    decode_shapes: dict[int, dict] | None = None,
+) -> dict[str, np.ndarray]:
+    """The step's host arrays (blocks must already be reserved); nothing is read from the
+    sequences after this, so the step can run while the host moves on. ``decode_shapes``:
+    a decode step's count-only arrays kept per batch size (read-only; the caller's)."""
+    bs, n = cache.block_size, len(seqs)
+    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+    total = int(lengths.sum())
+    if total == n:  # a decode step: one token per sequence
+        seq_of_tok, positions = np.arange(n), starts
+        if decode_shapes is None or all_logits:
+            shapes = _shape_arrays(lengths, cache, all_logits)
+        elif (shapes := decode_shapes.get(n)) is None:
+            shapes = decode_shapes[n] = _shape_arrays(lengths, cache, False)
+    else:
+        shapes = _shape_arrays(lengths, cache, all_logits)
+        qsl = shapes["query_start_loc"].astype(np.int64)
+        seq_of_tok = np.repeat(np.arange(n), lengths)
+        positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
+    return {
+        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
+        "positions": positions,
+        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        "block_tables": tables,
+        "context_lens": (starts + lengths).astype(np.int32),
+        "query_start_loc": shapes["query_start_loc"],
+        "logits_index": shapes["logits_index"],
+        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
+        **{k: v for k, v in shapes.items() if k.startswith("conv_")},
+    }
 
 
 def upload_inputs(

@@ -68,6 +68,7 @@ class ModelRunner:
         self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
         self.ngram = NgramState(model, cache.max_seqs + 1)
+        self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
         self.attention = pick_backend(attention, cache.device)
         if self.attention == "triton":  # the device path: fewer, fused kernels per layer
             fuse_model(model)
@@ -112,18 +113,19 @@ class ModelRunner:
         own part), inputs packed, the sequences' cached lengths advanced."""
         if len(seqs) != len(new_ids) or not seqs:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
-        limit = self.model.config.max_position_embeddings
+        limit, bs = self.model.config.max_position_embeddings, self.cache.block_size
         with timer("reserve"):
             for seq, ids in zip(seqs, new_ids):
+                end = seq.num_computed + len(ids)
                 if not ids:
                     raise ValueError("every sequence in a step needs at least one new token")
-                if seq.num_computed + len(ids) > limit:
+                if end > limit:
                     raise ValueError(
-                        f"sequence would reach {seq.num_computed + len(ids)} tokens, over "
-                        f"max_position_embeddings {limit}"
+                        f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
                     )
             for seq, ids in zip(seqs, new_ids):
-                self.cache.reserve(seq, len(ids))
+                if seq.num_computed + len(ids) > len(seq.block_table) * bs:  # a new block
+                    self.cache.reserve(seq, len(ids))
         with timer("hash"):
             fresh = self.cache.take_fresh()
             self.ngram.reset(fresh)
@@ -134,7 +136,7 @@ class ModelRunner:
             if graph:
                 parts = self.graphs.pack(seqs, new_ids)
             else:
-                parts = pack_inputs(seqs, new_ids, self.cache, all_logits)
+                parts = pack_inputs(seqs, new_ids, self.cache, all_logits, self._decode_shapes)
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):
                 seq.num_computed += len(ids)

@@ -46,7 +46,7 @@ class Job:
     seqs: list[Sequence]  # the sampled sequences, in the order of their tokens
     rows: list[SampleRow]
     at: list[int] | None  # their rows in the step's logits (None: every row, in order)
-    wait_seqs: list[Sequence]  # sequences fed a placeholder, in token order
+    wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
     src: list[int]  # for each placeholder: its row in the previous job's tokens
     penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
     future: Future | None = None
@@ -95,13 +95,13 @@ class Overlap:
         e, prev = self.engine, self.inflight
         n = len(step.seqs)
         known = [ids[0] != PLACEHOLDER for ids in step.new_ids]
-        wait_seqs = [s for s, k in zip(step.seqs, known) if not k]
-        src = [s.inflight_row for s in wait_seqs]
+        src = [s.inflight_row for s, k in zip(step.seqs, known) if not k]
         try:
             prep = e.runner.step(step.seqs, step.new_ids, False, timer, known, later=True)
         except Exception as ex:  # a shared fault on the host side: this step's sequences fail
             e.fail_step(step, ex, failed)
             return None
+        wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
         with timer("sample"):
             at = [i for i in range(n) if step.samples[i]]
             seqs = [step.seqs[i] for i in at]
@@ -113,7 +113,7 @@ class Overlap:
             ]
             for k, s in enumerate(seqs):
                 s.inflight, s.inflight_row = s.inflight + 1, k
-        job = Job(step, seqs, rows, None if len(at) == n else at, wait_seqs, src, penalised)
+        job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
         job.future = self.queue.submit(self._device, job, prep, prev)
         return job
 
@@ -145,13 +145,12 @@ class Overlap:
                 except Exception as ex:  # its detokenizer or stop strings: this sequence alone
                     outputs.append(e._fail(seq, ex))
             e.stats.generation_tokens(appended)
-        if after is not None and after.wait_seqs:
+        if after is not None and after.src:
+            # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
+            # (a slot freed meanwhile starts over when it is next admitted)
             with timer("hash"):
-                live = [(s.slot, _token(got, k)) for s, k in zip(after.wait_seqs, after.src)]
-                live = [(slot, t) for slot, t in live if slot >= 0]
-                if live:
-                    slots, toks = zip(*live)
-                    e.runner.ngram.resolved(np.array(slots), np.array(toks))
+                toks = np.fromiter((_token(got, k) for k in after.src), np.int64, len(after.src))
+                e.runner.ngram.resolved(after.wait_slots, toks)
         return outputs
 
     # --- device side (the queue's worker) ------------------------------------------------------

@@ -83,10 +83,11 @@ class Scheduler:
         )
 
         # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
+        bs, running = self.cache.block_size, Status.RUNNING
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
             if hold_decodes and not seq.prefilling:
                 continue
@@ -94,7 +95,7 @@ class Scheduler:
                 continue  # overlap: it finishes when its token is read
             pending = seq.pending_ids()
             n = min(len(pending), budget)
-            need = self._blocks_needed(seq, n)
+            need = max(0, -(-(seq.num_computed + n) // bs) - len(seq.block_table))
             while need > free_blocks and self.running[-1] is not seq:
                 victim = self.running[-1]
                 free_blocks += len(victim.block_table)

@@ -47,6 +47,7 @@ class Sequence:
     # row of the in-flight step that holds it
     inflight: int = 0
     inflight_row: int = -1
+    sample_row: object | None = None  # its sampler row, kept while nothing in it changes
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None

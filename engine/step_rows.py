@@ -53,7 +53,8 @@ class NgramState:
         self.history = np.full((slots, self.n1), h.pad_id, dtype=np.int64)
 
     def reset(self, slots: list[int]) -> None:
-        self.history[slots] = self.hasher.pad_id
+        if slots:
+            self.history[slots] = self.hasher.pad_id
 
     def partial(self, history: np.ndarray) -> np.ndarray:
         """``[D, L, orders]``: partial_k of each row, from its history (oldest first). (Array
