@@ -111,6 +111,7 @@ class AsyncEngine:
         self._thread.join(timeout)
         self.engine.close()
         self.offload.close()
+        gc.unfreeze()  # what start froze can be collected again
 
     # --- graceful shutdown (event-loop thread; the engine thread acts between steps) ------
     def drain(self, message: str) -> None:
