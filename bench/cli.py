@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         from .hostcost import main as host_cost
 
         return host_cost([a for a in argv if a != "--host-cost"])
+    if "--http-cost" in argv:
+        from .httpcost import main as http_cost
+
+        return http_cost([a for a in argv if a != "--http-cost"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

@@ -45,4 +45,3 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
         # in series the forward pass runs in the host thread; overlapped, on the worker
         device = "device" if x["mode"] == "overlap" else "forward"
         assert {"schedule", "hash", "pack", "append", device} <= set(x["parts_us"])
-        assert x["host_us"]["median"] < x["device_us"]["median"] + x["host_us"]["median"]
