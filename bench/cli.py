@@ -40,7 +40,8 @@ from offload import paths
 from offload.link import measure_link
 from offload.store import Placement
 
-from .micro import run_micro
+from .micro import ROW_VALUES, run_micro
+from .phase import phase
 from .provenance import environment
 from .report import PROG, report, slug
 from .roofline import kv_bytes_per_token, measure_memory_bandwidth, weight_bytes
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-prompt-len", type=int, default=16)
     ap.add_argument("--micro-rows", type=_int_list, default=None, metavar="N1,N2,...")
     ap.add_argument("--micro-repeats", type=int, default=3, help="microbenchmark repeats")
+    ap.add_argument(
+        "--micro-values",
+        type=_int_list,
+        default=None,
+        metavar="V1,V2,...",
+        help="bf16 values per row of the microbenchmark tables (default 64,128,256)",
+    )
     ap.add_argument(
         "--repeats",
         type=int,
@@ -201,6 +209,7 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         sweep_warmup=2,
         micro_rows=pick(args.micro_rows, [1 << k for k in micro]),
         micro_repeats=args.micro_repeats,
+        micro_values=tuple(pick(args.micro_values, list(ROW_VALUES))),
         ceiling_bytes=ceiling_mib << 20,
         memory_bytes=memory_mib << 20,
         seed=args.seed,
@@ -279,7 +288,9 @@ def run(args, command: str) -> tuple[dict, Path, int]:
 
 
 def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, Path, int]:
+    say = (lambda what: None) if progress else (lambda what: phase(f"{PROG}: {what}", sys.stderr))
     src = load_source(args, device, dtype, progress)
+    say(f"loaded {args.synthetic or 'the checkpoint'} on {device}; measuring the link")
     cfg = src.model.config
     wl = resolve_workload(args, device, cfg.max_position_embeddings)
     env = environment(device)
@@ -292,6 +303,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     # figure that cache-resident gathers beat, not a ceiling
     link_gbps = ceiling.gbps if device.type == "cuda" else None
     memory = measure_memory_bandwidth(device, wl.memory_bytes)
+    say(f"running {', '.join(s.name for s in specs)}")
     benches, jobs, times = run_paths(src, specs, wl, device, args.deterministic, progress)
     ctx = Context(
         link_gbps,
@@ -307,6 +319,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     t0 = time.perf_counter()
     micro = {"skipped": "--no-micro"}
     if not args.no_micro:
+        say("gather microbenchmark")
         micro = run_micro(src, device, wl, link_gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
     table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages

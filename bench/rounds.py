@@ -12,6 +12,7 @@ rounds, profiled runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .batch import engine_config
+from .phase import phase
 from .report import PROG
 from .run import PathBench
 from .source import ModelSource
@@ -117,9 +119,14 @@ def run_paths(
     total = len(specs) * len(jobs) * (1 + wl.repeats + (1 if cuda else 0))
     bar = tqdm(total=total, desc=PROG, unit="run", disable=not progress)
 
+    done = [0]
+
     def tick(what: str) -> None:
         bar.set_postfix_str(what)
         bar.update(1)
+        done[0] += 1
+        if not progress:  # a log, not a terminal: one stamped line per run
+            phase(f"{PROG}: {done[0]}/{total} {what}", sys.stderr)
 
     try:
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .llama import EngramForCausalLM, rope_cache
+from .safetensors_header import read_header
 from .tokenizer import EngramTokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -79,8 +80,9 @@ def save_checkpoint(
 
 
 def file_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    """The tensors of a safetensors file, its header checked against the file first (a
+    truncated or corrupt file is a TableFileError naming the tensor)."""
+    return list(read_header(path).tensors)
 
 
 def load_checkpoint(

@@ -23,38 +23,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .rowformat import RowFormat, quantize_fp8
+from models.safetensors_header import DTYPE_SIZES, read_header
 
-ROW_FORMATS_KEY = "engram.row_formats"
+from .rowformat import ROW_FORMATS_KEY, RowFormat, quantize_fp8
+from .table_load import row_formats
+
 COPIED = ("config.json", "model.safetensors", "tokenizer.json")
 ENGRAM_FILE = "engram.safetensors"
 _ST_FLOAT = {"F32", "BF16", "F16"}
-_ST_SIZE = {
-    **{"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1},
-    **{"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1},
-}
-_ST_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def read_row_formats(path: str | Path) -> dict[str, RowFormat]:
     """Row formats of the tables in a safetensors file: those recorded by engram-quantize, and
     for every other 2-D bf16/f16/f32 tensor its plain format."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        out = {}
-        for key in f.keys():
-            sl = f.get_slice(key)
-            shape, dtype = sl.get_shape(), sl.get_dtype()
-            if len(shape) == 2 and dtype in _ST_TORCH:
-                out[key] = RowFormat.plain(_ST_TORCH[dtype], shape[1])
-    if ROW_FORMATS_KEY in meta:
-        try:
-            recorded = dict(json.loads(meta[ROW_FORMATS_KEY]))
-        except (ValueError, TypeError):
-            raise ValueError(f"{path}: bad {ROW_FORMATS_KEY}; re-run engram-quantize") from None
-        for key, fmt in recorded.items():
-            out[key] = RowFormat.from_dict(fmt)
-    return out
+    return row_formats(read_header(path))
 
 
 def quantize_table_file(
@@ -87,7 +69,7 @@ def quantize_table_file(
             sl = slices[k]
             shape, dtype = list(sl.get_shape()), sl.get_dtype()
             if k not in keys:
-                if dtype not in _ST_SIZE:
+                if dtype not in DTYPE_SIZES:
                     raise ValueError(f"{k} in {src} has dtype {dtype}, which this tool cannot copy")
                 specs.append((k, dtype, shape, _raw_chunks(f, k, shape, chunk_rows)))
                 continue
@@ -149,7 +131,7 @@ def write_safetensors(
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape, _ in specs:
-        n = _ST_SIZE[dtype]
+        n = DTYPE_SIZES[dtype]
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}

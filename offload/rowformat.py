@@ -32,6 +32,7 @@ E4M3_MAX = 448.0
 FORMATS = ("bf16", "f16", "f32", "fp8")
 PLAIN_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 METADATA_KEY = "engram.row_format"  # safetensors metadata key of a quantised table file
+ROW_FORMATS_KEY = "engram.row_formats"  # metadata of a table file: {tensor: row format}
 # float32 value of every e4m3fn byte, from torch's own cast: on the CPU a table lookup is several
 # times faster than the cast and gives the same bits
 E4M3_TO_F32 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()

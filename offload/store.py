@@ -1,8 +1,9 @@
 """Where Engram tables live: GPU-resident, pinned host memory (CUDA), or plain host memory.
 
-Tables stream from their safetensors file straight into the chosen tier in chunks: the file is
-memory-mapped, one chunk at a time is converted and copied into the final buffer, so RAM never
-holds two full copies and host tiers never pass through the GPU.
+Tables stream from their safetensors file straight into the chosen tier in bounded chunks
+(``table_load``: read with ``preadv``, no mapping, page cache released behind each chunk), so
+RAM never holds two full copies and host tiers never pass through the GPU. A truncated or
+corrupt file is refused before anything is allocated (``models.safetensors_header.TableFileError``).
 
 Row formats (``rowformat``): a table holds plain rows (bf16 as trained, or f16/f32) or packed
 FP8 rows (uint8, values then scales). A checkpoint's tables load as stored, or are converted
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tqdm import tqdm
+
+from models.safetensors_header import read_header
 
 from .hostmem import SMAPS, HostBuffer, PinnedBuffer, host_table_memory, huge_bytes_in, thp_mode
-from .quantize import read_row_formats
-from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8, quantize_fp8
+from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8
+from .table_load import LoadStats, TableSource, load_tables, table_source
 
 ROW_FORMATS = ("auto", *FORMATS)  # what a load may ask for; 'auto' keeps tables as stored
 
@@ -166,9 +167,18 @@ class TableStore:
         self, tables: dict[int, Table], placement: Placement, huge_pages: bool = False
     ) -> None:
         self.tables, self.placement, self.huge_pages = tables, placement, huge_pages
+        self.load_stats: LoadStats | None = None  # set when the tables streamed from a file
 
     def __getitem__(self, layer_id: int) -> Table:
         return self.tables[layer_id]
+
+    def close(self) -> None:
+        """Unregister the host tables from CUDA and drop the store's hold on their memory
+        (idempotent); the tensors already handed out stay readable as host memory."""
+        for t in self.tables.values():
+            t._device_view = None
+            if t.memory is not None:
+                t.memory.close()
 
     def bytes_by_tier(self) -> dict[str, int]:
         out = {p.value: 0 for p in Placement}
@@ -265,46 +275,26 @@ class TableStore:
         placement = Placement.parse(placement)
         device = torch.device(device)
         check_placement(placement, device)
-        stored = read_row_formats(path)
+        header = read_header(path)
         tables: dict[int, Table] = {}
-        with safe_open(str(path), framework="pt") as f:
-            sources = {}
-            for lid, key in keys.items():
-                if key not in stored:
-                    raise ValueError(
-                        f"{key} in {path}: want a 2-D table of rows (bf16/f16/f32, or fp8 from "
-                        "engram-quantize); check the checkpoint"
-                    )
-                src = stored[key]
-                fp8 = row_format == "fp8" or (row_format == "auto" and src.name == "fp8")
-                if fp8 and src.name != "fp8":
-                    try:
-                        RowFormat("fp8", src.values)
-                    except ValueError as e:
-                        raise ValueError(f"{key}: {e}") from None
-                out = row_dtype if fp8 else PLAIN_DTYPES.get(row_format, dtype)
-                if out is None:  # auto, plain as stored
-                    out = PLAIN_DTYPES[src.name] if src.name in PLAIN_DTYPES else row_dtype
-                rows = f.get_slice(key).get_shape()[0]
-                tables[lid] = new_table(
-                    lid, (rows, src.values), out, placement, device, fp8, huge_pages
-                )
-                sources[lid] = (key, src)
-            store = cls(tables, placement, huge_pages)
-            total = sum(t.rows for t in tables.values())
-            with tqdm(
-                total=total,
-                desc="loading Engram tables",
-                unit="row",
-                unit_scale=True,
-                disable=not progress,
-            ) as bar:
-                for lid, (key, src) in sources.items():
-                    dst = tables[lid]
-                    for a in range(0, dst.rows, chunk_rows):
-                        chunk = _load_chunk(f, key, src, dst, a, a + chunk_rows)
-                        dst.tensor[a : a + chunk.shape[0]].copy_(chunk)
-                        bar.update(chunk.shape[0])
+        sources: dict[int, TableSource] = {}
+        for lid, key in keys.items():
+            src = table_source(header, key)
+            fp8 = row_format == "fp8" or (row_format == "auto" and src.fmt.name == "fp8")
+            if fp8 and src.fmt.name != "fp8":
+                try:
+                    RowFormat("fp8", src.fmt.values)
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from None
+            out = row_dtype if fp8 else PLAIN_DTYPES.get(row_format, dtype)
+            if out is None:  # auto, plain as stored
+                out = PLAIN_DTYPES.get(src.fmt.name, row_dtype)
+            tables[lid] = new_table(
+                lid, (src.rows, src.fmt.values), out, placement, device, fp8, huge_pages
+            )
+            sources[lid] = src
+        store = cls(tables, placement, huge_pages)
+        store.load_stats = load_tables(str(path), sources, tables, chunk_rows, progress=progress)
         return store
 
     @classmethod
@@ -334,18 +324,3 @@ class TableStore:
             row_dtype=row_dtype,
             huge_pages=huge_pages,
         )
-
-
-def _load_chunk(f, key: str, src: RowFormat, dst: Table, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a stored table, converted to ``dst``'s stored format."""
-    raw = f.get_slice(key)[a:b]
-    if src.name == "fp8":
-        if not src.packed:  # split layout: values, then the scales tensor beside them
-            raw = torch.cat([raw.view(torch.uint8), f.get_slice(f"{key}.scales")[a:b]], dim=1)
-        return raw if dst.fp8 else dequantize_fp8(raw, dst.tensor.dtype)
-    if dst.fp8:
-        try:
-            return quantize_fp8(raw.to(torch.float32))
-        except ValueError as e:
-            raise ValueError(f"{key}, rows {a}..{a + raw.shape[0] - 1}: {e}") from None
-    return raw.to(dst.tensor.dtype)

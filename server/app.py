@@ -23,6 +23,7 @@ from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
 from models.config import ModelConfig
+from models.safetensors_header import TableFileError
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
@@ -131,7 +132,8 @@ class ServerState:
             log.warning("%s; stopped loading", e)
             if built is not None:
                 built.close()
-        except KernelCheckError as e:  # one line says it all: the kernel, the error, the flag
+        except (KernelCheckError, TableFileError) as e:  # one line says it all (the kernel or
+            # the file's tensor, what is wrong, what to do)
             log.error("%s", e)
             self.load_error = str(e)
             if built is not None:
