@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="the engine runs each step's host work in series with the device",
+    )
+    ap.add_argument(
         "--no-micro",
         action="store_true",
         help="skip the gather microbenchmark (another run has it)",
@@ -209,6 +214,7 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         memory_bytes=memory_mib << 20,
         seed=args.seed,
         repeats=pick(args.repeats, 1 if args.quick else 3),
+        overlap=not args.no_overlap,
     )
     names = ("num_seqs", "max_batched_tokens", "sweep_prompt_len", "sweep_steps", "repeats")
     for name in (*names, "micro_repeats"):
@@ -368,6 +374,14 @@ def write_outputs(res: dict, out_dir: Path, plots: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--host-cost" in argv:  # its own report, its own flags
+        from .hostcost import main as host_cost
+
+        return host_cost([a for a in argv if a != "--host-cost"])
+    if "--http-cost" in argv:
+        from .httpcost import main as http_cost
+
+        return http_cost([a for a in argv if a != "--http-cost"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

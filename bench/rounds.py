@@ -82,7 +82,7 @@ def build_benches(
     progress: bool,
 ) -> list[PathBench]:
     """Every path's prefetcher and engine, built once; the engines share one KV cache."""
-    config = engine_config(jobs, wl.max_batched_tokens, deterministic)
+    config = engine_config(jobs, wl.max_batched_tokens, deterministic, wl.overlap)
     base_store = src.store(specs[0].placement)
     reference = dict(base_store.tables)  # what every path's rows are checked against
     benches: list[PathBench] = []

@@ -50,6 +50,7 @@ class Workload:
     repeats: int  # interleaved timed rounds
     micro_values: tuple[int, ...] = (64, 128, 256)  # bf16 values per row of the micro tables
     check_steps: int = 3  # steps per job whose rows and logits are checked
+    overlap: bool = True  # the engine's overlapped steps (--no-overlap: in series)
 
 
 @dataclass(frozen=True)
