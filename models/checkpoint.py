@@ -1,11 +1,15 @@
 """Checkpoint directory I/O: config.json, model.safetensors, engram.safetensors, tokenizer.json.
 
+The same loader reads a Hugging Face directory of a supported family (models/hf_config.py):
+``model.safetensors`` or the shards ``model.safetensors.index.json`` names, each tensor read
+from the memory-mapped file and converted alone (never the whole checkpoint copied at once).
 Only safetensors and JSON are read. Engram tables live in their own file so the offload
 engine can stream them into pinned host memory without the model (or the GPU) holding them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,12 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .hf_config import UnsupportedModel
 from .llama import EngramForCausalLM, rope_cache
 from .tokenizer import EngramTokenizer
 
 MODEL_FILE = "model.safetensors"
 ENGRAM_FILE = "engram.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +85,39 @@ def save_checkpoint(
     return out
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The backbone's safetensors files: the shards the index names, or model.safetensors.
+    Pickled weights are refused (they would run code on load)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} has no valid weight_map: {e}") from e
+        files = [directory / n for n in names]
+    elif (directory / MODEL_FILE).is_file():
+        files = [directory / MODEL_FILE]
+    else:
+        pickled = sorted(p.name for pat in PICKLED for p in directory.glob(pat))
+        if pickled:
+            raise UnsupportedModel(
+                f"weights {pickled[0]} are pickled and not loaded; supported: model.safetensors "
+                f"or shards named by {INDEX_FILE} (save_pretrained(safe_serialization=True))"
+            )
+        raise CheckpointError(f"checkpoint file {directory / MODEL_FILE} is missing")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+    return files
+
+
+def _ignored(key: str, config: ModelConfig) -> bool:
+    """Keys a Hugging Face file may hold that the model recomputes or shares."""
+    return key.endswith("rotary_emb.inv_freq") or (
+        key == "lm_head.weight" and config.tie_word_embeddings
+    )
+
+
 def file_keys(path: Path) -> list[str]:
     with safe_open(str(path), framework="pt") as f:
         return list(f.keys())
@@ -104,23 +144,24 @@ def load_checkpoint(
                 f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is "
                 f"{config.vocab_size}; fix vocab_size in config.json"
             )
-    compression = tokenizer.lookup if tokenizer is not None else None
+    use_lookup = tokenizer is not None and config.engram_layer_ids
+    compression = tokenizer.lookup if use_lookup else None
     with torch.device("meta"):
         model = EngramForCausalLM(config, compression)
 
-    files = [directory / MODEL_FILE]
+    files = weight_files(directory)
     if config.engram_layer_ids:
         files.append(directory / ENGRAM_FILE)
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
+        if not files[-1].is_file():
+            raise CheckpointError(f"checkpoint file {files[-1]} is missing")
     tables = {table_key(lid) for lid in config.engram_layer_ids}
     found: dict[str, Path] = {}
     for f in files:
         for k in file_keys(f):
             if k.endswith(".scales") and k[: -len(".scales")] in tables:
                 continue  # fp8 tables in engram-quantize's split layout: scales beside values
-            found[k] = f
+            if not _ignored(k, config):
+                found[k] = f
     expected = _expected_keys(model)
     missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or unexpected:

@@ -12,6 +12,25 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """ConfigError unless ``scaling`` is a RoPE scaling this backbone computes."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(
+            f"config field 'rope_scaling': rope_type {kind!r} is not supported; "
+            f"supported: default, {', '.join(ROPE_SCALINGS)}"
+        )
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in scaling]
+    if missing:
+        raise ConfigError(f"config field 'rope_scaling': {kind} scaling needs {missing}")
+
+
 @dataclass
 class ModelConfig:
     # backbone
@@ -39,11 +58,16 @@ class ModelConfig:
     engram_kernel_size: int = 4
     hc_mult: int = 1
     model_type: str = "engram_llama"
+    # backbone switches for the Hugging Face families (models/hf_config.py sets them)
+    attention_head_dim: int | None = None  # HF `head_dim` when it is not hidden / heads
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...} (HF's keys)
 
     # --- derived -----------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def engram_total_heads(self) -> int:
@@ -77,7 +101,13 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, f"must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.attention_head_dim is not None and (
+            not isinstance(self.attention_head_dim, int) or self.attention_head_dim < 1
+        ):
+            fail(
+                "attention_head_dim", f"must be a positive integer, got {self.attention_head_dim!r}"
+            )
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             fail(
                 "hidden_size",
                 f"{self.hidden_size} is not divisible by num_attention_heads "
@@ -91,6 +121,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             fail("hidden_size", f"head dim {self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.engram_max_ngram_size < 2:
             fail("engram_max_ngram_size", f"must be >= 2, got {self.engram_max_ngram_size}")
         if len(self.engram_vocab_size) != self.engram_max_ngram_size - 1:
@@ -166,4 +198,6 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        from .hf_config import from_hf, is_hf_config  # it builds on this module
+
+        return from_hf(data) if is_hf_config(data) else cls.from_dict(data)

@@ -66,8 +66,7 @@ class EngramTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, lookup: np.ndarray | None = None) -> None:
         self.tokenizer = tokenizer
-        self.lookup = build_compression_lookup(tokenizer) if lookup is None else lookup
-        self.compressed_vocab_size = int(self.lookup.max()) + 1
+        self._lookup = lookup
         added = tokenizer.get_added_tokens_decoder()
         self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
         self.special_tokens = {i: t.content for i, t in added.items() if t.special}
@@ -80,6 +79,18 @@ class EngramTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         return cls(Tokenizer.from_file(str(path)))
+
+    @property
+    def lookup(self) -> np.ndarray:
+        """Raw id -> compressed id; built on first use (a model without Engram layers never
+        needs it, and it decodes every token of a large vocabulary)."""
+        if self._lookup is None:
+            self._lookup = build_compression_lookup(self.tokenizer)
+        return self._lookup
+
+    @property
+    def compressed_vocab_size(self) -> int:
+        return int(self.lookup.max()) + 1
 
     @property
     def vocab_size(self) -> int:

@@ -322,6 +322,8 @@ class TableStore:
         """The Engram tables of a checkpoint directory (its engram.safetensors)."""
         from models.checkpoint import ENGRAM_FILE, table_key
 
+        if not layer_ids:  # a plain backbone (e.g. a Hugging Face model without Engram)
+            return cls({}, Placement.parse(placement), huge_pages)
         keys = {lid: table_key(lid) for lid in layer_ids}
         path = Path(model_dir) / ENGRAM_FILE
         return cls.from_safetensors(
