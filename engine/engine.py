@@ -231,7 +231,7 @@ class Engine:
         """(token, logprobs) per row, or the exception that row raised. The batched sampler
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
-        eos = self.model.config.eos_token_id
+        eos = self.model.config.stop_token_ids
         rows = [
             SampleRow(
                 s.params,
@@ -333,11 +333,11 @@ class Engine:
         if lp is not None:
             out.logprobs.append(lp)
             seq.output_logprobs.append(lp)
-        eos = None if params.ignore_eos else self.model.config.eos_token_id
+        eos = frozenset() if params.ignore_eos else self.model.config.stop_token_ids
         if seq.detok is not None:
-            out.text = seq.detok.add(tok) if tok != eos else ""
+            out.text = seq.detok.add(tok) if tok not in eos else ""
         reason = None
-        if tok == eos or (seq.detok is not None and seq.detok.stopped):
+        if tok in eos or (seq.detok is not None and seq.detok.stopped):
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
             reason = "length"

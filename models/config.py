@@ -31,6 +31,19 @@ def check_rope_scaling(scaling: dict) -> None:
         raise ConfigError(f"config field 'rope_scaling': {kind} scaling needs {missing}")
 
 
+def cap_context(config: ModelConfig, max_model_len: int) -> ModelConfig:
+    """Serve at most ``max_model_len`` tokens per sequence (0: the model's own limit), as
+    vLLM's --max-model-len; the KV pool and every length check follow. In place."""
+    if max_model_len < 0 or max_model_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-model-len {max_model_len} must be from 1 to the model's "
+            f"max_position_embeddings ({config.max_position_embeddings}), or 0 for that"
+        )
+    if max_model_len:
+        config.max_position_embeddings = max_model_len
+    return config
+
+
 @dataclass
 class ModelConfig:
     # backbone
@@ -63,11 +76,21 @@ class ModelConfig:
     attention_bias: bool = False  # biases on q/k/v (Qwen2)
     qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
     rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...} (HF's keys)
+    # more ids that end a sequence besides eos_token_id (a list in HF's config.json or
+    # generation_config.json, e.g. Llama 3's <|eot_id|>)
+    eos_token_ids: list[int] = field(default_factory=list)
 
     # --- derived -----------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.attention_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Every token id that ends a sequence (unless ignore_eos)."""
+        ids = {*self.eos_token_ids, self.eos_token_id}
+        ids.discard(None)
+        return frozenset(ids)
 
     @property
     def engram_total_heads(self) -> int:
@@ -169,6 +192,9 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
                 fail(name, f"{v} is outside the vocab (0..{self.vocab_size - 1})")
+        for v in self.eos_token_ids:
+            if not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                fail("eos_token_ids", f"{v!r} is outside the vocab (0..{self.vocab_size - 1})")
         return self
 
     # --- I/O ------------------------------------------------------------------
@@ -198,6 +224,9 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        from .hf_config import from_hf, is_hf_config  # it builds on this module
+        from .hf_config import from_hf, is_hf_config  # they build on this module
+        from .hf_files import GenerationDefaults
 
-        return from_hf(data) if is_hf_config(data) else cls.from_dict(data)
+        if is_hf_config(data):
+            return from_hf(data, GenerationDefaults.read(directory))
+        return cls.from_dict(data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ROPE_SCALINGS, ConfigError, ModelConfig
+from .hf_files import GenerationDefaults, id_list
 
 FAMILIES = {
     "llama": "LlamaForCausalLM",
@@ -88,8 +89,9 @@ def _first(v):
     return v[0] if isinstance(v, list) and v else (v if isinstance(v, int) else None)
 
 
-def from_hf(data: dict) -> ModelConfig:
-    """The backbone a Hugging Face config describes, plus any Engram fields it carries."""
+def from_hf(data: dict, generation: GenerationDefaults | None = None) -> ModelConfig:
+    """The backbone a Hugging Face config describes, plus any Engram fields it carries;
+    ``generation`` (generation_config.json) adds its EOS ids."""
     model_type = _check_family(data)
     theta, scaling = rope_settings(data)
     vocab = data["vocab_size"]
@@ -120,4 +122,6 @@ def from_hf(data: dict) -> ModelConfig:
     for k in ("bos_token_id", "eos_token_id"):
         if fields[k] is not None and not 0 <= fields[k] < vocab:
             fields[k] = None  # some configs name ids of added tokens past vocab_size
+    eos = id_list(data.get("eos_token_id")) + (generation.eos_token_ids if generation else [])
+    fields["eos_token_ids"] = sorted({i for i in eos if 0 <= i < vocab} - {fields["eos_token_id"]})
     return ModelConfig(**fields).validate()

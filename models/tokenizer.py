@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers
 
+from .hf_files import TokenizerFiles
+
 _SENTINEL = "\ue000"
 
 
@@ -67,6 +69,7 @@ class EngramTokenizer:
     def __init__(self, tokenizer: Tokenizer, lookup: np.ndarray | None = None) -> None:
         self.tokenizer = tokenizer
         self._lookup = lookup
+        self.files = TokenizerFiles()  # tokenizer_config.json's special tokens, chat template
         added = tokenizer.get_added_tokens_decoder()
         self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
         self.special_tokens = {i: t.content for i, t in added.items() if t.special}
@@ -78,7 +81,9 @@ class EngramTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(Tokenizer.from_file(str(path)))
+        tok = cls(Tokenizer.from_file(str(path)))
+        tok.files = TokenizerFiles.read(path.parent)
+        return tok
 
     @property
     def lookup(self) -> np.ndarray:

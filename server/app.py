@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
-from models.config import ModelConfig
+from models.config import ModelConfig, cap_context
+from models.hf_files import GenerationDefaults
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
@@ -76,9 +77,13 @@ class ServerState:
         (default: the serving path's)."""
         self.cfg = cfg
         self.kernels = kernels
+        self.sampling_defaults: dict = {}
         try:
             model = offload.model.config if offload else ModelConfig.load(cfg.model_dir)
+            cap_context(model, cfg.engine.max_model_len)
             self.limits: Limits | None = request_limits(cfg, model)
+            if offload is None:
+                self.sampling_defaults = GenerationDefaults.read(cfg.model_dir).sampling
         except ValueError:  # the load fails too and says why (/health, the CLI's exit)
             self.limits = None
         self.metrics = Metrics(
@@ -106,6 +111,7 @@ class ServerState:
             e = self.cfg.engine
             offload = self._offload or self._load_offload(clock)
             built = offload if self._offload is None else None
+            cap_context(offload.model.config, e.max_model_len)
             with clock.phase("link measurement"):
                 self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
             with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
@@ -332,7 +338,7 @@ def create_app(
         engine = state.ready_engine()
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
-        comp = Completion(engine, body, cfg.model_name)
+        comp = Completion(engine, body, cfg.model_name, state.sampling_defaults)
         comp.submit()
         if body.stream:
             return StreamingResponse(comp.stream(), media_type="text/event-stream")
