@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .hf_config import UnsupportedModel
+from .hf_files import GenerationDefaults
 from .llama import EngramForCausalLM, rope_cache
+from .tinyengram import our_key
 from .tokenizer import EngramTokenizer
 
 MODEL_FILE = "model.safetensors"
@@ -111,6 +113,38 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def checkpoint_files(directory: Path, config: ModelConfig) -> list[Path]:
+    """Every safetensors file of the checkpoint: the weights, plus engram.safetensors where
+    the Engram layers keep their own file (this project's format; TinyEngram's are among the
+    weights)."""
+    files = weight_files(directory)
+    if config.engram_layer_ids and not is_tinyengram(directory):
+        if not (directory / ENGRAM_FILE).is_file():
+            raise CheckpointError(f"checkpoint file {directory / ENGRAM_FILE} is missing")
+        files.append(directory / ENGRAM_FILE)
+    return files
+
+
+def table_files(directory: str | Path, layer_ids: list[int]) -> dict[Path, dict[int, str]]:
+    """Where each layer's table is stored: ``{file: {layer: key in that file}}``."""
+    directory = Path(directory)
+    wanted = {table_key(lid): lid for lid in layer_ids}
+    if not layer_ids:
+        return {}
+    if not is_tinyengram(directory):
+        return {directory / ENGRAM_FILE: {lid: table_key(lid) for lid in layer_ids}}
+    out: dict[Path, dict[int, str]] = {}
+    for f in weight_files(directory):
+        for k in file_keys(f):
+            if our_key(k) in wanted:
+                out.setdefault(f, {})[wanted[our_key(k)]] = k
+    return out
+
+
+def is_tinyengram(directory: Path) -> bool:
+    return GenerationDefaults.read(directory).engram_cfg is not None
+
+
 def _ignored(key: str, config: ModelConfig) -> bool:
     """Keys a Hugging Face file may hold that the model recomputes or shares."""
     return key.endswith("rotary_emb.inv_freq") or (
@@ -144,24 +178,26 @@ def load_checkpoint(
                 f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is "
                 f"{config.vocab_size}; fix vocab_size in config.json"
             )
+    if is_tinyengram(directory) and config.engram_layer_ids:
+        if tokenizer is None:
+            raise CheckpointError(f"{directory}: a TinyEngram checkpoint needs its tokenizer.json")
+        # the reference hashes over its compressed tokenizer's size
+        config.engram_compressed_vocab_size = tokenizer.compressed_vocab_size
     use_lookup = tokenizer is not None and config.engram_layer_ids
     compression = tokenizer.lookup if use_lookup else None
     with torch.device("meta"):
         model = EngramForCausalLM(config, compression)
 
-    files = weight_files(directory)
-    if config.engram_layer_ids:
-        files.append(directory / ENGRAM_FILE)
-        if not files[-1].is_file():
-            raise CheckpointError(f"checkpoint file {files[-1]} is missing")
+    files = checkpoint_files(directory, config)
     tables = {table_key(lid) for lid in config.engram_layer_ids}
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, str]] = {}  # our key -> (file, key in the file)
     for f in files:
         for k in file_keys(f):
-            if k.endswith(".scales") and k[: -len(".scales")] in tables:
+            ours = our_key(k)
+            if ours.endswith(".scales") and ours[: -len(".scales")] in tables:
                 continue  # fp8 tables in engram-quantize's split layout: scales beside values
-            if not _ignored(k, config):
-                found[k] = f
+            if not _ignored(ours, config):
+                found[ours] = (f, k)
     expected = _expected_keys(model)
     missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or unexpected:
@@ -174,17 +210,18 @@ def load_checkpoint(
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                if k not in found or (k in tables and not load_tables):
+                ours = our_key(k)
+                if found.get(ours) != (f, k) or (ours in tables and not load_tables):
                     continue
-                t = sf.get_tensor(k)
-                if k in tables and (not t.is_floating_point() or t.dtype == torch.float8_e4m3fn):
+                t = sf.get_tensor(k)  # one tensor from the memory map, converted alone
+                if ours in tables and (not t.is_floating_point() or t.dtype == torch.float8_e4m3fn):
                     raise CheckpointError(
                         f"{k} holds FP8 rows (engram-quantize output); load the tables through "
                         "offload (OffloadedModel.load, engram-eval --row-format)"
                     )
                 if t.is_floating_point():
                     t = t.to(dtype)
-                state[k] = t.to(device)
+                state[ours] = t.to(device)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -15,6 +15,7 @@ import dataclasses
 
 from .config import ROPE_SCALINGS, ConfigError, ModelConfig
 from .hf_files import GenerationDefaults, id_list
+from .tinyengram import engram_fields
 
 FAMILIES = {
     "llama": "LlamaForCausalLM",
@@ -119,6 +120,9 @@ def from_hf(data: dict, generation: GenerationDefaults | None = None) -> ModelCo
         engram_compressed_vocab_size=min(vocab, ModelConfig.engram_compressed_vocab_size),
     )
     fields.update({k: v for k, v in data.items() if k in _ENGRAM_FIELDS})
+    if generation is not None and generation.engram_cfg is not None:  # TinyEngram
+        fields.update(engram_fields(generation.engram_cfg))
+        fields["engram_compressed_vocab_size"] = vocab  # the tokenizer's, set at load
     for k in ("bos_token_id", "eos_token_id"):
         if fields[k] is not None and not 0 <= fields[k] < vocab:
             fields[k] = None  # some configs name ids of added tokens past vocab_size

@@ -51,6 +51,7 @@ def id_list(value) -> list[int]:
 class GenerationDefaults:
     eos_token_ids: list[int] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)  # request field -> default value
+    engram_cfg: dict | None = None  # TinyEngram's Engram settings (models/tinyengram.py)
 
     @classmethod
     def read(cls, directory: str | Path) -> GenerationDefaults:
@@ -60,7 +61,7 @@ class GenerationDefaults:
             for k in SAMPLING_KEYS
             if data.get(k) is not None and data[k] != _HF_DEFAULTS.get(k)
         }
-        return cls(id_list(data.get("eos_token_id")), sampling)
+        return cls(id_list(data.get("eos_token_id")), sampling, data.get("engram_cfg"))
 
 
 def _token_text(value) -> str | None:
