@@ -23,16 +23,19 @@ from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
 from models.config import ModelConfig, cap_context
-from models.hf_files import GenerationDefaults
+from models.hf_files import GenerationDefaults, TokenizerFiles
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
+from .chat import ChatCompletion, model_template, no_template, read_template_file
+from .chat_protocol import ChatCompletionRequest
 from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
 from .middleware import BodyCheck, CatchAll, KeyCheck, error_response, needs_key
 from .openapi import (
     STREAM,
+    ChatCompletionResponse,
     CompletionResponse,
     Health,
     Limits,
@@ -78,6 +81,7 @@ class ServerState:
         self.cfg = cfg
         self.kernels = kernels
         self.sampling_defaults: dict = {}
+        self.chat_template = read_template_file(cfg.chat_template)  # the CLI checked it
         try:
             model = offload.model.config if offload else ModelConfig.load(cfg.model_dir)
             cap_context(model, cfg.engine.max_model_len)
@@ -348,14 +352,32 @@ def create_app(
             return Response(status_code=499)
         return result
 
-    @app.post("/v1/chat/completions", responses=errors(400))
-    async def chat(request: Request):
-        raise APIError(
-            400,
-            f"model `{cfg.model_name}` has no chat template; use /v1/completions",
-            "messages",
-            "chat_template_missing",
-        )
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {"model": ChatCompletionResponse, "content": STREAM},
+            **errors(400, 404, 429, 503),
+        },
+    )
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        body.check()
+        if state.draining:
+            raise shutting_down("the server is shutting down; retry on another replica")
+        engine = state.ready_engine()
+        if engine.tokenizer is None:
+            raise no_template(cfg.model_name)
+        template = model_template(engine.tokenizer, state.chat_template)
+        comp = ChatCompletion(engine, body, cfg.model_name, state.sampling_defaults, template)
+        comp.req.check()
+        comp.submit()
+        if body.stream:
+            return StreamingResponse(comp.stream(), media_type="text/event-stream")
+        result = await wait_or_disconnect(request, comp.collect())
+        if result is None:
+            comp.abort()
+            return Response(status_code=499)
+        return result
 
     # vLLM's /tokenize, /detokenize, /tokenizer_info (behind the key here: vLLM leaves them open)
     app.include_router(tokenization_router)
@@ -366,7 +388,10 @@ def create_app(
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = describe(app, state.limits, needs_key)
+            has_template = state.chat_template is not None or (
+                TokenizerFiles.read(cfg.model_dir).chat_template is not None
+            )
+            app.openapi_schema = describe(app, state.limits, needs_key, has_template)
         return app.openapi_schema
 
     app.openapi = openapi

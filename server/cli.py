@@ -23,10 +23,11 @@ import uvicorn
 
 from engine.config import EngineConfig
 from engine.determinism import set_deterministic
-from models.config import ModelConfig
+from models.config import ModelConfig, cap_context
 from offload.paths import SettingError, cores, resolve
 
 from .app import create_app
+from .chat import read_template_file
 from .config import ServerConfig
 from .launch import SignalLatch
 
@@ -123,9 +124,13 @@ def validate(args: argparse.Namespace) -> str | None:
     if not model_dir.is_dir():
         return f"model directory {model_dir} does not exist; pass --model DIR with a checkpoint"
     try:
-        ModelConfig.load(model_dir)
+        cap_context(ModelConfig.load(model_dir), cfg.engine.max_model_len)
     except ValueError as e:
         return f"bad model directory {model_dir}: {e}"
+    try:
+        read_template_file(cfg.chat_template)
+    except (OSError, ValueError) as e:
+        return str(e)
     try:
         cfg.engine.check()
     except ValueError as e:

@@ -31,6 +31,11 @@ class ServerConfig:
     bench_result: str | None = flag(
         None, "engram-bench JSON shown by GET /v1/offload (default: none)"
     )
+    chat_template: str | None = flag(
+        None,
+        "chat template FILE (jinja2) for /v1/chat/completions (default: the model's, from "
+        "chat_template.jinja or tokenizer_config.json)",
+    )
     log_level: str = flag("info", "log level", choices=list(LOG_LEVELS))
     shutdown_timeout: float = flag(
         30.0,
