@@ -260,7 +260,7 @@ def create_app(
         return error_response(err, state.metrics)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != cfg.model_name:
+        if name is not None and name not in cfg.model_names:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     # HEAD as well as GET on /health and /metrics: probes (aiperf's among them) use it
@@ -285,9 +285,9 @@ def create_app(
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict:
+    def model_card(name: str) -> dict:
         return {
-            "id": cfg.model_name,
+            "id": name,
             "object": "model",
             "created": int(state.started),
             "owned_by": "engram-serve",
@@ -297,7 +297,7 @@ def create_app(
 
     @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in cfg.model_names]}
 
     @app.get(
         "/v1/models/{model}",
@@ -305,7 +305,7 @@ def create_app(
     )
     async def retrieve_model(model: str):
         check_model(model)
-        return model_card()
+        return model_card(model)
 
     @app.get("/v1/offload", responses=errors(503))
     async def offload_info():

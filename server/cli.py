@@ -33,7 +33,7 @@ from .launch import SignalLatch
 
 log = logging.getLogger("engram.server")
 
-TYPES = {"int": int, "float": float, "str": str}
+TYPES = {"int": int, "float": float, "str": str, "list[str]": str}
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -81,8 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, dest=f.name, action=action, help=text)
             continue
         kind = TYPES[f.type.split(" |")[0]]
+        extra = {"nargs": meta["nargs"]} if "nargs" in meta else {}
         ap.add_argument(
-            name, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"]
+            name,
+            type=kind,
+            default=f.default,
+            choices=meta.get("choices"),
+            help=meta["help"],
+            **extra,
         )
     return ap
 
@@ -102,6 +108,8 @@ def env_argv(ap: argparse.ArgumentParser) -> list[str]:
             on = raw.lower() in ("1", "true", "yes", "on")
             if on != isinstance(action, argparse._StoreFalseAction):
                 out.append(flag)
+        elif action.nargs == "+":  # ENGRAM_SERVED_MODEL_NAME="a b": two names
+            out += [flag, *raw.split()]
         else:
             out += [flag, raw]
     return out

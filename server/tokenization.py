@@ -52,7 +52,7 @@ class DetokenizeRequest(BaseModel):
 
 def _tokenizer(request: Request, model: str | None) -> tuple[AsyncEngine, EngramTokenizer]:
     state = request.app.state.server
-    if model is not None and model != state.cfg.model_name:
+    if model is not None and model not in state.cfg.model_names:
         raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
     engine = state.ready_engine()
     if engine.tokenizer is None:
