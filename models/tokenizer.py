@@ -93,6 +93,10 @@ class EngramTokenizer:
             self._lookup = build_compression_lookup(self.tokenizer)
         return self._lookup
 
+    @lookup.setter
+    def lookup(self, table: np.ndarray) -> None:
+        self._lookup = table
+
     @property
     def compressed_vocab_size(self) -> int:
         return int(self.lookup.max()) + 1

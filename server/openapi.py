@@ -270,6 +270,11 @@ def describe(
     )
     schemas["ErrorResponse"].pop("$defs", None)
     complete_completion_request(schemas["CompletionRequest"], limits)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        # int64 bounds, exact: FastAPI's document models hold them as floats (2**63 rounded),
+        # under which a seed just past the int64 range would read as valid
+        seed = _nullable(schemas[name]["properties"]["seed"])
+        seed["maximum"], seed["minimum"] = 2**63 - 1, -(2**63)
     schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = limits.vocab_size - 1
     if chat_template:
         doc["paths"]["/v1/chat/completions"]["post"]["description"] = (
