@@ -213,9 +213,12 @@ class ServerState:
 
     def summary_line(self) -> str:
         e = self.engine
-        tiers = ", ".join(
-            f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
-        ) or "none (no Engram layers)"
+        tiers = (
+            ", ".join(
+                f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
+            )
+            or "none (no Engram layers)"
+        )
         return (
             f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}, "
             f"dtype {e.offload.dtype or e.offload.model.lm_head.weight.dtype}; "
