@@ -199,7 +199,13 @@ def load_checkpoint(
             if not _ignored(ours, config):
                 found[ours] = (f, k)
     expected = _expected_keys(model)
-    missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
+    # each head's row offset is a buffer the hasher fixes; a file may leave it out
+    offsets = {
+        f"model.layers.{lid}.engram.multi_head_embedding.offsets": lid
+        for lid in config.engram_layer_ids
+    }
+    missing = sorted(expected - set(found) - set(offsets))
+    unexpected = sorted(set(found) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {directory} does not match the config: "
@@ -222,6 +228,8 @@ def load_checkpoint(
                 if t.is_floating_point():
                     t = t.to(dtype)
                 state[ours] = t.to(device)
+    for key, lid in offsets.items():
+        state.setdefault(key, torch.from_numpy(model.hasher.head_offsets(lid)).to(device))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
