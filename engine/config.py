@@ -59,6 +59,9 @@ class EngineConfig:
         off_help="back host tables with ordinary 4 KiB pages instead of 2 MiB ones",
     )
     gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
+    max_model_len: int = flag(
+        0, "tokens per sequence, prompt + output (0: the model's max_position_embeddings)"
+    )
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")

@@ -121,7 +121,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
-        self._eos, self._max_tokens = mc.eos_token_id, self.max_tokens_per_seq
+        self._eos, self._max_tokens = mc.stop_token_ids, self.max_tokens_per_seq
         self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers
         # sequences whose steps run without overlap (prompt logprobs, scoring only)
@@ -284,7 +284,7 @@ class Engine:
         """The sampler's rows. With a token in flight it counts as generated (EOS bans), and a
         penalised row gets its own copy of the output ids (the token is added on the device's
         side once known)."""
-        eos = self.model.config.eos_token_id
+        eos = self._eos
         rows = []
         for s in seqs:
             p, out, row = s.params, s.output_ids, s.sample_row
@@ -396,11 +396,11 @@ class Engine:
         if lp is not None:
             out.logprobs.append(lp)
             seq.output_logprobs.append(lp)
-        eos = None if params.ignore_eos else self._eos
+        eos = frozenset() if params.ignore_eos else self._eos
         if detok is not None:
-            out.text = detok.add(tok) if tok != eos else ""
+            out.text = detok.add(tok) if tok not in eos else ""
         reason = None
-        if tok == eos or (detok is not None and detok.stopped):
+        if tok in eos or (detok is not None and detok.stopped):
             reason = "stop"
         elif (
             len(out_ids) >= params.max_tokens

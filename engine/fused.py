@@ -185,14 +185,16 @@ def _merge(module: nn.Module, names: list[str]) -> torch.Tensor:
 
 def fuse_model(model: EngramForCausalLM) -> EngramForCausalLM:
     """Rewire the backbone's norms, attention projections and MLPs to the fused kernels, in
-    place (idempotent). Engram modules keep their plain ops."""
+    place (idempotent). Engram modules keep their plain ops, and so does attention with q/k/v
+    biases (Qwen2) or q/k norms (Qwen3), whose extra steps sit between the projection and RoPE."""
     if triton is None:
         raise RuntimeError("fused kernels need Triton (it ships with CUDA builds of torch)")
     norms = [model.model.norm]
     for layer in model.model.layers:
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
         attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(attn, FusedAttention):
+        plain_attn = model.config.attention_bias or model.config.qk_norm
+        if not plain_attn and not isinstance(attn, FusedAttention):
             attn.qkv_weight = _merge(attn, ["q_proj", "k_proj", "v_proj"])
             attn.__class__ = FusedAttention
         if not isinstance(mlp, FusedMLP):

@@ -101,11 +101,14 @@ class SamplingParams:
         ]
         return max(ks) if ks else None
 
-    def banned_tokens(self, num_generated: int, eos_token_id: int | None) -> list[int]:
-        """Token ids this sequence may not sample next: EOS until min_tokens are out."""
+    def banned_tokens(self, num_generated: int, eos_token_id) -> list[int]:
+        """Token ids this sequence may not sample next: the EOS ids until min_tokens are out.
+        ``eos_token_id``: an id, None, or a collection of ids."""
         if eos_token_id is None or self.ignore_eos or num_generated >= self.min_tokens:
             return []
-        return [eos_token_id]
+        if isinstance(eos_token_id, int):
+            return [eos_token_id]
+        return sorted(eos_token_id)
 
     def generator(self, choice: int, device: torch.device | str = "cpu") -> torch.Generator:
         seed = self.seed if self.seed is not None else random.randrange(1 << 62)

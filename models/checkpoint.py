@@ -1,11 +1,15 @@
 """Checkpoint directory I/O: config.json, model.safetensors, engram.safetensors, tokenizer.json.
 
+The same loader reads a Hugging Face directory of a supported family (models/hf_config.py):
+``model.safetensors`` or the shards ``model.safetensors.index.json`` names, each tensor read
+from the memory-mapped file and converted alone (never the whole checkpoint copied at once).
 Only safetensors and JSON are read. Engram tables live in their own file so the offload
 engine can stream them into pinned host memory without the model (or the GPU) holding them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,13 +17,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .hf_config import UnsupportedModel
+from .hf_files import GenerationDefaults
 from .llama import EngramForCausalLM, rope_cache
 from .safetensors_header import read_header
+from .tinyengram import our_key
 from .tokenizer import EngramTokenizer
 
 MODEL_FILE = "model.safetensors"
 ENGRAM_FILE = "engram.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +88,71 @@ def save_checkpoint(
     return out
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The backbone's safetensors files: the shards the index names, or model.safetensors.
+    Pickled weights are refused (they would run code on load)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} has no valid weight_map: {e}") from e
+        files = [directory / n for n in names]
+    elif (directory / MODEL_FILE).is_file():
+        files = [directory / MODEL_FILE]
+    else:
+        pickled = sorted(p.name for pat in PICKLED for p in directory.glob(pat))
+        if pickled:
+            raise UnsupportedModel(
+                f"weights {pickled[0]} are pickled and not loaded; supported: model.safetensors "
+                f"or shards named by {INDEX_FILE} (save_pretrained(safe_serialization=True))"
+            )
+        raise CheckpointError(f"checkpoint file {directory / MODEL_FILE} is missing")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+    return files
+
+
+def checkpoint_files(directory: Path, config: ModelConfig) -> list[Path]:
+    """Every safetensors file of the checkpoint: the weights, plus engram.safetensors where
+    the Engram layers keep their own file (this project's format; TinyEngram's are among the
+    weights)."""
+    files = weight_files(directory)
+    if config.engram_layer_ids and not is_tinyengram(directory):
+        if not (directory / ENGRAM_FILE).is_file():
+            raise CheckpointError(f"checkpoint file {directory / ENGRAM_FILE} is missing")
+        files.append(directory / ENGRAM_FILE)
+    return files
+
+
+def table_files(directory: str | Path, layer_ids: list[int]) -> dict[Path, dict[int, str]]:
+    """Where each layer's table is stored: ``{file: {layer: key in that file}}``."""
+    directory = Path(directory)
+    wanted = {table_key(lid): lid for lid in layer_ids}
+    if not layer_ids:
+        return {}
+    if not is_tinyengram(directory):
+        return {directory / ENGRAM_FILE: {lid: table_key(lid) for lid in layer_ids}}
+    out: dict[Path, dict[int, str]] = {}
+    for f in weight_files(directory):
+        for k in file_keys(f):
+            if our_key(k) in wanted:
+                out.setdefault(f, {})[wanted[our_key(k)]] = k
+    return out
+
+
+def is_tinyengram(directory: Path) -> bool:
+    return GenerationDefaults.read(directory).engram_cfg is not None
+
+
+def _ignored(key: str, config: ModelConfig) -> bool:
+    """Keys a Hugging Face file may hold that the model recomputes or shares."""
+    return key.endswith("rotary_emb.inv_freq") or (
+        key == "lm_head.weight" and config.tie_word_embeddings
+    )
+
+
 def file_keys(path: Path) -> list[str]:
     """The tensors of a safetensors file, its header checked against the file first (a
     truncated or corrupt file is a TableFileError naming the tensor)."""
@@ -106,25 +180,34 @@ def load_checkpoint(
                 f"tokenizer has {tokenizer.vocab_size} tokens but config vocab_size is "
                 f"{config.vocab_size}; fix vocab_size in config.json"
             )
-    compression = tokenizer.lookup if tokenizer is not None else None
+    if is_tinyengram(directory) and config.engram_layer_ids:
+        if tokenizer is None:
+            raise CheckpointError(f"{directory}: a TinyEngram checkpoint needs its tokenizer.json")
+        # the reference hashes over its compressed tokenizer's size
+        config.engram_compressed_vocab_size = tokenizer.compressed_vocab_size
+    use_lookup = tokenizer is not None and config.engram_layer_ids
+    compression = tokenizer.lookup if use_lookup else None
     with torch.device("meta"):
         model = EngramForCausalLM(config, compression)
 
-    files = [directory / MODEL_FILE]
-    if config.engram_layer_ids:
-        files.append(directory / ENGRAM_FILE)
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
+    files = checkpoint_files(directory, config)
     tables = {table_key(lid) for lid in config.engram_layer_ids}
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, str]] = {}  # our key -> (file, key in the file)
     for f in files:
         for k in file_keys(f):
-            if k.endswith(".scales") and k[: -len(".scales")] in tables:
+            ours = our_key(k)
+            if ours.endswith(".scales") and ours[: -len(".scales")] in tables:
                 continue  # fp8 tables in engram-quantize's split layout: scales beside values
-            found[k] = f
+            if not _ignored(ours, config):
+                found[ours] = (f, k)
     expected = _expected_keys(model)
-    missing, unexpected = sorted(expected - set(found)), sorted(set(found) - expected)
+    # each head's row offset is a buffer the hasher fixes; a file may leave it out
+    offsets = {
+        f"model.layers.{lid}.engram.multi_head_embedding.offsets": lid
+        for lid in config.engram_layer_ids
+    }
+    missing = sorted(expected - set(found) - set(offsets))
+    unexpected = sorted(set(found) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {directory} does not match the config: "
@@ -135,17 +218,20 @@ def load_checkpoint(
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
-                if k not in found or (k in tables and not load_tables):
+                ours = our_key(k)
+                if found.get(ours) != (f, k) or (ours in tables and not load_tables):
                     continue
-                t = sf.get_tensor(k)
-                if k in tables and (not t.is_floating_point() or t.dtype == torch.float8_e4m3fn):
+                t = sf.get_tensor(k)  # one tensor from the memory map, converted alone
+                if ours in tables and (not t.is_floating_point() or t.dtype == torch.float8_e4m3fn):
                     raise CheckpointError(
                         f"{k} holds FP8 rows (engram-quantize output); load the tables through "
                         "offload (OffloadedModel.load, engram-eval --row-format)"
                     )
                 if t.is_floating_point():
                     t = t.to(dtype)
-                state[k] = t.to(device)
+                state[ours] = t.to(device)
+    for key, lid in offsets.items():
+        state.setdefault(key, torch.from_numpy(model.hasher.head_offsets(lid)).to(device))
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

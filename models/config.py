@@ -12,6 +12,38 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """ConfigError unless ``scaling`` is a RoPE scaling this backbone computes."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(
+            f"config field 'rope_scaling': rope_type {kind!r} is not supported; "
+            f"supported: default, {', '.join(ROPE_SCALINGS)}"
+        )
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in scaling]
+    if missing:
+        raise ConfigError(f"config field 'rope_scaling': {kind} scaling needs {missing}")
+
+
+def cap_context(config: ModelConfig, max_model_len: int) -> ModelConfig:
+    """Serve at most ``max_model_len`` tokens per sequence (0: the model's own limit), as
+    vLLM's --max-model-len; the KV pool and every length check follow. In place."""
+    if max_model_len < 0 or max_model_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-model-len {max_model_len} must be from 1 to the model's "
+            f"max_position_embeddings ({config.max_position_embeddings}), or 0 for that"
+        )
+    if max_model_len:
+        config.max_position_embeddings = max_model_len
+    return config
+
+
 @dataclass
 class ModelConfig:
     # backbone
@@ -39,11 +71,26 @@ class ModelConfig:
     engram_kernel_size: int = 4
     hc_mult: int = 1
     model_type: str = "engram_llama"
+    # backbone switches for the Hugging Face families (models/hf_config.py sets them)
+    attention_head_dim: int | None = None  # HF `head_dim` when it is not hidden / heads
+    attention_bias: bool = False  # biases on q/k/v (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...} (HF's keys)
+    # more ids that end a sequence besides eos_token_id (a list in HF's config.json or
+    # generation_config.json, e.g. Llama 3's <|eot_id|>)
+    eos_token_ids: list[int] = field(default_factory=list)
 
     # --- derived -----------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """Every token id that ends a sequence (unless ignore_eos)."""
+        ids = {*self.eos_token_ids, self.eos_token_id}
+        ids.discard(None)
+        return frozenset(ids)
 
     @property
     def engram_total_heads(self) -> int:
@@ -77,7 +124,13 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 fail(name, f"must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.attention_head_dim is not None and (
+            not isinstance(self.attention_head_dim, int) or self.attention_head_dim < 1
+        ):
+            fail(
+                "attention_head_dim", f"must be a positive integer, got {self.attention_head_dim!r}"
+            )
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             fail(
                 "hidden_size",
                 f"{self.hidden_size} is not divisible by num_attention_heads "
@@ -91,6 +144,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             fail("hidden_size", f"head dim {self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.engram_max_ngram_size < 2:
             fail("engram_max_ngram_size", f"must be >= 2, got {self.engram_max_ngram_size}")
         if len(self.engram_vocab_size) != self.engram_max_ngram_size - 1:
@@ -137,6 +192,9 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
                 fail(name, f"{v} is outside the vocab (0..{self.vocab_size - 1})")
+        for v in self.eos_token_ids:
+            if not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                fail("eos_token_ids", f"{v!r} is outside the vocab (0..{self.vocab_size - 1})")
         return self
 
     # --- I/O ------------------------------------------------------------------
@@ -166,4 +224,9 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        from .hf_config import from_hf, is_hf_config  # they build on this module
+        from .hf_files import GenerationDefaults
+
+        if is_hf_config(data):
+            return from_hf(data, GenerationDefaults.read(directory))
         return cls.from_dict(data)

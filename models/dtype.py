@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import DTYPES, MODEL_FILE, parse_dtype
+from .checkpoint import DTYPES, CheckpointError, parse_dtype, weight_files
 
 AUTO = "auto"
 CHOICES = (AUTO, *DTYPES)
@@ -41,21 +41,26 @@ class Dtype:
 
 
 def stored_dtype(directory: str | Path) -> torch.dtype | None:
-    """The checkpoint's floating-point dtype: config.json's ``torch_dtype`` (Hugging Face)
-    when it names one, else the most common dtype among model.safetensors' floating tensors
-    (read from the header; no tensor is loaded). None when neither says."""
+    """The checkpoint's floating-point dtype: config.json's ``torch_dtype`` (Hugging Face;
+    ``dtype`` since transformers 5) when it names one, else the most common dtype among the
+    weight files' floating tensors (read from the headers; no tensor is loaded). None when
+    neither says."""
     directory = Path(directory)
     try:
-        named = json.loads((directory / "config.json").read_text()).get("torch_dtype")
+        data = json.loads((directory / "config.json").read_text())
+        named = data.get("torch_dtype") or data.get("dtype")
     except (OSError, ValueError, AttributeError):
         named = None
     if isinstance(named, str) and named in DTYPES:
         return DTYPES[named]
-    path = directory / MODEL_FILE
-    if not path.is_file():
+    try:
+        files = weight_files(directory)
+    except CheckpointError:
         return None
-    with safe_open(str(path), framework="pt") as f:
-        found = Counter(_SAFETENSORS.get(f.get_slice(k).get_dtype()) for k in f.keys())
+    found = Counter()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            found.update(_SAFETENSORS.get(f.get_slice(k).get_dtype()) for k in f.keys())
     found.pop(None, None)
     return found.most_common(1)[0][0] if found else None
 

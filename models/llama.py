@@ -47,6 +47,24 @@ class StepContext(Protocol):
     def set_conv_history(self, layer: int, history: torch.Tensor) -> None: ...
 
 
+def scale_inv_freq(inv: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """Hugging Face's 'linear' and 'llama3' RoPE scalings of the inverse frequencies."""
+    if scaling is None:
+        return inv
+    kind, factor = scaling.get("rope_type", scaling.get("type")), float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * out / factor + smooth * out
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, out)
+
+
 def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables, computed on the CPU in float64 (also while a model is built on the meta
     device, whose arange would import torch's compiler stack) and moved to ``device``."""
@@ -55,6 +73,7 @@ def rope_cache(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
     inv = 1.0 / (
         config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd)
     )
+    inv = scale_inv_freq(inv, config.rope_scaling)
     t = torch.arange(config.max_position_embeddings, dtype=torch.float64, device=cpu)
     freqs = torch.outer(t, inv)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -74,16 +93,24 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.hd = config.head_dim
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            self.q_norm = nn.RMSNorm(self.hd, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.hd, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def _qkv(self, x, cos, sin):
         shape = x.shape[:-1]
-        q = apply_rope(self.q_proj(x).view(*shape, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(self.k_proj(x).view(*shape, self.n_kv, self.hd), cos, sin)
+        q = self.q_proj(x).view(*shape, self.n_heads, self.hd)
+        k = self.k_proj(x).view(*shape, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(*shape, self.n_kv, self.hd)
         return q, k, v
 

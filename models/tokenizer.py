@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, normalizers
 
+from .hf_files import TokenizerFiles
+
 _SENTINEL = "\ue000"
 
 
@@ -103,8 +105,8 @@ class EngramTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, lookup: np.ndarray | None = None) -> None:
         self.tokenizer = tokenizer
-        self.lookup = build_compression_lookup(tokenizer) if lookup is None else lookup
-        self.compressed_vocab_size = int(self.lookup.max()) + 1
+        self._lookup = lookup
+        self.files = TokenizerFiles()  # tokenizer_config.json's special tokens, chat template
         added = tokenizer.get_added_tokens_decoder()
         self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
         self.special_tokens = {i: t.content for i, t in added.items() if t.special}
@@ -117,7 +119,25 @@ class EngramTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(Tokenizer.from_file(str(path)))
+        tok = cls(Tokenizer.from_file(str(path)))
+        tok.files = TokenizerFiles.read(path.parent)
+        return tok
+
+    @property
+    def lookup(self) -> np.ndarray:
+        """Raw id -> compressed id; built on first use (a model without Engram layers never
+        needs it, and it decodes every token of a large vocabulary)."""
+        if self._lookup is None:
+            self._lookup = build_compression_lookup(self.tokenizer)
+        return self._lookup
+
+    @lookup.setter
+    def lookup(self, table: np.ndarray) -> None:
+        self._lookup = table
+
+    @property
+    def compressed_vocab_size(self) -> int:
+        return int(self.lookup.max()) + 1
 
     @property
     def vocab_size(self) -> int:

@@ -10,6 +10,8 @@ while loading (``row_format="fp8"``); fp8 rows come back dequantised to the mode
 
 from __future__ import annotations
 
+import logging
+import resource
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -27,6 +29,13 @@ from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
 from .store import ROW_FORMATS, Placement, TableStore
+
+log = logging.getLogger("engram.offload")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -97,6 +106,13 @@ class OffloadedModel:
             model, tok = load_checkpoint(
                 model_dir, dtype=chosen.dtype, device=device, load_tables=False
             )
+        weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+        log.info(
+            "weights: %.2f GiB (%s); peak RSS so far %.2f GiB",
+            weights / 2**30,
+            chosen.name,
+            peak_rss_bytes() / 2**30,
+        )
         with phase(f"tables (read + place in {placement.value})"):
             store = TableStore.from_checkpoint(
                 model_dir,

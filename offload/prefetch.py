@@ -48,7 +48,9 @@ class PendingRows:
     def __init__(self, pf: Prefetcher, plan: LookupPlan, index: dict[str, torch.Tensor]) -> None:
         self.pf, self.plan, self.index = pf, plan, index
         self.t0 = time.perf_counter()
-        self.stats = StepStats(num_tokens=next(iter(plan.layers.values())).num_tokens)
+        # a backbone without Engram layers has an empty plan (and no rows to book)
+        num_tokens = next((lp.num_tokens for lp in plan.layers.values()), 0)
+        self.stats = StepStats(num_tokens=num_tokens)
         for lid, lp in plan.layers.items():
             self.stats.layers[lid] = LayerStats(
                 lid,

@@ -309,18 +309,25 @@ class TableStore:
         row_dtype: torch.dtype = torch.bfloat16,
         huge_pages: bool = True,
     ) -> TableStore:
-        """The Engram tables of a checkpoint directory (its engram.safetensors)."""
-        from models.checkpoint import ENGRAM_FILE, table_key
+        """The Engram tables of a checkpoint directory: its engram.safetensors, or the weight
+        files that hold them (TinyEngram), each streamed from its file into the tier."""
+        from models.checkpoint import table_files
 
-        keys = {lid: table_key(lid) for lid in layer_ids}
-        path = Path(model_dir) / ENGRAM_FILE
-        return cls.from_safetensors(
-            path,
-            keys,
-            placement,
-            device,
-            progress=progress,
-            row_format=row_format,
-            row_dtype=row_dtype,
-            huge_pages=huge_pages,
-        )
+        store = cls({}, Placement.parse(placement), huge_pages)
+        for path, keys in table_files(model_dir, layer_ids).items():
+            part = cls.from_safetensors(
+                path,
+                keys,
+                placement,
+                device,
+                progress=progress,
+                row_format=row_format,
+                row_dtype=row_dtype,
+                huge_pages=huge_pages,
+            )
+            store.tables.update(part.tables)
+        missing = [lid for lid in layer_ids if lid not in store.tables]
+        if missing:
+            raise ValueError(f"{model_dir}: no Engram table for layer(s) {missing}")
+        store.tables = {lid: store.tables[lid] for lid in layer_ids}
+        return store

@@ -22,17 +22,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
-from models.config import ModelConfig
+from models.config import ModelConfig, cap_context
+from models.hf_files import GenerationDefaults, TokenizerFiles
 from models.safetensors_header import TableFileError
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
+from .chat import ChatCompletion, model_template, no_template, read_template_file
+from .chat_protocol import ChatCompletionRequest
 from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
 from .metrics import Metrics
 from .middleware import BodyCheck, CatchAll, KeyCheck, error_response, needs_key
 from .openapi import (
     STREAM,
+    ChatCompletionResponse,
     CompletionResponse,
     Health,
     Limits,
@@ -77,9 +81,14 @@ class ServerState:
         (default: the serving path's)."""
         self.cfg = cfg
         self.kernels = kernels
+        self.sampling_defaults: dict = {}
+        self.chat_template = read_template_file(cfg.chat_template)  # the CLI checked it
         try:
             model = offload.model.config if offload else ModelConfig.load(cfg.model_dir)
+            cap_context(model, cfg.engine.max_model_len)
             self.limits: Limits | None = request_limits(cfg, model)
+            if offload is None:
+                self.sampling_defaults = GenerationDefaults.read(cfg.model_dir).sampling
         except ValueError:  # the load fails too and says why (/health, the CLI's exit)
             self.limits = None
         self.metrics = Metrics(
@@ -107,6 +116,7 @@ class ServerState:
             e = self.cfg.engine
             offload = self._offload or self._load_offload(clock)
             built = offload if self._offload is None else None
+            cap_context(offload.model.config, e.max_model_len)
             with clock.phase("link measurement"):
                 self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
             with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
@@ -205,8 +215,11 @@ class ServerState:
 
     def summary_line(self) -> str:
         e = self.engine
-        tiers = ", ".join(
-            f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
+        tiers = (
+            ", ".join(
+                f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
+            )
+            or "none (no Engram layers)"
         )
         return (
             f"model {self.cfg.model_name} ({self.cfg.model_dir}) on {e.offload.device}, "
@@ -252,7 +265,7 @@ def create_app(
         return error_response(err, state.metrics)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != cfg.model_name:
+        if name is not None and name not in cfg.model_names:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     # HEAD as well as GET on /health and /metrics: probes (aiperf's among them) use it
@@ -277,9 +290,9 @@ def create_app(
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> dict:
+    def model_card(name: str) -> dict:
         return {
-            "id": cfg.model_name,
+            "id": name,
             "object": "model",
             "created": int(state.started),
             "owned_by": "engram-serve",
@@ -289,7 +302,7 @@ def create_app(
 
     @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in cfg.model_names]}
 
     @app.get(
         "/v1/models/{model}",
@@ -297,7 +310,7 @@ def create_app(
     )
     async def retrieve_model(model: str):
         check_model(model)
-        return model_card()
+        return model_card(model)
 
     @app.get("/v1/offload", responses=errors(503))
     async def offload_info():
@@ -334,7 +347,7 @@ def create_app(
         engine = state.ready_engine()
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
-        comp = Completion(engine, body, cfg.model_name)
+        comp = Completion(engine, body, cfg.model_name, state.sampling_defaults)
         comp.submit()
         if body.stream:
             return StreamingResponse(comp.stream(), media_type="text/event-stream")
@@ -344,14 +357,32 @@ def create_app(
             return Response(status_code=499)
         return result
 
-    @app.post("/v1/chat/completions", responses=errors(400))
-    async def chat(request: Request):
-        raise APIError(
-            400,
-            f"model `{cfg.model_name}` has no chat template; use /v1/completions",
-            "messages",
-            "chat_template_missing",
-        )
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {"model": ChatCompletionResponse, "content": STREAM},
+            **errors(400, 404, 429, 503),
+        },
+    )
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        body.check()
+        if state.draining:
+            raise shutting_down("the server is shutting down; retry on another replica")
+        engine = state.ready_engine()
+        if engine.tokenizer is None:
+            raise no_template(cfg.model_name)
+        template = model_template(engine.tokenizer, state.chat_template)
+        comp = ChatCompletion(engine, body, cfg.model_name, state.sampling_defaults, template)
+        comp.req.check()
+        comp.submit()
+        if body.stream:
+            return StreamingResponse(comp.stream(), media_type="text/event-stream")
+        result = await wait_or_disconnect(request, comp.collect())
+        if result is None:
+            comp.abort()
+            return Response(status_code=499)
+        return result
 
     # vLLM's /tokenize, /detokenize, /tokenizer_info (behind the key here: vLLM leaves them open)
     app.include_router(tokenization_router)
@@ -362,7 +393,10 @@ def create_app(
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = describe(app, state.limits, needs_key)
+            has_template = state.chat_template is not None or (
+                TokenizerFiles.read(cfg.model_dir).chat_template is not None
+            )
+            app.openapi_schema = describe(app, state.limits, needs_key, has_template)
         return app.openapi_schema
 
     app.openapi = openapi

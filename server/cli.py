@@ -23,16 +23,17 @@ import uvicorn
 
 from engine.config import EngineConfig
 from engine.determinism import set_deterministic
-from models.config import ModelConfig
+from models.config import ModelConfig, cap_context
 from offload.paths import SettingError, cores, resolve
 
 from .app import create_app
+from .chat import read_template_file
 from .config import ServerConfig
 from .launch import SignalLatch
 
 log = logging.getLogger("engram.server")
 
-TYPES = {"int": int, "float": float, "str": str}
+TYPES = {"int": int, "float": float, "str": str, "list[str]": str}
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,8 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, dest=f.name, action=action, help=text)
             continue
         kind = TYPES[f.type.split(" |")[0]]
+        extra = {"nargs": meta["nargs"]} if "nargs" in meta else {}
         ap.add_argument(
-            name, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"]
+            name,
+            type=kind,
+            default=f.default,
+            choices=meta.get("choices"),
+            help=meta["help"],
+            **extra,
         )
     return ap
 
@@ -101,6 +108,8 @@ def env_argv(ap: argparse.ArgumentParser) -> list[str]:
             on = raw.lower() in ("1", "true", "yes", "on")
             if on != isinstance(action, argparse._StoreFalseAction):
                 out.append(flag)
+        elif action.nargs == "+":  # ENGRAM_SERVED_MODEL_NAME="a b": two names
+            out += [flag, *raw.split()]
         else:
             out += [flag, raw]
     return out
@@ -123,9 +132,13 @@ def validate(args: argparse.Namespace) -> str | None:
     if not model_dir.is_dir():
         return f"model directory {model_dir} does not exist; pass --model DIR with a checkpoint"
     try:
-        ModelConfig.load(model_dir)
+        cap_context(ModelConfig.load(model_dir), cfg.engine.max_model_len)
     except ValueError as e:
         return f"bad model directory {model_dir}: {e}"
+    try:
+        read_template_file(cfg.chat_template)
+    except (OSError, ValueError) as e:
+        return str(e)
     try:
         cfg.engine.check()
     except ValueError as e:

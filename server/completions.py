@@ -45,21 +45,32 @@ class Choice:
     finish_reason: str | None = None
 
 
-def to_params(req: CompletionRequest, max_tokens: int) -> SamplingParams:
+def sampling_fields(req, defaults: dict | None) -> dict:
+    """temperature, top_p, top_k, min_p, repetition_penalty: the request's where it sets them,
+    else the model's generation_config.json defaults (as vLLM applies them), else ours."""
+    defaults = defaults or {}
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    out = {
+        n: defaults[n] if n in defaults and n not in req.model_fields_set else getattr(req, n)
+        for n in names
+    }
+    out["top_k"] = out["top_k"] if out["top_k"] > 0 else 0
+    return out
+
+
+def to_params(
+    req: CompletionRequest, max_tokens: int, defaults: dict | None = None
+) -> SamplingParams:
     best_of = req.best_of or req.n
     logprobs = req.logprobs
     if best_of > req.n and logprobs is None:
         logprobs = 0  # ranking needs each token's logprob; not rendered
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k if req.top_k > 0 else 0,
+        **sampling_fields(req, defaults),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        min_p=req.min_p,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
         stop=req.stops,
         logprobs=logprobs,
@@ -78,7 +89,7 @@ def encode_prompts(engine: AsyncEngine, req: CompletionRequest) -> list[tuple[li
     out = []
     for p in req.prompts():
         if isinstance(p, str):
-            ids = tok.encode(p)
+            ids = tok.encode(p, add_special_tokens=req.add_special_tokens)
             if not ids:
                 raise APIError(400, "the prompt encodes to no tokens", "prompt")
             out.append((ids, p))
@@ -123,8 +134,16 @@ def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
 class Completion:
     """One HTTP completion request: its engine requests and how to render their output."""
 
-    def __init__(self, engine: AsyncEngine, req: CompletionRequest, model_name: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        req: CompletionRequest,
+        model_name: str,
+        sampling_defaults: dict | None = None,
+    ) -> None:
+        """``sampling_defaults``: the model's generation_config.json defaults."""
         self.engine, self.req, self.model_name = engine, req, model_name
+        self.sampling_defaults = sampling_defaults
         self.prompts = encode_prompts(engine, req)
         self.max_tokens = [
             check_length(engine, len(ids), req.max_tokens) for ids, _ in self.prompts
@@ -143,7 +162,8 @@ class Completion:
 
     def submit(self) -> None:
         items = [
-            (ids, to_params(self.req, mt)) for (ids, _), mt in zip(self.prompts, self.max_tokens)
+            (ids, to_params(self.req, mt, self.sampling_defaults))
+            for (ids, _), mt in zip(self.prompts, self.max_tokens)
         ]
         try:
             self.subs = self.engine.submit_many(items)

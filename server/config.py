@@ -17,8 +17,12 @@ METRICS_NAMES = ("both", "engram", "vllm")
 
 @dataclass
 class ServerConfig:
-    served_model_name: str | None = flag(
-        None, "model name clients send and /v1/models lists (default: from the directory)"
+    served_model_name: list[str] | None = flag(
+        None,
+        "model name(s) clients send and /v1/models lists; the first is the one answers carry "
+        "and metrics are labelled with (default: the --model string as given, as vLLM; "
+        "engram-stdlib for the built-in model)",
+        nargs="+",
     )
     host: str = flag("127.0.0.1", "address to listen on")
     port: int = flag(8000, "port to listen on")
@@ -30,6 +34,11 @@ class ServerConfig:
     max_body_bytes: int = flag(1 << 20, "larger request bodies get 413")
     bench_result: str | None = flag(
         None, "engram-bench JSON shown by GET /v1/offload (default: none)"
+    )
+    chat_template: str | None = flag(
+        None,
+        "chat template FILE (jinja2) for /v1/chat/completions (default: the model's, from "
+        "chat_template.jinja or tokenizer_config.json)",
     )
     log_level: str = flag("info", "log level", choices=list(LOG_LEVELS))
     shutdown_timeout: float = flag(
@@ -54,10 +63,17 @@ class ServerConfig:
         return self.engine.model_dir
 
     @property
+    def model_names(self) -> list[str]:
+        """Every name the model answers to (vLLM's --served-model-name)."""
+        if isinstance(self.served_model_name, str):  # ServerConfig.make(served_model_name="x")
+            return [self.served_model_name]
+        if self.served_model_name:
+            return list(self.served_model_name)
+        return [self.engine.model or "engram-stdlib"]
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or (
-            "engram-stdlib" if not self.engine.model else Path(self.engine.model).resolve().name
-        )
+        return self.model_names[0]
 
     @classmethod
     def make(cls, **settings) -> ServerConfig:

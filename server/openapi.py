@@ -56,6 +56,43 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[dict] = []
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -233,8 +270,18 @@ def describe(
     )
     schemas["ErrorResponse"].pop("$defs", None)
     complete_completion_request(schemas["CompletionRequest"], limits)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        # int64 bounds, exact: FastAPI's document models hold them as floats (2**63 rounded),
+        # under which a seed just past the int64 range would read as valid
+        seed = _nullable(schemas[name]["properties"]["seed"])
+        seed["maximum"], seed["minimum"] = 2**63 - 1, -(2**63)
     schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = limits.vocab_size - 1
-    if not chat_template:
+    if chat_template:
+        doc["paths"]["/v1/chat/completions"]["post"]["description"] = (
+            "this model has a chat template: it renders the messages (a request's "
+            "`chat_template` overrides it, `chat_template_kwargs` add variables)"
+        )
+    else:
         no_chat(doc, schemas)
     for path, ops in doc["paths"].items():
         for op in ops.values():
@@ -254,7 +301,10 @@ def describe(
 def no_chat(doc: dict, schemas: dict) -> None:
     """A model without a chat template: chat requests are refused, whatever they hold, and
     /tokenize takes a prompt only. The document says so."""
-    why = "this model has no chat template: every chat request is answered 400"
+    why = (
+        "this model has no chat template (start the server with --chat-template FILE): every "
+        "chat request is answered 400"
+    )
     chat = doc["paths"]["/v1/chat/completions"]["post"]
     chat["description"] = why + " (code chat_template_missing); use /v1/completions"
     chat["responses"].pop("200", None)

@@ -163,6 +163,7 @@ class CompletionRequest(BaseModel):
     suffix: NoSuffix | None = None  # refused unless empty
     user: str | None = None
     # vLLM's extensions (README, "Request extensions")
+    add_special_tokens: bool = True  # the tokenizer's BOS etc. around a text prompt
     ignore_eos: bool = False
     min_tokens: NonNegative = 0
     skip_special_tokens: bool = True

@@ -12,13 +12,15 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.async_engine import AsyncEngine
 from models.tokenizer import EngramTokenizer
 
+from .chat import chat_prompt, model_template
+from .chat_protocol import ChatCompletionRequest
 from .openapi import errors
-from .protocol import APIError, NonNegative
+from .protocol import APIError, NonNegative, validation_error
 
 router = APIRouter()
 
@@ -33,6 +35,12 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None  # vLLM: True for a prompt, False for messages
     return_token_strs: bool | None = False
+    # with messages, as on /v1/chat/completions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -44,7 +52,7 @@ class DetokenizeRequest(BaseModel):
 
 def _tokenizer(request: Request, model: str | None) -> tuple[AsyncEngine, EngramTokenizer]:
     state = request.app.state.server
-    if model is not None and model != state.cfg.model_name:
+    if model is not None and model not in state.cfg.model_names:
         raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
     engine = state.ready_engine()
     if engine.tokenizer is None:
@@ -55,18 +63,33 @@ def _tokenizer(request: Request, model: str | None) -> tuple[AsyncEngine, Engram
 @router.post("/tokenize", responses=errors(404, 503))
 async def tokenize(body: TokenizeRequest, request: Request):
     engine, tok = _tokenizer(request, body.model)
+    state = request.app.state.server
     if body.messages is not None:
-        name = request.app.state.server.cfg.model_name
-        raise APIError(
-            400,
-            f"model `{name}` has no chat template; send `prompt` instead of `messages`",
-            "messages",
-            "chat_template_missing",
-        )
-    if body.prompt is None:
+        default = model_template(tok, state.chat_template)
+        if default is None:
+            raise APIError(
+                400,
+                f"model `{state.cfg.model_name}` has no chat template; send `prompt` instead "
+                "of `messages`",
+                "messages",
+                "chat_template_missing",
+            )
+        fields = ("add_generation_prompt", "continue_final_message", "chat_template")
+        chat = {k: getattr(body, k) for k in fields}
+        chat.update(chat_template_kwargs=body.chat_template_kwargs, tools=body.tools)
+        try:
+            req = ChatCompletionRequest.model_validate({"messages": body.messages, **chat})
+        except ValidationError as e:
+            raise validation_error(list(e.errors())) from None
+        req.check()
+        text = chat_prompt(req, tok, default, state.cfg.model_name)
+        add_special = bool(body.add_special_tokens)  # vLLM: False for messages
+    elif body.prompt is None:
         raise APIError(400, "send `prompt` (a string) or `messages`", "prompt")
-    add_special = True if body.add_special_tokens is None else body.add_special_tokens
-    ids = tok.encode(body.prompt, add_special_tokens=add_special)
+    else:
+        text = body.prompt
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    ids = tok.encode(text, add_special_tokens=add_special)
     return {
         "count": len(ids),
         "max_model_len": engine.max_tokens_per_seq,

@@ -126,7 +126,9 @@ def srv(tiny_ckpt):
     """A real uvicorn server on the tiny checkpoint, one per test module."""
     from .live import serve
 
-    with serve(tiny_ckpt, max_num_seqs=8, max_num_batched_tokens=64) as s:
+    with serve(
+        tiny_ckpt, served_model_name=["tiny-ckpt0"], max_num_seqs=8, max_num_batched_tokens=64
+    ) as s:
         yield s
 
 

@@ -70,7 +70,7 @@ def test_lm_eval_loglikelihood_task_offline(tmp_path):
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "task.yaml").write_text(TASK.format(data=data))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
-    with serve(default_model_dir(), served_model_name="engram-stdlib", max_num_seqs=4) as srv:
+    with serve(default_model_dir(), served_model_name=["engram-stdlib"], max_num_seqs=4) as srv:
         max_len = httpx.get(srv.url + "/v1/models").json()["data"][0]["max_model_len"]
         args = f"base_url={srv.url}/v1/completions,model=engram-stdlib,max_length={max_len}"
         run = subprocess.run(

@@ -95,7 +95,7 @@ def test_decode_special_token_flags():
 # --- on a real server with the built-in model ---------------------------------------------------
 @pytest.fixture(scope="module")
 def srv():
-    with serve(default_model_dir(), served_model_name="engram-stdlib", max_num_seqs=8) as s:
+    with serve(default_model_dir(), served_model_name=["engram-stdlib"], max_num_seqs=8) as s:
         yield s
 
 

@@ -163,7 +163,7 @@ def test_body_size_limit(tiny_ckpt):
 
 
 def test_api_key(tiny_ckpt):
-    with serve(tiny_ckpt, api_key="sekrit") as s:
+    with serve(tiny_ckpt, served_model_name=["tiny-ckpt0"], api_key="sekrit") as s:
         _assert_error(_post(s, {"prompt": "x", "max_tokens": 1}), 401, "API key")
         r = _post(s, {"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer nope"})
         _assert_error(r, 401)
@@ -346,7 +346,9 @@ def test_small_kv_pool_preempts_and_recomputes_without_changing_tokens(tiny_ckpt
         for p in prompts
     ]
     # 12 blocks x 16 tokens: four ~110-token sequences cannot all hold their KV at once
-    with serve(tiny_ckpt, kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=32) as s:
+    with serve(
+        tiny_ckpt, served_model_name=[m], kv_blocks=12, max_num_seqs=4, max_num_batched_tokens=32
+    ) as s:
         small = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
         with cf.ThreadPoolExecutor(4) as pool:
             futs = [

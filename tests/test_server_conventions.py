@@ -22,7 +22,13 @@ def _err(r, status: int, param=None, *needles: str) -> dict:
 
 @pytest.fixture(scope="module")
 def keyed(tiny_ckpt):
-    with serve(tiny_ckpt, api_key="sekrit", max_body_bytes=300, max_num_seqs=4) as s:
+    with serve(
+        tiny_ckpt,
+        served_model_name=["tiny-ckpt0"],
+        api_key="sekrit",
+        max_body_bytes=300,
+        max_num_seqs=4,
+    ) as s:
         yield s
 
 

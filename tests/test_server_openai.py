@@ -15,7 +15,9 @@ M = "tiny-ckpt0"
 
 @pytest.fixture(scope="module")
 def srv(tiny_ckpt):
-    with serve(tiny_ckpt, max_num_seqs=4, max_queue=6, max_num_batched_tokens=64) as s:
+    with serve(
+        tiny_ckpt, served_model_name=[M], max_num_seqs=4, max_queue=6, max_num_batched_tokens=64
+    ) as s:
         yield s
 
 

@@ -43,18 +43,20 @@ runpy.run_module("server.launch", run_name="__main__", alter_sys=True)
 
 
 def _read_until(proc: subprocess.Popen, marker: str, timeout: float = 60) -> str:
-    """The process's output up to the line containing ``marker`` (fails after ``timeout``)."""
-    seen, deadline = [], time.monotonic() + timeout
+    """The process's output up to (at least) the line containing ``marker`` (fails after
+    ``timeout``). Reads the pipe's file descriptor itself: a buffered readline could pull the
+    marker's line into Python's buffer with an earlier one, where select() cannot see it."""
+    seen, deadline, fd = b"", time.monotonic() + timeout, proc.stdout.fileno()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        ready, _, _ = select.select([fd], [], [], 0.1)
         if not ready:
             continue
-        line = proc.stdout.readline()
-        assert line, "".join(seen)  # the process ended first
-        seen.append(line)
-        if marker in line:
-            return "".join(seen)
-    raise AssertionError(f"no {marker!r} within {timeout}s:\n" + "".join(seen))
+        chunk = os.read(fd, 65536)
+        assert chunk, seen.decode()  # the process ended first
+        seen += chunk
+        if marker.encode() in seen:
+            return seen.decode()
+    raise AssertionError(f"no {marker!r} within {timeout}s:\n" + seen.decode())
 
 
 def test_sigterm_while_loading_waits_for_the_loader_and_exits_cleanly(tiny_ckpt, tmp_path):

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def srv(tiny_ckpt):
-    with serve(tiny_ckpt, max_num_seqs=4, max_num_batched_tokens=64) as s:
+    with serve(
+        tiny_ckpt, served_model_name=["tiny-ckpt0"], max_num_seqs=4, max_num_batched_tokens=64
+    ) as s:
         yield s
 
 
