@@ -34,7 +34,7 @@ class Rows:
 
     def finish(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
         """The rows, given the raw token ids at ``wait``."""
-        if self.wait.size:
+        if self.wait.size and self.state.layers:
             st = self.state
             done = st.finish(st.model.compress(np.asarray(tokens, np.int64)), self.partial)
             for k, lid in enumerate(st.layers):
@@ -47,10 +47,12 @@ class NgramState:
         h = model.hasher
         self.model, self.hasher, self.layers = model, h, list(h.layer_ids)
         self.n1 = h.max_ngram_size - 1
+        self.history = np.full((slots, self.n1), h.pad_id, dtype=np.int64)
+        if not self.layers:  # a backbone without Engram layers: no rows, no state to keep
+            return
         self.mult = np.stack([h.multipliers[lid] for lid in self.layers])  # [L, n]
         self.moduli = np.stack([h.moduli(lid) for lid in self.layers])  # [L, orders, heads]
         self.offsets = np.stack([h.head_offsets(lid) for lid in self.layers])  # [L, orders*heads]
-        self.history = np.full((slots, self.n1), h.pad_id, dtype=np.int64)
 
     def reset(self, slots: list[int]) -> None:
         if slots:
@@ -72,6 +74,10 @@ class NgramState:
         """Rows of a step: per sequence (``slots``) its new ids; ``known[i]`` False: sequence
         i feeds one token that is still on the device (its id there is ignored). Histories
         advance here; a waiting token's id enters its history in :meth:`resolved`."""
+        if not self.layers:  # no rows; placeholders still need their token (``wait``)
+            lengths = np.fromiter((len(x) for x in new_ids), np.int64, len(new_ids))
+            wait = (np.cumsum(lengths) - lengths)[~np.fromiter(known, bool, len(known))]
+            return Rows({}, wait, np.empty((wait.size, 0, self.n1), np.int64), self)
         n = len(new_ids)
         lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
         total = int(lengths.sum())
@@ -112,5 +118,5 @@ class NgramState:
 
     def resolved(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Tokens fed as placeholders are known now: each slot's newest history entry."""
-        if len(slots):
+        if len(slots) and self.layers:
             self.history[slots, -1] = self.model.compress(np.asarray(tokens, np.int64))
