@@ -160,6 +160,7 @@ class ServerState:
             huge_pages=e.huge_pages,
             host_threads=e.gather_threads or None,
             phase=clock.phase,
+            shared=e.shared(),
         )
 
     async def drain(self, timeout: float) -> None:
