@@ -260,6 +260,8 @@ class DataParallelEngine:
                 "restarts": e.restarts,
                 "open_sequences": e.open_seqs,
                 "table_bytes_loaded": e.ready["table_bytes_loaded"] if e.ready else None,
+                "table_load_s": e.ready["table_load_s"] if e.ready else None,
+                "startup_s": e.ready["startup_s"] if e.ready else None,
             }
             for e in self.engines
         ]
