@@ -141,3 +141,10 @@ def test_killed_engine_fails_only_its_requests_and_comes_back(dp):
         outs = list(pool.map(lambda p: complete(url, p), PROMPTS))
     assert all(r.status_code == 200 for r in outs)
     assert finished_on(url, 1) >= 1  # the new engine 1 ran some of them
+
+
+def test_data_parallel_size_must_be_positive(capsys):
+    from server.cli import main
+
+    assert main(["--data-parallel-size", "0"]) == 1
+    assert "--data-parallel-size must be at least 1" in capsys.readouterr().err

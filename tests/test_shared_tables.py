@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from offload.shared_tables import SharedSpaceError, SharedTables, mapping_pss
-from offload.store import TableStore
+from offload.store import TableStore, cupy_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_too_small_space_is_refused_in_one_line(tmp_path, shm):
     msg = str(e.value)
     assert "\n" not in msg and "2097152 bytes" in msg
     assert "shm_size" in msg and "medium: Memory" in msg and "--shared-tables-dir" in msg
-    assert not list(shm.iterdir()) or not list(shm.glob("*.rows"))
+    assert not list(shm.rglob("*.rows")) and not list(shm.rglob("*.tmp-*"))
 
 
 def test_killed_loader_leaves_no_ready_table(tmp_path, shm):
@@ -182,3 +182,28 @@ def test_two_processes_starting_together_load_once(tmp_path, shm):
     assert sorted(len(o["loaded"]) for o in outs) == [0, 1]
     assert sorted(len(o["attached"]) for o in outs) == [0, 1]
     assert outs[0]["sha"] == outs[1]["sha"] == sha(rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_ok(), reason="needs CUDA and CuPy")
+def test_gpu_shared_table_is_registered_and_gathered_on_the_device(tmp_path, shm):
+    from offload.uva_kernel import gather_rows
+
+    path = tmp_path / "engram.safetensors"
+    rows = write_table(path)
+    stores = [
+        TableStore.from_safetensors(
+            path, {0: "t"}, "host", "cuda", progress=False, shared=SharedTables(shm)
+        )
+        for _ in range(2)  # the second attaches to the first's file and registers it too
+    ]
+    for store in stores:
+        t = store[0]
+        assert t.memory.registered_device is not None and t.tensor.is_pinned()
+        view = t.device_view(torch.device("cuda"))
+        idx = torch.randint(0, rows.shape[0], (999,), device="cuda")
+        out = torch.empty((999, rows.shape[1]), dtype=torch.bfloat16, device="cuda")
+        gather_rows(view, idx, out)
+        assert torch.equal(out.cpu().view(torch.int16), rows[idx.cpu()].view(torch.int16))
+        del view
+    torch.cuda.synchronize()
