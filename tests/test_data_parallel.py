@@ -82,6 +82,10 @@ def test_both_engines_serve_and_match_a_single_server(dp):
     with serve_single() as single:
         want = [complete(single.url, p).json()["choices"][0]["text"] for p in PROMPTS]
     assert got == want
+    stream = client.completions.create(
+        model="engram-stdlib", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want[0]
     for i in (0, 1):  # each engine ran some of them, and says so under its label
         assert finished_on(url, i) >= 1
     # the first engine loaded the tables, the second attached (both logs say which)
