@@ -68,12 +68,24 @@ def default_dir(need: int, free: Callable[[Path], int] = statvfs_free) -> Path:
 
 def table_name(path: str | Path, key: str, stored: str, shape: tuple[int, ...]) -> str:
     """The shared file's name for tensor ``key`` of the checkpoint file at ``path``, stored as
-    ``stored`` (e.g. 'fp8', 'torch.bfloat16') in ``shape``."""
+    ``stored`` (e.g. 'fp8', 'torch.bfloat16') in ``shape``: ``<family>-<version>.rows``, where
+    the family is the file, tensor and row layout, and the version the file's size and mtime."""
     p = Path(path).resolve()
     st = p.stat()
-    ident = f"{p}|{st.st_size}|{st.st_mtime_ns}|{key}|{stored}|{list(shape)}"
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    return f"{p.parent.name}-{key.replace('/', '_')}-{digest}{SUFFIX}"
+    where = hashlib.sha256(f"{p}|{key}|{stored}|{list(shape)}".encode()).hexdigest()[:8]
+    version = hashlib.sha256(f"{where}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{p.parent.name}-{key.replace('/', '_')}-{where}-{version}{SUFFIX}"
+
+
+def family(name: str) -> str:
+    """A table name less its version: every version of one tensor of one checkpoint file."""
+    return name.removesuffix(SUFFIX).rsplit("-", 1)[0]
+
+
+def stale_versions(root: Path, name: str) -> list[Path]:
+    """Other versions of ``name``'s table (the checkpoint changed since they were loaded).
+    Unlinking them is safe: an engine that still maps one keeps its pages until it exits."""
+    return [p for p in root.glob(family(name) + "-*" + SUFFIX) if p.name != name]
 
 
 def _round_up(n: int, to: int) -> int:
@@ -152,8 +164,10 @@ class SharedTables:
         total = sum(s.nbytes for s in specs)
         root = self.root(total)
         step = self.block(root)
-        need = sum(_round_up(s.nbytes, step) for s in specs if not (root / s.name).exists())
-        free = self.free(root)
+        missing = [s for s in specs if not (root / s.name).exists()]
+        need = sum(_round_up(s.nbytes, step) for s in missing)
+        stale = {p for s in missing for p in stale_versions(root, s.name)}
+        free = self.free(root) + sum(p.stat().st_size for p in stale if p.exists())
         if need > free:
             gib = -(-need // (1 << 30))
             raise SharedSpaceError(
@@ -173,13 +187,16 @@ class SharedTables:
         buf = self._attach(final, spec)
         if buf is not None:
             return buf
-        with open(root / (spec.name + ".lock"), "a+") as lock:
+        with open(root / (family(spec.name) + ".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             buf = self._attach(final, spec)
             if buf is not None:
                 return buf
-            for stale in root.glob(spec.name + ".tmp-*"):  # a loader that died mid-load
+            for stale in root.glob(family(spec.name) + "-*.tmp-*"):  # a loader died mid-load
                 stale.unlink(missing_ok=True)
+            for old in stale_versions(root, spec.name):  # their space is what we need
+                log.info("shared table %s: removing %s (the checkpoint changed)", spec.name, old)
+                old.unlink(missing_ok=True)
             tmp = root / f"{spec.name}.tmp-{os.getpid()}"
             size = _round_up(spec.nbytes, self.block(root))
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)

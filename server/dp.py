@@ -11,6 +11,7 @@ and is started again; it attaches to the node's shared tables, says ready, and g
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -45,6 +46,7 @@ from .dp_messages import delta_from_wire, pack, params_to_wire, unpack
 
 log = logging.getLogger("engram.dp")
 RESTART_DELAY_S = 0.5
+RESTART_MAX_DELAY_S = 30.0
 
 
 class EngineFailed(RuntimeError):
@@ -76,7 +78,9 @@ class EngineProc:
     ready: dict | None = None  # the engine's ready message while it serves
     open_seqs: int = 0  # outstanding work: sequences sent and not finished
     restarts: int = 0
+    failures: int = 0  # deaths since it last said ready: the restart backs off
     started: float = 0.0
+    restart_at: float | None = None
 
     @property
     def identity(self) -> bytes:
@@ -192,8 +196,6 @@ class DataParallelEngine:
         return self.submit_many([(prompt_ids, params)])[0]
 
     def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
-        import asyncio
-
         if self.draining:
             raise Draining("the server is shutting down")
         for _, params in items:
@@ -205,6 +207,12 @@ class DataParallelEngine:
                 f"{widest} sequences per prompt can never run together: --max-num-seqs is "
                 f"{cfg.max_num_seqs}",
                 "n",
+            )
+        if total > cfg.max_queue:
+            raise NeverFits(
+                f"{total} sequences ({len(items)} prompts x {widest}) can never be queued: "
+                f"--max-queue is {cfg.max_queue}",
+                "n" if len(items) == 1 else "prompt",
             )
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -310,7 +318,7 @@ class DataParallelEngine:
             return
         op = msg["op"]
         if op == "ready":
-            e.ready = msg
+            e.ready, e.failures = msg, 0
             self.limits = self.limits or msg
             how = "loaded" if msg["table_bytes_loaded"] else "attached to"
             log.info(
@@ -370,8 +378,12 @@ class DataParallelEngine:
             req.push(Delta(j, finish_reason="abort", error=message, unavailable=True))
 
     def _watch(self) -> None:
-        """Restart engines that died; fail what they had open."""
+        """Restart engines that died (backing off while they keep dying); fail what they had
+        open."""
         for e in self.engines:
+            if e.proc is None and e.restart_at is not None and time.monotonic() >= e.restart_at:
+                e.restart_at = None
+                self._spawn(e)
             if e.proc is None or e.proc.poll() is None:
                 continue
             code = e.proc.returncode
@@ -400,9 +412,10 @@ class DataParallelEngine:
                 len(lost),
             )
             e.restarts += 1
+            e.failures += 1
             e.proc = None
-            time.sleep(RESTART_DELAY_S)
-            self._spawn(e)
+            delay = min(RESTART_MAX_DELAY_S, RESTART_DELAY_S * 2 ** (e.failures - 1))
+            e.restart_at = time.monotonic() + delay
 
 
 def load_data_parallel(state) -> None:

@@ -138,6 +138,8 @@ def test_changed_checkpoint_is_not_attached(tmp_path, shm):
     store = TableStore.from_safetensors(path, {0: "t"}, "cpu", progress=False, shared=shared)
     assert len(shared.loaded) == 2 and not shared.attached
     assert torch.equal(store[0].tensor, new)
+    # the old version's file is gone (whoever still maps it keeps its pages), the new one stays
+    assert [p.name for p in shm.glob("*.rows")] == [shared.loaded[1]]
 
 
 def test_too_small_space_is_refused_in_one_line(tmp_path, shm):
