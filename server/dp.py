@@ -12,20 +12,15 @@ and is started again; it attaches to the node's shared tables, says ready, and g
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
-import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
 import zmq
 
 from engine.async_engine import (
@@ -39,10 +34,10 @@ from engine.async_engine import (
 from engine.sampling import SamplingParams
 from models.config import ModelConfig
 from models.tokenizer import EngramTokenizer
-from offload.paths import cores
 
 from .config import ServerConfig
 from .dp_messages import delta_from_wire, pack, params_to_wire, unpack
+from .dp_procs import EngineProc, engine_settings
 
 log = logging.getLogger("engram.dp")
 RESTART_DELAY_S = 0.5
@@ -68,42 +63,6 @@ class SeqView:
     """What the handlers read of an engine-side sequence: its prompt logprobs."""
 
     prompt_logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class EngineProc:
-    index: int
-    gen: int = 0
-    proc: subprocess.Popen | None = None
-    ready: dict | None = None  # the engine's ready message while it serves
-    open_seqs: int = 0  # outstanding work: sequences sent and not finished
-    restarts: int = 0
-    failures: int = 0  # deaths since it last said ready: the restart backs off
-    started: float = 0.0
-    restart_at: float | None = None
-
-    @property
-    def identity(self) -> bytes:
-        return f"engine-{self.index}-{self.gen}".encode()
-
-    @property
-    def live(self) -> bool:
-        return self.ready is not None
-
-
-def engine_settings(cfg: ServerConfig, index: int, size: int) -> dict:
-    """The flat settings engine ``index`` of ``size`` starts with: its own GPU, its share of
-    the cores, host tables shared on the node."""
-    flat = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "engine"}
-    eng = dataclasses.asdict(cfg.engine)
-    if eng["placement"] != "gpu":
-        eng["shared_tables"] = True
-    dev = eng["device"]
-    if torch.cuda.is_available() and (dev is None or dev == "cuda"):
-        eng["device"] = f"cuda:{index % torch.cuda.device_count()}"
-    flat["data_parallel_size"] = 1  # an engine serves; it never starts engines of its own
-    flat["cpu_threads"] = cfg.cpu_threads or max(1, (cores() - 1) // size)
-    return {**flat, **eng}
 
 
 class DataParallelEngine:
@@ -165,14 +124,7 @@ class DataParallelEngine:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _spawn(self, e: EngineProc) -> None:
-        e.gen += 1
-        e.ready, e.started = None, time.monotonic()
-        env = {
-            **os.environ,
-            "ENGRAM_DP_CONFIG": json.dumps(engine_settings(self.cfg, e.index, self.size)),
-        }
-        args = [sys.executable, "-m", "server.dp_engine", str(e.index), str(e.gen), self.address]
-        e.proc = subprocess.Popen(args, env=env, cwd=os.getcwd())
+        e.spawn(engine_settings(self.cfg, e.index, self.size), self.address)
         log.info("engine %d: started (pid %d)", e.index, e.proc.pid)
 
     # --- what the handlers use (event-loop thread) --------------------------------------
