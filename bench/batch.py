@@ -18,7 +18,9 @@ from engine.sequence import Sequence
 from .workload import BLOCK_SIZE, BenchError, Job
 
 
-def engine_config(jobs: list[Job], budget: int, deterministic: bool) -> EngineConfig:
+def engine_config(
+    jobs: list[Job], budget: int, deterministic: bool, overlap: bool = True
+) -> EngineConfig:
     """One configuration for every path's engine: room for the largest job."""
     return EngineConfig(
         max_num_seqs=max(len(j.prompts) for j in jobs),
@@ -27,6 +29,7 @@ def engine_config(jobs: list[Job], budget: int, deterministic: bool) -> EngineCo
         block_size=BLOCK_SIZE,
         prefill_first=True,
         deterministic=deterministic,
+        no_overlap=not overlap,
     )
 
 
@@ -66,6 +69,8 @@ def run_job(
     decode(engine, job.untimed_decode)
     clock("decode")
     decode(engine, job.timed_decode, progress)
+    while engine.has_work:  # overlapped: the last step's tokens are read one call late
+        _step(engine)
     clock(None)
     if engine.has_work:  # the next run reuses this engine and its KV cache
         raise BenchError(f"job {job.name} left sequences unfinished")

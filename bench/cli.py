@@ -40,7 +40,8 @@ from offload import paths
 from offload.link import measure_link
 from offload.store import Placement
 
-from .micro import run_micro
+from .micro import ROW_VALUES, run_micro
+from .phase import phase
 from .provenance import environment
 from .report import PROG, report, slug
 from .roofline import kv_bytes_per_token, measure_memory_bandwidth, weight_bytes
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-rows", type=_int_list, default=None, metavar="N1,N2,...")
     ap.add_argument("--micro-repeats", type=int, default=3, help="microbenchmark repeats")
     ap.add_argument(
+        "--micro-values",
+        type=_int_list,
+        default=None,
+        metavar="V1,V2,...",
+        help="bf16 values per row of the microbenchmark tables (default 64,128,256)",
+    )
+    ap.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -140,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (default: 1 with --quick on CPU, else torch's)",
     )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="the engine runs each step's host work in series with the device",
+    )
     ap.add_argument(
         "--no-micro",
         action="store_true",
@@ -196,10 +209,12 @@ def resolve_workload(args, device: torch.device, max_positions: int) -> Workload
         sweep_warmup=2,
         micro_rows=pick(args.micro_rows, [1 << k for k in micro]),
         micro_repeats=args.micro_repeats,
+        micro_values=tuple(pick(args.micro_values, list(ROW_VALUES))),
         ceiling_bytes=ceiling_mib << 20,
         memory_bytes=memory_mib << 20,
         seed=args.seed,
         repeats=pick(args.repeats, 1 if args.quick else 3),
+        overlap=not args.no_overlap,
     )
     names = ("num_seqs", "max_batched_tokens", "sweep_prompt_len", "sweep_steps", "repeats")
     for name in (*names, "micro_repeats"):
@@ -273,7 +288,9 @@ def run(args, command: str) -> tuple[dict, Path, int]:
 
 
 def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, Path, int]:
+    say = (lambda what: None) if progress else (lambda what: phase(f"{PROG}: {what}", sys.stderr))
     src = load_source(args, device, dtype, progress)
+    say(f"loaded {args.synthetic or 'the checkpoint'} on {device}; measuring the link")
     cfg = src.model.config
     wl = resolve_workload(args, device, cfg.max_position_embeddings)
     env = environment(device)
@@ -286,6 +303,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     # figure that cache-resident gathers beat, not a ceiling
     link_gbps = ceiling.gbps if device.type == "cuda" else None
     memory = measure_memory_bandwidth(device, wl.memory_bytes)
+    say(f"running {', '.join(s.name for s in specs)}")
     benches, jobs, times = run_paths(src, specs, wl, device, args.deterministic, progress)
     ctx = Context(
         link_gbps,
@@ -301,6 +319,7 @@ def _run(args, command, started, progress, device, specs, dtype) -> tuple[dict, 
     t0 = time.perf_counter()
     micro = {"skipped": "--no-micro"}
     if not args.no_micro:
+        say("gather microbenchmark")
         micro = run_micro(src, device, wl, link_gbps, specs[-1].placement)
     times["micro_s"] = time.perf_counter() - t0
     table_memory = src.store(specs[-1].placement).describe()  # formats, huge pages
@@ -355,6 +374,14 @@ def write_outputs(res: dict, out_dir: Path, plots: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--host-cost" in argv:  # its own report, its own flags
+        from .hostcost import main as host_cost
+
+        return host_cost([a for a in argv if a != "--host-cost"])
+    if "--http-cost" in argv:
+        from .httpcost import main as http_cost
+
+        return http_cost([a for a in argv if a != "--http-cost"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

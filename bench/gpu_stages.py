@@ -7,18 +7,26 @@
 commit, which optional modules import. ``startup`` writes ``startup.json``: the built-in model
 loaded as ``engram-serve`` loads it (CUDA, tables in pinned host memory, gather 'auto', dtype
 'auto'), once as stored and once with fp8 rows, warmed up, then the start-up kernel check
-(every check, not stopping at the first mismatch) with its cost. Exit status 1 when a check
-fails.
+(every check, not stopping at the first mismatch) with its cost, the tables' memory, the UVA
+grid and ``auto``'s crossover. Exit status 1 when a check fails or the engine faulted (it
+catches a failed step and keeps serving, so the fault is read from it, not raised). Each phase
+prints a timestamped, flushed line.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from .phase import phase
+
+# engram-bench's deterministic mode needs this before the process's first CUDA matmul
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 MODULES = (
     "torch", "numpy", "triton", "cupy", "safetensors", "tokenizers", "tqdm", "pytest",
@@ -59,15 +67,36 @@ def environment(out: Path, cpu: bool) -> int:
     return 0
 
 
+def _fault(engine) -> str | None:
+    e = engine.fault
+    return f"{type(e).__name__}: {e}" if e is not None else None
+
+
+def warm_up(engine) -> tuple[float, str | None]:
+    """The server's warm-up, one short greedy request: (seconds, what went wrong or None). The
+    engine catches a failed step and keeps serving, so its fault is read, not raised."""
+    from engine.sampling import SamplingParams
+
+    t = time.perf_counter()
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    (seq,) = engine.add("warm-up", [1 + i % 100 for i in range(8)], params)
+    engine.run_until_done()
+    seconds = time.perf_counter() - t
+    fault = _fault(engine)
+    if fault is None and len(seq.output_ids) != params.max_tokens:
+        fault = f"the warm-up request ended with {len(seq.output_ids)} of 3 tokens"
+    return seconds, fault
+
+
 def _load_and_check(row_format: str, cpu: bool) -> dict:
     import torch
 
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.kernel_check import check_kernels
-    from engine.sampling import SamplingParams
     from offload.offloaded_model import OffloadedModel
 
+    phase(f"{row_format} rows: loading the built-in model")
     t0 = time.perf_counter()
     om = OffloadedModel.load(device="cpu" if cpu else "cuda", row_format=row_format, progress=False)
     try:
@@ -75,14 +104,16 @@ def _load_and_check(row_format: str, cpu: bool) -> dict:
         cfg = EngineConfig(attention="triton" if cpu else "auto")
         engine = Engine(om.model, cfg, rows=om.prefetcher, tokenizer=om.tokenizer)
         load_s = time.perf_counter() - t0
-        t = time.perf_counter()  # the server's warm-up: one short greedy request
-        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        engine.add("warm-up", [1 + i % 100 for i in range(8)], params)
-        engine.run_until_done()
-        warm_s = time.perf_counter() - t
+        phase(f"{row_format} rows: loaded in {load_s:.1f} s ({om.gather}); warming up")
+        warm_s, warm_fault = warm_up(engine)
+        phase(f"{row_format} rows: warm-up {warm_s:.1f} s; checking the kernels")
         t = time.perf_counter()
         checked = check_kernels(engine, strict=False)
         check_s = time.perf_counter() - t
+        phase(f"{row_format} rows: check {check_s:.2f} s")
+        fault = warm_fault or _fault(engine)  # the check's own steps can fault too
+        grid = getattr(om.prefetcher, "grid", None)
+        measured = getattr(om.prefetcher, "measured", None)
         return {
             "row_format": row_format,
             "device": str(om.device),
@@ -94,8 +125,13 @@ def _load_and_check(row_format: str, cpu: bool) -> dict:
             "warm_up_s": warm_s,
             "check_s": check_s,
             "check_under_target": check_s < CHECK_TARGET_S,
+            "memory": om.store.describe(),
+            "grid": grid.as_dict() if grid is not None else None,
+            "crossover_rows": getattr(om.prefetcher, "crossover", None),
+            "gathers_measured": measured,
             "checks": [{**asdict(c), "ok": c.ok} for c in checked],
-            "ok": all(c.ok for c in checked),
+            "fault": fault,
+            "ok": fault is None and all(c.ok for c in checked),
         }
     finally:
         om.close()
@@ -109,16 +145,18 @@ def startup(out: Path, cpu: bool) -> int:
         try:
             runs.append(_load_and_check(row_format, cpu))
         except Exception as e:  # the next row format still runs; the summary says why
+            phase(f"{row_format} rows: {type(e).__name__}: {e}")
             runs.append(
                 {"row_format": row_format, "ok": False, "error": f"{type(e).__name__}: {e}"}
             )
     result = {"target_s": CHECK_TARGET_S, "runs": runs, "ok": all(r["ok"] for r in runs)}
-    (out / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "startup.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     for r in runs:
         line = r.get("error") or ", ".join(
             f"{c['kernel']} {'ok' if c['ok'] else 'FAILED'} ({c['error']:.3g})" for c in r["checks"]
         )
-        print(f"{r['row_format']}: {line}")
+        fault = f"; engine fault: {r['fault']}" if r.get("fault") else ""
+        print(f"{r['row_format']}: {line}{fault}", flush=True)
     return 0 if result["ok"] else 1
 
 
@@ -132,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    return STAGES[argv[0]](out, "--cpu" in argv[2:])
+    phase(f"{argv[0]}: start")
+    rc = STAGES[argv[0]](out, "--cpu" in argv[2:])
+    phase(f"{argv[0]}: done, exit status {rc}")
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The one-page ``summary.md`` of a ``bench/gpu-check`` run, from what its stages wrote.
 
 Every figure is read from the run's own files (``environment.json``, ``startup.json``, each
-``bench.json``); nothing here is measured or typed in.
+``bench.json``, in the run's working folder, which ``gpu-check.tar.gz`` holds); nothing here
+is measured or typed in. Written after every stage, so a page of a run that was stopped says
+so.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ def environment_lines(env: dict, prov: dict) -> list[str]:
             "numpy", "python")  # fmt: skip
     vals = [f"{k} {env[k]}" for k in keys if env.get(k)]
     dirty = " (uncommitted changes)" if prov.get("dirty") else ""
+    source = (
+        f" (from {prov['commit_from']})" if prov.get("commit_from") not in (None, "git") else ""
+    )
     return [
         f"- {', '.join(vals) or 'environment unknown (its stage failed)'}",
-        f"- commit {prov['commit']}{dirty}; `{prov['command']}`; {prov['date']}",
+        f"- commit {prov['commit']}{dirty}{source}; `{prov['command']}`; {prov['date']}",
     ]
 
 
@@ -67,7 +72,31 @@ def startup_lines(res: dict) -> list[str]:
         "## Start-up kernel check",
         *_table(["rows", "kernel", "max error", "tolerance", ""], rows),
         f"Cost after warm-up: {', '.join(costs) or '-'} (target < {target:g} s).",
+        *(line for r in res.get("runs", []) for line in _startup_run(r)),
     ]
+
+
+def _startup_run(r: dict) -> list[str]:
+    """What one loaded model ran on: its tables' memory, the UVA grid, auto's crossover."""
+    if "error" in r:
+        return []
+    mem = r.get("memory") or {}
+    line = (
+        f"- {r['row_format']} rows: {r['gather']} gather, tables {r.get('placement')} in "
+        f"{'/'.join(mem.get('memory', [])) or '?'} memory"
+        + (", registered" if mem.get("registered") else "")
+        + f"; load {r['load_s']:.1f} s, warm-up {r['warm_up_s']:.1f} s"
+    )
+    if r.get("gather") == "auto":
+        c = r.get("crossover_rows")
+        line += f"; auto: {'UVA at every size' if c is None else f'staged from {c} rows'}"
+    g = r.get("grid")
+    out = [line]
+    if g:
+        out.append(f"  - UVA grid {g['programs']} programs of {g['sms']} SMs: {g['why']}")
+    if r.get("fault"):
+        out.append(f"  - ENGINE FAULT: {r['fault']}")
+    return out
 
 
 def bench_lines(title: str, res: dict) -> list[str]:
@@ -129,25 +158,43 @@ def micro_lines(micro: dict) -> list[str]:
     ]  # fmt: skip
 
 
-def write_summary(result: dict, out: Path) -> Path:
-    """``summary.md`` in ``out``; returns its path."""
+def _stage_rows(stages: list[dict]) -> list[list[str]]:
+    return [
+        [o["title"], o["status"], f"{o['seconds']:.0f}" + (f"/{o['budget_s']:.0f}"
+         if o.get("budget_s") else ""), o["detail"].replace("|", "/")[:400]]
+        for o in stages
+    ]  # fmt: skip
+
+
+def _stderr_lines(stages: list[dict]) -> list[str]:
+    """The last lines of stderr of each stage that did not pass (the reason a run shows)."""
+    out = []
+    for o in stages:
+        if o.get("stderr_tail") and o["status"] not in ("passed", "pending"):
+            out += ["", f"stderr of {o['name']} (last lines):", "```", o["stderr_tail"], "```"]
+    return out
+
+
+def render(result: dict, work: Path) -> str:
+    """The page, from ``result`` and the stages' files under ``work``."""
     env, prov = result.get("environment") or {}, result["provenance"]
+    status = result["status"].upper()
+    if result["status"] == "running":
+        done = sum(o["status"] != "pending" for o in result["stages"])
+        status += (f" (written after stage {done} of {len(result['stages'])}; as the last "
+                   "page of a run, it was stopped in the next)")  # fmt: skip
+    code = result.get("exit_code")
     lines = [
-        f"# bench/gpu-check: {result['status'].upper()} ({result['profile']})",
+        f"# bench/gpu-check: {status} ({result['profile']})",
         "",
         *environment_lines(env, prov),
         f"- {result['seconds']:.0f} s of the {result['deadline_s']:.0f} s limit; exit status "
-        f"{result['exit_code']} (0: every check ran and held, 1: a check failed, 2: some "
-        "could not run)",
+        f"{'-' if code is None else code} (0: every check ran and held, 1: a check failed, "
+        "2: some could not run)",
         "",
-        "## Stages",
-        *_table(
-            ["stage", "status", "s", "result"],
-            [
-                [o["title"], o["status"], f"{o['seconds']:.0f}", o["detail"].replace("|", "/")]
-                for o in result["stages"]
-            ],
-        ),  # fmt: skip
+        "## Stages (s: taken/budget)",
+        *_table(["stage", "status", "s", "result"], _stage_rows(result["stages"])),
+        *_stderr_lines(result["stages"]),
     ]
     for o in result["stages"]:
         data = o.get("data") or {}
@@ -155,13 +202,12 @@ def write_summary(result: dict, out: Path) -> Path:
             if o["name"] == "startup" and data:
                 lines += startup_lines(data)
             elif o["name"].startswith("bench-") and data.get("bench"):
-                res = json.loads((out / data["bench"]).read_text())
+                res = json.loads((work / data["bench"]).read_text())
                 lines += bench_lines(o["title"], res)
                 lines += micro_lines(res.get("micro") or {})
         except (OSError, ValueError, KeyError, TypeError) as e:
             lines += ["", f"({o['name']}: its results could not be summarised: {e})"]
-    pngs = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    lines += ["", "Plots: " + (", ".join(pngs) if pngs else "none (matplotlib does not import)")]
-    path = out / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    pngs = sorted(str(p.relative_to(work)) for p in work.rglob("*.png"))
+    lines += ["", "In gpu-check.tar.gz: logs/ (each stage's stdout and stderr), each stage's JSON"
+              + (f"; plots: {', '.join(pngs)}" if pngs else "; no plots")]  # fmt: skip
+    return "\n".join(lines) + "\n"

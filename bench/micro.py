@@ -1,6 +1,6 @@
 """The gather microbenchmark: GB/s per path against the link ceiling, for synthetic tables of
-128, 256 and 512-byte rows (64, 128, 256 bf16 values) and the same rows in FP8 (66, 132, 264
-bytes: about half the bytes moved per row), at each ``--micro-rows`` size.
+128, 256 and 512-byte rows (64, 128, 256 bf16 values; ``--micro-values``) and the same rows in
+FP8 (66, 132, 264 bytes: about half the bytes moved per row), at each ``--micro-rows`` size.
 
 CUDA (tables in pinned host memory): the engine's own gathers through
 :func:`offload.autoselect.measure_gathers`: staged (threaded host gather into pinned staging,
@@ -11,7 +11,7 @@ table. CPU: the host gather in place (resident) and on a worker thread (the work
 dequantisation included.
 
 Also: the staged path's threaded host gather against a single-thread memcpy of the same bytes,
-and, for 128-byte rows, the same gathers from a table without huge pages.
+and, for the smallest rows, the same gathers from a table without huge pages.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def run_micro(
         return measured, host, memory
 
     rows, crossover, host, memory, huge = [], {}, [], None, {}
-    for values in ROW_VALUES:
+    for values in wl.micro_values:
         for fmt in FORMATS:
             measured, h, mem = measure(values, fmt, True)
             rows += measured
@@ -156,7 +156,7 @@ def run_micro(
                 from offload.autoselect import crossover_rows
 
                 crossover[f"{fmt} {measured[0]['row_bytes']} B"] = crossover_rows(measured)
-            if values == ROW_VALUES[0] and fmt == "bf16":  # small rows: where pages mattered
+            if values == wl.micro_values[0] and fmt == "bf16":  # small rows: where pages mattered
                 plain, _, plain_mem = measure(values, fmt, False)
                 huge = _huge_page_effect(measured, mem, plain, plain_mem, paths)
     return {

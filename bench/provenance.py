@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .commit import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,15 +37,6 @@ def _run(args: list[str], cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit(repo: Path = REPO) -> dict:
-    """``{commit, dirty}``: HEAD of the checkout the code runs from ("unknown" outside git)."""
-    commit = _run(["git", "rev-parse", "HEAD"], repo)
-    if not commit:
-        return {"commit": "unknown", "dirty": None}
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
 def _version(module: str) -> str | None:

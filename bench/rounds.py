@@ -12,6 +12,7 @@ rounds, profiled runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .batch import engine_config
+from .phase import phase
 from .report import PROG
 from .run import PathBench
 from .source import ModelSource
@@ -80,7 +82,7 @@ def build_benches(
     progress: bool,
 ) -> list[PathBench]:
     """Every path's prefetcher and engine, built once; the engines share one KV cache."""
-    config = engine_config(jobs, wl.max_batched_tokens, deterministic)
+    config = engine_config(jobs, wl.max_batched_tokens, deterministic, wl.overlap)
     base_store = src.store(specs[0].placement)
     reference = dict(base_store.tables)  # what every path's rows are checked against
     benches: list[PathBench] = []
@@ -117,9 +119,14 @@ def run_paths(
     total = len(specs) * len(jobs) * (1 + wl.repeats + (1 if cuda else 0))
     bar = tqdm(total=total, desc=PROG, unit="run", disable=not progress)
 
+    done = [0]
+
     def tick(what: str) -> None:
         bar.set_postfix_str(what)
         bar.update(1)
+        done[0] += 1
+        if not progress:  # a log, not a terminal: one stamped line per run
+            phase(f"{PROG}: {done[0]}/{total} {what}", sys.stderr)
 
     try:
         t0 = time.perf_counter()

@@ -48,7 +48,9 @@ class Workload:
     memory_bytes: int  # the memory-bandwidth copy (roofline)
     seed: int
     repeats: int  # interleaved timed rounds
+    micro_values: tuple[int, ...] = (64, 128, 256)  # bf16 values per row of the micro tables
     check_steps: int = 3  # steps per job whose rows and logits are checked
+    overlap: bool = True  # the engine's overlapped steps (--no-overlap: in series)
 
 
 @dataclass(frozen=True)

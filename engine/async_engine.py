@@ -9,6 +9,7 @@ fails only the requests in it; the engine keeps serving the rest.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import threading
 import time
@@ -76,6 +77,24 @@ class RequestStream:
             pass
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, Delta]]) -> None:
+    for queue, delta in batch:
+        queue.put_nowait(delta)
+
+
+def push_step(batch: list[tuple[RequestStream, Delta]]) -> None:
+    """A step's deltas, in order, with one wake-up of each event loop they go to (not one per
+    delta: the event loop's per-token cost at many streams)."""
+    loops: dict = {}
+    for req, delta in batch:
+        loops.setdefault(req.loop, []).append((req.queue, delta))
+    for loop, items in loops.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
+
+
 class AsyncEngine:
     def __init__(
         self, offloaded: OffloadedModel, config: EngineConfig, stats: EngineStats | None = None
@@ -98,13 +117,19 @@ class AsyncEngine:
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        # everything built so far (model, tables, tokenizer) lives as long as the server: out
+        # of the collector's sight, so a step's collections walk only the step's own objects
+        gc.collect()
+        gc.freeze()
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.close()
         self.offload.close()
+        gc.unfreeze()  # what start froze can be collected again
 
     # --- graceful shutdown (event-loop thread; the engine thread acts between steps) ------
     def drain(self, message: str) -> None:
@@ -232,11 +257,13 @@ class AsyncEngine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            batch: list[tuple[RequestStream, Delta]] = []
             for out in self.engine.step():
-                self._deliver(out)
+                self._deliver(out, batch)
+            push_step(batch)
             self.steps += 1
 
-    def _deliver(self, out: SeqOutput) -> None:
+    def _deliver(self, out: SeqOutput, batch: list[tuple[RequestStream, Delta]]) -> None:
         req = self.requests.get(out.seq.request_id)
         if req is None:
             return
@@ -247,9 +274,12 @@ class AsyncEngine:
                     self.engine.finish(s, "error")
             bad = out.bad_params
             for s in req.seqs:
-                req.push(Delta(s.choice, finish_reason="error", error=out.error, bad_params=bad))
+                batch.append(
+                    (req, Delta(s.choice, finish_reason="error", error=out.error, bad_params=bad))
+                )
             return
-        req.push(Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason))
+        delta = Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason)
+        batch.append((req, delta))
         if out.finish_reason is not None:
             req.open -= 1
             if req.open == 0:  # every choice's last delta is out

@@ -80,6 +80,11 @@ class EngineConfig:
         choices=list(BACKENDS),
     )
     enforce_eager: bool = flag(False, "run decode steps eagerly instead of CUDA-graph replay")
+    no_overlap: bool = flag(
+        False,
+        "run each step's host work (scheduling, hashing, packing, detokenizing, stop strings) "
+        "in series with the device instead of while the device runs the step before",
+    )
     static_decode: bool | None = flag(
         None,
         "decode through the CUDA-graph buffers (None: on CUDA unless enforce_eager; on a CPU "

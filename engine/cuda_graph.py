@@ -132,7 +132,7 @@ class DecodeGraphs:
         """The static inputs of a step, padded to ``size`` rows (no sequences: all padding)."""
         bs, n = self.cache.block_size, len(seqs)
         pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-        tables = block_tables(seqs, size, self.max_blocks)
+        tables = block_tables(seqs, size, self.max_blocks, self.cache)
         slots = np.fromiter((s.slot for s in seqs), np.int64, n)
         pad = lambda a, fill, dtype=np.int64: np.concatenate(
             [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]
@@ -248,9 +248,17 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """Logits ``[S, V]`` of a decode step (a view of the bucket's static logits, valid until
         the next step)."""
-        n = len(seqs)
+        return self.run(len(seqs), self.pack(seqs, new_ids), plan, prefetcher)
+
+    def pack(self, seqs: list[Sequence], new_ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """The host side of a decode step: its static inputs, padded to its bucket."""
+        return self._padded(self.bucket_for(len(seqs)), seqs, new_ids)
+
+    def run(
+        self, n: int, parts: dict[str, np.ndarray], plan: LookupPlan, prefetcher: Prefetcher
+    ) -> torch.Tensor:
+        """The device side: one upload into the bucket's buffer, the gathers, the graphs."""
         bucket = self.buckets[self.bucket_for(n)]
-        parts = self._padded(bucket.size, seqs, new_ids)
         row_index = plan.host_arrays()
         views = self.uploader.upload(
             {**parts, **{f"row_{k}": v for k, v in row_index.items()}}, into=bucket.buffer

@@ -1,15 +1,19 @@
 """Incremental detokenization with stop strings matched across token boundaries.
 
-Each token re-decodes only a short window of ids, from the last point where the text was
-complete: multi-byte characters split across tokens come out whole, and a long generation
-costs the same per token as a short one. What may still become the start of a stop string,
-or an incomplete UTF-8 character, is held back until it is settled. Before ``min_tokens``
+With a byte-level tokenizer (``EngramTokenizer.token_bytes``) each token adds its own bytes
+to an incremental UTF-8 decoder: one table lookup per token, and the bytes of a character
+split across tokens wait in the decoder until it is whole. Otherwise each token re-decodes
+only a short window of ids, from the last point where the text was complete (two decodes per
+token). Either way a long generation costs the same per token as a short one. What may still
+become the start of a stop string, or an incomplete UTF-8 character, is held back until it is
+settled. Before ``min_tokens``
 tokens are out, stop strings do not end the sequence; later, only a match that ends in text
 produced from then on counts (as vLLM checks).
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 
 from models.tokenizer import EngramTokenizer
@@ -30,9 +34,14 @@ class Detokenizer:
     complete: str = ""  # the text of ids[:read], which ended on a whole character
     prefix: int = 0  # ids[prefix:read] decode to the tail of ``complete`` (the window's start)
     read: int = 0
+    byte_level: bool = True  # False: always the window path (tests compare the two)
 
     def __post_init__(self) -> None:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self._bytes = self.tokenizer.token_bytes() if self.byte_level else None
+        self._skip = set(self.tokenizer.special_tokens) if self.skip_special_tokens else set()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -42,11 +51,17 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Append a token; return the newly settled text (possibly empty)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
-        window = self._decode(self.ids[self.prefix :])
-        full = self.complete + window[len(before) :]
-        if not window.endswith("\ufffd"):  # whole characters: the window moves up
-            self.complete, self.prefix, self.read = full, self.read, len(self.ids)
+        if self._bytes is not None:
+            piece = b"" if token_id in self._skip else self._bytes[token_id]
+            if piece:
+                self.complete += self._utf8.decode(piece)
+                # an ASCII last byte leaves nothing waiting in the decoder
+                self._partial = piece[-1] >= 0x80 and bool(self._utf8.getstate()[0])
+            full = self.complete
+            if self._partial:  # a character waits for its remaining bytes
+                full += "\ufffd"  # as a whole decode shows it
+        else:
+            full = self._window(token_id)
         if len(self.ids) < self.min_tokens:
             self.floor = len(full)
         elif self.stop:
@@ -62,6 +77,14 @@ class Detokenizer:
         if full.endswith("\ufffd"):  # a character still waiting for its remaining bytes
             settled = min(settled, len(full) - 1)
         return self._take(settled)
+
+    def _window(self, token_id: int) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        window = self._decode(self.ids[self.prefix :])
+        full = self.complete + window[len(before) :]
+        if not window.endswith("\ufffd"):  # whole characters: the window moves up
+            self.complete, self.prefix, self.read = full, self.read, len(self.ids)
+        return full
 
     def flush(self) -> str:
         """The sequence ended: hand out everything that is left."""

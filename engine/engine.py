@@ -27,9 +27,11 @@ from offload.prefetch import Prefetcher
 from .config import EngineConfig
 from .determinism import set_deterministic
 from .detokenize import Detokenizer
+from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import to_device
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
+from .overlap import Overlap
 from .sampling import (
     BadParams,
     SampleRow,
@@ -61,7 +63,7 @@ class EngineStats:
         """The step's logits, before sampling (engram-bench compares paths on them)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqOutput:
     """What one sequence produced in one step."""
 
@@ -119,7 +121,15 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
+        self._eos, self._max_tokens = mc.eos_token_id, self.max_tokens_per_seq
+        self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers
+        # sequences whose steps run without overlap (prompt logprobs, scoring only)
+        self._in_series: list[Sequence] = []
+        self.overlap = None if config.no_overlap else Overlap(self)
+        # requests without a seed draw from one generator: their step is one draw, not one
+        # per sequence (a seeded sequence keeps its own, so its tokens are reproducible)
+        self.unseeded = SamplingParams().generator(0, self.device)
 
     @property
     def max_tokens_per_seq(self) -> int:
@@ -137,7 +147,7 @@ class Engine:
                 i,
                 list(prompt_ids),
                 params,
-                params.generator(i, self.device),
+                self.unseeded if params.seed is None else params.generator(i, self.device),
                 self._detokenizer(params),
             )
             for i in range(params.n)
@@ -145,7 +155,15 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
+        if params.prompt_logprobs_k is not None or params.max_tokens == 0:
+            self._in_series += seqs
         return seqs
+
+    def needs_series(self) -> bool:
+        """A sequence whose prompt is scored is still prefilling: steps run one at a time."""
+        if self._in_series:
+            self._in_series = [s for s in self._in_series if not s.finished and s.prefilling]
+        return bool(self._in_series)
 
     def _detokenizer(self, params: SamplingParams) -> Detokenizer | None:
         if self.tokenizer is None:
@@ -169,37 +187,58 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or (
+            self.overlap is not None and self.overlap.inflight is not None
+        )
+
+    def close(self) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
 
     # --- one step ------------------------------------------------------------------------------
-    def step(self) -> list[SeqOutput]:
-        """Schedule and run one step; what each sequence produced (empty: nothing to run)."""
-        step = self.scheduler.schedule()
+    def step(self, timer: HostTimer | NoTimer = NO_TIMER) -> list[SeqOutput]:
+        """Schedule and run one step; what each sequence produced (empty: nothing to run).
+        With overlap the step is submitted to the device and what comes back is the step
+        before's (:mod:`engine.overlap`). ``timer``: charges the step's host work to its parts
+        (engram-bench --host-cost)."""
+        if self.overlap is not None:
+            return self.overlap.step(timer)
+        return self.step_in_series(timer)
+
+    def step_in_series(self, timer: HostTimer | NoTimer = NO_TIMER) -> list[SeqOutput]:
+        """One step, start to end: schedule, run, read its tokens."""
+        with timer("schedule"):
+            step = self.scheduler.schedule()
         if step is None:
             self._report()
             return []
         self.stats.preempted(len(step.preempted))
         outputs: list[SeqOutput] = []
         try:
-            self._run(step, outputs)
+            self._run(step, outputs, timer)
         except Exception as e:  # a shared fault: fail this step's sequences; keep serving
-            log.exception("engine step failed")
-            self.fault = e
-            msg = f"engine error: {type(e).__name__}: {e}"
-            for seq in step.seqs:
-                if not seq.finished:
-                    self.finish(seq, "error")
-                    outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
-        self._report()
+            self.fail_step(step, e, outputs)
+        with timer("stats"):
+            self._report()
         return outputs
+
+    def fail_step(self, step: ScheduledStep, e: Exception, outputs: list[SeqOutput]) -> None:
+        """A shared fault (the forward pass, the step's inputs): fail the step's sequences."""
+        log.error("engine step failed", exc_info=e)
+        self.fault = e
+        msg = f"engine error: {type(e).__name__}: {e}"
+        for seq in step.seqs:
+            if not seq.finished:
+                self.finish(seq, "error")
+                outputs.append(SeqOutput(seq, finish_reason="error", error=msg))
 
     def _report(self) -> None:
         s = self.scheduler
         self.stats.scheduler_state(len(s.running), len(s.waiting), self.cache.usage)
 
-    def _run(self, step: ScheduledStep, outputs: list[SeqOutput]) -> None:
+    def _run(self, step: ScheduledStep, outputs: list[SeqOutput], timer=NO_TIMER) -> None:
         need_all = any(s.wants_prompt_logprobs and s.prefilling for s in step.seqs)
-        logits = self.runner.step(step.seqs, step.new_ids, all_logits=need_all)
+        logits = self.runner.step(step.seqs, step.new_ids, need_all, timer)
         self.stats.step_logits(logits)
         now = time.monotonic()
         lengths = [len(x) for x in step.new_ids]
@@ -218,39 +257,64 @@ class Engine:
             rows_at = torch.from_numpy(last[at] if need_all else np.array(at))
             picked = logits[rows_at.to(logits.device, non_blocking=True)]
         seqs = [step.seqs[i] for i in at]
-        for seq, got in zip(seqs, self._sample(picked, seqs)):
-            if isinstance(got, Exception):
-                outputs.append(self._fail(seq, got))
-                continue
-            try:
-                outputs.append(self._append(seq, *got, now))
-            except Exception as e:  # its detokenizer or stop strings: this sequence alone
-                outputs.append(self._fail(seq, e))
+        with timer("sample"):
+            got_all = self._sample(picked, seqs, timer)
+        with timer("append"):
+            appended = 0
+            for seq, got in zip(seqs, got_all):
+                if isinstance(got, Exception):
+                    outputs.append(self._fail(seq, got))
+                    continue
+                appended += 1
+                try:
+                    outputs.append(self._append(seq, *got, now))
+                except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                    outputs.append(self._fail(seq, e))
+            self.stats.generation_tokens(appended)  # once per step, not per token
 
-    def _sample(self, logits, seqs: list[Sequence]) -> list[tuple[int, TokenLogprobs | None]]:
+    def _sample(
+        self, logits, seqs: list[Sequence], timer=NO_TIMER
+    ) -> list[tuple[int, TokenLogprobs | None]]:
         """(token, logprobs) per row, or the exception that row raised. The batched sampler
         runs first; if it raises, each row is sampled alone from its generator's state before
         the batch, so the rows that did nothing wrong get the tokens they would have got."""
+        return self.sample_rows(logits, self.sample_inputs(seqs), timer)
+
+    def sample_inputs(self, seqs: list[Sequence]) -> list[SampleRow]:
+        """The sampler's rows. With a token in flight it counts as generated (EOS bans), and a
+        penalised row gets its own copy of the output ids (the token is added on the device's
+        side once known)."""
         eos = self.model.config.eos_token_id
-        rows = [
-            SampleRow(
-                s.params,
-                s.output_ids,
-                s.generator,
-                s.params.banned_tokens(len(s.output_ids), eos),
-                s.prompt_ids,
-            )
-            for s in seqs
+        rows = []
+        for s in seqs:
+            p, out, row = s.params, s.output_ids, s.sample_row
+            if s.inflight and (
+                p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+            ):
+                out = list(out)
+            banned = p.banned_tokens(len(s.output_ids) + s.inflight, eos) if p.min_tokens else []
+            if row is None or banned or out is not s.output_ids:
+                row = SampleRow(p, out, s.generator, banned, s.prompt_ids)
+                if not banned and out is s.output_ids:  # the same every step: kept
+                    s.sample_row = row
+            rows.append(row)
+        return rows
+
+    def sample_rows(self, logits, rows: list[SampleRow], timer=NO_TIMER) -> list:
+        """(token, logprobs) per row, or the exception that row raised (see _sample)."""
+        states = [
+            None if r.params.greedy or r.params.seed is None else r.generator.get_state()
+            for r in rows
         ]
-        states = [None if r.params.greedy else r.generator.get_state() for r in rows]
         try:
-            tokens, lps = sample(logits, rows)
+            with timer("sample_kernels"):  # on a GPU: its kernels and the one copy back
+                tokens, lps = sample(logits, rows)
             return list(zip(tokens, lps))
         except Exception:
             log.warning("batched sampling raised; sampling its %d rows one by one", len(rows))
         out = []
         for k, row in enumerate(rows):
-            if states[k] is not None:  # greedy rows never draw from theirs
+            if states[k] is not None:  # greedy rows never draw; unseeded ones need no replay
                 row.generator.set_state(states[k])
             try:
                 tokens, lps = sample(logits[k : k + 1], [row])
@@ -320,30 +384,32 @@ class Engine:
         return failed
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
-        params = seq.params
-        seq.output_ids.append(tok)
-        self.stats.generation_tokens(1)
+        params, out_ids, detok = seq.params, seq.output_ids, seq.detok
+        out_ids.append(tok)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.first_token(now - seq.arrival, (seq.scheduled_at or now) - seq.arrival)
         else:
             self.stats.inter_token(now - seq.last_token_at)
         seq.last_token_at = now
-        out = SeqOutput(seq, token_ids=[tok])
+        out = SeqOutput(seq, [tok])
         if lp is not None:
             out.logprobs.append(lp)
             seq.output_logprobs.append(lp)
-        eos = None if params.ignore_eos else self.model.config.eos_token_id
-        if seq.detok is not None:
-            out.text = seq.detok.add(tok) if tok != eos else ""
+        eos = None if params.ignore_eos else self._eos
+        if detok is not None:
+            out.text = detok.add(tok) if tok != eos else ""
         reason = None
-        if tok == eos or (seq.detok is not None and seq.detok.stopped):
+        if tok == eos or (detok is not None and detok.stopped):
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
+        elif (
+            len(out_ids) >= params.max_tokens
+            or len(seq.prompt_ids) + len(out_ids) >= self._max_tokens
+        ):
             reason = "length"
         if reason:
-            if seq.detok is not None:
-                out.text += seq.detok.flush()
+            if detok is not None:
+                out.text += detok.flush()
             out.finish_reason = reason
             self.finish(seq, reason, now)
         return out

@@ -26,6 +26,7 @@ def generate(
     eos_token_id: int | None = None,
     rows: Prefetcher | None = None,
     block_size: int = 16,
+    overlap: bool = True,
 ) -> list[list[int]]:
     """Generate for a batch of prompts together on the engine (one prefill step for all, then
     batched decode). Stops at ``eos_token_id`` when given, else only at max_new_tokens."""
@@ -43,6 +44,7 @@ def generate(
         max_num_batched_tokens=sum(len(p) for p in prompts),
         kv_blocks=len(prompts) * blocks_for(longest, block_size),
         block_size=block_size,
+        no_overlap=not overlap,
     )
     engine = Engine(model, config, rows)
     seqs = []
@@ -55,6 +57,7 @@ def generate(
         )
         seqs += engine.add(f"gen-{i}", p, params)
     engine.run_until_done()
+    engine.close()
     if engine.fault is not None:
         raise engine.fault
     return [s.output_ids for s in seqs]
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")
     ap.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    ap.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="run each step's host work in series with the device (default: overlapped)",
+    )
     args = ap.parse_args(argv)
     if args.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         model.config.eos_token_id,
         rows=om.prefetcher,
+        overlap=not args.no_overlap,
     )[0]
     om.close()
     dt = time.perf_counter() - t0

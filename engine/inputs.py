@@ -118,14 +118,91 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
-def block_tables(seqs: list[Sequence], rows: int, width: int) -> np.ndarray:
-    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0)."""
-    counts = np.fromiter((len(s.block_table) for s in seqs), np.int64, len(seqs))
-    blocks = np.fromiter(chain.from_iterable(s.block_table for s in seqs), np.int64)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
+def block_tables(seqs: list[Sequence], rows: int, width: int, cache: KVCache) -> np.ndarray:
+    """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0):
+    rows of the cache's per-slot tables, no walk over the blocks."""
+    n = len(seqs)
+    slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+    if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
+        raise ValueError("a sequence in the step holds no KV slot (not admitted)")
     tables = np.zeros((rows, width), dtype=np.int32)
-    tables[np.repeat(np.arange(len(seqs)), counts), np.arange(blocks.size) - first] = blocks
+    have = min(width, cache.tables.shape[1])
+    tables[:n, :have] = cache.tables[slots, :have]
     return tables
+
+
+def _shape_arrays(lengths: np.ndarray, cache: KVCache, all_logits: bool) -> dict:
+    """The arrays that depend on the new tokens' counts alone (a decode step's are the same
+    for every step of its batch size)."""
+    cfg, n, total = cache.config, len(lengths), int(lengths.sum())
+    qsl = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=qsl[1:])
+    out = {
+        "query_start_loc": qsl.astype(np.int32),  # the attention kernels' metadata is int32
+        "logits_index": np.arange(total) if all_logits else qsl[1:] - 1,
+    }
+    if cache.conv:
+        arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
+        out.update({f"conv_{k}": v for k, v in arrays.items()})
+    return out
+
+
+def pack_inputs(
+    seqs: list[Sequence],
+    new_ids: list[list[int]],
+    cache: KVCache,
+    all_logits: bool,
+    decode_shapes: dict[int, dict] | None = None,
+) -> dict[str, np.ndarray]:
+    """The step's host arrays (blocks must already be reserved); nothing is read from the
+    sequences after this, so the step can run while the host moves on. ``decode_shapes``:
+    a decode step's count-only arrays kept per batch size (read-only; the caller's)."""
+    bs, n = cache.block_size, len(seqs)
+    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+    total = int(lengths.sum())
+    if total == n:  # a decode step: one token per sequence
+        seq_of_tok, positions = np.arange(n), starts
+        if decode_shapes is None or all_logits:
+            shapes = _shape_arrays(lengths, cache, all_logits)
+        elif (shapes := decode_shapes.get(n)) is None:
+            shapes = decode_shapes[n] = _shape_arrays(lengths, cache, False)
+    else:
+        shapes = _shape_arrays(lengths, cache, all_logits)
+        qsl = shapes["query_start_loc"].astype(np.int64)
+        seq_of_tok = np.repeat(np.arange(n), lengths)
+        positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
+    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
+    return {
+        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
+        "positions": positions,
+        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        "block_tables": tables,
+        "context_lens": (starts + lengths).astype(np.int32),
+        "query_start_loc": shapes["query_start_loc"],
+        "logits_index": shapes["logits_index"],
+        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
+        **{k: v for k, v in shapes.items() if k.startswith("conv_")},
+    }
+
+
+def upload_inputs(
+    parts: dict[str, np.ndarray], uploader: Uploader, row_index: dict[str, np.ndarray]
+) -> StepInputs:
+    """The packed arrays and the lookup plan's index arrays on the device, in one copy."""
+    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
+    conv = None
+    if "conv_taps" in parts:
+        conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
+    qsl = parts["query_start_loc"]
+    lengths = np.diff(qsl)
+    return StepInputs(
+        lengths=lengths.tolist(),
+        starts=(parts["context_lens"] - lengths).tolist(),
+        conv_step=conv,
+        row_index={k: dev[f"row_{k}"] for k in row_index},
+        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
+    )
 
 
 def build_inputs(
@@ -138,37 +215,4 @@ def build_inputs(
 ) -> StepInputs:
     """Host arrays for the step (blocks must already be reserved) and the lookup plan's index
     arrays, uploaded in one copy."""
-    bs, cfg, n = cache.block_size, cache.config, len(seqs)
-    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
-    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-    ends = starts + lengths
-    qsl = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=qsl[1:])
-    seq_of_tok = np.repeat(np.arange(n), lengths)
-    positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs))
-    parts = {
-        "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, int(qsl[-1])),
-        "positions": positions,
-        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
-        # the attention kernels' metadata is int32
-        "block_tables": tables,
-        "context_lens": ends.astype(np.int32),
-        "query_start_loc": qsl.astype(np.int32),
-        "logits_index": np.arange(int(qsl[-1])) if all_logits else qsl[1:] - 1,
-        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
-    }
-    if cache.conv:
-        arrays = ConvStep.host_arrays(lengths, cfg.engram_kernel_size, cfg.engram_max_ngram_size)
-        parts.update({f"conv_{k}": v for k, v in arrays.items()})
-    dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
-    conv = None
-    if cache.conv:
-        conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
-    return StepInputs(
-        lengths=lengths.tolist(),
-        starts=starts.tolist(),
-        conv_step=conv,
-        row_index={k: dev[f"row_{k}"] for k in row_index},
-        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
-    )
+    return upload_inputs(pack_inputs(seqs, new_ids, cache, all_logits), uploader, row_index)

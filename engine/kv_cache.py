@@ -14,6 +14,7 @@ conv slot is never handed out: the padding rows of a CUDA-graph batch bucket rea
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from models.config import ModelConfig
@@ -60,6 +61,10 @@ class KVCache:
         }
         self._free_blocks = list(range(num_blocks - 1, -1, -1))
         self._free_slots = list(range(max_seqs - 1, -1, -1))
+        # each slot's block table, written as blocks are reserved (steps index it, not rebuild
+        # it); widened as contexts grow; the spare row (pad_conv_slot) stays zeros
+        self.tables = np.zeros((max_seqs + 1, 64), dtype=np.int32)
+        self.fresh: list[int] = []  # slots admitted since the runner last reset their state
 
     # --- accounting ---------------------------------------------------------------
     @property
@@ -92,8 +97,20 @@ class KVCache:
         if not self._free_slots:
             raise CacheFull(f"all {self.max_seqs} sequence slots are in use")
         seq.slot = self._free_slots.pop()
-        for t in self.conv.values():
-            t[seq.slot].zero_()
+        self.tables[seq.slot] = 0
+        self.fresh.append(seq.slot)
+
+    def take_fresh(self) -> list[int]:
+        """Slots admitted since the last call: their conv state and n-gram history start over
+        (the runner resets them as part of the next step, in the device's order)."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+    def zero_conv(self, slots: list[int]) -> None:
+        if slots:
+            at = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+            for t in self.conv.values():
+                t.index_fill_(0, at, 0)
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks and slot to the pools."""
@@ -108,5 +125,14 @@ class KVCache:
         need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
         if need > len(self._free_blocks):
             raise CacheFull(f"need {need} KV blocks, {len(self._free_blocks)} free")
+        if need <= 0:
+            return
+        end = len(seq.block_table) + need
+        if end > self.tables.shape[1]:
+            wider = np.zeros((self.tables.shape[0], max(end, 2 * self.tables.shape[1])), np.int32)
+            wider[:, : self.tables.shape[1]] = self.tables
+            self.tables = wider
         for _ in range(need):
             seq.block_table.append(self._free_blocks.pop())
+        if seq.slot >= 0:
+            self.tables[seq.slot, end - need : end] = seq.block_table[end - need :]

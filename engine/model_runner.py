@@ -8,21 +8,24 @@ then each sequence's cached length and n-gram history advance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from models.llama import EngramForCausalLM
 from offload.paths import make_prefetcher
-from offload.plan import LookupPlan
 from offload.prefetch import PendingRows, Prefetcher
 from offload.store import TableStore
 
 from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
 from .fused import fuse_model
-from .inputs import StepInputs, Uploader, build_inputs
+from .host_time import NO_TIMER, HostTimer, NoTimer
+from .inputs import StepInputs, Uploader, pack_inputs, upload_inputs
 from .kv_cache import KVCache
 from .sequence import Sequence
+from .step_rows import NgramState, Rows
 
 
 class _Step:
@@ -64,6 +67,8 @@ class ModelRunner:
         # default: the model's own (loaded) tables, gathered in place
         self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
         self.uploader = Uploader(cache.device)
+        self.ngram = NgramState(model, cache.max_seqs + 1)
+        self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
         self.attention = pick_backend(attention, cache.device)
         if self.attention == "triton":  # the device path: fewer, fused kernels per layer
             fuse_model(model)
@@ -71,52 +76,106 @@ class ModelRunner:
         if decode_graphs and self.attention == "triton":
             self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
 
+    def seat(self, seq: Sequence, history: np.ndarray) -> None:
+        """Give a sequence whose tokens are cached its n-gram history (compressed ids, oldest
+        first; engram-bench seats sequences as after a prefill it does not run)."""
+        fresh = self.cache.take_fresh()
+        self.ngram.reset(fresh)
+        self.cache.zero_conv(fresh)
+        self.ngram.history[seq.slot] = history
+
     def step(
-        self, seqs: list[Sequence], new_ids: list[list[int]], all_logits: bool = False
-    ) -> torch.Tensor:
-        """Logits ``[S, V]`` of each sequence's last new token (``[N, V]``: every new token)."""
+        self,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        all_logits: bool = False,
+        timer: HostTimer | NoTimer = NO_TIMER,
+        known: list[bool] | None = None,
+        later: bool = False,
+    ) -> torch.Tensor | Prepared:
+        """Logits ``[S, V]`` of each sequence's last new token (``[N, V]``: every new token).
+
+        ``known[i]`` False: sequence i feeds one token still on the device (a placeholder).
+        ``later``: do the host side only and return it (:meth:`Prepared.run` does the rest,
+        on the device's worker, given the placeholders' tokens)."""
+        prep = self.prepare(seqs, new_ids, all_logits, timer, known)
+        return prep if later else prep.run(np.empty(0, np.int64), timer)
+
+    def prepare(
+        self,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        all_logits: bool = False,
+        timer: HostTimer | NoTimer = NO_TIMER,
+        known: list[bool] | None = None,
+    ) -> Prepared:
+        """The host side of a step: blocks reserved, rows hashed (but for the placeholders'
+        own part), inputs packed, the sequences' cached lengths advanced."""
         if len(seqs) != len(new_ids) or not seqs:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
-        limit = self.model.config.max_position_embeddings
-        for seq, ids in zip(seqs, new_ids):
-            if not ids:
-                raise ValueError("every sequence in a step needs at least one new token")
-            if seq.num_computed + len(ids) > limit:
-                raise ValueError(
-                    f"sequence would reach {seq.num_computed + len(ids)} tokens, over "
-                    f"max_position_embeddings {limit}"
-                )
-        for seq, ids in zip(seqs, new_ids):
-            self.cache.reserve(seq, len(ids))
-        hasher = self.model.hasher
-        histories = np.stack(
-            [
-                s.ngram_history if s.ngram_history is not None else hasher.initial_history(1)[0]
-                for s in seqs
-            ]
-        )
-        row_ids, next_hist = self.model.row_ids(
-            histories,
-            np.fromiter((t for x in new_ids for t in x), dtype=np.int64),
-            np.array([len(x) for x in new_ids]),
-        )
-        plan = self.rows.plan(row_ids)
-        if self.graphs is not None and self.graphs.fits(new_ids, all_logits):
-            logits = self.graphs.step(seqs, new_ids, plan, self.rows)
-        else:
-            logits = self._eager(seqs, new_ids, plan, all_logits)
-        for i, (seq, ids) in enumerate(zip(seqs, new_ids)):
-            seq.num_computed += len(ids)
-            seq.ngram_history = next_hist[i]
-        return logits
+        limit, bs = self.model.config.max_position_embeddings, self.cache.block_size
+        with timer("reserve"):
+            for seq, ids in zip(seqs, new_ids):
+                end = seq.num_computed + len(ids)
+                if not ids:
+                    raise ValueError("every sequence in a step needs at least one new token")
+                if end > limit:
+                    raise ValueError(
+                        f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
+                    )
+            for seq, ids in zip(seqs, new_ids):
+                if seq.num_computed + len(ids) > len(seq.block_table) * bs:  # a new block
+                    self.cache.reserve(seq, len(ids))
+        with timer("hash"):
+            fresh = self.cache.take_fresh()
+            self.ngram.reset(fresh)
+            slots = np.fromiter((s.slot for s in seqs), np.int64, len(seqs))
+            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
+        graph = self.graphs is not None and self.graphs.fits(new_ids, all_logits)
+        with timer("pack"):
+            if graph:
+                parts = self.graphs.pack(seqs, new_ids)
+            else:
+                parts = pack_inputs(seqs, new_ids, self.cache, all_logits, self._decode_shapes)
+        with timer("advance"):
+            for seq, ids in zip(seqs, new_ids):
+                seq.num_computed += len(ids)
+        return Prepared(self, len(seqs), rows, fresh, parts, graph)
 
-    def _eager(self, seqs, new_ids, plan: LookupPlan, all_logits: bool) -> torch.Tensor:
-        inp = build_inputs(seqs, new_ids, self.cache, self.uploader, all_logits, plan.host_arrays())
-        # every layer's gather is issued now, before the forward pass starts
-        pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
+    def execute(self, prep: Prepared, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
+        """The device side of a step: placeholders filled in, the plan, one upload, every
+        layer's gather issued, the forward pass."""
+        self.cache.zero_conv(prep.fresh)
+        with timer("plan"):
+            if prep.rows.wait.size:
+                prep.parts["input_ids"][prep.rows.wait] = tokens
+            plan = self.rows.plan(prep.rows.finish(tokens))
+        if prep.graph:
+            return self.graphs.run(prep.n, prep.parts, plan, self.rows)
+        with timer("upload"):
+            inp = upload_inputs(prep.parts, self.uploader, plan.host_arrays())
+        with timer("prefetch"):  # every layer's gather is issued now, before the forward pass
+            pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
         try:
-            with torch.inference_mode():
+            with timer("forward"), torch.inference_mode():
                 step = _Step(self.cache, inp, pending, self.attention)
                 return self.model.forward_step(inp.input_ids, step, inp.logits_index)
         finally:
-            pending.close()
+            with timer("prefetch"):
+                pending.close()
+
+
+@dataclass
+class Prepared:
+    """A step whose host side is done; :meth:`run` (once) gives its logits."""
+
+    runner: ModelRunner
+    n: int
+    rows: Rows
+    fresh: list[int]
+    parts: dict[str, np.ndarray]
+    graph: bool
+
+    def run(self, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
+        """``tokens``: the raw ids of the placeholders, in the step's token order."""
+        return self.runner.execute(self, tokens, timer)

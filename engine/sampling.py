@@ -4,7 +4,8 @@ Per-row rules (OpenAI's and vLLM's), in vLLM's order: logit bias, the repetition
 (prompt and output tokens), presence/frequency penalties, temperature, top-k, top-p, min-p.
 Sampling is an exponential race (``argmax(log p - log q)``, q ~ Exp(1) drawn from the
 sequence's own generator), so a seeded sequence gets the same tokens whatever
-else shares its batch. Every value the API accepts is numerically safe: temperatures below
+else shares its batch. Sequences without a seed share the engine's generator: their noise is
+one draw for all of them. Every value the API accepts is numerically safe: temperatures below
 ``GREEDY_BELOW`` are greedy, logits are shifted by their row maximum before scaling, and the
 most likely token always stays eligible. One device-to-host copy brings back the step's tokens
 together with any logprobs asked for.
@@ -250,8 +251,17 @@ def draw(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         vec([p.min_p for p in ps]),
     )
     q = torch.empty_like(lp)
+    # one draw per generator: rows that share one (requests without a seed) get a block
+    groups: dict[int, list[int]] = {}
     for k, i in enumerate(sampled):
-        q[k].exponential_(generator=rows[i].generator)
+        groups.setdefault(id(rows[i].generator), []).append(k)
+    for ks in groups.values():
+        gen = rows[sampled[ks[0]]].generator
+        if len(ks) == 1:
+            q[ks[0]].exponential_(generator=gen)
+        else:
+            block = torch.empty((len(ks), V), dtype=q.dtype, device=dev).exponential_(generator=gen)
+            q[to_device(ks, dev)] = block
     pick = (lp - q.clamp_min_(1e-20).log()).argmax(dim=-1, keepdim=True)
     tokens[at] = order.gather(-1, pick).squeeze(-1)
     return tokens

@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preempted = 0
+        self.max_tokens_per_seq = 1 << 62  # the engine sets its limit
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -66,7 +67,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.num_preempted += 1
         self.cache.free(seq)
-        seq.num_computed, seq.ngram_history, seq.status = 0, None, Status.WAITING
+        seq.num_computed, seq.status = 0, Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
@@ -82,16 +83,19 @@ class Scheduler:
         )
 
         # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
+        bs, running = self.cache.block_size, Status.RUNNING
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
             if hold_decodes and not seq.prefilling:
                 continue
+            if seq.inflight and seq.ends_with_inflight(self.max_tokens_per_seq):
+                continue  # overlap: it finishes when its token is read
             pending = seq.pending_ids()
             n = min(len(pending), budget)
-            need = self._blocks_needed(seq, n)
+            need = max(0, -(-(seq.num_computed + n) // bs) - len(seq.block_table))
             while need > free_blocks and self.running[-1] is not seq:
                 victim = self.running[-1]
                 free_blocks += len(victim.block_table)

@@ -11,11 +11,12 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .detokenize import Detokenizer
 from .sampling import SamplingParams, TokenLogprobs
+
+PLACEHOLDER = -1  # a new token's id while it is still on the device (overlap)
 
 
 class Status(enum.Enum):
@@ -42,7 +43,11 @@ class Sequence:
     num_computed: int = 0  # tokens of prompt + output already in the KV cache
     block_table: list[int] = field(default_factory=list)
     slot: int = -1  # row of the per-sequence Engram conv state; -1 when not running
-    ngram_history: np.ndarray | None = None  # last max_ngram_size - 1 compressed ids
+    # overlap: tokens sampled on the device that the host has not read yet (0 or 1), and the
+    # row of the in-flight step that holds it
+    inflight: int = 0
+    inflight_row: int = -1
+    sample_row: object | None = None  # its sampler row, kept while nothing in it changes
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -56,9 +61,19 @@ class Sequence:
         """Tokens not yet in the cache (prompt remainder, or the last sampled token), without
         copying the whole context (this runs for every sequence every step)."""
         done, prompt = self.num_computed, self.prompt_ids
+        if self.inflight:  # the token is still on the device: a placeholder in its place
+            return [PLACEHOLDER]
         if done >= len(prompt):
             return self.output_ids[done - len(prompt) :]
         return prompt[done:] + self.output_ids
+
+    def ends_with_inflight(self, max_tokens_per_seq: int) -> bool:
+        """Its token on the device is its last one by length (max_tokens or the context):
+        the next step need not run it."""
+        made = len(self.output_ids) + self.inflight
+        return made >= self.params.max_tokens or self.num_tokens + self.inflight >= (
+            max_tokens_per_seq
+        )
 
     @property
     def prefilling(self) -> bool:

@@ -95,6 +95,11 @@ class NgramHasher:
         """Table size of every head, ``[order][head]``, for one layer."""
         return [list(h) for h in self._head_sizes[layer_id]]
 
+    def moduli(self, layer_id: int) -> np.ndarray:
+        """``[orders, heads]`` int64 table sizes of one layer (what each head's mix is taken
+        modulo)."""
+        return self._moduli[layer_id].copy()
+
     def flat_head_sizes(self, layer_id: int) -> list[int]:
         return [s for order in self._head_sizes[layer_id] for s in order]
 

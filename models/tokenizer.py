@@ -61,6 +61,43 @@ def compress_ids(lookup: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def byte_table(tok: EngramTokenizer) -> list[bytes] | None:
+    """Per-id bytes of a byte-level tokenizer, each checked against the tokenizer's own decode
+    of that id; None when the decoder is not plain byte-level or any id disagrees."""
+    if type(tok.tokenizer.decoder).__name__ != "ByteLevel":
+        return None
+    inv = _byte_decoder()
+    table = []
+    for tid in range(tok.vocab_size):
+        native = tok.tokenizer.decode([tid], skip_special_tokens=False)
+        if tid in tok.added_tokens:
+            if native != tok.added_tokens[tid]:  # the two special-token modes would differ
+                return None
+            table.append(native.encode())
+            continue
+        piece = tok.id_to_token(tid)
+        if piece is None or any(c not in inv for c in piece):
+            return None
+        raw = bytes(inv[c] for c in piece)
+        if raw.decode("utf-8", "replace") != native:
+            return None
+        table.append(raw)
+    return table
+
+
 class EngramTokenizer:
     """Text <-> ids, and raw ids -> compressed ids for hashing."""
 
@@ -71,6 +108,7 @@ class EngramTokenizer:
         added = tokenizer.get_added_tokens_decoder()
         self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
         self.special_tokens = {i: t.content for i, t in added.items() if t.special}
+        self._token_bytes: list[bytes] | None | bool = False  # False: not yet worked out
 
     @classmethod
     def from_file(cls, path: str | Path) -> EngramTokenizer:
@@ -116,6 +154,14 @@ class EngramTokenizer:
         if run:
             parts.append(self.tokenizer.decode(run, skip_special_tokens=False))
         return "".join(parts)
+
+    def token_bytes(self) -> list[bytes] | None:
+        """Each id's bytes, when decoding is just concatenating them and reading the result
+        as UTF-8 (a byte-level BPE decoder: GPT-2, Llama 3, Qwen); None otherwise. Lets the
+        detokenizer decode one new token's bytes instead of re-decoding a window of ids."""
+        if self._token_bytes is False:
+            self._token_bytes = byte_table(self)
+        return self._token_bytes
 
     def to_json(self) -> str:
         """The tokenizer.json content: what ``tokenizers.Tokenizer.from_str`` rebuilds it from."""

@@ -7,10 +7,15 @@ its programs take SMs from compute. Two rules:
   half). A persistent program loops over tiles of rows, so fewer programs still cover any
   number of rows; the bound only caps how many SMs the gather can hold at once.
 - A measurement of the step, not of the gather alone: for each grid within the bound, a
-  stand-in for compute (matrix products sized to take as long as the gather) runs on the
-  compute stream while the gather runs on a side stream, and the time until both are done is
-  the figure. The fastest grid wins; one within ``TIE`` of it with fewer programs wins
-  instead (it leaves more SMs to compute for the same step).
+  stand-in for compute (matrix products) runs on the compute stream while the gather runs on
+  a side stream, and the time until both are done is the figure. The fastest grid wins; one
+  within ``TIE`` of it with fewer programs wins instead (it leaves more SMs to compute for the
+  same step).
+- The stand-in's size decides what the figure can see. It is the step's own compute when the
+  caller knows it (``compute_s``), else as long as the *fastest* gather alone: then a grid
+  whose gather is slower lengthens the step, and a grid whose programs slow compute lengthens
+  it too. Sized to the slowest gather (as before), every gather hid under compute and every
+  grid measured the same step, so the fewest programs always won.
 
 Measured on H100 (shared measurements, 2026-11-25) the gather alone barely depended on its grid
 (8x or 32x the SM count, within 20%), so taking most of the GPU buys nothing in isolation and
@@ -29,6 +34,7 @@ SM_SHARE = 0.5
 TIE = 0.03  # grids within 3% of the fastest joined step count as equally fast
 ROWS = 1 << 16  # rows of the gather the grid is chosen on (a large step's worth)
 STAND_IN = 2048  # bf16 matrix side of the compute stand-in
+MAX_UNITS = 10_000  # most stand-in products in one joined measurement
 
 
 def sm_count(device: torch.device) -> int:
@@ -90,15 +96,49 @@ def _elapsed(fn: Callable[[], None], stream: torch.cuda.Stream) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def stand_in_units(alone: dict[int, float], unit_s: float, compute_s: float | None) -> int:
+    """Stand-in matrix products for the joined measurement: ``compute_s`` worth when given,
+    else as long as the fastest gather alone (see the module docstring)."""
+    target = compute_s if compute_s is not None else min(alone.values())
+    return min(MAX_UNITS, max(1, round(target / max(unit_s, 1e-9))))
+
+
+def measure(
+    grids: tuple[int, ...],
+    alone: Callable[[int], float],
+    unit: Callable[[], float],
+    compute: Callable[[int], float],
+    joined: Callable[[int, int], float],
+    repeats: int = 5,
+    compute_s: float | None = None,
+) -> tuple[dict[int, float], float, dict[int, float]]:
+    """The grid measurement with its timers passed in (CUDA events on a GPU, a model of one in
+    the tests): ``alone(p)`` one gather, ``unit()`` one stand-in product, ``compute(n)`` n of
+    them, ``joined(p, n)`` gather and n products together. Returns (gather alone per grid,
+    the stand-in alone, the joined step per grid), medians of ``repeats``."""
+    gather_s = {p: statistics.median(alone(p) for _ in range(repeats)) for p in grids}
+    unit_s = statistics.median(unit() for _ in range(repeats))
+    n = stand_in_units(gather_s, unit_s, compute_s)
+    stand_in_s = statistics.median(compute(n) for _ in range(repeats))
+    step: dict[int, list[float]] = {p: [] for p in grids}
+    for r in range(repeats):  # interleaved rounds, rotated, so drift spreads over every grid
+        for i in range(len(grids)):
+            p = grids[(i + r) % len(grids)]
+            step[p].append(joined(p, n))
+    return gather_s, stand_in_s, {p: statistics.median(v) for p, v in step.items()}
+
+
 def choose_grid(
     gather: Callable[[int], None],
     device: torch.device,
     rows: int = ROWS,
     repeats: int = 5,
     share: float = SM_SHARE,
+    compute_s: float | None = None,
 ) -> GridChoice:
     """Measure ``gather(programs)`` (one gather of ``rows`` rows on the current stream) at each
-    candidate grid, alone and beside the compute stand-in; choose by the joined step."""
+    candidate grid, alone and beside the compute stand-in; choose by the joined step.
+    ``compute_s``: the step's compute the gather overlaps, when known."""
     device = torch.device(device)
     sms = sm_count(device)
     grids = candidates(sms, share)
@@ -110,32 +150,26 @@ def choose_grid(
         gather(p)
     torch.mm(a, a, out=c)
     torch.cuda.synchronize(device)
-    alone = {p: statistics.median(_elapsed(lambda p=p: gather(p), compute_stream)
-                                  for _ in range(repeats)) for p in grids}  # fmt: skip
-    mm_s = statistics.median(
-        _elapsed(lambda: torch.mm(a, a, out=c), compute_stream) for _ in range(repeats)
-    )
-    # as long as the slowest gather alone, so the two overlap for the whole gather
-    count = min(10_000, max(1, round(max(alone.values()) / max(mm_s, 1e-9))))
 
-    def compute() -> None:
-        for _ in range(count):
+    def products(n: int) -> None:
+        for _ in range(n):
             torch.mm(a, a, out=c)
 
-    compute_s = statistics.median(_elapsed(compute, compute_stream) for _ in range(repeats))
-
-    def joined(p: int) -> None:
+    def together(p: int, n: int) -> None:
         side.wait_stream(compute_stream)
         with torch.cuda.stream(side):
             gather(p)
-        compute()
+        products(n)
         compute_stream.wait_stream(side)
 
-    step: dict[int, list[float]] = {p: [] for p in grids}
-    for r in range(repeats):  # interleaved rounds, rotated, so drift spreads over every grid
-        for i in range(len(grids)):
-            p = grids[(i + r) % len(grids)]
-            step[p].append(_elapsed(lambda p=p: joined(p), compute_stream))
-    step_s = {p: statistics.median(v) for p, v in step.items()}
+    alone, stand_in_s, step_s = measure(
+        grids,
+        lambda p: _elapsed(lambda: gather(p), compute_stream),
+        lambda: _elapsed(lambda: products(1), compute_stream),
+        lambda n: _elapsed(lambda: products(n), compute_stream),
+        lambda p, n: _elapsed(lambda: together(p, n), compute_stream),
+        repeats,
+        compute_s,
+    )
     chosen, why = pick(step_s)
-    return GridChoice(chosen, sms, max_programs(sms, share), rows, compute_s, alone, step_s, why)
+    return GridChoice(chosen, sms, max_programs(sms, share), rows, stand_in_s, alone, step_s, why)

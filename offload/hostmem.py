@@ -272,6 +272,11 @@ class PinnedBuffer:
         n = self.host.numel() * self.host.element_size()
         return mapped_tensor(dptr, n, self, dev).view(self.dtype).view(self.shape)
 
+    def close(self) -> None:
+        """Drop this buffer's hold on the pinned allocation (idempotent): CUDA frees it once
+        the last tensor over it goes."""
+        self._mem = self.host = None
+
     def describe(self) -> dict:
         return {"kind": "cuda-pinned", "bytes": self.nbytes, "huge_bytes": 0, "registered": True}
 

@@ -38,6 +38,7 @@ class OffloadedModel:
     prefetcher: Prefetcher
     device: torch.device
     dtype: Dtype | None = None  # the backbone's dtype and why (None: built from a model)
+    owns_store: bool = False  # close() releases the tables (not a store shared with others)
 
     @property
     def accountant(self) -> Accountant:
@@ -52,7 +53,10 @@ class OffloadedModel:
         return self.prefetcher.name
 
     def close(self) -> None:
+        """Stop the prefetcher, then release the tables' host memory (pinned: unregistered)."""
         self.prefetcher.close()
+        if self.owns_store:
+            self.store.close()
 
     @classmethod
     def load(
@@ -109,7 +113,7 @@ class OffloadedModel:
             )
         with phase(f"gather setup ({gather})"):
             om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
-        om.dtype = chosen
+        om.dtype, om.owns_store = chosen, True
         return om
 
     @classmethod
@@ -160,4 +164,6 @@ class OffloadedModel:
         for lid in shapes:
             rows = model.engram_table(lid).detach()
             store[lid].tensor.copy_(quantize_fp8(rows.float().cpu()) if fp8 else rows)
-        return cls.from_parts(model, None, store, gather, device, dedup, timeout_s, host_threads)
+        om = cls.from_parts(model, None, store, gather, device, dedup, timeout_s, host_threads)
+        om.owns_store = True
+        return om

@@ -54,7 +54,6 @@ class PendingRows:
                 lid,
                 pf.store[lid].placement.value,
                 rows=lp.rows,
-                unique_rows=lp.unique_rows,
                 fetched=lp.fetch.size,
                 bytes=lp.fetch.size * pf.store[lid].row_bytes,
             )
@@ -79,6 +78,8 @@ class PendingRows:
         CUDA they are read from events once the device has run them, without waiting here."""
         if not self.closed:
             self.closed = True
+            for lid, lp in self.plan.layers.items():  # counted once the gathers are issued
+                self.stats.layers[lid].unique_rows = lp.unique_rows
             self._finish()
             self.pf.book(self)
         return self.stats

@@ -173,6 +173,14 @@ class TableStore:
     def __getitem__(self, layer_id: int) -> Table:
         return self.tables[layer_id]
 
+    def close(self) -> None:
+        """Unregister the host tables from CUDA and drop the store's hold on their memory
+        (idempotent); the tensors already handed out stay readable as host memory."""
+        for t in self.tables.values():
+            t._device_view = None
+            if t.memory is not None:
+                t.memory.close()
+
     def bytes_by_tier(self) -> dict[str, int]:
         out = {p.value: 0 for p in Placement}
         for t in self.tables.values():

@@ -166,6 +166,10 @@ class Completion:
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
         """Merge the sub-requests' deltas until every choice has finished."""
         n = self.per_prompt
+        if len(self.subs) == 1:  # one prompt: read its queue, no wait over several
+            async for delta in self._one(self.subs[0], n):
+                yield self.choices[delta.choice], delta
+            return
         unfinished = {k: n for k in range(len(self.subs))}
         getters = {asyncio.ensure_future(s.queue.get()): k for k, s in enumerate(self.subs)}
         try:
@@ -189,6 +193,21 @@ class Completion:
         finally:
             for f in getters:
                 f.cancel()
+
+    async def _one(self, sub, n: int) -> AsyncIterator[Delta]:
+        unfinished = n
+        while unfinished:
+            delta: Delta = await sub.queue.get()
+            if delta.error:
+                self.abort()
+                if delta.unavailable:
+                    raise shutting_down(delta.error)
+                if delta.bad_params:
+                    raise APIError(400, delta.error)
+                raise APIError(500, delta.error, None, "engine_error")
+            if delta.finish_reason:
+                unfinished -= 1
+            yield delta
 
     # --- rendering ----------------------------------------------------------------
     def _token_text(self, tid: int) -> str:

@@ -9,10 +9,11 @@ import torch
 from engine.generate import generate
 from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
+from offload.hostmem import HostBuffer
 from offload.offloaded_model import OffloadedModel
 from offload.paths import resolve_gather
 from offload.plan import GatherError, LookupPlan
-from offload.store import Placement, TableStore
+from offload.store import Placement, TableStore, cupy_ok
 
 from .conftest import new_seq, tiny_model
 
@@ -190,6 +191,25 @@ def test_store_loads_checkpoint_tables_in_chunks(tmp_path):
     assert engine.model.engram_table(0).is_meta  # the tables live only in the store
     a = generate(engine.model, PROMPTS, 8, rows=engine.prefetcher)
     assert a == generate(resident.model, PROMPTS, 8, rows=resident.prefetcher)
+    buffers = [t.memory for t in engine.store.tables.values()]
+    assert buffers and all(isinstance(b, HostBuffer) and b.tensor is not None for b in buffers)
+    engine.close()  # the tables' host memory goes with the model, not at process exit
+    assert all(b.tensor is None and b.registered_device is None for b in buffers)
+    engine.close()
+    resident.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_ok(), reason="needs CUDA and CuPy")
+def test_gpu_closing_a_host_model_unregisters_its_pinned_tables(tmp_path):
+    from models.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model(), tmp_path, table_dtype=torch.bfloat16)
+    om = OffloadedModel.load(tmp_path, placement="host", gather="uva", device="cuda")
+    buffers = [t.memory for t in om.store.tables.values()]
+    assert buffers and all(getattr(b, "registered_device", 0) is not None for b in buffers)
+    om.close()
+    assert all(getattr(b, "registered_device", None) is None for b in buffers)
 
 
 def test_placement_errors_are_clear():

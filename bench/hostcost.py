@@ -1,0 +1,279 @@
+"""``engram-bench --host-cost``: the host's CPU time per decode step, by component.
+
+Each point (batch size B, context length C) seats B sequences whose C-token prompts are
+already in the KV cache (their cache contents are zeros: prefill is not what is measured),
+runs a few untimed decode steps, then times ``--steps`` decode steps with a
+:class:`engine.host_time.HostTimer`. Rounds are interleaved: every round runs every point in
+every mode, in a rotated order. Per point and mode the figures are medians over the rounds
+(each round's own figure: the median over its steps) with their min-max.
+
+- host µs per step: the host thread's CPU time, without the parts that run on the device on a
+  GPU (the forward pass, the sampling kernels; ``engine.host_time.DEVICE_PARTS``);
+- device µs per step: those parts (on a CPU they run in the host thread or its worker);
+- device idle share: the part of the step's wall time the device waits for the host (in
+  series: host / (host + device); overlapped: 1 - the worker's busy time / the step's wall
+  time, the worker being the device's side, which on a CPU runs the forward pass).
+
+Results: ``hostcost.json`` (every raw figure and the command) and ``host_cost.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.host_time import DEVICE_PARTS, HostTimer
+from engine.kv_cache import KVCache, blocks_for
+from engine.sampling import SamplingParams
+from engine.sequence import Status
+from models.checkpoint import load_checkpoint
+from models.llama import rope_cache
+
+from .provenance import environment
+from .stats import summarize
+
+PROG = "engram-bench --host-cost"
+MODES = ("overlap", "no-overlap")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")
+    ap.add_argument("--batch-sizes", default="1,32,256", help="comma list (default 1,32,256)")
+    ap.add_argument("--contexts", default="128,2048", help="comma list (default 128,2048)")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per round")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed decode steps per round")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--sampled", action="store_true", help="temperature 1 instead of greedy")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--out", default=None, help="output dir (default bench/results/DATE-cpu-host-cost)"
+    )
+    ap.add_argument("--no-plots", action="store_true")
+    return ap
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def seat(engine: Engine, batch: int, context: int, params: SamplingParams, rng) -> list:
+    """B sequences as they stand after their prefill: C tokens cached, one sampled token
+    pending (KV contents zeros), without running the prefill."""
+    model, sched = engine.model, engine.scheduler
+    n1 = model.config.engram_max_ngram_size - 1
+    seqs = []
+    for i in range(batch):
+        prompt = rng.integers(1, model.config.vocab_size, context).tolist()
+        (seq,) = engine.add(f"host-{i}", prompt, params)
+        sched.waiting.remove(seq)
+        engine.cache.admit(seq)
+        engine.cache.reserve(seq, context)
+        seq.num_computed, seq.status = context, Status.RUNNING
+        seq.scheduled_at = seq.first_token_at = seq.last_token_at = time.monotonic()
+        engine.runner.seat(seq, model.compress(np.asarray(prompt[-n1:], np.int64)))
+        seq.output_ids.append(int(rng.integers(1, model.config.vocab_size)))
+        sched.running.append(seq)
+        seqs.append(seq)
+    return seqs
+
+
+def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
+    params = SamplingParams(
+        max_tokens=1 << 30, temperature=1.0 if args.sampled else 0.0, ignore_eos=True
+    )
+    seat(engine, batch, context, params, rng)
+    timer = HostTimer()
+    queue = engine.overlap.queue if engine.overlap is not None else None
+    steps = []
+    with timer:
+        for k in range(args.warmup + args.steps):
+            timer.take()
+            gc0 = timer.gc_ns
+            busy0 = queue.busy_s if queue else 0.0
+            w0 = time.perf_counter_ns()
+            engine.step(timer)
+            wall = time.perf_counter_ns() - w0
+            parts = timer.take()
+            if queue:  # the device's side ran on the worker: its busy time
+                parts["device"] = int(1e9 * (queue.busy_s - busy0))
+            if k >= args.warmup:
+                steps.append((parts, wall, timer.gc_ns - gc0))
+    engine.abort(list(engine.scheduler.running))
+    while engine.has_work:  # the step still in flight: nothing of it is kept
+        engine.step()
+    names = sorted({n for p, _, _ in steps for n in p})
+    per = {n: float(np.median([p.get(n, 0) for p, _, _ in steps])) / 1e3 for n in names}
+    host = [sum(v for n, v in p.items() if n not in DEVICE_PARTS) / 1e3 for p, _, _ in steps]
+    dev = [sum(v for n, v in p.items() if n in DEVICE_PARTS) / 1e3 for p, _, _ in steps]
+    wall = [w / 1e3 for _, w, _ in steps]
+    if queue:  # overlapped: the device idles for the part of the step it is not busy
+        idle = [max(0.0, 1.0 - d / w) if w else 0.0 for d, w in zip(dev, wall)]
+    else:  # in series the device waits for all of the host's work
+        idle = [h / (h + d) if h + d else 0.0 for h, d in zip(host, dev)]
+    return {
+        "host_us": float(np.median(host)),
+        "device_us": float(np.median(dev)),
+        "wall_us": float(np.median(wall)),
+        "gc_us": float(np.median([g for _, _, g in steps])) / 1e3,
+        "device_idle": float(np.median(idle)),
+        "parts_us": per,
+    }
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    batches, contexts = _ints(args.batch_sizes), _ints(args.contexts)
+    model, tok = load_checkpoint(args.model)
+    total_steps = args.warmup + args.steps + 2
+    longest = max(contexts) + total_steps
+    if longest > model.config.max_position_embeddings:  # host cost past the trained limit
+        model.config = replace(model.config, max_position_embeddings=longest)
+        model.rope_cos, model.rope_sin = rope_cache(model.config)
+    bs, top = 16, max(batches)
+    cache = KVCache(
+        model.config,
+        num_blocks=top * blocks_for(longest, bs),
+        block_size=bs,
+        max_seqs=top,
+        dtype=torch.float32,
+    )
+    points = [(b, c) for c in contexts for b in batches]
+    engines = {}
+    for b in batches:
+        for mode in MODES:
+            cfg = EngineConfig(
+                device="cpu",
+                max_num_seqs=b,
+                max_num_batched_tokens=max(b, 1024),
+                block_size=bs,
+                no_overlap=mode == "no-overlap",
+            )
+            engines[b, mode] = Engine(model, cfg, tokenizer=tok, cache=cache)
+    gc.collect()
+    gc.freeze()  # as the server does after start-up
+    rng = np.random.default_rng(args.seed)
+    raw: dict[str, list[dict]] = {}
+    jobs = [(b, c, m) for b, c in points for m in MODES]
+    for b, c, m in jobs:  # warm-up: every path once, untimed
+        run_point(engines[b, m], b, c, replace_steps(args, 2), rng)
+    for r in range(args.repeats):
+        order = jobs[r % len(jobs) :] + jobs[: r % len(jobs)]
+        for b, c, m in order:
+            got = run_point(engines[b, m], b, c, args, rng)
+            raw.setdefault(f"{m} B={b} ctx={c}", []).append(got)
+            print(
+                f"round {r + 1}/{args.repeats} {m} B={b} ctx={c}: {got['host_us']:.0f} µs",
+                file=sys.stderr,
+            )
+    results = []
+    for b, c, m in jobs:
+        rounds = raw[f"{m} B={b} ctx={c}"]
+        parts = sorted({n for x in rounds for n in x["parts_us"]})
+        results.append(
+            {
+                "mode": m,
+                "batch": b,
+                "context": c,
+                **{
+                    k: summarize([x[k] for x in rounds])
+                    for k in ("host_us", "device_us", "wall_us", "gc_us", "device_idle")
+                },
+                "parts_us": {
+                    n: summarize([x["parts_us"].get(n, 0.0) for x in rounds]) for n in parts
+                },
+            }
+        )
+    for e in engines.values():
+        e.close()
+    gc.unfreeze()
+    return {
+        "kind": "host-cost",
+        "sampled": args.sampled,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "device_parts": sorted(DEVICE_PARTS),
+        "environment": environment(torch.device("cpu")),
+        "results": results,
+    }
+
+
+def replace_steps(args, steps: int):
+    return argparse.Namespace(**{**vars(args), "steps": steps, "warmup": 1})
+
+
+def table(res: dict) -> str:
+    lines = [
+        "host µs per decode step (median, min-max over rounds); device = forward + sampling "
+        "kernels",
+        f"{'mode':<11} {'B':>4} {'ctx':>5} {'host µs':>22} {'device µs':>10} {'idle':>5}  "
+        "largest parts",
+    ]
+    for x in res["results"]:
+        h = x["host_us"]
+        parts = sorted(
+            ((n, s["median"]) for n, s in x["parts_us"].items() if n not in DEVICE_PARTS),
+            key=lambda kv: -kv[1],
+        )[:4]
+        top = ", ".join(f"{n} {v:.0f}" for n, v in parts)
+        lines.append(
+            f"{x['mode']:<11} {x['batch']:>4} {x['context']:>5} "
+            f"{h['median']:>8.0f} ({h['min']:.0f}-{h['max']:.0f}){'':>3} "
+            f"{x['device_us']['median']:>10.0f} {x['device_idle']['median']:>5.0%}  {top}"
+        )
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["results"]
+    names = sorted({n for x in rows for n in x["parts_us"] if n not in DEVICE_PARTS})
+    labels = [f"{x['mode']}\nB={x['batch']} ctx={x['context']}" for x in rows]
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows)), 4.5))
+    bottom = np.zeros(len(rows))
+    for n in names:
+        vals = np.array([x["parts_us"].get(n, {"median": 0.0})["median"] for x in rows])
+        ax.bar(labels, vals, bottom=bottom, label=n)
+        bottom += vals
+    ax.set_ylabel("host µs per decode step (median)")
+    ax.set_title(
+        f"host cost per decode step by component\n{res['environment']['device']}", fontsize=9
+    )
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    res = run(args)
+    res["command"] = shlex.join(["engram-bench", "--host-cost", *argv])
+    out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-cpu-host-cost")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "hostcost.json"]
+    files[0].write_text(json.dumps(res, indent=1) + "\n")
+    if not args.no_plots:
+        files.append(plot(res, out / "host_cost.png"))
+    print(table(res))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    return 0

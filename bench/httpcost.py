@@ -1,0 +1,219 @@
+"""``engram-bench --http-cost``: what the HTTP layer costs at many streaming clients.
+
+The same workload (C prompts, greedy, ``--max-tokens`` each, EOS ignored) runs two ways, in
+interleaved rounds: on an :class:`engine.engine.Engine` in this process (the engine's direct
+throughput), and through a real ``engram-serve`` process on a loopback port with C
+concurrent streaming clients (one thread each, httpx). Per round: tokens per second, and CPU
+seconds per token (this process for the direct run; the server process, from /proc, for the
+HTTP run: the engine's work plus the API's). The HTTP layer's share is
+``1 - http tok/s / direct tok/s``; its CPU per token is the difference of the two.
+
+Results: ``httpcost.json`` with every round and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from models.checkpoint import load_checkpoint
+
+from .provenance import environment
+from .stats import summarize
+
+PROG = "engram-bench --http-cost"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=32, help="concurrent streaming requests")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-cpu-http)")
+    return ap
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def direct_round(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    c0, t0 = time.process_time(), time.perf_counter()
+    seqs = [engine.add(f"d{i}", p, params)[0] for i, p in enumerate(prompts)]
+    engine.run_until_done()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(len(s.output_ids) for s in seqs)
+    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu}
+
+
+def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> int:
+    import httpx
+
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    used = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    used = usage["completion_tokens"]
+    return used
+
+
+def http_round(url: str, pid: int, prompts: list[list[int]], max_tokens: int, pool) -> dict:
+    import httpx
+
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    c0, t0 = _cpu_s(pid), time.perf_counter()
+    tokens = sum(pool.map(lambda p: _stream(url, model, p, max_tokens), prompts))
+    wall, cpu = time.perf_counter() - t0, _cpu_s(pid) - c0
+    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu}
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.launch",
+        "--port",
+        str(port),
+        "--max-num-seqs",
+        str(args.clients),
+        "--cpu-threads",
+        str(args.threads),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("engram-serve did not become healthy")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, tok = load_checkpoint()
+    rng = np.random.default_rng(args.seed)
+    vocab = model.config.vocab_size
+    prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(args.clients)]
+    cfg = EngineConfig(device="cpu", max_num_seqs=args.clients)
+    engine = Engine(model, cfg, tokenizer=tok)
+    proc, url = start_server(args)
+    rounds = {"direct": [], "http": []}
+    try:
+        with ThreadPoolExecutor(args.clients) as pool:
+            direct_round(engine, prompts, 4)  # warm-up, both ways
+            http_round(url, proc.pid, prompts, 4, pool)
+            for r in range(args.repeats):
+                ways = ["direct", "http"] if r % 2 == 0 else ["http", "direct"]
+                for way in ways:
+                    if way == "direct":
+                        got = direct_round(engine, prompts, args.max_tokens)
+                    else:
+                        got = http_round(url, proc.pid, prompts, args.max_tokens, pool)
+                    rounds[way].append(got)
+                    rate = got["tokens"] / got["wall_s"]
+                    print(f"round {r + 1}/{args.repeats} {way}: {rate:.0f} tok/s", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        engine.close()
+    summary = {}
+    for way, rs in rounds.items():
+        summary[way] = {
+            "tok_s": summarize([x["tokens"] / x["wall_s"] for x in rs]),
+            "cpu_us_per_token": summarize([1e6 * x["cpu_s"] / x["tokens"] for x in rs]),
+        }
+    ratio = [
+        h["tokens"] / h["wall_s"] / (d["tokens"] / d["wall_s"])
+        for h, d in zip(rounds["http"], rounds["direct"])
+    ]
+    extra = [
+        1e6 * (h["cpu_s"] / h["tokens"] - d["cpu_s"] / d["tokens"])
+        for h, d in zip(rounds["http"], rounds["direct"])
+    ]
+    return {
+        "kind": "http-cost",
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "prompt_len": args.prompt_len,
+        "environment": environment(torch.device("cpu")),
+        "rounds": rounds,
+        "summary": summary,
+        "http_over_direct": summarize(ratio),
+        "http_cost_share": summarize([1 - x for x in ratio]),
+        "http_cpu_us_per_token": summarize(extra),
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    res = run(args)
+    res["command"] = shlex.join(["engram-bench", "--http-cost", *argv])
+    out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-cpu-http")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "httpcost.json").write_text(json.dumps(res, indent=1) + "\n")
+    s = res["summary"]
+    for way in ("direct", "http"):
+        t, c = s[way]["tok_s"], s[way]["cpu_us_per_token"]
+        print(
+            f"{way:<7} {t['median']:8.0f} tok/s ({t['min']:.0f}-{t['max']:.0f})   "
+            f"{c['median']:7.0f} CPU µs/token"
+        )
+    share = res["http_cost_share"]
+    print(
+        f"HTTP layer costs {share['median']:.0%} of the engine's direct throughput "
+        f"({share['min']:.0%}..{share['max']:.0%}), "
+        f"{res['http_cpu_us_per_token']['median']:.0f} CPU µs per token more"
+    )
+    print(f"\nwrote {out / 'httpcost.json'}")
+    return 0

@@ -1,0 +1,98 @@
+"""Host CPU time per step component: where the host's Python work in a step goes.
+
+A :class:`HostTimer` is passed into ``Engine.step`` (and on to the runner and sampler); each
+part of the step runs inside ``with timer("name"):``. Time is this thread's CPU time
+(``time.thread_time_ns``: what the host thread itself burns, not time it waits for a device,
+a worker thread or the OS), charged exclusively: a nested part pauses its parent. Work that
+runs on the device on a GPU (the forward pass, the sampling kernels) is charged to parts
+named in :data:`DEVICE_PARTS`, so the host cost of a step is the rest.
+
+``NO_TIMER`` is the default: entering it does nothing (one attribute lookup and a call).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from contextlib import AbstractContextManager, nullcontext
+
+# parts that run on the device on a GPU; on a CPU they run in the host thread, or (``device``)
+# on the worker that plays the device when steps overlap
+DEVICE_PARTS = frozenset({"forward", "sample_kernels", "device"})
+
+_NULL = nullcontext()
+
+
+class NoTimer:
+    """Off: every part is a shared no-op context."""
+
+    enabled = False
+
+    def __call__(self, name: str) -> AbstractContextManager:
+        return _NULL
+
+
+NO_TIMER = NoTimer()
+
+
+class _Part:
+    __slots__ = ("timer", "name", "outer")
+
+    def __init__(self, timer: HostTimer, name: str) -> None:
+        self.timer, self.name, self.outer = timer, name, None
+
+    def __enter__(self) -> None:
+        self.outer = self.timer._switch(self.name)
+
+    def __exit__(self, *exc) -> None:
+        self.timer._switch(self.outer)
+
+
+class HostTimer:
+    """Exclusive thread CPU nanoseconds per part, summed until :meth:`take`. Time outside
+    every part goes to ``other``; Python's garbage collector is counted apart in ``gc_ns``
+    (it also stays inside the part it interrupted)."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self._current = "other"
+        self._t = time.thread_time_ns()
+        self.gc_ns = 0
+        self._gc_t = 0
+
+    def __call__(self, name: str) -> _Part:
+        return _Part(self, name)
+
+    def _switch(self, name: str) -> str:
+        now = time.thread_time_ns()
+        prev = self._current
+        self.ns[prev] = self.ns.get(prev, 0) + now - self._t
+        self._current, self._t = name, now
+        return prev
+
+    def take(self) -> dict[str, int]:
+        """The parts' totals since the last take (then reset)."""
+        self._switch(self._current)
+        out, self.ns = self.ns, {}
+        return out
+
+    def host_ns(self, parts: dict[str, int]) -> int:
+        return sum(v for k, v in parts.items() if k not in DEVICE_PARTS)
+
+    # garbage collection, through gc.callbacks while watching
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t = time.thread_time_ns()
+        elif self._gc_t:
+            self.gc_ns += time.thread_time_ns() - self._gc_t
+            self._gc_t = 0
+
+    def __enter__(self) -> HostTimer:
+        gc.callbacks.append(self._on_gc)
+        self._switch("other")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_gc)

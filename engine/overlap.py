@@ -1,0 +1,174 @@
+"""Overlapped steps: the host prepares step N+1 while the device runs step N.
+
+    call k:  schedule N+1 -> prepare it on the host (blocks, hashing, packing) -> submit
+             read step N's tokens (the device has moved on to N+1) -> append, detokenize,
+             stop strings, finish, stream
+
+A sequence sampled in step N feeds that token to step N+1 before the host has read it: its
+id there is a placeholder (``sequence.PLACEHOLDER``) that the device side fills in from step
+N's tokens, together with the token's own part of its n-gram hash (:mod:`engine.step_rows`).
+The host reads step N's tokens one step late. A sequence that step N's token finishes (EOS, a
+stop string, an abort meanwhile) still runs in step N+1; that extra token is dropped, never
+streamed, and its KV blocks, freed now, are reused only by steps the device runs after N+1.
+A sequence whose in-flight token is its last by length is not scheduled again. Steps that
+score prompts (prompt logprobs, ``max_tokens=0``) run in series: the pipeline drains first.
+
+The device side runs on :class:`engine.step_queue.StepQueue`'s worker, one job after another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .host_time import NO_TIMER
+from .inputs import to_device
+from .sampling import SampleRow
+from .scheduler import ScheduledStep
+from .sequence import PLACEHOLDER, Sequence
+from .step_queue import StepQueue
+
+if TYPE_CHECKING:
+    from .engine import Engine, SeqOutput
+
+log = logging.getLogger("engram.engine")
+
+
+@dataclass
+class Job:
+    step: ScheduledStep
+    seqs: list[Sequence]  # the sampled sequences, in the order of their tokens
+    rows: list[SampleRow]
+    at: list[int] | None  # their rows in the step's logits (None: every row, in order)
+    wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
+    src: list[int]  # for each placeholder: its row in the previous job's tokens
+    penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
+    future: Future | None = None
+
+
+def _token(got: list | None, k: int) -> int:
+    """Row k's token from a job's result (0 for a row or a step that failed: its sequence is
+    failed on the host, so what this step makes of it is dropped)."""
+    if got is None or isinstance(got[k], Exception):
+        return 0
+    return int(got[k][0])
+
+
+class Overlap:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.queue = StepQueue(engine.device)
+        self.inflight: Job | None = None
+
+    def close(self) -> None:
+        self.queue.close()
+
+    def step(self, timer=NO_TIMER) -> list[SeqOutput]:
+        e = self.engine
+        outputs: list[SeqOutput] = []
+        if e.needs_series():
+            if self.inflight is not None:
+                outputs += self._collect(self.inflight, None, timer)
+                self.inflight = None
+            return outputs + e.step_in_series(timer)
+        with timer("schedule"):
+            step = e.scheduler.schedule()
+        job, failed = None, []
+        if step is not None:
+            e.stats.preempted(len(step.preempted))
+            job = self._submit(step, failed, timer)
+        prev, self.inflight = self.inflight, job
+        if prev is not None:
+            outputs += self._collect(prev, job, timer)
+        with timer("stats"):
+            e._report()
+        return outputs + failed
+
+    # --- host side -----------------------------------------------------------------------------
+    def _submit(self, step: ScheduledStep, failed: list, timer) -> Job | None:
+        e, prev = self.engine, self.inflight
+        n = len(step.seqs)
+        known = [ids[0] != PLACEHOLDER for ids in step.new_ids]
+        src = [s.inflight_row for s, k in zip(step.seqs, known) if not k]
+        try:
+            prep = e.runner.step(step.seqs, step.new_ids, False, timer, known, later=True)
+        except Exception as ex:  # a shared fault on the host side: this step's sequences fail
+            e.fail_step(step, ex, failed)
+            return None
+        wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
+        with timer("sample"):
+            at = [i for i in range(n) if step.samples[i]]
+            seqs = [step.seqs[i] for i in at]
+            rows = e.sample_inputs(seqs)
+            penalised = [
+                (k, s.inflight_row)
+                for k, (s, r) in enumerate(zip(seqs, rows))
+                if r.output_ids is not s.output_ids
+            ]
+            for k, s in enumerate(seqs):
+                s.inflight, s.inflight_row = s.inflight + 1, k
+        job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
+        job.future = self.queue.submit(self._device, job, prep, prev)
+        return job
+
+    def _collect(self, job: Job, after: Job | None, timer) -> list[SeqOutput]:
+        """Read ``job``'s tokens (waiting for the device) and hand them out; ``after``: the job
+        submitted since, whose placeholders' n-gram histories get their ids now."""
+        e = self.engine
+        outputs: list[SeqOutput] = []
+        try:
+            got = job.future.result()
+        except Exception as ex:  # the shared forward pass failed: the step's sequences fail
+            for seq in job.seqs:
+                seq.inflight -= 1
+            e.fail_step(job.step, ex, outputs)
+            return outputs
+        now = time.monotonic()
+        with timer("append"):
+            appended = 0
+            for seq, g in zip(job.seqs, got):
+                seq.inflight -= 1
+                if seq.finished:  # ended meanwhile (aborted, failed): the token is dropped
+                    continue
+                if isinstance(g, Exception):
+                    outputs.append(e._fail(seq, g))
+                    continue
+                appended += 1
+                try:
+                    outputs.append(e._append(seq, *g, now))
+                except Exception as ex:  # its detokenizer or stop strings: this sequence alone
+                    outputs.append(e._fail(seq, ex))
+            e.stats.generation_tokens(appended)
+        if after is not None and after.src:
+            # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
+            # (a slot freed meanwhile starts over when it is next admitted)
+            with timer("hash"):
+                toks = np.fromiter((_token(got, k) for k in after.src), np.int64, len(after.src))
+                e.runner.ngram.resolved(after.wait_slots, toks)
+        return outputs
+
+    # --- device side (the queue's worker) ------------------------------------------------------
+    def _device(self, job: Job, prep, prev: Job | None) -> list:
+        e = self.engine
+        got = None
+        if prev is not None:
+            try:
+                got = prev.future.result()  # done: the worker ran it just before this one
+            except Exception:
+                got = None
+        tokens = np.fromiter((_token(got, k) for k in job.src), np.int64, len(job.src))
+        for row, k in job.penalised:
+            job.rows[row].output_ids.append(_token(got, k))
+        logits = prep.run(tokens)
+        e.stats.step_logits(logits)
+        if not job.rows:  # prompt chunks only: nothing to sample
+            return []
+        if job.at is not None:
+            logits = logits[to_device(job.at, logits.device, torch.long)]
+        return e.sample_rows(logits, job.rows)
