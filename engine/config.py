@@ -13,6 +13,7 @@ from pathlib import Path
 from models.checkpoint import default_model_dir
 from models.dtype import CHOICES as DTYPE_CHOICES
 from offload.paths import GATHERS, Placement
+from offload.shared_tables import SharedTables
 from offload.store import ROW_FORMATS
 
 from .attention import BACKENDS
@@ -58,6 +59,16 @@ class EngineConfig:
         "back host tables with 2 MiB pages where the OS allows",
         off_help="back host tables with ordinary 4 KiB pages instead of 2 MiB ones",
     )
+    shared_tables: bool = flag(
+        False,
+        "keep host Engram tables in shared memory on the node: the first engine loads them, "
+        "every other (and a restarted one) attaches in seconds",
+    )
+    shared_tables_dir: str | None = flag(
+        None,
+        "directory of the shared tables; implies --shared-tables (default: a hugetlbfs mount "
+        "with room, else /dev/shm)",
+    )
     gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_model_len: int = flag(
         0, "tokens per sequence, prompt + output (0: the model's max_position_embeddings)"
@@ -89,6 +100,13 @@ class EngineConfig:
     @property
     def model_dir(self) -> Path:
         return Path(self.model) if self.model else default_model_dir()
+
+    def shared(self) -> SharedTables | None:
+        """Where host tables are shared on the node, or None (each engine its own copy)."""
+        if not (self.shared_tables or self.shared_tables_dir):
+            return None
+        where = Path(self.shared_tables_dir) if self.shared_tables_dir else None
+        return SharedTables(where, self.huge_pages)
 
     def num_kv_blocks(self, max_context: int) -> int:
         """The KV pool: ``kv_blocks``, or enough for max_num_seqs sequences of max_context."""

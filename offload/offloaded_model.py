@@ -28,6 +28,7 @@ from .accounting import Accountant
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
+from .shared_tables import SharedTables
 from .store import ROW_FORMATS, Placement, TableStore
 
 log = logging.getLogger("engram.offload")
@@ -81,13 +82,14 @@ class OffloadedModel:
         huge_pages: bool = True,
         host_threads: int | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
+        shared: SharedTables | None = None,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
         ``host_threads``: the staged path's host gather threads (None: from the core count);
         ``phase(name)``: a context manager around each stage (the server times its start-up
-        and stops between stages on shutdown)."""
+        and stops between stages on shutdown); ``shared``: host tables shared on the node."""
         phase = phase or (lambda name: nullcontext())
         path = resolve(device, placement, gather)  # refuse before loading anything
         device, placement, gather = path.device, path.placement, path.gather
@@ -123,6 +125,7 @@ class OffloadedModel:
                 row_format=row_format,
                 row_dtype=chosen.dtype,
                 huge_pages=huge_pages,
+                shared=shared,
             )
         with phase(f"gather setup ({gather})"):
             om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)

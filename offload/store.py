@@ -29,6 +29,7 @@ from models.safetensors_header import read_header
 
 from .hostmem import SMAPS, HostBuffer, PinnedBuffer, host_table_memory, huge_bytes_in, thp_mode
 from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8
+from .shared_tables import SharedTables, load_shared
 from .table_load import LoadStats, TableSource, load_tables, table_source
 
 ROW_FORMATS = ("auto", *FORMATS)  # what a load may ask for; 'auto' keeps tables as stored
@@ -260,13 +261,15 @@ class TableStore:
         row_format: str = "auto",
         row_dtype: torch.dtype = torch.bfloat16,
         huge_pages: bool = True,
+        shared: SharedTables | None = None,
     ) -> TableStore:
         """Stream each table (``{layer: tensor name}``) from the file into its tier.
 
         ``row_format``: 'auto' keeps each table as stored (plain rows in ``dtype`` when given);
         'fp8' quantises plain tables while loading; 'bf16', 'f16', 'f32' store plain rows of
         that dtype (fp8 tables dequantised while loading). ``row_dtype``: what gathers
-        dequantise fp8 rows to (the model's dtype).
+        dequantise fp8 rows to (the model's dtype). ``shared``: host tables in shared memory
+        on the node, attached when another engine loaded them (``offload.shared_tables``).
         """
         if row_format not in ROW_FORMATS:
             raise ValueError(
@@ -278,6 +281,7 @@ class TableStore:
         header = read_header(path)
         tables: dict[int, Table] = {}
         sources: dict[int, TableSource] = {}
+        plans: dict[int, tuple[TableSource, torch.dtype, bool]] = {}
         for lid, key in keys.items():
             src = table_source(header, key)
             fp8 = row_format == "fp8" or (row_format == "auto" and src.fmt.name == "fp8")
@@ -289,10 +293,19 @@ class TableStore:
             out = row_dtype if fp8 else PLAIN_DTYPES.get(row_format, dtype)
             if out is None:  # auto, plain as stored
                 out = PLAIN_DTYPES.get(src.fmt.name, row_dtype)
+            sources[lid] = src
+            plans[lid] = (src, out, fp8)
+        if shared is not None and placement is not Placement.GPU:
+            tables, stats = load_shared(
+                shared, path, plans, placement, device, chunk_rows, progress
+            )
+            store = cls(tables, placement, huge_pages)
+            store.load_stats = stats
+            return store
+        for lid, (src, out, fp8) in plans.items():
             tables[lid] = new_table(
                 lid, (src.rows, src.fmt.values), out, placement, device, fp8, huge_pages
             )
-            sources[lid] = src
         store = cls(tables, placement, huge_pages)
         store.load_stats = load_tables(str(path), sources, tables, chunk_rows, progress=progress)
         return store
@@ -308,6 +321,7 @@ class TableStore:
         row_format: str = "auto",
         row_dtype: torch.dtype = torch.bfloat16,
         huge_pages: bool = True,
+        shared: SharedTables | None = None,
     ) -> TableStore:
         """The Engram tables of a checkpoint directory: its engram.safetensors, or the weight
         files that hold them (TinyEngram), each streamed from its file into the tier."""
@@ -324,6 +338,7 @@ class TableStore:
                 row_format=row_format,
                 row_dtype=row_dtype,
                 huge_pages=huge_pages,
+                shared=shared,
             )
             store.tables.update(part.tables)
         missing = [lid for lid in layer_ids if lid not in store.tables]

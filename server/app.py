@@ -111,6 +111,10 @@ class ServerState:
         self.loader.start()
 
     def load(self) -> None:
+        if self.cfg.data_parallel_size > 1:  # N engine processes behind this front
+            from .dp import load_data_parallel
+
+            return load_data_parallel(self)
         clock, built = self.startup, None
         try:
             e = self.cfg.engine
@@ -170,6 +174,7 @@ class ServerState:
             huge_pages=e.huge_pages,
             host_threads=e.gather_threads or None,
             phase=clock.phase,
+            shared=e.shared(),
         )
 
     async def drain(self, timeout: float) -> None:
@@ -279,6 +284,8 @@ def create_app(
                 {"status": "error" if state.load_error else "loading", "error": state.load_error},
                 status_code=503,
             )
+        if hasattr(state.engine, "health"):  # data parallel: each engine's state
+            return {"status": "ok", "engines": state.engine.health()}
         return {"status": "ok"}
 
     @app.get("/version", responses={200: {"model": Version}})

@@ -147,6 +147,8 @@ def validate(args: argparse.Namespace) -> str | None:
         return "--max-body-bytes must be at least 1"
     if cfg.shutdown_timeout < 0:
         return "--shutdown-timeout must be 0 (end running requests at once) or more seconds"
+    if cfg.data_parallel_size < 1:
+        return "--data-parallel-size must be at least 1"
     if cfg.cpu_threads < 0:
         return "--cpu-threads must be 0 (all cores but one) or more"
     if not 0 < cfg.port < 65536:

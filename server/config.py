@@ -56,6 +56,11 @@ class ServerConfig:
         "serving metrics under vLLM's vllm:* names, engram_* names, or both",
         choices=list(METRICS_NAMES),
     )
+    data_parallel_size: int = flag(
+        1,
+        "engine processes behind this one HTTP front (one per GPU; on a CPU, CPU engines), "
+        "host tables shared on the node",
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property

@@ -1,0 +1,149 @@
+"""One data-parallel engine process: ``python -m server.dp_engine INDEX GEN ADDRESS`` with the
+server's settings as JSON in ``ENGRAM_DP_CONFIG``.
+
+It starts exactly as a single server does (:class:`~server.app.ServerState`: weights, tables
+from the node's shared memory, warm-up, kernel check), connects a ZeroMQ DEALER to the front's
+ROUTER, says ``ready``, then serves ``add``/``abort`` with its own :class:`AsyncEngine` and
+streams each request's deltas back. Its Prometheus text goes to the front every second. It
+exits when the front says ``stop`` or is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import zmq
+import zmq.asyncio
+from prometheus_client import generate_latest
+
+from engine.async_engine import Delta, RequestStream
+
+from .app import ServerState
+from .config import ServerConfig
+from .dp_messages import delta_to_wire, pack, params_from_wire, unpack
+
+log = logging.getLogger("engram.dp")
+METRICS_EVERY_S = 1.0
+
+
+async def forward(sock, rid: str, stream: RequestStream, streams: dict) -> None:
+    """Every delta of ``stream`` to the front, with each choice's prompt logprobs once."""
+    open_, sent = stream.params.n, set()
+    try:
+        while open_:
+            d: Delta = await stream.queue.get()
+            msg = delta_to_wire(rid, d)
+            if d.choice not in sent and d.choice < len(stream.seqs):
+                plp = stream.seqs[d.choice].prompt_logprobs
+                if plp:
+                    msg["prompt_logprobs"] = delta_to_wire("", Delta(0, logprobs=plp))["logprobs"]
+                    sent.add(d.choice)
+            await sock.send(pack(msg))
+            if d.finish_reason is not None or d.error:
+                open_ -= 1
+    finally:
+        streams.pop(rid, None)
+
+
+async def serve(state: ServerState, identity: str, address: str, ready: dict) -> None:
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    await sock.send(pack(ready))
+    engine, streams, parent = state.engine, {}, os.getppid()
+    tasks: set[asyncio.Task] = set()
+
+    async def report() -> None:
+        while True:
+            if os.getppid() != parent:  # the front is gone: nobody will ever ask again
+                os._exit(0)
+            text = generate_latest(state.metrics.registry).decode()
+            await sock.send(pack({"op": "metrics", "text": text}))
+            await asyncio.sleep(METRICS_EVERY_S)
+
+    reporter = asyncio.ensure_future(report())
+    try:
+        while True:
+            msg = unpack(await sock.recv())
+            op = msg["op"]
+            if op == "add":
+                rid, params = msg["rid"], params_from_wire(msg["params"])
+                try:
+                    stream = engine.submit(msg["prompt_ids"], params)
+                except Exception as e:  # the front checked limits; a full queue lands here
+                    for j in range(params.n):
+                        err = Delta(j, finish_reason="abort", error=str(e), unavailable=True)
+                        await sock.send(pack(delta_to_wire(rid, err)))
+                    continue
+                streams[rid] = stream
+                t = asyncio.ensure_future(forward(sock, rid, stream, streams))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            elif op == "abort" and msg["rid"] in streams:
+                engine.abort(streams[msg["rid"]].id)
+            elif op == "stop":
+                break
+    finally:
+        reporter.cancel()
+        sock.close()
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    index, gen, address = (argv or sys.argv[1:])[:3]
+    settings = json.loads(os.environ["ENGRAM_DP_CONFIG"]) | {"data_parallel_size": 1}
+    cfg = ServerConfig.make(**settings)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s engine {index} %(name)s: %(message)s",
+    )
+    torch.set_num_threads(max(1, cfg.cpu_threads))
+    start = time.perf_counter()
+    state = ServerState(cfg)
+    state.load()  # in this thread: nothing else to do until it is ready
+    identity = f"engine-{index}-{gen}"
+    if state.engine is None:
+        ready = {"op": "failed", "error": state.load_error or "the engine did not start"}
+        asyncio.run(_say(identity, address, ready))
+        return 1
+    store = state.engine.offload.store
+    shared = state.cfg.engine.shared()
+    ready = {
+        "op": "ready",
+        "pid": os.getpid(),
+        "max_tokens_per_seq": state.engine.max_tokens_per_seq,
+        "max_context": state.engine.max_context,
+        "num_blocks": state.engine.cache.num_blocks,
+        "startup_s": time.perf_counter() - start,
+        "table_load_s": store.load_stats.seconds if store.load_stats else 0.0,
+        "table_bytes_loaded": store.load_stats.bytes if store.load_stats else 0,
+        "tables": "shared" if shared else "private",
+    }
+    try:
+        asyncio.run(serve(state, identity, address, ready))
+    finally:
+        state.shutdown()
+    return 0
+
+
+async def _say(identity: str, address: str, msg: dict) -> None:
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    await sock.send(pack(msg))
+    sock.close()
+    ctx.term()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
