@@ -41,7 +41,6 @@ VARIANTS = {
 CUSTOM = {("monitoring.coreos.com/v1", "PodMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
 # Variables of issue 24's shared tables and data-parallel engines, built beside these manifests:
 # once the CLI reads them they are checked like every other (delete this set then).
-PENDING_ENV = {"ENGRAM_SHARED_TABLES", "ENGRAM_SHARED_TABLES_DIR", "ENGRAM_DATA_PARALLEL_SIZE"}
 # After the drain's shutdown timeout: up to 5 s to end what is left (ServerState.drain), then
 # uvicorn's timeout_graceful_shutdown of 10 s (server/cli.py).
 AFTER_DRAIN_S = 5 + 10
@@ -272,7 +271,7 @@ def test_every_engram_variable_is_one_the_cli_reads(rendered):
         used |= set(_compose_service(files)["environment"])
     used.discard("ENGRAM_MODEL_DIR")  # compose's own variable for the bind mount, not the CLI's
     unknown = used - known
-    assert unknown <= PENDING_ENV, f"variables no flag reads: {sorted(unknown - PENDING_ENV)}"
+    assert not unknown, f"variables no flag reads: {sorted(unknown)}"
     assert {"ENGRAM_SHUTDOWN_TIMEOUT", "ENGRAM_PORT", "ENGRAM_HOST"} <= used & known
     # the values as well as the names: argparse checks their types and choices
     for name in ("base", "gpu"):
@@ -283,8 +282,6 @@ def test_every_engram_variable_is_one_the_cli_reads(rendered):
             args = parse_args([])
         assert args.port == int(values["ENGRAM_PORT"]) and args.host == values["ENGRAM_HOST"]
         assert args.shutdown_timeout == float(values["ENGRAM_SHUTDOWN_TIMEOUT"])
-    if unknown:
-        pytest.skip(f"waits for the shared-tables / data-parallel flags: {sorted(unknown)}")
 
 
 def test_engram_serve_with_the_pods_variables_answers_the_probes_and_drains_in_time(
