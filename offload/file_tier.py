@@ -1,0 +1,300 @@
+"""The file tier: rows stay in the checkpoint's safetensors file, a DRAM cache holds some.
+
+Tiers as index translation. Each file-tier layer has a cache :class:`~offload.store.Table` of C
+slots (pinned host memory where CUDA is present, plain host memory otherwise) standing where
+the host table would be. When a step's plan is built (on the host, before the forward pass),
+every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
+misses are read from the file into victim slots (:class:`~offload.row_reader.RowReader`,
+parallel ``preadv``), and the layer's row ids are replaced by slot ids. The existing gather
+paths (worker, staged, UVA; sorted and de-duplicated plans) then read the cache table exactly
+as they read a host table. Slots a step reads stay pinned until that step's gathers are done
+(on CUDA: its end event), so an overlapped next step never evicts them.
+
+A step needing more distinct rows than there are unpinned slots fails with
+:class:`~offload.file_cache.CapacityError` (naming ``--host-memory-bytes``): the budget must
+hold at least two steps' worth of distinct rows per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.safetensors_header import read_header
+
+from .file_cache import CapacityError, SlotCache
+from .plan import GatherError
+from .prefetch import Prefetcher
+from .row_reader import RowReader
+from .rowformat import PLAIN_DTYPES
+from .store import Placement, Table, TableStore, new_table
+from .table_load import table_source
+
+
+@dataclass
+class FileRead:
+    """One step's traffic from the file for one layer."""
+
+    hits: int = 0  # distinct rows found in the DRAM cache
+    misses: int = 0  # distinct rows read from the file
+    bytes: int = 0
+    read_s: float = 0.0
+
+
+@dataclass
+class FileLayer:
+    layer_id: int
+    rows: int  # rows of the table in the file
+    cache: SlotCache
+    reader: RowReader
+    table: Table  # the DRAM cache the gathers read: [slots, stored row]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cache_bytes(self) -> np.ndarray:
+        return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
+
+
+@dataclass
+class Ticket:
+    """What a step holds: its pinned slots per layer, and its reads."""
+
+    slots: dict[int, np.ndarray]
+    reads: dict[int, FileRead]
+    done: object = None  # the step's pending rows (released once its gathers have finished)
+
+
+class FileTier:
+    def __init__(self, layers: dict[int, FileLayer]) -> None:
+        self.layers = layers
+
+    def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
+        """Table rows -> DRAM slots for every file-tier layer (others pass through), reading
+        the misses first. The ticket must be released once the step's gathers are done."""
+        ticket = Ticket({}, {})
+        out = dict(row_ids)
+        try:
+            for lid, fl in self.layers.items():
+                if lid in row_ids:
+                    out[lid] = self._layer(fl, np.asarray(row_ids[lid]), ticket)
+        except BaseException:
+            self.release(ticket)
+            raise
+        return out, ticket
+
+    def _layer(self, fl: FileLayer, ids: np.ndarray, ticket: Ticket) -> np.ndarray:
+        flat = ids.reshape(-1).astype(np.int64, copy=False)
+        lid = fl.layer_id
+        if flat.size and (flat.min() < 0 or flat.max() >= fl.rows):
+            bad = int(flat.max() if flat.max() >= fl.rows else flat.min())
+            raise GatherError(lid, f"row {bad} is outside the table (0..{fl.rows - 1})")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        with fl.lock:
+            try:
+                slots, miss_rows, victims = fl.cache.admit(uniq)
+            except CapacityError as e:
+                raise CapacityError(
+                    f"Engram layer {lid}: {e}; raise --host-memory-bytes (the DRAM cache must "
+                    "hold two steps' distinct rows)"
+                ) from None
+        ticket.slots[lid] = slots
+        t = time.perf_counter()
+        try:
+            nbytes = fl.reader.read(miss_rows, victims, fl.cache_bytes())
+        except BaseException:
+            with fl.lock:
+                fl.cache.forget(victims)
+                fl.cache.release(slots[np.isin(slots, victims, invert=True)])
+            del ticket.slots[lid]
+            raise
+        ticket.reads[lid] = FileRead(
+            uniq.size - miss_rows.size, miss_rows.size, nbytes, time.perf_counter() - t
+        )
+        return slots[inverse].astype(np.int64).reshape(ids.shape)
+
+    def release(self, ticket: Ticket) -> None:
+        for lid, slots in ticket.slots.items():
+            with self.layers[lid].lock:
+                self.layers[lid].cache.release(slots)
+        ticket.slots = {}
+
+    def close(self) -> None:
+        for fl in self.layers.values():
+            fl.reader.close()
+
+    def describe(self) -> dict:
+        return {
+            str(lid): {
+                "rows": fl.rows,
+                "cache_slots": fl.cache.slots,
+                "cache_bytes": fl.table.nbytes,
+                "directory": fl.cache.directory_kind,
+                "directory_bytes": fl.cache.directory_bytes,
+                "read_threads": fl.reader.threads,
+            }
+            for lid, fl in self.layers.items()
+        }
+
+
+class FileTierGather(Prefetcher):
+    """A gather path over a DRAM cache: ``plan`` translates rows to slots (reading misses),
+    ``start`` hands the slot plan to the inner path, closing the step releases its pins."""
+
+    def __init__(self, inner: Prefetcher, tier: FileTier) -> None:
+        self.inner, self.tier = inner, tier
+        self.store, self.device, self.dedup = inner.store, inner.device, inner.dedup
+        self.accountant, self.timeout_s = inner.accountant, inner.timeout_s
+        self.name, self.places_rows = inner.name, inner.places_rows
+        self.table_rows = {lid: t.rows for lid, t in inner.store.tables.items()}
+        self._planned: deque = deque()  # (plan, ticket) built, not yet started
+        self._held: deque[Ticket] = deque()  # started, gathers maybe still running
+
+    def plan(self, row_ids):
+        translated, ticket = self.tier.translate(row_ids)
+        try:
+            plan = self.inner.plan(translated)
+        except BaseException:
+            self.tier.release(ticket)
+            raise
+        self._planned.append((plan, ticket))
+        return plan
+
+    def start(self, plan, index=None, uploaded=None):
+        ticket = self._take(plan)
+        try:
+            pending = self.inner.start(plan, index, uploaded)
+        except BaseException:
+            if ticket is not None:
+                self.tier.release(ticket)
+            raise
+        if ticket is not None:
+            for lid, r in ticket.reads.items():
+                st = pending.stats.layers[lid]
+                st.tier = "file"
+                st.file_hits, st.file_misses = r.hits, r.misses
+                st.file_bytes, st.file_read_s = r.bytes, r.read_s
+            _on_close(pending, lambda: self._hold(ticket, pending))
+        return pending
+
+    def _take(self, plan):
+        """The ticket of ``plan``; plans built before it and never started release theirs."""
+        if not any(p is plan for p, _ in self._planned):
+            return None
+        while True:
+            p, t = self._planned.popleft()
+            if p is plan:
+                return t
+            self.tier.release(t)
+
+    def _hold(self, ticket: Ticket, pending) -> None:
+        ticket.done = pending
+        self._held.append(ticket)
+        self._release_done(wait=False)
+
+    def _release_done(self, wait: bool) -> None:
+        while self._held:
+            if not _gathers_done(self._held[0].done, wait):
+                return
+            self.tier.release(self._held.popleft())
+
+    def plan_index(self, plan):
+        return self.inner.plan_index(plan)
+
+    def book(self, pending) -> None:
+        self.inner.book(pending)
+
+    def flush(self) -> None:
+        self.inner.flush()
+        self._release_done(wait=True)
+
+    def close(self) -> None:
+        self.inner.close()
+        self._release_done(wait=True)
+        for _, t in self._planned:
+            self.tier.release(t)
+        self._planned.clear()
+        self.tier.close()
+
+
+def _gathers_done(pending, wait: bool) -> bool:
+    """Whether every gather of a step has stopped reading the cache (CUDA: the step's end
+    event; the CPU worker: its per-layer events; inline gathers: done once closed)."""
+    end = getattr(pending, "end", None)
+    if end is not None:
+        if wait:
+            end.synchronize()
+        return bool(end.query())
+    ready = getattr(pending, "ready", None)
+    if isinstance(ready, dict):
+        if wait:
+            for ev in ready.values():
+                ev.wait()
+        return all(ev.is_set() for ev in ready.values())
+    return True
+
+
+def _on_close(pending, fn) -> None:
+    """Run ``fn`` right after ``pending.close()`` has booked the step (once)."""
+    close = pending.close
+
+    def closed():
+        first = not pending.closed
+        out = close()
+        if first:
+            fn()
+        return out
+
+    pending.close = closed
+
+
+def cache_slots(nbytes: dict[int, int], row_bytes: dict[int, int], budget: int) -> dict[int, int]:
+    """The DRAM budget split across layers by table size, in whole rows (at least one)."""
+    total = max(sum(nbytes.values()), 1)
+    return {
+        lid: max(
+            1, min(nbytes[lid] // row_bytes[lid], budget * nbytes[lid] // total // row_bytes[lid])
+        )
+        for lid in nbytes
+    }
+
+
+def open_file_tier(
+    path: str | Path,
+    keys: dict[int, str],
+    budget_bytes: int,
+    placement: Placement,
+    device: torch.device,
+    row_dtype: torch.dtype = torch.bfloat16,
+    threads: int = 4,
+    huge_pages: bool = True,
+    directory: str = "auto",
+) -> tuple[TableStore, FileTier]:
+    """DRAM caches (a store of ``placement``: cpu or host) over the tables ``keys`` of a
+    safetensors file, and the tier that fills them. Stored rows are served as they are (bf16
+    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here."""
+    if budget_bytes < 1:
+        raise ValueError("the file tier needs a DRAM budget: set --host-memory-bytes")
+    header = read_header(path)
+    sources = {lid: table_source(header, key) for lid, key in keys.items()}
+    sizes = {lid: s.rows * s.row_bytes for lid, s in sources.items()}
+    slots = cache_slots(sizes, {lid: s.row_bytes for lid, s in sources.items()}, budget_bytes)
+    tables, layers = {}, {}
+    for lid, src in sources.items():
+        fp8 = src.fmt.name == "fp8"
+        dtype = row_dtype if fp8 else PLAIN_DTYPES[src.fmt.name]
+        t = new_table(lid, (slots[lid], src.fmt.values), dtype, placement, device, fp8, huge_pages)
+        reader = RowReader(str(path), src, threads)
+        if reader.row_bytes != t.row_bytes:
+            raise ValueError(
+                f"{src.key}: stored rows of {reader.row_bytes} bytes, cache rows of {t.row_bytes}"
+            )
+        tables[lid] = t
+        layers[lid] = FileLayer(
+            lid, src.rows, SlotCache(src.rows, slots[lid], directory), reader, t
+        )
+    return TableStore(tables, placement, huge_pages), FileTier(layers)
