@@ -123,6 +123,24 @@ class FileTier:
                 self.layers[lid].cache.release(slots)
         ticket.slots = {}
 
+    def check_capacity(self, rows_per_step: int) -> None:
+        """ValueError naming --host-memory-bytes when two overlapped steps of at most
+        ``rows_per_step`` distinct rows could pin more than a layer's cache holds."""
+        for lid, fl in self.layers.items():
+            need = min(2 * rows_per_step, fl.rows)
+            if fl.cache.slots < need:
+                per_row = fl.reader.row_bytes
+                raise ValueError(
+                    f"Engram layer {lid}: the DRAM cache holds {fl.cache.slots} rows but two "
+                    f"overlapped steps may read {need} ({rows_per_step} lookups a step): raise "
+                    f"--host-memory-bytes (this layer needs >= {need * per_row} bytes) or lower "
+                    "--max-num-batched-tokens"
+                )
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(fl.rows * fl.reader.row_bytes for fl in self.layers.values())
+
     def close(self) -> None:
         for fl in self.layers.values():
             fl.reader.close()
@@ -298,3 +316,24 @@ def open_file_tier(
             lid, src.rows, SlotCache(src.rows, slots[lid], directory), reader, t
         )
     return TableStore(tables, placement, huge_pages), FileTier(layers)
+
+
+def table_bytes(path: str | Path, keys: dict[int, str]) -> dict[int, int]:
+    """Each table's stored bytes, from the file's header (nothing read beyond it)."""
+    header = read_header(path)
+    return {lid: (s := table_source(header, k)).rows * s.row_bytes for lid, k in keys.items()}
+
+
+def choose_tier(placement: str | None, sizes: dict[int, int], budget: int) -> tuple[bool, str]:
+    """Whether the tables go to the file tier, and why (the start-up log's line)."""
+    total = sum(sizes.values())
+    each = ", ".join(f"layer {lid} {n / 2**20:.1f} MiB" for lid, n in sizes.items())
+    if placement == "file":
+        return True, f"--placement file: {each} stay in the file, DRAM cache {budget} bytes"
+    if budget and total > budget:
+        return True, (
+            f"tables ({each}; {total} bytes) exceed --host-memory-bytes {budget}: file tier "
+            "with a DRAM cache of that size"
+        )
+    limit = f"within --host-memory-bytes {budget}" if budget else "no --host-memory-bytes"
+    return False, f"tables ({each}) loaded whole into the host tier ({limit})"

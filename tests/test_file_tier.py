@@ -192,3 +192,69 @@ def test_truncated_file_is_refused_before_serving(tmp_path):
 def test_runs_coalesce_adjacent_rows():
     assert runs_of(np.array([1, 2, 3, 7, 9, 10])) == [(0, 3), (3, 4), (4, 6)]
     assert runs_of(np.arange(2500)) == [(0, 1024), (1024, 2048), (2048, 2500)]
+
+
+def held_out_prompts(n: int = 4, chars: int = 160) -> list[str]:
+    from training.corpus import read_text, split_files
+
+    _, val = split_files()
+    return [read_text(p)[:chars] for p in val[:n]]
+
+
+def test_tables_larger_than_host_memory_served_end_to_end_with_identical_tokens(tiny_ckpt):
+    """The real server: host-resident vs the file tier with --host-memory-bytes a quarter of
+    the tables (chosen automatically); greedy tokens identical, the tier visible in
+    /v1/offload and /metrics."""
+    import httpx
+    import openai
+
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
+
+    from .live import serve
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    total = sum(table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
+    prompts = held_out_prompts()
+
+    def tokens(**kw):
+        with serve(tiny_ckpt, max_num_seqs=4, max_num_batched_tokens=8, **kw) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+            out = [
+                c.completions.create(model=s.cfg.model_name, prompt=p, max_tokens=24, temperature=0)
+                .choices[0]
+                .text
+                for p in prompts
+            ]
+            return out, httpx.get(s.url + "/v1/offload").json(), httpx.get(s.url + "/metrics").text
+
+    want, host_info, _ = tokens()
+    got, info, metrics = tokens(host_memory_bytes=total // 4)
+    assert got == want and any(want)
+    assert host_info["file_tier"] is None
+    assert info["table_bytes"]["file"] == total and 0 < info["table_bytes"]["cpu"] <= total // 4
+    for lid in lids:
+        layer = info["accounting"]["layers"][str(lid)]
+        assert layer["tier"] == "file" and layer["file_misses"] > 0
+        assert info["file_tier"][str(lid)]["cache_slots"] < info["file_tier"][str(lid)]["rows"]
+        assert f'engram_offload_dram_cache_misses_total{{layer="{lid}",model_name=' in metrics or (
+            f'layer="{lid}"' in metrics and "engram_offload_dram_cache_misses_total" in metrics
+        )
+    assert 'tier="file"' in metrics and "engram_offload_file_read_bytes_total" in metrics
+
+
+def test_a_dram_cache_two_steps_could_overflow_is_refused_at_start_up(tiny_ckpt):
+    from .live import serve
+
+    with pytest.raises(RuntimeError, match="--host-memory-bytes"):
+        with serve(tiny_ckpt, max_num_batched_tokens=64, placement="file", host_memory_bytes=4096):
+            pass
+
+
+def test_placement_file_needs_a_budget():
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="--host-memory-bytes"):
+        EngineConfig(placement="file").check()
+    EngineConfig(placement="file", host_memory_bytes=1 << 20).check()
