@@ -173,7 +173,14 @@ class FileTierGather(Prefetcher):
         self._held: deque[Ticket] = deque()  # started, gathers maybe still running
 
     def plan(self, row_ids):
-        translated, ticket = self.tier.translate(row_ids)
+        self._release_done(wait=False)
+        try:
+            translated, ticket = self.tier.translate(row_ids)
+        except CapacityError:
+            if not self._held:
+                raise
+            self._release_done(wait=True)  # steps still in flight hold slots: wait, retry once
+            translated, ticket = self.tier.translate(row_ids)
         try:
             plan = self.inner.plan(translated)
         except BaseException:
