@@ -122,7 +122,7 @@ def io_methods(path: Path, src, n_rows: int, batch: int, repeats: int, threads: 
 
 
 def prompts(kind: str, tok, n: int, length: int, vocab: int) -> list[list[int]]:
-    if kind == "random":
+    if kind.startswith("random"):
         rng = np.random.default_rng(1)
         return [rng.integers(1, vocab, length).tolist() for _ in range(n)]
     from training.corpus import read_text, split_files
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         del rows
         src = table_source(read_header(path), "t")
         methods = io_methods(path, src, n_rows, args.batch, args.repeats, args.threads)
-        ceilings = [fio(path, bs, j, args.fio_seconds) for bs in (4096, 512) for j in (1, 4)]
+        ceilings = [fio(path, bs, j, args.fio_seconds) for bs in (4096, 512) for j in (1, 4, 16)]
     model_dir = default_model_dir()
     from models.config import ModelConfig
 

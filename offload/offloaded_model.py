@@ -24,7 +24,8 @@ from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
-from .file_tier import FileTier, FileTierGather, choose_tier, open_file_tier, table_bytes
+from .file_gather import FileTierGather
+from .file_tier import FileTier, choose_tier, open_file_tier, table_bytes
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from models.safetensors_header import TableFileError
 from offload.file_cache import CapacityError, HashDirectory, SlotCache
-from offload.file_tier import FileTierGather, open_file_tier
+from offload.file_gather import FileTierGather
+from offload.file_tier import open_file_tier
 from offload.paths import make_prefetcher
 from offload.quantize import quantize_table_file
 from offload.row_reader import runs_of
@@ -291,3 +292,15 @@ def test_gpu_pinned_dram_cache_rows_are_bit_identical(tmp_path, fmt, gather):
     assert not any(fl.cache.pins.any() for fl in tier.layers.values())
     pf.close()
     cache.close()
+
+
+def test_the_tier_choice_says_why():
+    from offload.file_tier import choose_tier
+
+    sizes = {1: 3 << 20, 2: 1 << 20}
+    use, why = choose_tier(None, sizes, 1 << 20)
+    assert use and "exceed --host-memory-bytes 1048576" in why and "layer 1 3.0 MiB" in why
+    use, why = choose_tier(None, sizes, 8 << 20)
+    assert not use and "within --host-memory-bytes" in why
+    assert not choose_tier("cpu", sizes, 0)[0]
+    assert choose_tier("file", sizes, 8 << 20)[0]
