@@ -87,7 +87,7 @@ class OffloadedModel:
         host_threads: int | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
         host_memory_bytes: int = 0,
-        file_threads: int = 4,
+        file_threads: int = 8,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
