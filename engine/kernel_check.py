@@ -150,6 +150,8 @@ def check_attention(engine, kernels: Kernels) -> list[Checked]:
 # --- the row gather --------------------------------------------------------------------------
 def _paths(pf: Prefetcher) -> list[Prefetcher]:
     """The prefetchers that serve rows: 'auto' switches between its staged and UVA ones."""
+    while isinstance(getattr(pf, "inner", None), Prefetcher):  # the file tier: its DRAM cache
+        pf = pf.inner
     inner = [getattr(pf, name, None) for name in ("uva", "staged")]
     return [p for p in inner if isinstance(p, Prefetcher)] or [pf]
 

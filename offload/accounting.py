@@ -26,6 +26,10 @@ class LayerStats:
     prefetch_s: float = 0.0
     stall_s: float = 0.0
     slack_s: float = 0.0
+    file_hits: int = 0  # file tier: distinct rows found in the DRAM cache
+    file_misses: int = 0  # file tier: distinct rows read from the file
+    file_bytes: int = 0  # file tier: bytes read from the file
+    file_read_s: float = 0.0  # file tier: time reading them (in the plan, before the step)
 
 
 @dataclass
@@ -80,6 +84,10 @@ class Accountant:
                 acc.prefetch_s += s.prefetch_s
                 acc.stall_s += s.stall_s
                 acc.slack_s += s.slack_s
+                acc.file_hits += s.file_hits
+                acc.file_misses += s.file_misses
+                acc.file_bytes += s.file_bytes
+                acc.file_read_s += s.file_read_s
             self.recent.append(step)
             self.last = step
         for fn in self._listeners:
@@ -110,7 +118,21 @@ class Accountant:
                         "prefetch_ms_per_step": 1e3 * s.prefetch_s / steps,
                         "stall_ms_per_step": 1e3 * s.stall_s / steps,
                         "slack_ms_per_step": 1e3 * s.slack_s / steps,
+                        **_file_summary(s, steps),
                     }
                     for lid, s in sorted(t.layers.items())
                 },
             }
+
+
+def _file_summary(s: LayerStats, steps: int) -> dict:
+    if s.tier != "file":
+        return {}
+    seen = s.file_hits + s.file_misses
+    return {
+        "file_hits": s.file_hits,
+        "file_misses": s.file_misses,
+        "file_hit_rate": s.file_hits / seen if seen else 0.0,
+        "file_bytes_per_step": s.file_bytes / steps,
+        "file_read_ms_per_step": 1e3 * s.file_read_s / steps,
+    }

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import default_model_dir, load_checkpoint
+from models.checkpoint import default_model_dir, load_checkpoint, table_files
 from models.dtype import Dtype, resolve_dtype, stored_dtype
 from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
+from .file_gather import FileTierGather
+from .file_tier import FileTier, choose_tier, open_file_tier, table_bytes
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
@@ -48,6 +50,7 @@ class OffloadedModel:
     device: torch.device
     dtype: Dtype | None = None  # the backbone's dtype and why (None: built from a model)
     owns_store: bool = False  # close() releases the tables (not a store shared with others)
+    file_tier: FileTier | None = None  # set when the tables are served from their file
 
     @property
     def accountant(self) -> Accountant:
@@ -60,6 +63,14 @@ class OffloadedModel:
     @property
     def gather(self) -> str:
         return self.prefetcher.name
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Table bytes per tier; with the file tier, 'file' is the tables in the file and the
+        host tier holds their DRAM caches."""
+        out = self.store.bytes_by_tier()
+        if self.file_tier is not None:
+            out["file"] = self.file_tier.file_bytes
+        return out
 
     def close(self) -> None:
         """Stop the prefetcher, then release the tables' host memory (pinned: unregistered)."""
@@ -83,14 +94,20 @@ class OffloadedModel:
         host_threads: int | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
         shared: SharedTables | None = None,
+        host_memory_bytes: int = 0,
+        file_threads: int = 8,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
         ``host_threads``: the staged path's host gather threads (None: from the core count);
         ``phase(name)``: a context manager around each stage (the server times its start-up
-        and stops between stages on shutdown); ``shared``: host tables shared on the node."""
+        and stops between stages on shutdown); ``shared``: host tables shared on the node;
+        ``host_memory_bytes``: the host budget for tables; larger tables (or
+        ``placement='file'``) stay in the file behind a DRAM cache of that size, read by
+        ``file_threads`` threads (offload/file_tier.py)."""
         phase = phase or (lambda name: nullcontext())
+        asked = placement
         path = resolve(device, placement, gather)  # refuse before loading anything
         device, placement, gather = path.device, path.placement, path.gather
         if row_format not in ROW_FORMATS:
@@ -115,20 +132,51 @@ class OffloadedModel:
             chosen.name,
             peak_rss_bytes() / 2**30,
         )
-        with phase(f"tables (read + place in {placement.value})"):
-            store = TableStore.from_checkpoint(
-                model_dir,
-                model.config.engram_layer_ids,
-                placement,
-                device,
-                progress,
-                row_format=row_format,
-                row_dtype=chosen.dtype,
-                huge_pages=huge_pages,
-                shared=shared,
+        lids = model.config.engram_layer_ids
+        files = table_files(model_dir, lids)
+        sizes = {
+            lid: n for path, keys in files.items() for lid, n in table_bytes(path, keys).items()
+        }
+        use_file, why = choose_tier(asked, sizes, host_memory_bytes)
+        log.info("Engram tables: %s", why)
+        tier = None
+        if use_file and row_format != "auto":
+            raise ValueError("the file tier serves rows as stored: use --row-format auto")
+        if use_file and len(files) > 1:
+            raise ValueError(
+                "the file tier reads the tables from one file; this checkpoint keeps them in "
+                f"{len(files)} (TinyEngram shards): raise --host-memory-bytes to hold them"
             )
+        with phase(f"tables ({'file tier' if use_file else 'read + place'} in {placement.value})"):
+            if use_file:
+                ((tables_file, keys),) = files.items()
+                store, tier = open_file_tier(
+                    tables_file,
+                    keys,
+                    host_memory_bytes,
+                    placement,
+                    device,
+                    chosen.dtype,
+                    file_threads,
+                    huge_pages,
+                )
+            else:
+                store = TableStore.from_checkpoint(
+                    model_dir,
+                    lids,
+                    placement,
+                    device,
+                    progress,
+                    row_format=row_format,
+                    row_dtype=chosen.dtype,
+                    huge_pages=huge_pages,
+                    shared=shared,
+                )
         with phase(f"gather setup ({gather})"):
             om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
+            if tier is not None:
+                om.prefetcher = FileTierGather(om.prefetcher, tier)
+                om.file_tier = tier
         om.dtype, om.owns_store = chosen, True
         return om
 

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 
+FILE_PLACEMENT = "file"  # rows stay in the checkpoint's file, a DRAM cache in the host tier
+
+
 class SettingError(ValueError):
     """A setting that cannot work here; the message starts with the flag that set it."""
 
@@ -122,6 +125,8 @@ def resolve(
 ) -> OffloadPath:
     """The combination to run, or :class:`SettingError` naming the flag to change."""
     dev = resolve_device(device)
+    if placement == FILE_PLACEMENT:  # the file tier's DRAM cache is this device's host tier
+        placement = Placement.HOST if dev.type == "cuda" else Placement.CPU
     try:
         tier = Placement.parse(placement) if placement else default_placement(dev)
         check_placement(tier, dev)

@@ -121,6 +121,9 @@ class ServerState:
             offload = self._offload or self._load_offload(clock)
             built = offload if self._offload is None else None
             cap_context(offload.model.config, e.max_model_len)
+            if offload.file_tier is not None:  # refuse a DRAM cache two steps can overflow
+                heads = offload.model.config.engram_total_heads
+                offload.file_tier.check_capacity(e.max_num_batched_tokens * heads)
             with clock.phase("link measurement"):
                 self.link_bps = measure_copy_bandwidth(offload.device, LINK_BYTES)
             with clock.phase("engine"):  # the KV cache, and CUDA graphs captured on a GPU
@@ -131,10 +134,9 @@ class ServerState:
                 checked = check_kernels(engine.engine, self.kernels)
             forget_steps(offload.accountant)  # the check's gathers are not traffic
             log.info("%s", kernel_summary(checked))
-            self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
-            self.metrics.init_offload_layers(
-                offload.model.config.engram_layer_ids, offload.placement.value
-            )
+            self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)
+            tier = "file" if offload.file_tier is not None else offload.placement.value
+            self.metrics.init_offload_layers(offload.model.config.engram_layer_ids, tier)
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
             offload.accountant.subscribe(self.metrics.observe_offload_step)
             clock.check()
@@ -175,6 +177,8 @@ class ServerState:
             host_threads=e.gather_threads or None,
             phase=clock.phase,
             shared=e.shared(),
+            host_memory_bytes=e.host_memory_bytes,
+            file_threads=e.file_read_threads,
         )
 
     async def drain(self, timeout: float) -> None:
@@ -221,9 +225,7 @@ class ServerState:
     def summary_line(self) -> str:
         e = self.engine
         tiers = (
-            ", ".join(
-                f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.store.bytes_by_tier().items() if v
-            )
+            ", ".join(f"{k}={v / 2**20:.1f} MiB" for k, v in e.offload.tier_bytes().items() if v)
             or "none (no Engram layers)"
         )
         return (
@@ -331,7 +333,8 @@ def create_app(
             "placement": e.offload.placement.value,
             "gather": e.offload.gather,
             "dedup": e.offload.prefetcher.dedup,
-            "table_bytes": e.offload.store.bytes_by_tier(),
+            "table_bytes": e.offload.tier_bytes(),
+            "file_tier": e.offload.file_tier.describe() if e.offload.file_tier else None,
             "tables": e.offload.store.describe(),
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,

@@ -245,6 +245,26 @@ class Metrics(EngineStats):
         self._misses = counter(
             "engram_offload_cache_misses", "Rows that had to be fetched from their tier.", lt
         )
+        self._dram_hits = counter(
+            "engram_offload_dram_cache_hits",
+            "Distinct rows of a step found in the file tier's DRAM cache.",
+            lt,
+        )
+        self._dram_misses = counter(
+            "engram_offload_dram_cache_misses",
+            "Distinct rows of a step read from the file into the DRAM cache.",
+            lt,
+        )
+        self._file_bytes = counter(
+            "engram_offload_file_read_bytes", "Bytes read from the file tier.", lt
+        )
+        self._file_read = Histogram(
+            "engram_offload_file_read_duration_seconds",
+            "Time one step spent reading one layer's missing rows from the file.",
+            m + lt,
+            buckets=PREFETCH_BUCKETS,
+            registry=r,
+        )
         self._prefetch = Histogram(
             "engram_offload_prefetch_duration_seconds",
             "Issue-to-ready time of one layer's rows.",
@@ -344,6 +364,9 @@ class Metrics(EngineStats):
         for lid in layers:
             for c in (self._bytes, self._rows, self._unique, self._hits, self._misses):
                 c.labels(m, str(lid), tier)
+            if tier == "file":
+                for c in (self._dram_hits, self._dram_misses, self._file_bytes, self._file_read):
+                    c.labels(m, str(lid), tier)
             self._prefetch.labels(m, str(lid))
             self._stall.labels(m, str(lid))
             self._slack.labels(m, str(lid))
@@ -361,6 +384,11 @@ class Metrics(EngineStats):
             self._hits.labels(m, layer, s.tier).inc(s.rows - s.fetched)
             self._misses.labels(m, layer, s.tier).inc(s.fetched)
             self._prefetch.labels(m, layer).observe(s.prefetch_s)
+            if s.tier == "file":
+                self._dram_hits.labels(m, layer, s.tier).inc(s.file_hits)
+                self._dram_misses.labels(m, layer, s.tier).inc(s.file_misses)
+                self._file_bytes.labels(m, layer, s.tier).inc(s.file_bytes)
+                self._file_read.labels(m, layer, s.tier).observe(s.file_read_s)
             self._stall.labels(m, layer).inc(s.stall_s)
             self._slack.labels(m, layer).inc(s.slack_s)
         self._steps.labels(m).inc()

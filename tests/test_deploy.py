@@ -164,7 +164,15 @@ def _query(prom: str, expr: str) -> dict:
 
 def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_path):
     prometheus = _tool("prometheus")
-    with serve(tiny_ckpt, served_model_name=["engram-test"], dedup=True) as srv:
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    tables = sum(table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
+    # the file tier (with a DRAM cache as large as the tables), so its panel has data too
+    file_tier = {"placement": "file", "host_memory_bytes": tables}
+    with serve(tiny_ckpt, served_model_name=["engram-test"], dedup=True, **file_tier) as srv:
         port = free_port()
         config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}

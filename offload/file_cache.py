@@ -1,0 +1,205 @@
+"""The DRAM cache of one file-tier table: which row is in which slot, and which slot to evict.
+
+Directory: a table row -> slot lookup. A dense ``slot_of`` (int32 per table row) costs
+``rows x 4`` bytes whatever the cache holds: 1.5 GB for one of DeepSeek-V4.1's 384M-row layers,
+as much as a 6M-row cache of its 264-byte rows. So the directory is whichever is smaller: the
+dense array, or an open-addressing hash of the cached rows (``HashDirectory``: one int32 slot
+per bucket, at least twice the slots, linear probing; the key of a bucket is read back from the
+cache's own ``row_of_slot``), about 8-16 bytes per slot, i.e. 3-6% of a 264-byte row.
+
+Eviction: CLOCK (second chance) over the slots; a row read by a step sets its reference bit, a
+new row starts without it (a row seen once goes first). Slots a step still reads are pinned
+(a count per slot; several overlapped steps may pin the same slot) and never chosen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY, TOMB = -1, -2
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+class CapacityError(RuntimeError):
+    """More distinct rows pinned at once than the DRAM cache has slots."""
+
+
+class DenseDirectory:
+    def __init__(self, rows: int, row_of_slot: np.ndarray) -> None:
+        self.slot_of = np.full(rows, EMPTY, dtype=np.int32)
+
+    @staticmethod
+    def nbytes_for(rows: int, slots: int) -> int:
+        return rows * 4
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        return self.slot_of[rows]
+
+    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
+        self.slot_of[rows] = slots
+
+    def remove(self, rows: np.ndarray) -> None:
+        self.slot_of[rows] = EMPTY
+
+
+class HashDirectory:
+    """Linear-probing hash of cached rows; buckets hold slots, ``row_of_slot`` holds keys."""
+
+    def __init__(self, rows: int, row_of_slot: np.ndarray) -> None:
+        self.row_of_slot = row_of_slot
+        self.cap = self.capacity(row_of_slot.size)
+        self.mask = self.cap - 1
+        self.shift = np.uint64(64 - self.cap.bit_length() + 1)
+        self.buckets = np.full(self.cap, EMPTY, dtype=np.int32)
+        self.tombs = 0
+
+    @staticmethod
+    def capacity(slots: int) -> int:
+        return 1 << max(2, int(2 * slots - 1).bit_length())
+
+    @classmethod
+    def nbytes_for(cls, rows: int, slots: int) -> int:
+        return cls.capacity(slots) * 4
+
+    def _home(self, rows: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((rows.astype(np.uint64) * _MIX) >> self.shift).astype(np.int64) & self.mask
+
+    def _find(self, rows: np.ndarray) -> np.ndarray:
+        """The bucket of each row, -1 where absent."""
+        out = np.full(rows.size, -1, dtype=np.int64)
+        pos = self._home(rows)
+        todo = np.arange(rows.size)
+        while todo.size:
+            b = self.buckets[pos]
+            live = b >= 0
+            hit = np.zeros(todo.size, dtype=bool)
+            hit[live] = self.row_of_slot[b[live]] == rows[todo[live]]
+            out[todo[hit]] = pos[hit]
+            go = ~hit & (b != EMPTY)
+            todo, pos = todo[go], (pos[go] + 1) & self.mask
+        return out
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        where = self._find(rows)
+        out = np.full(rows.size, EMPTY, dtype=np.int32)
+        found = where >= 0
+        out[found] = self.buckets[where[found]]
+        return out
+
+    def insert(self, rows: np.ndarray, slots: np.ndarray) -> None:
+        """Rows not present (unique) -> slots."""
+        pos, todo = self._home(rows), np.arange(rows.size)
+        while todo.size:
+            free = self.buckets[pos] < 0
+            cand = np.flatnonzero(free)
+            _, first = np.unique(pos[cand], return_index=True)  # one winner per bucket
+            win = cand[first]
+            self.tombs -= int(np.count_nonzero(self.buckets[pos[win]] == TOMB))
+            self.buckets[pos[win]] = slots[todo[win]]
+            keep = np.ones(todo.size, dtype=bool)
+            keep[win] = False
+            todo, pos = todo[keep], (pos[keep] + 1) & self.mask
+
+    def remove(self, rows: np.ndarray) -> None:
+        where = self._find(rows)
+        where = where[where >= 0]
+        self.buckets[where] = TOMB
+        self.tombs += where.size
+        if self.tombs > self.cap // 4:  # probes stay short: rebuild from the live slots
+            self.buckets[:] = EMPTY
+            self.tombs = 0
+            live = np.flatnonzero(self.row_of_slot >= 0)
+            self.insert(self.row_of_slot[live].astype(np.int64), live.astype(np.int32))
+
+
+class SlotCache:
+    """Directory, CLOCK state and pins of ``slots`` cache slots over a table of ``rows`` rows."""
+
+    def __init__(self, rows: int, slots: int, directory: str = "auto") -> None:
+        if slots < 1:
+            raise ValueError(f"a DRAM cache needs at least one slot, got {slots}")
+        self.rows, self.slots = rows, slots
+        self.row_of_slot = np.full(slots, EMPTY, dtype=np.int64 if rows >= 2**31 else np.int32)
+        self.ref = np.zeros(slots, dtype=bool)
+        self.pins = np.zeros(slots, dtype=np.int32)
+        self.hand = 0
+        if directory == "auto":
+            dense = DenseDirectory.nbytes_for(rows, slots)
+            directory = "dense" if dense <= HashDirectory.nbytes_for(rows, slots) else "hash"
+        kinds = {"dense": DenseDirectory, "hash": HashDirectory}
+        if directory not in kinds:
+            raise ValueError(f"unknown directory {directory!r}; use auto, dense or hash")
+        self.directory_kind = directory
+        self.directory = kinds[directory](rows, self.row_of_slot)
+
+    @property
+    def directory_bytes(self) -> int:
+        d = self.directory
+        own = d.slot_of.nbytes if isinstance(d, DenseDirectory) else d.buckets.nbytes
+        return own + self.row_of_slot.nbytes + self.ref.nbytes + self.pins.nbytes
+
+    def admit(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pin ``rows`` (unique) in the cache: returns (slot of each row, the rows missing, the
+        slots they must be read into). The caller reads the misses, then nothing else may
+        happen to those slots until :meth:`release`."""
+        slots = self.directory.lookup(rows)
+        hit = slots >= 0
+        self.pins[slots[hit]] += 1
+        self.ref[slots[hit]] = True
+        miss_rows = rows[~hit]
+        try:
+            victims = self._victims(miss_rows.size)
+        except CapacityError:
+            self.pins[slots[hit]] -= 1
+            raise
+        old = self.row_of_slot[victims]
+        self.directory.remove(old[old >= 0].astype(np.int64))
+        self.row_of_slot[victims] = miss_rows
+        self.directory.insert(miss_rows, victims)
+        self.pins[victims] += 1
+        slots[~hit] = victims
+        return slots, miss_rows, victims
+
+    def release(self, slots: np.ndarray) -> None:
+        self.pins[slots] -= 1
+
+    def forget(self, slots: np.ndarray) -> None:
+        """Slots whose read failed: empty again (and unpinned)."""
+        rows = self.row_of_slot[slots]
+        self.directory.remove(rows[rows >= 0].astype(np.int64))
+        self.row_of_slot[slots] = EMPTY
+        self.release(slots)
+
+    def _victims(self, k: int) -> np.ndarray:
+        """``k`` unpinned slots by CLOCK: clear reference bits as the hand passes them."""
+        if k == 0:
+            return np.empty(0, dtype=np.int32)
+        out: list[np.ndarray] = []
+        need, scanned = k, 0
+        chunk = min(self.slots, max(4 * k, 4096))
+        while need and scanned < 2 * self.slots + chunk:  # two turns: every bit cleared once
+            idx = (self.hand + np.arange(chunk)) % self.slots
+            free = self.pins[idx] == 0
+            take = np.flatnonzero(free & ~self.ref[idx])[:need]
+            if take.size == need:
+                end = int(take[-1]) + 1
+                seen = idx[:end]
+                self.ref[seen[free[:end]]] = False
+                self.hand = int(idx[end - 1] + 1) % self.slots
+            else:
+                self.ref[idx[free]] = False
+                self.hand = int(idx[-1] + 1) % self.slots
+            out.append(idx[take])
+            self.pins[idx[take]] += 1  # held while choosing: a second turn cannot take it again
+            need -= take.size
+            scanned += chunk
+        got = np.concatenate(out).astype(np.int32)
+        self.pins[got] -= 1
+        if need:
+            pinned = int(np.count_nonzero(self.pins))
+            raise CapacityError(
+                f"{k} rows to read but only {k - need} of {self.slots} DRAM cache slots are "
+                f"free of pins ({pinned} pinned by steps in flight)"
+            )
+        return got

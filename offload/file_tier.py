@@ -1,0 +1,226 @@
+"""The file tier: rows stay in the checkpoint's safetensors file, a DRAM cache holds some.
+
+Tiers as index translation. Each file-tier layer has a cache :class:`~offload.store.Table` of C
+slots (pinned host memory where CUDA is present, plain host memory otherwise) standing where
+the host table would be. When a step's plan is built (on the host, before the forward pass),
+every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
+misses are read from the file into victim slots (:class:`~offload.row_reader.RowReader`,
+parallel ``preadv``), and the layer's row ids are replaced by slot ids. The existing gather
+paths (worker, staged, UVA; sorted and de-duplicated plans) then read the cache table exactly
+as they read a host table. Slots a step reads stay pinned until that step's gathers are done
+(on CUDA: its end event), so an overlapped next step never evicts them.
+
+A step needing more distinct rows than there are unpinned slots fails with
+:class:`~offload.file_cache.CapacityError` (naming ``--host-memory-bytes``): the budget must
+hold at least two steps' worth of distinct rows per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.safetensors_header import read_header
+
+from .file_cache import CapacityError, SlotCache
+from .plan import GatherError
+from .row_reader import RowReader
+from .rowformat import PLAIN_DTYPES
+from .store import Placement, Table, TableStore, new_table
+from .table_load import table_source
+
+
+@dataclass
+class FileRead:
+    """One step's traffic from the file for one layer."""
+
+    hits: int = 0  # distinct rows found in the DRAM cache
+    misses: int = 0  # distinct rows read from the file
+    bytes: int = 0
+    read_s: float = 0.0
+
+
+@dataclass
+class FileLayer:
+    layer_id: int
+    rows: int  # rows of the table in the file
+    cache: SlotCache
+    reader: RowReader
+    table: Table  # the DRAM cache the gathers read: [slots, stored row]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cache_bytes(self) -> np.ndarray:
+        return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
+
+
+@dataclass
+class Ticket:
+    """What a step holds: its pinned slots per layer, and its reads."""
+
+    slots: dict[int, np.ndarray]
+    reads: dict[int, FileRead]
+    done: object = None  # the step's pending rows (released once its gathers have finished)
+
+
+class FileTier:
+    def __init__(self, layers: dict[int, FileLayer]) -> None:
+        self.layers = layers
+
+    def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
+        """Table rows -> DRAM slots for every file-tier layer (others pass through), reading
+        the misses first. The ticket must be released once the step's gathers are done."""
+        ticket = Ticket({}, {})
+        out = dict(row_ids)
+        try:
+            for lid, fl in self.layers.items():
+                if lid in row_ids:
+                    out[lid] = self._layer(fl, np.asarray(row_ids[lid]), ticket)
+        except BaseException:
+            self.release(ticket)
+            raise
+        return out, ticket
+
+    def _layer(self, fl: FileLayer, ids: np.ndarray, ticket: Ticket) -> np.ndarray:
+        flat = ids.reshape(-1).astype(np.int64, copy=False)
+        lid = fl.layer_id
+        if flat.size and (flat.min() < 0 or flat.max() >= fl.rows):
+            bad = int(flat.max() if flat.max() >= fl.rows else flat.min())
+            raise GatherError(lid, f"row {bad} is outside the table (0..{fl.rows - 1})")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        with fl.lock:
+            try:
+                slots, miss_rows, victims = fl.cache.admit(uniq)
+            except CapacityError as e:
+                raise CapacityError(
+                    f"Engram layer {lid}: {e}; raise --host-memory-bytes (the DRAM cache must "
+                    "hold two steps' distinct rows)"
+                ) from None
+        ticket.slots[lid] = slots
+        t = time.perf_counter()
+        try:
+            nbytes = fl.reader.read(miss_rows, victims, fl.cache_bytes())
+        except BaseException:
+            with fl.lock:
+                fl.cache.forget(victims)
+                fl.cache.release(slots[np.isin(slots, victims, invert=True)])
+            del ticket.slots[lid]
+            raise
+        ticket.reads[lid] = FileRead(
+            uniq.size - miss_rows.size, miss_rows.size, nbytes, time.perf_counter() - t
+        )
+        return slots[inverse].astype(np.int64).reshape(ids.shape)
+
+    def release(self, ticket: Ticket) -> None:
+        for lid, slots in ticket.slots.items():
+            with self.layers[lid].lock:
+                self.layers[lid].cache.release(slots)
+        ticket.slots = {}
+
+    def check_capacity(self, rows_per_step: int) -> None:
+        """ValueError naming --host-memory-bytes when two overlapped steps of at most
+        ``rows_per_step`` distinct rows could pin more than a layer's cache holds."""
+        for lid, fl in self.layers.items():
+            need = min(2 * rows_per_step, fl.rows)
+            if fl.cache.slots < need:
+                per_row = fl.reader.row_bytes
+                raise ValueError(
+                    f"Engram layer {lid}: the DRAM cache holds {fl.cache.slots} rows but two "
+                    f"overlapped steps may read {need} ({rows_per_step} lookups a step): raise "
+                    f"--host-memory-bytes (this layer needs >= {need * per_row} bytes) or lower "
+                    "--max-num-batched-tokens"
+                )
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(fl.rows * fl.reader.row_bytes for fl in self.layers.values())
+
+    def close(self) -> None:
+        for fl in self.layers.values():
+            fl.reader.close()
+
+    def describe(self) -> dict:
+        return {
+            str(lid): {
+                "rows": fl.rows,
+                "cache_slots": fl.cache.slots,
+                "cache_bytes": fl.table.nbytes,
+                "directory": fl.cache.directory_kind,
+                "directory_bytes": fl.cache.directory_bytes,
+                "read_threads": fl.reader.threads,
+            }
+            for lid, fl in self.layers.items()
+        }
+
+
+def cache_slots(nbytes: dict[int, int], row_bytes: dict[int, int], budget: int) -> dict[int, int]:
+    """The DRAM budget split across layers by table size, in whole rows (at least one)."""
+    total = max(sum(nbytes.values()), 1)
+    return {
+        lid: max(
+            1, min(nbytes[lid] // row_bytes[lid], budget * nbytes[lid] // total // row_bytes[lid])
+        )
+        for lid in nbytes
+    }
+
+
+def open_file_tier(
+    path: str | Path,
+    keys: dict[int, str],
+    budget_bytes: int,
+    placement: Placement,
+    device: torch.device,
+    row_dtype: torch.dtype = torch.bfloat16,
+    threads: int = 4,
+    huge_pages: bool = True,
+    directory: str = "auto",
+) -> tuple[TableStore, FileTier]:
+    """DRAM caches (a store of ``placement``: cpu or host) over the tables ``keys`` of a
+    safetensors file, and the tier that fills them. Stored rows are served as they are (bf16
+    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here."""
+    if budget_bytes < 1:
+        raise ValueError("the file tier needs a DRAM budget: set --host-memory-bytes")
+    header = read_header(path)
+    sources = {lid: table_source(header, key) for lid, key in keys.items()}
+    sizes = {lid: s.rows * s.row_bytes for lid, s in sources.items()}
+    slots = cache_slots(sizes, {lid: s.row_bytes for lid, s in sources.items()}, budget_bytes)
+    tables, layers = {}, {}
+    for lid, src in sources.items():
+        fp8 = src.fmt.name == "fp8"
+        dtype = row_dtype if fp8 else PLAIN_DTYPES[src.fmt.name]
+        t = new_table(lid, (slots[lid], src.fmt.values), dtype, placement, device, fp8, huge_pages)
+        reader = RowReader(str(path), src, threads)
+        if reader.row_bytes != t.row_bytes:
+            raise ValueError(
+                f"{src.key}: stored rows of {reader.row_bytes} bytes, cache rows of {t.row_bytes}"
+            )
+        tables[lid] = t
+        layers[lid] = FileLayer(
+            lid, src.rows, SlotCache(src.rows, slots[lid], directory), reader, t
+        )
+    return TableStore(tables, placement, huge_pages), FileTier(layers)
+
+
+def table_bytes(path: str | Path, keys: dict[int, str]) -> dict[int, int]:
+    """Each table's stored bytes, from the file's header (nothing read beyond it)."""
+    header = read_header(path)
+    return {lid: (s := table_source(header, k)).rows * s.row_bytes for lid, k in keys.items()}
+
+
+def choose_tier(placement: str | None, sizes: dict[int, int], budget: int) -> tuple[bool, str]:
+    """Whether the tables go to the file tier, and why (the start-up log's line)."""
+    total = sum(sizes.values())
+    each = ", ".join(f"layer {lid} {n / 2**20:.1f} MiB" for lid, n in sizes.items())
+    if placement == "file":
+        return True, f"--placement file: {each} stay in the file, DRAM cache {budget} bytes"
+    if budget and total > budget:
+        return True, (
+            f"tables ({each}; {total} bytes) exceed --host-memory-bytes {budget}: file tier "
+            "with a DRAM cache of that size"
+        )
+    limit = f"within --host-memory-bytes {budget}" if budget else "no --host-memory-bytes"
+    return False, f"tables ({each}) loaded whole into the host tier ({limit})"

@@ -1,0 +1,108 @@
+"""Explicit parallel reads of table rows from a safetensors file into chosen cache slots.
+
+A step's misses are known on the host before the forward pass, so they are read with
+``preadv`` (GIL released) by a small thread pool, never through page faults of a mapping.
+Rows adjacent in the file are coalesced into one ``preadv`` whose buffers are the (scattered)
+victim slots, at most ``IOV_MAX`` buffers per call. Split fp8 tables (V4.1: values and scales
+in two tensors) take one read per run for each tensor; the slot holds our packed row (values,
+then scale bytes). The file is opened with ``POSIX_FADV_RANDOM`` so the kernel does not read
+ahead around every row.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from models.safetensors_header import TableFileError
+
+from .table_load import TableSource
+
+IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+
+
+def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) index ranges of ``rows`` (sorted) where the row ids are consecutive, each at most
+    IOV_MAX long."""
+    if rows.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [rows.size]))
+    out = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        out.extend((s, min(s + IOV_MAX, b)) for s in range(a, b, IOV_MAX))
+    return out
+
+
+class RowReader:
+    """Reads rows of one table (``src``) of file ``path`` into rows of a uint8 cache array."""
+
+    def __init__(self, path: str, src: TableSource, threads: int = 4) -> None:
+        if threads < 1:
+            raise ValueError(f"file read threads must be at least 1, got {threads}")
+        self.path, self.src, self.threads = path, src, threads
+        self.fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._pool = ThreadPoolExecutor(threads - 1, "engram-file") if threads > 1 else None
+        rows = max(src.rows, 1)
+        self.parts = [(src.values, 0, src.values.nbytes // rows)]  # (tensor, column, bytes/row)
+        if src.scales is not None:
+            self.parts.append((src.scales, self.parts[0][2], src.scales.nbytes // rows))
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(n for _, _, n in self.parts)
+
+    def read(self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray) -> int:
+        """Row ``rows[i]`` (ascending, unique) of the file into ``cache[slots[i]]``; returns the
+        bytes read. A short file is a TableFileError naming the tensor."""
+        runs = runs_of(rows)
+        if not runs:
+            return 0
+        groups = _balance(runs, self.threads)
+        work = lambda g: [self._read_run(rows, slots, cache, a, b) for a, b in g]
+        futures = [self._pool.submit(work, g) for g in groups[1:]] if self._pool else []
+        work(groups[0])
+        for f in futures:
+            f.result()
+        return int(rows.size) * self.row_bytes
+
+    def _read_run(self, rows, slots, cache, a: int, b: int) -> None:
+        first = int(rows[a])
+        for info, col, per_row in self.parts:
+            bufs = [memoryview(cache[s, col : col + per_row]) for s in slots[a:b].tolist()]
+            offset = info.start + first * per_row
+            want = per_row * (b - a)
+            got = os.preadv(self.fd, bufs, offset)
+            while got < want:  # a short read: finish row by row from where it stopped
+                k, done = divmod(got, per_row)
+                n = os.preadv(self.fd, [bufs[k][done:]], offset + got)
+                if n == 0:
+                    raise TableFileError(
+                        f"{self.path}: tensor {info.name}: file ended at byte {offset + got} "
+                        "(truncated?)"
+                    )
+                got += n
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _balance(runs: list[tuple[int, int]], threads: int) -> list[list[tuple[int, int]]]:
+    """Runs split into at most ``threads`` groups of about equal rows (in order)."""
+    total = sum(b - a for a, b in runs)
+    k = max(1, min(threads, len(runs)))
+    groups: list[list[tuple[int, int]]] = [[] for _ in range(k)]
+    seen = 0
+    for a, b in runs:
+        groups[min(k - 1, seen * k // max(total, 1))].append((a, b))
+        seen += b - a
+    return [g for g in groups if g]
