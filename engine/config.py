@@ -58,6 +58,24 @@ class EngineConfig:
         "back host tables with 2 MiB pages where the OS allows",
         off_help="back host tables with ordinary 4 KiB pages instead of 2 MiB ones",
     )
+    hot_rows: str = flag(
+        "0",
+        "rows of each Engram layer kept in a hot-row cache on the compute device: a count, or "
+        "a fraction of the table's rows (0.01); 0: no cache",
+    )
+    hot_rows_file: str | None = flag(
+        None,
+        "the hot set, written by engram-profile (default: engram_hot_rows.safetensors "
+        "beside the checkpoint when present)",
+    )
+    hot_rows_policy: str = flag(
+        "static",
+        "static: the profiled set; adaptive: counts kept while serving, refreshed every "
+        "--hot-rows-refresh steps, at most --hot-rows-replace rows per refresh",
+        choices=["static", "adaptive"],
+    )
+    hot_rows_refresh: int = flag(64, "steps between adaptive hot-set refreshes")
+    hot_rows_replace: int = flag(256, "rows an adaptive refresh may replace (its bounded cost)")
     gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
@@ -98,5 +116,7 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.gather_threads < 0:
             raise ValueError("--gather-threads must be 0 (from the core count) or more")
+        if self.hot_rows_refresh < 1 or self.hot_rows_replace < 1:
+            raise ValueError("--hot-rows-refresh and --hot-rows-replace must be at least 1")
         if self.kv_blocks < 0:
             raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

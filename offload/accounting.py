@@ -14,6 +14,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+HOT_TIER = "hot"  # the tier label of rows served by a layer's hot-row cache
+
 
 @dataclass
 class LayerStats:

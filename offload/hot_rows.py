@@ -11,7 +11,7 @@ table (and decoded like any row), the misses' rows beside them, one scatter into
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,6 @@ from .hot_cache import HotCache, HotCacheError, Split, parse_hot_rows
 from .plan import LookupPlan
 from .prefetch import PendingRows, Prefetcher
 from .store import TableStore
-
-HOT_TIER = "hot"  # the tier label of rows served by the cache
 
 
 @dataclass
@@ -140,7 +138,14 @@ class HotRows(Prefetcher):
         self.inner.close()
 
     def describe(self) -> dict[int, dict]:
-        return {lid: c.describe() for lid, c in sorted(self.caches.items())}
+        """Per layer: the cache's rows and bytes, refreshes, and its hit rate so far."""
+        totals = self.accountant.totals.layers
+        out = {}
+        for lid, c in sorted(self.caches.items()):
+            t = totals.get(lid)
+            rate = t.hits / t.rows if t is not None and t.rows else 0.0
+            out[lid] = {**c.describe(), "hit_rate": rate}
+        return out
 
 
 def hot_sets(path: str | Path, layers: list[int]) -> dict[int, np.ndarray]:
@@ -154,37 +159,50 @@ def hot_sets(path: str | Path, layers: list[int]) -> dict[int, np.ndarray]:
     return {lid: prof[lid].rows for lid in layers}
 
 
-def with_hot_cache(
-    prefetcher: Prefetcher,
-    hot_rows: str | int | float,
-    policy: str = "static",
-    rows_file: str | Path | None = None,
-    refresh_every: int = 64,
-    max_replace: int = 256,
-) -> Prefetcher:
-    """``prefetcher`` behind hot caches of ``hot_rows`` rows per layer (0: unchanged). A static
-    cache needs ``rows_file``; an adaptive one starts from it when given, else empty."""
-    if policy not in ("static", "adaptive"):
-        raise HotCacheError(f"--hot-rows-policy: {policy!r}: use static or adaptive")
+@dataclass(frozen=True)
+class HotSettings:
+    """``--hot-rows`` and friends (see engine/config.py)."""
+
+    rows: str | int | float = 0
+    file: str | Path | None = None
+    policy: str = "static"
+    refresh_every: int = 64
+    max_replace: int = 256
+
+    def with_default_file(self, model_dir: str | Path) -> HotSettings:
+        """The profile beside the checkpoint when no file was named and one is there."""
+        from .profile import HOT_ROWS_FILE
+
+        beside = Path(model_dir) / HOT_ROWS_FILE
+        if self.file is None and beside.is_file():
+            return replace(self, file=beside)
+        return self
+
+
+def with_hot_cache(prefetcher: Prefetcher, hot: HotSettings) -> Prefetcher:
+    """``prefetcher`` behind hot caches of ``hot.rows`` rows per layer (0: unchanged). A static
+    cache needs a profile; an adaptive one starts from it when given, else empty."""
+    if hot.policy not in ("static", "adaptive"):
+        raise HotCacheError(f"--hot-rows-policy: {hot.policy!r}: use static or adaptive")
     store: TableStore = prefetcher.store
-    sizes = {lid: parse_hot_rows(hot_rows, t.rows) for lid, t in store.tables.items()}
+    sizes = {lid: parse_hot_rows(hot.rows, t.rows) for lid, t in store.tables.items()}
     if not any(sizes.values()):
         return prefetcher
-    if policy == "static" and rows_file is None:
+    if hot.policy == "static" and hot.file is None:
         raise HotCacheError(
             "--hot-rows with the static policy needs a profile: --hot-rows-file "
             "(written by engram-profile), or --hot-rows-policy adaptive"
         )
-    sets = hot_sets(rows_file, sorted(sizes)) if rows_file is not None else {}
+    sets = hot_sets(hot.file, sorted(sizes)) if hot.file is not None else {}
     caches = {
         lid: HotCache(
             store[lid],
             n,
             prefetcher.device,
             sets.get(lid),
-            adaptive=policy == "adaptive",
-            refresh_every=refresh_every,
-            max_replace=max_replace,
+            adaptive=hot.policy == "adaptive",
+            refresh_every=hot.refresh_every,
+            max_replace=hot.max_replace,
         )
         for lid, n in sizes.items()
         if n

@@ -23,6 +23,7 @@ from models.llama import EngramForCausalLM
 from models.tokenizer import EngramTokenizer
 
 from .accounting import Accountant
+from .hot_rows import HotRows, HotSettings, with_hot_cache
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
@@ -46,6 +47,11 @@ class OffloadedModel:
     @property
     def placement(self) -> Placement:
         return self.store.placement
+
+    @property
+    def hot(self) -> HotRows | None:
+        """The hot-row caches in front of the tier, if any."""
+        return self.prefetcher if isinstance(self.prefetcher, HotRows) else None
 
     @property
     def gather(self) -> str:
@@ -72,11 +78,13 @@ class OffloadedModel:
         huge_pages: bool = True,
         host_threads: int | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
+        hot: HotSettings | None = None,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
         ``host_threads``: the staged path's host gather threads (None: from the core count);
+        ``hot``: a hot-row cache per layer on the compute device (offload/hot_rows.py);
         ``phase(name)``: a context manager around each stage (the server times its start-up
         and stops between stages on shutdown)."""
         phase = phase or (lambda name: nullcontext())
@@ -111,6 +119,13 @@ class OffloadedModel:
         with phase(f"gather setup ({gather})"):
             om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
         om.dtype, om.owns_store = chosen, True
+        if hot is not None and hot.rows not in (0, "0"):
+            with phase("hot-row cache"):
+                try:
+                    om.prefetcher = with_hot_cache(om.prefetcher, hot.with_default_file(model_dir))
+                except BaseException:
+                    om.close()
+                    raise
         return om
 
     @classmethod

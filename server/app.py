@@ -24,6 +24,8 @@ from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
 from models.config import ModelConfig
 from models.safetensors_header import TableFileError
+from offload.hot_cache import HotCacheError
+from offload.hot_rows import HotSettings
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
@@ -119,7 +121,9 @@ class ServerState:
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.store.bytes_by_tier(), self.link_bps)
             self.metrics.init_offload_layers(
-                offload.model.config.engram_layer_ids, offload.placement.value
+                offload.model.config.engram_layer_ids,
+                offload.placement.value,
+                sorted(offload.hot.caches) if offload.hot else [],
             )
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
             offload.accountant.subscribe(self.metrics.observe_offload_step)
@@ -132,7 +136,11 @@ class ServerState:
             log.warning("%s; stopped loading", e)
             if built is not None:
                 built.close()
-        except (KernelCheckError, TableFileError) as e:  # one line says it all (the kernel or
+        except (
+            KernelCheckError,
+            TableFileError,
+            HotCacheError,
+        ) as e:  # one line says it all (the kernel or
             # the file's tensor, what is wrong, what to do)
             log.error("%s", e)
             self.load_error = str(e)
@@ -160,6 +168,13 @@ class ServerState:
             huge_pages=e.huge_pages,
             host_threads=e.gather_threads or None,
             phase=clock.phase,
+            hot=HotSettings(
+                e.hot_rows,
+                e.hot_rows_file,
+                e.hot_rows_policy,
+                e.hot_rows_refresh,
+                e.hot_rows_replace,
+            ),
         )
 
     async def drain(self, timeout: float) -> None:
@@ -313,6 +328,7 @@ def create_app(
             "dedup": e.offload.prefetcher.dedup,
             "table_bytes": e.offload.store.bytes_by_tier(),
             "tables": e.offload.store.describe(),
+            "hot_cache": e.offload.hot.describe() if e.offload.hot else None,
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,
             "accounting": e.offload.accountant.summary(),

@@ -164,7 +164,14 @@ def _query(prom: str, expr: str) -> dict:
 
 def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_path):
     prometheus = _tool("prometheus")
-    with serve(tiny_ckpt, served_model_name="engram-test", dedup=True) as srv:
+    with serve(
+        tiny_ckpt,
+        served_model_name="engram-test",
+        dedup=True,
+        hot_rows="0.05",
+        hot_rows_policy="adaptive",
+        hot_rows_refresh=4,
+    ) as srv:
         port = free_port()
         config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from engine.generate import generate
 from offload.hot_cache import HotCache, HotCacheError, parse_hot_rows
-from offload.hot_rows import HotRows, with_hot_cache
+from offload.hot_rows import HotRows, HotSettings, with_hot_cache
 from offload.offloaded_model import OffloadedModel
 from offload.store import TableStore
 
@@ -184,8 +184,8 @@ def test_parse_hot_rows_and_settings():
         with pytest.raises(HotCacheError, match="--hot-rows"):
             parse_hot_rows(bad, 1000)
     om = OffloadedModel.from_model(tiny_model(), "cpu", "resident")
-    assert with_hot_cache(om.prefetcher, 0) is om.prefetcher
+    assert with_hot_cache(om.prefetcher, HotSettings(0)) is om.prefetcher
     with pytest.raises(HotCacheError, match="--hot-rows-file"):
-        with_hot_cache(om.prefetcher, 16, "static")
-    hot = with_hot_cache(om.prefetcher, 16, "adaptive")
+        with_hot_cache(om.prefetcher, HotSettings(16, policy="static"))
+    hot = with_hot_cache(om.prefetcher, HotSettings(16, policy="adaptive"))
     assert {d["capacity_rows"] for d in hot.describe().values()} == {16}
