@@ -189,3 +189,36 @@ def test_parse_hot_rows_and_settings():
         with_hot_cache(om.prefetcher, HotSettings(16, policy="static"))
     hot = with_hot_cache(om.prefetcher, HotSettings(16, policy="adaptive"))
     assert {d["capacity_rows"] for d in hot.describe().values()} == {16}
+
+
+def test_engine_tokens_identical_with_adaptive_refresh_while_overlapped():
+    """Overlapped steps: the next step planned, and caches refreshed, while one runs."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+
+    model = tiny_model()
+    om = OffloadedModel.from_model(model, "cpu", "worker")
+    outs = []
+    for hot in (False, True):
+        rows = om.prefetcher
+        if hot:
+            caches = {
+                lid: HotCache(t, 24, "cpu", None, adaptive=True, refresh_every=1, max_replace=6)
+                for lid, t in om.store.tables.items()
+            }
+            rows = HotRows(om.prefetcher, caches)
+        cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, no_overlap=False)
+        engine = Engine(model, cfg, rows)
+        seqs = [
+            engine.add(f"r{i}", p, SamplingParams(max_tokens=20, temperature=0.0))[0]
+            for i, p in enumerate([[1, 2, 3], [4, 5, 6, 7], [8], [9, 9, 9]])
+        ]
+        engine.run_until_done()
+        assert engine.fault is None
+        assert engine.overlap is not None
+        outs.append([s.output_ids for s in seqs])
+        engine.close()
+    assert outs[0] == outs[1]
+    assert all(c.stats.replaced > 0 for c in caches.values())
+    om.close()
