@@ -7,7 +7,8 @@ over ``--profile-files`` files of the training split), ``host + hot adaptive`` (
 filled while serving: refreshed every ``--refresh`` steps, at most ``--replace`` rows each).
 
 Prompts: ``text`` draws ``--num-seqs`` windows of ``--prompt-len`` tokens from the held-out
-corpus files (tokenized), ``random`` draws uniform token ids (no Zipf structure). Each job
+corpus files (tokenized), ``random`` draws uniform token ids (no Zipf structure); fresh ones each
+round, the same for every row in it. Each job
 prefills its prompts and decodes ``--decode-tokens`` greedily. Rounds are interleaved (every
 round runs every row on every prompt set, in a rotated order); figures are medians over the
 rounds with min-max: generated tokens per second, the penalty against ``resident``, the hot
@@ -60,14 +61,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def prompt_sets(om: OffloadedModel, args) -> dict[str, list[list[int]]]:
+def prompt_sets(om: OffloadedModel, args) -> list[dict[str, list[list[int]]]]:
+    """Per round (and one for the warm-up) fresh prompts: windows of the held-out text and
+    random ids, the same for every row within a round (an adaptive cache never sees a prompt
+    twice)."""
     rng = np.random.default_rng(args.seed)
     held_out, _ = corpus_ids(om.tokenizer, "val", progress=False)
-    starts = rng.integers(0, held_out.size - args.prompt_len, args.num_seqs)
-    text = [held_out[s : s + args.prompt_len].tolist() for s in starts]
     vocab = om.model.config.vocab_size
-    rand = rng.integers(0, vocab, (args.num_seqs, args.prompt_len)).tolist()
-    return {"text": text, "random": rand}
+    out = []
+    for _ in range(args.rounds + 1):
+        starts = rng.integers(0, held_out.size - args.prompt_len, args.num_seqs)
+        text = [held_out[s : s + args.prompt_len].tolist() for s in starts]
+        rand = rng.integers(0, vocab, (args.num_seqs, args.prompt_len)).tolist()
+        out.append({"text": text, "random": rand})
+    return out
 
 
 def build_rows(om: OffloadedModel, args) -> tuple[dict, dict]:
@@ -122,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     om = OffloadedModel.load(args.model, placement="cpu", gather="resident", progress=False)
     rows, info = build_rows(om, args)
-    sets = prompt_sets(om, args)
+    rounds = prompt_sets(om, args)
+    warm, rounds = rounds[0], rounds[1:]
+    sets = list(warm)
     names = list(rows)
     for name in names:  # warm every path up (the adaptive caches keep what they learn)
-        run_job(om, rows[name], sets["random"][:2], args)
+        run_job(om, rows[name], warm["random"][:2], args)
     raw: dict[str, dict[str, dict[str, list]]] = {
         k: {n: {"tok_s": [], "hit_rate": []} for n in names} for k in sets
     }
@@ -133,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for k in sets:
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                got = run_job(om, rows[name], sets[k], args)
+                got = run_job(om, rows[name], rounds[r][k], args)
                 raw[k][name]["tok_s"].append(got["tok_s"])
                 raw[k][name]["hit_rate"].append(got["hit_rate"])
-                tokens[k].setdefault(name, got["tokens"])
+                tokens[k].setdefault(name, []).append(got["tokens"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     table = {}
     for k in sets:
