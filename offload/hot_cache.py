@@ -69,6 +69,19 @@ def parse_hot_rows(value: str | int | float, table_rows: int) -> int:
     return min(n, table_rows)
 
 
+def weakest(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` lowest scores, lowest first. The rows never read since (score 0,
+    usually most of them) are taken first: a partition over many equal keys is slow."""
+    if k >= score.size:
+        return np.argsort(score, kind="stable")
+    low = np.flatnonzero(score == score.min())
+    if low.size >= k:
+        return low[:k]
+    rest = np.flatnonzero(score != score[low[0]])
+    part = rest[np.argpartition(score[rest], k - low.size - 1)[: k - low.size]]
+    return np.concatenate([low, part[np.argsort(score[part], kind="stable")]])
+
+
 class HotCache:
     def __init__(
         self,
@@ -184,6 +197,10 @@ class HotCache:
         n_new = 0
         if misses.size:
             cand, counts = np.unique(misses, return_counts=True)
+            if m.ids.size:  # missed against an older mapping, held by now
+                at = np.minimum(np.searchsorted(m.ids, cand), m.ids.size - 1)
+                new = m.ids[at] != cand
+                cand, counts = cand[new], counts[new]
             take = min(self.max_replace, cand.size, len(self.free))
             top = np.argsort(-counts, kind="stable")[:take]
             cand, counts = cand[top], counts[top].astype(np.float64)
@@ -191,7 +208,7 @@ class HotCache:
             rest_c, rest_n = cand[room:], counts[room:]
             order = np.empty(0, np.int64)
             if rest_c.size and m.ids.size:
-                order = np.argsort(self.score[m.slots], kind="stable")[: rest_c.size]
+                order = weakest(self.score[m.slots], rest_c.size)
                 rest_c, rest_n = rest_c[: order.size], rest_n[: order.size]
                 # the k-th most missed row displaces the k-th weakest only if read more
                 ok = rest_n > self.score[m.slots[order]]
@@ -207,11 +224,14 @@ class HotCache:
                 self.score[new_slots] = counts
                 gone = np.zeros(m.ids.size, bool)
                 gone[order] = True
-                ids = np.concatenate([m.ids[~gone], cand])
-                slots = np.concatenate([m.slots[~gone], new_slots])
-                perm = np.argsort(ids, kind="stable")
+                # merged into the sorted ids: O(held) copies, no sort of the held rows
+                perm = np.argsort(cand, kind="stable")
+                kept_ids, kept_slots = m.ids[~gone], m.slots[~gone]
+                at = np.searchsorted(kept_ids, cand[perm])
+                ids = np.insert(kept_ids, at, cand[perm])
+                slots = np.insert(kept_slots, at, new_slots[perm])
                 with self._lock:  # published after the copy
-                    self.mapping = HotMapping(ids[perm], slots[perm], m.version + 1)
+                    self.mapping = HotMapping(ids, slots, m.version + 1)
                     if order.size:
                         self.retired.append((m.version, m.slots[order].tolist()))
         self.stats.refreshes += 1

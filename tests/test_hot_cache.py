@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.generate import generate
-from offload.hot_cache import HotCache, HotCacheError, parse_hot_rows
+from offload.hot_cache import HotCache, HotCacheError, parse_hot_rows, weakest
 from offload.hot_rows import HotRows, HotSettings, with_hot_cache
 from offload.offloaded_model import OffloadedModel
 from offload.store import TableStore
@@ -222,3 +222,13 @@ def test_engine_tokens_identical_with_adaptive_refresh_while_overlapped():
     assert outs[0] == outs[1]
     assert all(c.stats.replaced > 0 for c in caches.values())
     om.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=60), st.integers(1, 60))
+def test_weakest_are_the_k_lowest_scores(scores, k):
+    score = np.array(scores, np.float64) * 0.5
+    k = min(k, score.size)
+    got = weakest(score, k)
+    assert len(set(got.tolist())) == k
+    assert sorted(score[got].tolist()) == sorted(score.tolist())[:k]
