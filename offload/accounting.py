@@ -114,6 +114,7 @@ class Accountant:
                         "unique_rows_per_step": s.unique_rows / steps,
                         "bytes_per_step": s.bytes / steps,
                         "hot_hit_rate": s.hits / s.rows if s.rows else 0.0,
+                        "hot_hit_bytes_per_step": s.hit_bytes / steps,
                         "prefetch_ms_per_step": 1e3 * s.prefetch_s / steps,
                         "stall_ms_per_step": 1e3 * s.stall_s / steps,
                         "slack_ms_per_step": 1e3 * s.slack_s / steps,
