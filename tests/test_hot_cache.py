@@ -232,3 +232,21 @@ def test_weakest_are_the_k_lowest_scores(scores, k):
     got = weakest(score, k)
     assert len(set(got.tolist())) == k
     assert sorted(score[got].tolist()) == sorted(score.tolist())[:k]
+
+
+def test_start_up_gather_check_covers_the_hot_path():
+    from engine.kernel_check import check_gather
+
+    om = OffloadedModel.from_model(tiny_model(), "cpu", "worker", row_format="fp8")
+    hot = with_hot_cache(om.prefetcher, HotSettings(0.3, policy="adaptive"))
+    for c in hot.caches.values():  # a half-full cache: the check's rows hit and miss
+        c._misses.append(np.arange(0, c.table.rows, 2))
+        c.max_replace = c.capacity
+        c.refresh()
+    checked = check_gather(hot, torch.device("cpu"))
+    assert [c.kernel for c in checked] == [
+        "Engram row gather (worker, fp8 rows)",
+        "Engram row gather (worker + hot rows, fp8 rows)",
+    ]
+    assert all(c.ok for c in checked)
+    om.close()
