@@ -64,7 +64,7 @@ class HotPending:
             return parts[0].view(n, heads, -1)
         both = torch.cat(parts)
         out = torch.empty_like(both)
-        out[self.index[f"hot_order{layer_id}"].to(both.device)] = both
+        out.index_copy_(0, self.index[f"hot_order{layer_id}"].to(both.device), both)
         return out.view(n, heads, -1)
 
     def close(self) -> StepStats:
