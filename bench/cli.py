@@ -382,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         from .httpcost import main as http_cost
 
         return http_cost([a for a in argv if a != "--http-cost"])
+    if "--hot-cache" in argv:
+        from .hotcache import main as hot_cache
+
+        return hot_cache([a for a in argv if a != "--hot-cache"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

@@ -78,6 +78,24 @@ class EngineConfig:
         "directory of the shared tables; implies --shared-tables (default: a hugetlbfs mount "
         "with room, else /dev/shm)",
     )
+    hot_rows: str = flag(
+        "0",
+        "rows of each Engram layer kept in a hot-row cache on the compute device: a count, or "
+        "a fraction of the table's rows (0.01); 0: no cache",
+    )
+    hot_rows_file: str | None = flag(
+        None,
+        "the hot set, written by engram-profile (default: engram_hot_rows.safetensors "
+        "beside the checkpoint when present)",
+    )
+    hot_rows_policy: str = flag(
+        "static",
+        "static: the profiled set; adaptive: counts kept while serving, refreshed every "
+        "--hot-rows-refresh steps, at most --hot-rows-replace rows per refresh",
+        choices=["static", "adaptive"],
+    )
+    hot_rows_refresh: int = flag(64, "steps between adaptive hot-set refreshes")
+    hot_rows_replace: int = flag(256, "rows an adaptive refresh may replace (its bounded cost)")
     gather_threads: int = flag(0, "host threads of the staged gather (0: from the core count)")
     max_model_len: int = flag(
         0, "tokens per sequence, prompt + output (0: the model's max_position_embeddings)"
@@ -132,5 +150,7 @@ class EngineConfig:
             raise ValueError("--host-memory-bytes must be 0 or more, --file-read-threads 1 or more")
         if self.placement == FILE_PLACEMENT and not self.host_memory_bytes:
             raise ValueError("--placement file needs --host-memory-bytes (the DRAM cache)")
+        if self.hot_rows_refresh < 1 or self.hot_rows_replace < 1:
+            raise ValueError("--hot-rows-refresh and --hot-rows-replace must be at least 1")
         if self.kv_blocks < 0:
             raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

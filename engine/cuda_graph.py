@@ -118,9 +118,10 @@ class DecodeGraphs:
         # rows in the model's dtype: the Engram module casts them to it anyway (exactly)
         shape = (top, mc.engram_total_heads, mc.engram_head_dim)
         self.rows = {lid: torch.zeros(shape, dtype=dtype, device=dev) for lid in self.engram}
-        # room for the dynamic tail of an upload: per layer two int64 index arrays (fetch, and
-        # inverse or positions) of at most one entry per (token, head), each 16-byte aligned
-        self.index_bytes = len(self.engram) * 2 * aligned(8 * top * mc.engram_total_heads)
+        # room for the dynamic tail of an upload: per layer up to four int64 index arrays of at
+        # most one entry per (token, head), each 16-byte aligned (fetch, and inverse or
+        # positions; behind a hot-row cache also hot_slots and hot_order, offload/hot_rows.py)
+        self.index_bytes = len(self.engram) * 4 * aligned(8 * top * mc.engram_total_heads)
         self.buckets = {b: self._bucket(b) for b in self.buckets_sizes}
         self.pool = None
         self.steps = 0  # decode steps served from the static buffers

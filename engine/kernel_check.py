@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from offload.hot_rows import HotRows
 from offload.plan import LookupPlan
 from offload.prefetch import Prefetcher
 
@@ -149,7 +150,10 @@ def check_attention(engine, kernels: Kernels) -> list[Checked]:
 
 # --- the row gather --------------------------------------------------------------------------
 def _paths(pf: Prefetcher) -> list[Prefetcher]:
-    """The prefetchers that serve rows: 'auto' switches between its staged and UVA ones."""
+    """The prefetchers that serve rows: 'auto' switches between its staged and UVA ones; a
+    hot-row cache is checked behind its tier's paths (hits and misses assembled)."""
+    if isinstance(pf, HotRows):
+        return [*_paths(pf.inner), pf]
     while isinstance(getattr(pf, "inner", None), Prefetcher):  # the file tier: its DRAM cache
         pf = pf.inner
     inner = [getattr(pf, name, None) for name in ("uva", "staged")]
@@ -190,7 +194,8 @@ def check_gather(pf: Prefetcher, device: torch.device, rows: int = GATHER_ROWS) 
         finally:
             pending.close()
         path.flush()
-        name = f"Engram row gather ({path.name}, {'/'.join(sorted(formats))} rows)"
+        hot = " + hot rows" if isinstance(path, HotRows) else ""
+        name = f"Engram row gather ({path.name}{hot}, {'/'.join(sorted(formats))} rows)"
         flag = GATHER_FLAGS.get(path.name, "")
         out.append(Checked(name, bad / max(1, total), 0.0, flag, time.perf_counter() - t))
     return out

@@ -14,6 +14,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+HOT_TIER = "hot"  # the tier label of rows served by a layer's hot-row cache
+
 
 @dataclass
 class LayerStats:
@@ -23,6 +25,8 @@ class LayerStats:
     unique_rows: int = 0  # distinct rows among them
     fetched: int = 0  # rows actually moved from the tier (unique rows when de-duplicating)
     bytes: int = 0
+    hits: int = 0  # lookups served by the layer's hot-row cache (the rest went to the tier)
+    hit_bytes: int = 0  # stored bytes of those rows (not moved over the link)
     prefetch_s: float = 0.0
     stall_s: float = 0.0
     slack_s: float = 0.0
@@ -81,6 +85,8 @@ class Accountant:
                 acc.unique_rows += s.unique_rows
                 acc.fetched += s.fetched
                 acc.bytes += s.bytes
+                acc.hits += s.hits
+                acc.hit_bytes += s.hit_bytes
                 acc.prefetch_s += s.prefetch_s
                 acc.stall_s += s.stall_s
                 acc.slack_s += s.slack_s
@@ -115,6 +121,8 @@ class Accountant:
                         "rows_per_step": s.rows / steps,
                         "unique_rows_per_step": s.unique_rows / steps,
                         "bytes_per_step": s.bytes / steps,
+                        "hot_hit_rate": s.hits / s.rows if s.rows else 0.0,
+                        "hot_hit_bytes_per_step": s.hit_bytes / steps,
                         "prefetch_ms_per_step": 1e3 * s.prefetch_s / steps,
                         "stall_ms_per_step": 1e3 * s.stall_s / steps,
                         "slack_ms_per_step": 1e3 * s.slack_s / steps,

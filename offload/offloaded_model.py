@@ -27,6 +27,7 @@ from models.tokenizer import EngramTokenizer
 from .accounting import Accountant
 from .file_gather import FileTierGather
 from .file_tier import FileTier, choose_tier, open_file_tier, table_bytes
+from .hot_rows import HotRows, HotSettings, with_hot_cache
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
@@ -59,6 +60,11 @@ class OffloadedModel:
     @property
     def placement(self) -> Placement:
         return self.store.placement
+
+    @property
+    def hot(self) -> HotRows | None:
+        """The hot-row caches in front of the tier, if any."""
+        return self.prefetcher if isinstance(self.prefetcher, HotRows) else None
 
     @property
     def gather(self) -> str:
@@ -96,11 +102,13 @@ class OffloadedModel:
         shared: SharedTables | None = None,
         host_memory_bytes: int = 0,
         file_threads: int = 8,
+        hot: HotSettings | None = None,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
         ``huge_pages``: back host tables with 2 MiB pages where the OS allows;
         ``host_threads``: the staged path's host gather threads (None: from the core count);
+        ``hot``: a hot-row cache per layer on the compute device (offload/hot_rows.py);
         ``phase(name)``: a context manager around each stage (the server times its start-up
         and stops between stages on shutdown); ``shared``: host tables shared on the node;
         ``host_memory_bytes``: the host budget for tables; larger tables (or
@@ -142,6 +150,12 @@ class OffloadedModel:
         tier = None
         if use_file and row_format != "auto":
             raise ValueError("the file tier serves rows as stored: use --row-format auto")
+        if use_file and hot is not None and hot.rows not in (0, "0"):
+            # the hot cache copies its rows out of the store, which here holds cache slots
+            raise ValueError(
+                "--hot-rows with the file tier is not supported yet: serve the tables from host "
+                "memory (raise --host-memory-bytes) or drop --hot-rows"
+            )
         if use_file and len(files) > 1:
             raise ValueError(
                 "the file tier reads the tables from one file; this checkpoint keeps them in "
@@ -178,6 +192,13 @@ class OffloadedModel:
                 om.prefetcher = FileTierGather(om.prefetcher, tier)
                 om.file_tier = tier
         om.dtype, om.owns_store = chosen, True
+        if hot is not None and hot.rows not in (0, "0"):
+            with phase("hot-row cache"):
+                try:
+                    om.prefetcher = with_hot_cache(om.prefetcher, hot.with_default_file(model_dir))
+                except BaseException:
+                    om.close()
+                    raise
         return om
 
     @classmethod

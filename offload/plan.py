@@ -7,8 +7,9 @@ index re-expands them on the device. A sorted plan (``LookupPlan.sorted``, for t
 fetches rows in ascending order, so neighbouring rows share PCIe transactions, and carries
 ``positions``: fetched row k lands at request position ``positions[k]``. The sort runs here on
 the host and its arrays travel in the step's single upload. A layer sends at most two index
-arrays of at most tokens x heads int64 each (fetch + inverse, or fetch + positions): the CUDA
-graph runner sizes its fixed upload buffer on that.
+arrays of at most tokens x heads int64 each (fetch + inverse, or fetch + positions); a hot-row
+cache adds two more (offload/hot_rows.py): the CUDA graph runner sizes its fixed upload buffer
+on four.
 """
 
 from __future__ import annotations

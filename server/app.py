@@ -25,6 +25,8 @@ from engine.kernel_check import summary as kernel_summary
 from models.config import ModelConfig, cap_context
 from models.hf_files import GenerationDefaults, TokenizerFiles
 from models.safetensors_header import TableFileError
+from offload.hot_cache import HotCacheError
+from offload.hot_rows import HotSettings
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
@@ -136,7 +138,11 @@ class ServerState:
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)
             tier = "file" if offload.file_tier is not None else offload.placement.value
-            self.metrics.init_offload_layers(offload.model.config.engram_layer_ids, tier)
+            self.metrics.init_offload_layers(
+                offload.model.config.engram_layer_ids,
+                tier,
+                sorted(offload.hot.caches) if offload.hot else [],
+            )
             self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
             offload.accountant.subscribe(self.metrics.observe_offload_step)
             clock.check()
@@ -148,7 +154,11 @@ class ServerState:
             log.warning("%s; stopped loading", e)
             if built is not None:
                 built.close()
-        except (KernelCheckError, TableFileError) as e:  # one line says it all (the kernel or
+        except (
+            KernelCheckError,
+            TableFileError,
+            HotCacheError,
+        ) as e:  # one line says it all (the kernel or
             # the file's tensor, what is wrong, what to do)
             log.error("%s", e)
             self.load_error = str(e)
@@ -179,6 +189,13 @@ class ServerState:
             shared=e.shared(),
             host_memory_bytes=e.host_memory_bytes,
             file_threads=e.file_read_threads,
+            hot=HotSettings(
+                e.hot_rows,
+                e.hot_rows_file,
+                e.hot_rows_policy,
+                e.hot_rows_refresh,
+                e.hot_rows_replace,
+            ),
         )
 
     async def drain(self, timeout: float) -> None:
@@ -336,6 +353,7 @@ def create_app(
             "table_bytes": e.offload.tier_bytes(),
             "file_tier": e.offload.file_tier.describe() if e.offload.file_tier else None,
             "tables": e.offload.store.describe(),
+            "hot_cache": e.offload.hot.describe() if e.offload.hot else None,
             "link_bandwidth_bytes_per_second": state.link_bps,
             "stall_fraction": e.offload.accountant.stall_fraction,
             "accounting": e.offload.accountant.summary(),

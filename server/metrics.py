@@ -25,7 +25,7 @@ from prometheus_client import (
 
 from engine.engine import EngineStats
 from engine.sequence import Sequence
-from offload.accounting import StepStats
+from offload.accounting import HOT_TIER, StepStats
 
 from .config import METRICS_NAMES
 
@@ -239,11 +239,16 @@ class Metrics(EngineStats):
         self._unique = counter(
             "engram_offload_unique_rows", "Distinct Engram rows looked up per step, summed.", lt
         )
+        # tier="hot": lookups against the layer's hot-row cache (hits read on the device,
+        # misses sent on to the table's tier); the table's tier: repeats within a step (hits,
+        # with --dedup) and rows fetched (misses). Queries as vLLM counts its prefix cache.
         self._hits = counter(
-            "engram_offload_cache_hits", "Rows served without a transfer (repeats in a step).", lt
+            "engram_offload_cache_hits",
+            "Rows served without a transfer from their tier (hot-row cache hits; repeats).",
+            lt,
         )
         self._misses = counter(
-            "engram_offload_cache_misses", "Rows that had to be fetched from their tier.", lt
+            "engram_offload_cache_misses", "Rows that had to be fetched from the next tier.", lt
         )
         self._dram_hits = counter(
             "engram_offload_dram_cache_hits",
@@ -265,6 +270,10 @@ class Metrics(EngineStats):
             buckets=PREFETCH_BUCKETS,
             registry=r,
         )
+        self._queries = counter(
+            "engram_offload_cache_queries", "Rows looked up in a cache (tier hot).", lt
+        )
+        self._hot_layers: set[int] = set()
         self._prefetch = Histogram(
             "engram_offload_prefetch_duration_seconds",
             "Issue-to-ready time of one layer's rows.",
@@ -358,15 +367,20 @@ class Metrics(EngineStats):
             self._table_bytes.labels(self.model_name, tier).set(n)
         self._link.labels(self.model_name).set(link_bps)
 
-    def init_offload_layers(self, layers: list[int], tier: str) -> None:
-        """Create every per-layer series at zero so dashboards have data before traffic."""
+    def init_offload_layers(self, layers: list[int], tier: str, hot: list[int] = ()) -> None:
+        """Create every per-layer series at zero so dashboards have data before traffic
+        (``hot``: the layers with a hot-row cache)."""
         m = self.model_name
+        self._hot_layers = set(hot)
         for lid in layers:
             for c in (self._bytes, self._rows, self._unique, self._hits, self._misses):
                 c.labels(m, str(lid), tier)
             if tier == "file":
                 for c in (self._dram_hits, self._dram_misses, self._file_bytes, self._file_read):
                     c.labels(m, str(lid), tier)
+            if lid in self._hot_layers:
+                for c in (self._hits, self._misses, self._queries):
+                    c.labels(m, str(lid), HOT_TIER)
             self._prefetch.labels(m, str(lid))
             self._stall.labels(m, str(lid))
             self._slack.labels(m, str(lid))
@@ -381,7 +395,11 @@ class Metrics(EngineStats):
             self._bytes.labels(m, layer, s.tier).inc(s.bytes)
             self._rows.labels(m, layer, s.tier).inc(s.rows)
             self._unique.labels(m, layer, s.tier).inc(s.unique_rows)
-            self._hits.labels(m, layer, s.tier).inc(s.rows - s.fetched)
+            if lid in self._hot_layers:
+                self._queries.labels(m, layer, HOT_TIER).inc(s.rows)
+                self._hits.labels(m, layer, HOT_TIER).inc(s.hits)
+                self._misses.labels(m, layer, HOT_TIER).inc(s.rows - s.hits)
+            self._hits.labels(m, layer, s.tier).inc(s.rows - s.hits - s.fetched)
             self._misses.labels(m, layer, s.tier).inc(s.fetched)
             self._prefetch.labels(m, layer).observe(s.prefetch_s)
             if s.tier == "file":

@@ -170,14 +170,21 @@ def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_pat
 
     lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
     tables = sum(table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
-    # the file tier (with a DRAM cache as large as the tables), so its panel has data too
+    # two servers behind one job, so every tier's panel has data: the file tier (a DRAM cache
+    # as large as the tables) and host tables with an adaptive hot-row cache
     file_tier = {"placement": "file", "host_memory_bytes": tables}
-    with serve(tiny_ckpt, served_model_name=["engram-test"], dedup=True, **file_tier) as srv:
+    hot = {"hot_rows": "0.05", "hot_rows_policy": "adaptive", "hot_rows_refresh": 4}
+    name = ["engram-test"]
+    with (
+        serve(tiny_ckpt, served_model_name=name, dedup=True, **file_tier) as srv,
+        serve(tiny_ckpt, served_model_name=name, dedup=True, **hot) as srv_hot,
+    ):
         port = free_port()
         config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(ALERTS)]
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [srv.url.split("//")[1]]}]
+        targets = [x.url.split("//")[1] for x in (srv, srv_hot)]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
         cfg_path = tmp_path / "prometheus.yml"
         cfg_path.write_text(yaml.safe_dump(config))
         proc = subprocess.Popen(
@@ -192,14 +199,15 @@ def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_pat
         )
         prom = f"http://127.0.0.1:{port}"
         try:
-            for i in range(6):  # traffic, spread over a few scrapes
-                r = httpx.post(
-                    srv.url + "/v1/completions",
-                    json={"prompt": f"def f{i}(x):", "max_tokens": 8, "n": 2},
-                    timeout=30,
-                )
-                assert r.status_code == 200
-                httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "temperature": 9})
+            for i in range(6):  # traffic to both, spread over a few scrapes
+                for url in (srv.url, srv_hot.url):
+                    r = httpx.post(
+                        url + "/v1/completions",
+                        json={"prompt": f"def f{i}(x):", "max_tokens": 8, "n": 2},
+                        timeout=30,
+                    )
+                    assert r.status_code == 200
+                    httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 9})
                 time.sleep(0.4)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -213,7 +221,7 @@ def test_real_prometheus_scrapes_and_every_expression_returns(tiny_ckpt, tmp_pat
             else:
                 pytest.fail("Prometheus did not scrape the server")
             up = _query(prom, 'up{job="engram-serve"}')["data"]["result"]
-            assert up and up[0]["value"][1] == "1"
+            assert len(up) == 2 and all(u["value"][1] == "1" for u in up)
             ours = _dashboard_exprs()
             for title, expr in ours + [("vLLM dashboard", e) for e in VLLM_DASHBOARD]:
                 q = expr.replace("$model_name", "engram-test").replace("$__rate_interval", "20s")

@@ -1,0 +1,250 @@
+"""The hot-row cache of one Engram layer: its most read rows held on the compute device.
+
+A cache is an index translation: ``slots`` rows on the compute device in the table's stored
+row format, and a :class:`HotMapping` (``ids``: the sorted global rows it holds, ``slots``:
+where each one sits). A step's plan splits the layer's lookups with ``np.searchsorted`` into
+hits (slot, request position) and misses (global rows for the next tier); the step keeps the
+mapping it was split against.
+
+Static sets come from a profile (``engram-profile``); an adaptive cache counts the step's hits
+and misses and, every ``refresh_every`` steps, replaces at most ``max_replace`` rows. A refresh
+never changes a row a step may still read: new rows are copied into free slots (spare slots,
+or slots retired by an earlier mapping once every step split against that mapping is closed),
+and the new mapping is published only after the copy. On CUDA the copy is issued on the
+current stream, behind every read already issued on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .store import Table
+
+
+class HotCacheError(ValueError):
+    """A hot-row setting or file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class HotMapping:
+    ids: np.ndarray  # [K] sorted global rows held, int64
+    slots: np.ndarray  # [K] slot of each, int64
+    version: int = 0
+
+
+@dataclass
+class Split:
+    """One layer's lookups split against a mapping (positions index the flat request)."""
+
+    hit_pos: np.ndarray
+    hit_slots: np.ndarray
+    miss_pos: np.ndarray
+    miss_ids: np.ndarray
+    version: int
+
+
+@dataclass
+class RefreshStats:
+    refreshes: int = 0
+    replaced: int = 0
+    seconds: list[float] = field(default_factory=list)  # wall time of each refresh
+
+
+def parse_hot_rows(value: str | int | float, table_rows: int) -> int:
+    """``--hot-rows``: a count (``4096``) or a fraction of the table's rows (``0.01``)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise HotCacheError(
+            f"--hot-rows: {value!r} is neither a row count nor a fraction"
+        ) from None
+    if x < 0 or (x != int(x) and x >= 1):
+        raise HotCacheError(f"--hot-rows: {value!r}: use a count >= 0 or a fraction below 1")
+    n = int(x) if x >= 1 or x == 0 else max(1, int(round(x * table_rows)))
+    return min(n, table_rows)
+
+
+def weakest(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` lowest scores, lowest first. The rows never read since (score 0,
+    usually most of them) are taken first: a partition over many equal keys is slow."""
+    if k >= score.size:
+        return np.argsort(score, kind="stable")
+    low = np.flatnonzero(score == score.min())
+    if low.size >= k:
+        return low[:k]
+    rest = np.flatnonzero(score != score[low[0]])
+    part = rest[np.argpartition(score[rest], k - low.size - 1)[: k - low.size]]
+    return np.concatenate([low, part[np.argsort(score[part], kind="stable")]])
+
+
+class HotCache:
+    def __init__(
+        self,
+        table: Table,
+        capacity: int,
+        device: torch.device | str,
+        initial: np.ndarray | None = None,
+        adaptive: bool = False,
+        refresh_every: int = 64,
+        max_replace: int = 256,
+        decay: float = 0.5,
+    ) -> None:
+        """``capacity``: rows the cache serves; an adaptive cache keeps ``max_replace`` spare
+        slots on top so a refresh never writes a slot the published mapping names.
+        ``initial``: global rows to start from, most wanted first (a profile's order)."""
+        self.table, self.layer_id = table, table.layer_id
+        self.capacity, self.adaptive = int(capacity), adaptive
+        self.refresh_every, self.max_replace, self.decay = refresh_every, max_replace, decay
+        spare = max_replace if adaptive else 0
+        self.device = torch.device(device)
+        width = int(table.tensor.shape[1])
+        self.rows = torch.empty(
+            (self.capacity + spare, width), dtype=table.tensor.dtype, device=self.device
+        )
+        first = np.empty(0, np.int64) if initial is None else np.asarray(initial, np.int64)
+        first = np.unique(first[: self.capacity])  # sorted, no repeats
+        self._write(np.arange(first.size, dtype=np.int64), first)
+        self.mapping = HotMapping(first, np.arange(first.size, dtype=np.int64), 0)
+        self.free = list(range(first.size, self.capacity + spare))
+        self.retired: list[tuple[int, list[int]]] = []  # (last version naming them, slots)
+        self.open: dict[int, int] = {}  # mapping version -> steps split against it, not closed
+        self.score = np.zeros(self.capacity + spare, np.float64)  # decayed hits per slot
+        self._hits: list[np.ndarray] = []  # since the last refresh
+        self._misses: list[np.ndarray] = []
+        self.steps = 0
+        self.stats = RefreshStats()
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return int(self.mapping.ids.size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+    def _write(self, slots: np.ndarray, ids: np.ndarray) -> None:
+        if ids.size:
+            src = torch.index_select(
+                self.table.tensor, 0, torch.from_numpy(ids).to(self.table.tensor.device)
+            )
+            self.rows[torch.from_numpy(slots).to(self.device)] = src.to(self.device)
+
+    def split(self, flat: np.ndarray) -> Split:
+        """Hits and misses of one layer's flat lookups; the step holds the mapping until
+        :meth:`release`."""
+        with self._lock:
+            m = self.mapping
+            self.open[m.version] = self.open.get(m.version, 0) + 1
+        if m.ids.size:
+            at = np.searchsorted(m.ids, flat)
+            at_c = np.minimum(at, m.ids.size - 1)
+            hit = m.ids[at_c] == flat
+        else:
+            at_c, hit = np.zeros(flat.size, np.int64), np.zeros(flat.size, bool)
+        hit_pos, miss_pos = np.flatnonzero(hit), np.flatnonzero(~hit)
+        s = Split(hit_pos, m.slots[at_c[hit_pos]], miss_pos, flat[miss_pos], m.version)
+        if self.adaptive:  # counted now, summed at the next refresh
+            self._hits.append(s.hit_slots)
+            self._misses.append(s.miss_ids)
+        return s
+
+    def release(self, version: int) -> None:
+        """A step split against ``version`` has issued every read of its hit rows."""
+        with self._lock:
+            left = self.open.get(version, 0) - 1
+            if left > 0:
+                self.open[version] = left
+            else:
+                self.open.pop(version, None)
+
+    def step_done(self) -> bool:
+        """Count a step; refresh when one is due (adaptive). True when a refresh ran."""
+        self.steps += 1
+        if self.adaptive and self.steps % self.refresh_every == 0:
+            self.refresh()
+            return True
+        return False
+
+    def _reclaim(self) -> None:
+        oldest_open = min(self.open) if self.open else None
+        keep = []
+        for version, slots in self.retired:
+            if oldest_open is None or version < oldest_open:
+                self.free.extend(slots)
+            else:
+                keep.append((version, slots))
+        self.retired = keep
+
+    def refresh(self) -> int:
+        """Replace at most ``max_replace`` rows: the window's most missed rows in, the lowest
+        scored rows out (only when the newcomer was read more). Returns rows replaced."""
+        t0 = time.perf_counter()
+        hits = np.concatenate(self._hits) if self._hits else np.empty(0, np.int64)
+        misses = np.concatenate(self._misses) if self._misses else np.empty(0, np.int64)
+        self._hits, self._misses = [], []
+        self.score *= self.decay
+        if hits.size:
+            self.score += np.bincount(hits, minlength=self.score.size)
+        with self._lock:
+            self._reclaim()
+            m = self.mapping
+        n_new = 0
+        if misses.size:
+            cand, counts = np.unique(misses, return_counts=True)
+            if m.ids.size:  # missed against an older mapping, held by now
+                at = np.minimum(np.searchsorted(m.ids, cand), m.ids.size - 1)
+                new = m.ids[at] != cand
+                cand, counts = cand[new], counts[new]
+            take = min(self.max_replace, cand.size, len(self.free))
+            top = np.argsort(-counts, kind="stable")[:take]
+            cand, counts = cand[top], counts[top].astype(np.float64)
+            room = min(self.capacity - m.ids.size, take)  # empty places: no eviction
+            rest_c, rest_n = cand[room:], counts[room:]
+            order = np.empty(0, np.int64)
+            if rest_c.size and m.ids.size:
+                order = weakest(self.score[m.slots], rest_c.size)
+                rest_c, rest_n = rest_c[: order.size], rest_n[: order.size]
+                # the k-th most missed row displaces the k-th weakest only if read more
+                ok = rest_n > self.score[m.slots[order]]
+                order, rest_c, rest_n = order[ok], rest_c[ok], rest_n[ok]
+            else:
+                rest_c, rest_n = rest_c[:0], rest_n[:0]
+            cand = np.concatenate([cand[:room], rest_c])
+            counts = np.concatenate([counts[:room], rest_n])
+            n_new = int(cand.size)
+            if n_new:
+                new_slots = np.array([self.free.pop() for _ in range(n_new)], np.int64)
+                self._write(new_slots, cand)
+                self.score[new_slots] = counts
+                gone = np.zeros(m.ids.size, bool)
+                gone[order] = True
+                # merged into the sorted ids: O(held) copies, no sort of the held rows
+                perm = np.argsort(cand, kind="stable")
+                kept_ids, kept_slots = m.ids[~gone], m.slots[~gone]
+                at = np.searchsorted(kept_ids, cand[perm])
+                ids = np.insert(kept_ids, at, cand[perm])
+                slots = np.insert(kept_slots, at, new_slots[perm])
+                with self._lock:  # published after the copy
+                    self.mapping = HotMapping(ids, slots, m.version + 1)
+                    if order.size:
+                        self.retired.append((m.version, m.slots[order].tolist()))
+        self.stats.refreshes += 1
+        self.stats.replaced += n_new
+        self.stats.seconds.append(time.perf_counter() - t0)
+        return n_new
+
+    def describe(self) -> dict:
+        return {
+            "capacity_rows": self.capacity,
+            "held_rows": self.held,
+            "bytes": self.nbytes,
+            "policy": "adaptive" if self.adaptive else "static",
+            "refreshes": self.stats.refreshes,
+            "replaced": self.stats.replaced,
+        }
