@@ -304,3 +304,18 @@ def test_the_tier_choice_says_why():
     assert not use and "within --host-memory-bytes" in why
     assert not choose_tier("cpu", sizes, 0)[0]
     assert choose_tier("file", sizes, 8 << 20)[0]
+
+
+def test_hot_rows_with_the_file_tier_are_refused_in_one_line(tiny_ckpt):
+    """The hot cache copies rows out of its store; in the file tier that holds cache slots, so
+    the combination is refused before any table is read."""
+    from offload.hot_rows import HotSettings
+    from offload.offloaded_model import OffloadedModel
+
+    with pytest.raises(ValueError, match="--hot-rows with the file tier"):
+        OffloadedModel.load(
+            tiny_ckpt,
+            placement="file",
+            host_memory_bytes=1 << 20,
+            hot=HotSettings("0.05", None, "adaptive", 4, 16),
+        )
