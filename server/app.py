@@ -260,6 +260,29 @@ class ServerState:
         return self.engine
 
 
+def offload_description(state: ServerState) -> dict:
+    """GET /v1/offload of one engine: placement, gather path, tiers, caches, accounting."""
+    cfg, e = state.cfg, state.ready_engine()
+    bench = None
+    if cfg.bench_result and Path(cfg.bench_result).is_file():
+        bench = json.loads(Path(cfg.bench_result).read_text())
+    return {
+        "model": cfg.model_name,
+        "device": str(e.offload.device),
+        "placement": e.offload.placement.value,
+        "gather": e.offload.gather,
+        "dedup": e.offload.prefetcher.dedup,
+        "table_bytes": e.offload.tier_bytes(),
+        "file_tier": e.offload.file_tier.describe() if e.offload.file_tier else None,
+        "tables": e.offload.store.describe(),
+        "hot_cache": e.offload.hot.describe() if e.offload.hot else None,
+        "link_bandwidth_bytes_per_second": state.link_bps,
+        "stall_fraction": e.offload.accountant.stall_fraction,
+        "accounting": e.offload.accountant.summary(),
+        "last_bench": bench,
+    }
+
+
 def create_app(
     cfg: ServerConfig, offload: OffloadedModel | None = None, kernels: Kernels | None = None
 ) -> FastAPI:
@@ -341,24 +364,10 @@ def create_app(
     @app.get("/v1/offload", responses=errors(503))
     async def offload_info():
         e = state.ready_engine()
-        bench = None
-        if cfg.bench_result and Path(cfg.bench_result).is_file():
-            bench = json.loads(Path(cfg.bench_result).read_text())
-        return {
-            "model": cfg.model_name,
-            "device": str(e.offload.device),
-            "placement": e.offload.placement.value,
-            "gather": e.offload.gather,
-            "dedup": e.offload.prefetcher.dedup,
-            "table_bytes": e.offload.tier_bytes(),
-            "file_tier": e.offload.file_tier.describe() if e.offload.file_tier else None,
-            "tables": e.offload.store.describe(),
-            "hot_cache": e.offload.hot.describe() if e.offload.hot else None,
-            "link_bandwidth_bytes_per_second": state.link_bps,
-            "stall_fraction": e.offload.accountant.stall_fraction,
-            "accounting": e.offload.accountant.summary(),
-            "last_bench": bench,
-        }
+        engines = getattr(e, "offload_infos", None)
+        if engines is not None:  # --data-parallel-size: what each engine process reported
+            return {"model": cfg.model_name, "data_parallel_size": len(e.engines), **engines()}
+        return offload_description(state)
 
     @app.post(
         "/v1/completions",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import shutil
 import subprocess
@@ -75,6 +76,7 @@ class DataParallelEngine:
         self.engines = [EngineProc(i) for i in range(size)]
         self.requests: dict[str, tuple[int, RequestStream]] = {}
         self.metrics_text: dict[int, str] = {}
+        self.offload_text: dict[int, str] = {}  # each engine's GET /v1/offload, as JSON
         self.draining = False
         self.startup_error: str | None = None
         self.limits: dict = {}  # the first ready engine's (every engine has the same settings)
@@ -211,6 +213,11 @@ class DataParallelEngine:
             self.abort(rid)
             self._fail(rid, message)
 
+    def offload_infos(self) -> dict:
+        """GET /v1/offload under data parallel: each live engine's own (sent every second)."""
+        texts = dict(self.offload_text)
+        return {"engines": {str(i): json.loads(t) for i, t in sorted(texts.items())}}
+
     def health(self) -> list[dict]:
         return [
             {
@@ -288,6 +295,8 @@ class DataParallelEngine:
                 self.startup_error = f"engine {e.index}: {msg['error']}"
         elif op == "metrics":
             self.metrics_text[e.index] = msg["text"]
+        elif op == "offload":
+            self.offload_text[e.index] = msg["info"]
         elif op == "delta":
             self._delta(msg)
 
@@ -348,6 +357,7 @@ class DataParallelEngine:
                 continue
             e.ready = None
             self.metrics_text.pop(e.index, None)
+            self.offload_text.pop(e.index, None)
             with self._lock:
                 lost = [rid for rid, (i, _) in self.requests.items() if i == e.index]
             for rid in lost:

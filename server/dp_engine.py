@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 
 from engine.async_engine import Delta, RequestStream
 
-from .app import ServerState
+from .app import ServerState, offload_description
 from .config import ServerConfig
 from .dp_messages import delta_to_wire, pack, params_from_wire, unpack
 
@@ -51,6 +51,11 @@ async def forward(sock, rid: str, stream: RequestStream, streams: dict) -> None:
         streams.pop(rid, None)
 
 
+def _plain(value):
+    """numpy scalars and other non-JSON values in /v1/offload: as numbers, else as text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 async def serve(state: ServerState, identity: str, address: str, ready: dict) -> None:
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -67,6 +72,11 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
                 os._exit(0)
             text = generate_latest(state.metrics.registry).decode()
             await sock.send(pack({"op": "metrics", "text": text}))
+            try:
+                info = json.dumps(offload_description(state), default=_plain)
+            except Exception as e:  # never stop the metrics over it
+                info = json.dumps({"error": f"{type(e).__name__}: {e}"})
+            await sock.send(pack({"op": "offload", "info": info}))
             await asyncio.sleep(METRICS_EVERY_S)
 
     reporter = asyncio.ensure_future(report())

@@ -2,7 +2,8 @@
 
 Every message is one msgpack map with an ``op``. Front -> engine: ``add`` (rid, prompt_ids,
 params), ``abort`` (rid), ``stop``. Engine -> front: ``ready`` (limits, what the tables did),
-``failed`` (error), ``delta`` (rid + a :class:`Delta`), ``metrics`` (its Prometheus text).
+``failed`` (error), ``delta`` (rid + a :class:`Delta`), ``metrics`` (its Prometheus text),
+``offload`` (its GET /v1/offload, as JSON text).
 """
 
 from __future__ import annotations

@@ -111,6 +111,22 @@ def test_tables_are_resident_once(dp):
         assert all(each) and 0.9 * size <= sum(each) <= 1.1 * size, (f, each, size)
 
 
+def test_offload_lists_each_engines_tables(dp):
+    """GET /v1/offload under data parallel: each engine's own description (sent every second)."""
+    url = dp[0]
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.get(url + "/v1/offload", timeout=10)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if len(body["engines"]) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert body["data_parallel_size"] == 2 and sorted(body["engines"]) == ["0", "1"]
+    for info in body["engines"].values():
+        assert info["placement"] == "cpu" and sum(info["table_bytes"].values()) > 0
+
+
 def test_killed_engine_fails_only_its_requests_and_comes_back(dp):
     url, front, log, _ = dp
     before = engines(url)
