@@ -131,7 +131,8 @@ class Overlap:
             return outputs
         now = time.monotonic()
         with timer("append"):
-            appended = 0
+            gaps: list[float] = []
+            appended, append = 0, e._append
             for seq, g in zip(job.seqs, got):
                 seq.inflight -= 1
                 if seq.finished:  # ended meanwhile (aborted, failed): the token is dropped
@@ -141,10 +142,12 @@ class Overlap:
                     continue
                 appended += 1
                 try:
-                    outputs.append(e._append(seq, *g, now))
+                    outputs.append(append(seq, g[0], g[1], now, gaps))
                 except Exception as ex:  # its detokenizer or stop strings: this sequence alone
                     outputs.append(e._fail(seq, ex))
             e.stats.generation_tokens(appended)
+            if gaps:
+                e.stats.inter_tokens(gaps)
         if after is not None and after.src:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)

@@ -73,12 +73,12 @@ class NgramState:
         i feeds one token that is still on the device (its id there is ignored). Histories
         advance here; a waiting token's id enters its history in :meth:`resolved`."""
         n = len(new_ids)
-        lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+        lengths = np.array([len(x) for x in new_ids], np.int64)
         total = int(lengths.sum())
         no_wait = np.empty(0, np.int64)
         if total == n:  # a decode step: every row from its slot's history, a few array ops
             part = self.partial(self.history[slots])
-            ids = np.fromiter((x[0] for x in new_ids), np.int64, n)
+            ids = np.array([x[0] for x in new_ids], np.int64)
             all_known = all(known)
             have = None if all_known else np.fromiter(known, bool, n)
             own = self.model.compress(ids if all_known else np.where(have, ids, 0))
