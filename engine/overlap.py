@@ -152,8 +152,9 @@ class Overlap:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)
             with timer("hash"):
-                toks = np.fromiter((_token(got, k) for k in after.src), np.int64, len(after.src))
-                e.runner.ngram.resolved(after.wait_slots, toks)
+                # one pass over the step's results (a failed row's token is 0, as in _token)
+                ids = np.array([g[0] if type(g) is tuple else 0 for g in got], np.int64)
+                e.runner.ngram.resolved(after.wait_slots, ids[after.src])
         return outputs
 
     # --- device side (the queue's worker) ------------------------------------------------------
