@@ -42,6 +42,8 @@ class Detokenizer:
         self._skip = set(self.tokenizer.special_tokens) if self.skip_special_tokens else set()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = False
+        # byte-level without stop strings: nothing is held back but an unfinished character
+        self._plain = self._bytes is not None and not self.stop
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -50,6 +52,8 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly settled text (possibly empty)."""
+        if self._plain:
+            return self._add_plain(token_id)
         self.ids.append(token_id)
         if self._bytes is not None:
             piece = b"" if token_id in self._skip else self._bytes[token_id]
@@ -77,6 +81,24 @@ class Detokenizer:
         if full.endswith("\ufffd"):  # a character still waiting for its remaining bytes
             settled = min(settled, len(full) - 1)
         return self._take(settled)
+
+    def _add_plain(self, token_id: int) -> str:
+        """:meth:`add` when nothing can stop the text (the same text, fewer steps)."""
+        self.ids.append(token_id)
+        piece = b"" if token_id in self._skip else self._bytes[token_id]
+        if piece:
+            new = self._utf8.decode(piece)
+            if new:
+                self.complete += new
+            self._partial = piece[-1] >= 0x80 and bool(self._utf8.getstate()[0])
+        full = self.text = self.complete + "\ufffd" if self._partial else self.complete
+        # a last U+FFFD may still become (or be) a character waiting for its bytes
+        upto = len(full) - 1 if full.endswith("\ufffd") else len(full)
+        if upto <= self.emitted:
+            return ""
+        delta = full[self.emitted : upto]
+        self.emitted = upto
+        return delta
 
     def _window(self, token_id: int) -> str:
         before = self._decode(self.ids[self.prefix : self.read])

@@ -54,6 +54,11 @@ class EngineStats:
     def generation_tokens(self, n: int) -> None: ...
     def first_token(self, ttft_s: float, queue_s: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
+    def inter_tokens(self, seconds: list[float]) -> None:
+        """One step's inter-token times, in one call (a histogram observes them at once)."""
+        for x in seconds:
+            self.inter_token(x)
+
     def finished(self, reason: str, e2e_s: float | None, seq: Sequence | None = None) -> None:
         """A sequence ended: e2e_s from arrival, None when aborted or failed before its end."""
 
@@ -260,6 +265,7 @@ class Engine:
         with timer("sample"):
             got_all = self._sample(picked, seqs, timer)
         with timer("append"):
+            gaps: list[float] = []
             appended = 0
             for seq, got in zip(seqs, got_all):
                 if isinstance(got, Exception):
@@ -267,10 +273,12 @@ class Engine:
                     continue
                 appended += 1
                 try:
-                    outputs.append(self._append(seq, *got, now))
+                    outputs.append(self._append(seq, got[0], got[1], now, gaps))
                 except Exception as e:  # its detokenizer or stop strings: this sequence alone
                     outputs.append(self._fail(seq, e))
             self.stats.generation_tokens(appended)  # once per step, not per token
+            if gaps:
+                self.stats.inter_tokens(gaps)
 
     def _sample(
         self, logits, seqs: list[Sequence], timer=NO_TIMER
@@ -383,35 +391,44 @@ class Engine:
                 failed.append(self._fail(seq, e))
         return failed
 
-    def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None, now: float) -> SeqOutput:
+    def _append(
+        self,
+        seq: Sequence,
+        tok: int,
+        lp: TokenLogprobs | None,
+        now: float,
+        gaps: list[float],
+    ) -> SeqOutput:
+        """Append one sampled token; ``gaps`` collects the step's inter-token times (the
+        caller reports them once per step)."""
         params, out_ids, detok = seq.params, seq.output_ids, seq.detok
         out_ids.append(tok)
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.first_token(now - seq.arrival, (seq.scheduled_at or now) - seq.arrival)
         else:
-            self.stats.inter_token(now - seq.last_token_at)
+            gaps.append(now - seq.last_token_at)
         seq.last_token_at = now
         out = SeqOutput(seq, [tok])
         if lp is not None:
             out.logprobs.append(lp)
             seq.output_logprobs.append(lp)
-        eos = frozenset() if params.ignore_eos else self._eos
-        if detok is not None:
-            out.text = detok.add(tok) if tok not in eos else ""
-        reason = None
-        if tok in eos or (detok is not None and detok.stopped):
+        is_eos = tok in self._eos and not params.ignore_eos
+        if detok is not None and not is_eos:
+            out.text = detok.add(tok)
+        if is_eos or (detok is not None and detok.stopped):
             reason = "stop"
         elif (
             len(out_ids) >= params.max_tokens
             or len(seq.prompt_ids) + len(out_ids) >= self._max_tokens
         ):
             reason = "length"
-        if reason:
-            if detok is not None:
-                out.text += detok.flush()
-            out.finish_reason = reason
-            self.finish(seq, reason, now)
+        else:
+            return out
+        if detok is not None:
+            out.text += detok.flush()
+        out.finish_reason = reason
+        self.finish(seq, reason, now)
         return out
 
     # --- offline use ---------------------------------------------------------------------------

@@ -118,11 +118,15 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
-def block_tables(seqs: list[Sequence], rows: int, width: int, cache: KVCache) -> np.ndarray:
+def block_tables(
+    seqs: list[Sequence], rows: int, width: int, cache: KVCache, slots: np.ndarray | None = None
+) -> np.ndarray:
     """``[rows, width]`` int32 block tables of ``seqs`` (rows past them, and unused blocks, 0):
-    rows of the cache's per-slot tables, no walk over the blocks."""
+    rows of the cache's per-slot tables, no walk over the blocks. ``slots``: the sequences'
+    KV slots, when the caller has them."""
     n = len(seqs)
-    slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+    if slots is None:
+        slots = np.array([s.slot for s in seqs], np.int64)
     if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
         raise ValueError("a sequence in the step holds no KV slot (not admitted)")
     tables = np.zeros((rows, width), dtype=np.int32)
@@ -153,13 +157,17 @@ def pack_inputs(
     cache: KVCache,
     all_logits: bool,
     decode_shapes: dict[int, dict] | None = None,
+    slots: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The step's host arrays (blocks must already be reserved); nothing is read from the
     sequences after this, so the step can run while the host moves on. ``decode_shapes``:
-    a decode step's count-only arrays kept per batch size (read-only; the caller's)."""
+    a decode step's count-only arrays kept per batch size (read-only; the caller's).
+    ``slots``: the sequences' KV slots, when the caller has them."""
     bs, n = cache.block_size, len(seqs)
-    lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
-    starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+    if slots is None:
+        slots = np.array([s.slot for s in seqs], np.int64)
+    lengths = np.array([len(x) for x in new_ids], np.int64)
+    starts = np.array([s.num_computed for s in seqs], np.int64)
     total = int(lengths.sum())
     if total == n:  # a decode step: one token per sequence
         seq_of_tok, positions = np.arange(n), starts
@@ -172,7 +180,7 @@ def pack_inputs(
         qsl = shapes["query_start_loc"].astype(np.int64)
         seq_of_tok = np.repeat(np.arange(n), lengths)
         positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max(len(s.block_table) for s in seqs), cache)
+    tables = block_tables(seqs, n, max([len(s.block_table) for s in seqs]), cache, slots)
     return {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
         "positions": positions,
@@ -181,7 +189,7 @@ def pack_inputs(
         "context_lens": (starts + lengths).astype(np.int32),
         "query_start_loc": shapes["query_start_loc"],
         "logits_index": shapes["logits_index"],
-        "conv_slots": np.fromiter((s.slot for s in seqs), np.int64, n),
+        "conv_slots": slots.copy(),
         **{k: v for k, v in shapes.items() if k.startswith("conv_")},
     }
 

@@ -123,20 +123,26 @@ class ModelRunner:
                     raise ValueError(
                         f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
                     )
-            for seq, ids in zip(seqs, new_ids):
-                if seq.num_computed + len(ids) > len(seq.block_table) * bs:  # a new block
-                    self.cache.reserve(seq, len(ids))
+            need = [
+                (seq, len(ids))
+                for seq, ids in zip(seqs, new_ids)
+                if seq.num_computed + len(ids) > len(seq.block_table) * bs  # a new block
+            ]
+            for seq, k in need:
+                self.cache.reserve(seq, k)
         with timer("hash"):
             fresh = self.cache.take_fresh()
             self.ngram.reset(fresh)
-            slots = np.fromiter((s.slot for s in seqs), np.int64, len(seqs))
+            slots = np.array([s.slot for s in seqs], np.int64)
             rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
         graph = self.graphs is not None and self.graphs.fits(new_ids, all_logits)
         with timer("pack"):
             if graph:
                 parts = self.graphs.pack(seqs, new_ids)
             else:
-                parts = pack_inputs(seqs, new_ids, self.cache, all_logits, self._decode_shapes)
+                parts = pack_inputs(
+                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots
+                )
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):
                 seq.num_computed += len(ids)

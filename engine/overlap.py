@@ -131,7 +131,8 @@ class Overlap:
             return outputs
         now = time.monotonic()
         with timer("append"):
-            appended = 0
+            gaps: list[float] = []
+            appended, append = 0, e._append
             for seq, g in zip(job.seqs, got):
                 seq.inflight -= 1
                 if seq.finished:  # ended meanwhile (aborted, failed): the token is dropped
@@ -141,16 +142,19 @@ class Overlap:
                     continue
                 appended += 1
                 try:
-                    outputs.append(e._append(seq, *g, now))
+                    outputs.append(append(seq, g[0], g[1], now, gaps))
                 except Exception as ex:  # its detokenizer or stop strings: this sequence alone
                     outputs.append(e._fail(seq, ex))
             e.stats.generation_tokens(appended)
+            if gaps:
+                e.stats.inter_tokens(gaps)
         if after is not None and after.src:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)
             with timer("hash"):
-                toks = np.fromiter((_token(got, k) for k in after.src), np.int64, len(after.src))
-                e.runner.ngram.resolved(after.wait_slots, toks)
+                # one pass over the step's results (a failed row's token is 0, as in _token)
+                ids = np.array([g[0] if type(g) is tuple else 0 for g in got], np.int64)
+                e.runner.ngram.resolved(after.wait_slots, ids[after.src])
         return outputs
 
     # --- device side (the queue's worker) ------------------------------------------------------

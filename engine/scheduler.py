@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .kv_cache import KVCache
-from .sequence import Sequence, Status
+from .sequence import PLACEHOLDER, Sequence, Status
 
 
 @dataclass
@@ -83,19 +83,25 @@ class Scheduler:
         )
 
         # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
-        bs, running = self.cache.block_size, Status.RUNNING
+        bs, running, limit = self.cache.block_size, Status.RUNNING, self.max_tokens_per_seq
         for seq in list(self.running):
             if budget <= 0:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            if hold_decodes and not seq.prefilling:
+            done, prompt_len = seq.num_computed, len(seq.prompt_ids)
+            if hold_decodes and done >= prompt_len:
                 continue
-            if seq.inflight and seq.ends_with_inflight(self.max_tokens_per_seq):
-                continue  # overlap: it finishes when its token is read
-            pending = seq.pending_ids()
-            n = min(len(pending), budget)
-            need = max(0, -(-(seq.num_computed + n) // bs) - len(seq.block_table))
+            if seq.inflight:  # overlap: its token is on the device, a placeholder feeds it
+                made = len(seq.output_ids) + seq.inflight
+                if made >= seq.params.max_tokens or prompt_len + made >= limit:
+                    continue  # it finishes when its token is read (Sequence.ends_with_inflight)
+                pending, n = [PLACEHOLDER], 1
+            else:
+                pending = seq.pending_ids()
+                n = min(len(pending), budget)
+            need = -(-(done + n) // bs) - len(seq.block_table)
+            need = need if need > 0 else 0
             while need > free_blocks and self.running[-1] is not seq:
                 victim = self.running[-1]
                 free_blocks += len(victim.block_table)

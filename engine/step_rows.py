@@ -79,12 +79,20 @@ class NgramState:
             wait = (np.cumsum(lengths) - lengths)[~np.fromiter(known, bool, len(known))]
             return Rows({}, wait, np.empty((wait.size, 0, self.n1), np.int64), self)
         n = len(new_ids)
-        lengths = np.fromiter((len(x) for x in new_ids), np.int64, n)
+        lengths = np.array([len(x) for x in new_ids], np.int64)
         total = int(lengths.sum())
         no_wait = np.empty(0, np.int64)
+        if total == n and not any(known):  # overlap's steady state: every token on the device
+            hist = self.history[slots]
+            part = self.partial(hist)
+            heads = self.offsets.shape[1]  # rows filled in by Rows.finish once tokens are known
+            rows = {lid: np.empty((n, heads), np.int64) for lid in self.layers}
+            self.history[slots, :-1] = hist[:, 1:]
+            self.history[slots, -1] = self.hasher.pad_id
+            return Rows(rows, np.arange(n), part, self)
         if total == n:  # a decode step: every row from its slot's history, a few array ops
             part = self.partial(self.history[slots])
-            ids = np.fromiter((x[0] for x in new_ids), np.int64, n)
+            ids = np.array([x[0] for x in new_ids], np.int64)
             all_known = all(known)
             have = None if all_known else np.fromiter(known, bool, n)
             own = self.model.compress(ids if all_known else np.where(have, ids, 0))

@@ -28,6 +28,7 @@ from engine.sequence import Sequence
 from offload.accounting import HOT_TIER, StepStats
 
 from .config import METRICS_NAMES
+from .observe import observe_many
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -317,6 +318,10 @@ class Metrics(EngineStats):
     def inter_token(self, seconds: float) -> None:
         for f in self.families:
             f.itl.observe(seconds)
+
+    def inter_tokens(self, seconds: list[float]) -> None:
+        for f in self.families:
+            observe_many(f.itl, seconds)
 
     def finished(self, reason: str, e2e_s: float | None = None, seq: Sequence | None = None):
         for f in self.families:

@@ -44,6 +44,9 @@ def test_byte_path_equals_window_path_and_full_decode(tok, skip, spaces):
         db, fb = _run(b, ids)
         assert "".join(da) + fa == "".join(db) + fb == tok.decode(ids, skip, spaces)
         assert da == db  # the same deltas, token by token
+        c = Detokenizer(tok, [], skip, spaces)
+        c._plain = False  # the byte path's general steps (stop strings' hold, min_tokens)
+        assert _run(c, ids) == (da, fa) and c.text == a.text == b.text
 
 
 def test_byte_path_stop_strings_and_min_tokens_equal_window_path(tok):
