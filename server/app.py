@@ -369,6 +369,14 @@ def create_app(
             return {"model": cfg.model_name, "data_parallel_size": len(e.engines), **engines()}
         return offload_description(state)
 
+    def admit(body: CompletionRequest | ChatCompletionRequest) -> AsyncEngine:
+        """What every generation request passes first: its model, its fields, not draining."""
+        check_model(body.model)
+        body.check()
+        if state.draining:
+            raise shutting_down("the server is shutting down; retry on another replica")
+        return state.ready_engine()
+
     @app.post(
         "/v1/completions",
         responses={
@@ -377,11 +385,7 @@ def create_app(
         },
     )
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        body.check()
-        if state.draining:
-            raise shutting_down("the server is shutting down; retry on another replica")
-        engine = state.ready_engine()
+        engine = admit(body)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
         comp = Completion(engine, body, cfg.model_name, state.sampling_defaults)
@@ -402,11 +406,7 @@ def create_app(
         },
     )
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        body.check()
-        if state.draining:
-            raise shutting_down("the server is shutting down; retry on another replica")
-        engine = state.ready_engine()
+        engine = admit(body)
         if engine.tokenizer is None:
             raise no_template(cfg.model_name)
         template = model_template(engine.tokenizer, state.chat_template)
