@@ -13,7 +13,7 @@ from models.tokenizer import EngramTokenizer
 
 from .chat_protocol import ChatCompletionRequest, chat_body, chat_logprobs
 from .chat_template import TemplateError, render
-from .completions import Completion
+from .completions import Completion, error_events
 from .protocol import APIError
 
 log = logging.getLogger("engram.server")
@@ -146,10 +146,7 @@ class ChatCompletion(Completion):
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
         except Exception as e:  # the status is sent already: the error is the last event
-            if not isinstance(e, APIError):
-                log.exception("chat stream failed")
-                e = APIError(500, f"internal error: {type(e).__name__}")
-            yield f"data: {json.dumps(e.body())}\n\n"
-            yield "data: [DONE]\n\n"
+            for line in error_events(e, "chat"):
+                yield line
         finally:
             self.abort()

@@ -361,13 +361,19 @@ class Completion:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
         except Exception as e:  # the status is sent already: the error is the last event
-            if not isinstance(e, APIError):
-                log.exception("completion stream failed")
-                e = APIError(500, f"internal error: {type(e).__name__}")
-            yield f"data: {json.dumps(e.body())}\n\n"
-            yield "data: [DONE]\n\n"
+            for line in error_events(e, "completion"):
+                yield line
         finally:
             self.abort()  # no-op for finished requests; frees a client that went away
+
+
+def error_events(e: Exception, what: str) -> list[str]:
+    """The last SSE events of a stream that failed after its status was sent: the OpenAI
+    error body (a 500 for anything but an APIError, logged once), then [DONE]."""
+    if not isinstance(e, APIError):
+        log.exception("%s stream failed", what)
+        e = APIError(500, f"internal error: {type(e).__name__}")
+    return [f"data: {json.dumps(e.body())}\n\n", "data: [DONE]\n\n"]
 
 
 async def wait_or_disconnect(request: Request, coro) -> dict | None:
