@@ -1,0 +1,109 @@
+"""Many Engram memories on one backbone: --memories, mixed batches, the memories API, LRU.
+
+Memories are made here from the tiny bases as fine-tunes would be (the same backbone bytes,
+every Engram tensor redrawn; tests/memories.py), in this project's format and TinyEngram's.
+"Alone" is each checkpoint served by itself (its own OffloadedModel on the engine); every
+memory's output in a mixed batch through the real server must equal it, token for token.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from engine.generate import generate
+from models.tokenizer import EngramTokenizer
+from offload.offloaded_model import OffloadedModel
+from tests.live import serve
+from tests.memories import make_memory
+from tests.test_tinyengram import make_tinyengram
+
+N_TOKENS = 12
+
+
+def alone(directory, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens of ``directory`` served by itself (no memories anywhere)."""
+    om = OffloadedModel.load(directory, "cpu", progress=False)
+    try:
+        return generate(om.model, prompts, N_TOKENS, rows=om.prefetcher)
+    finally:
+        om.close()
+
+
+def complete(url: str, model: str, prompt: list[int], **extra) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+    return httpx.post(
+        url + "/v1/completions", json={**body, "ignore_eos": True, **extra}, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("memories")
+    return {
+        "base": tiny_ckpt,
+        "m1": make_memory(tiny_ckpt, root / "m1", seed=1),
+        "m2": make_memory(tiny_ckpt, root / "m2", seed=2),
+        "m3": make_memory(tiny_ckpt, root / "m3", seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def tinyengram(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyengram-memories")
+    make_tinyengram(root / "base", seed=0)
+    return {"base": root / "base", "t1": make_memory(root / "base", root / "t1", seed=11)}
+
+
+def prompts_for(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, k)] for k in (5, 17, 9, 30)[:n]]
+
+
+def mixed_equals_alone(dirs: dict, names: list[str], vocab: int, **server) -> dict:
+    """Every name (the base first) with every prompt, all at once through one server."""
+    prompts = prompts_for(4, vocab)
+    want = {n: alone(dirs[n], prompts) for n in names}
+    memories = [f"{n}={dirs[n]}" for n in names[1:]]
+    jobs = [(n, i) for i in range(len(prompts)) for n in names]  # interleaved
+    with serve(
+        dirs["base"],
+        served_model_name=["base"],
+        memories=memories,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+        **server,
+    ) as srv:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda j: complete(srv.url, j[0], prompts[j[1]]), jobs))
+        listed = httpx.get(srv.url + "/v1/models").json()["data"]
+        offload = httpx.get(srv.url + "/v1/offload").json()
+    tok = EngramTokenizer.from_file(dirs["base"])
+    for (n, i), r in zip(jobs, got):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == n
+        assert body["choices"][0]["text"] == tok.decode(want[n][i]), (n, i)
+    return {"models": listed, "offload": offload, "want": want}
+
+
+def test_mixed_batch_of_our_memories_equals_each_served_alone(ours):
+    out = mixed_equals_alone(ours, ["base", "m1", "m2"], vocab=400)
+    # memories differ from each other and from the base (else the check proves nothing)
+    w = out["want"]
+    assert w["m1"] != w["base"] and w["m2"] != w["m1"]
+    cards = {c["id"]: c for c in out["models"]}
+    assert cards["base"]["parent"] is None
+    assert cards["m1"]["parent"] == "base" and cards["m2"]["parent"] == "base"
+    assert cards["m1"]["root"] == str(ours["m1"])
+    mem = {m["name"]: m for m in out["offload"]["memories"]}
+    assert set(mem) == {"base", "m1", "m2"} and mem["m1"]["version"] == 1
+    assert mem["m1"]["accounting"]["steps"] > 0  # its rows came through its own gathers
+    assert mem["m1"]["placement"] == "cpu" and mem["m1"]["table_bytes"]["cpu"] > 0
+
+
+def test_mixed_batch_of_tinyengram_memories_equals_each_served_alone(tinyengram):
+    mixed_equals_alone(tinyengram, ["base", "t1"], vocab=200)
