@@ -298,6 +298,7 @@ class AsyncEngine:
             if not self.engine.has_work:
                 self.engine.step()  # reports an idle scheduler
                 self.engine.runner.rows.flush()  # the last steps' offload figures
+                self.memories.idle()  # nothing in flight: every memory may move out
                 self.memories.collect(idle=True)  # retired versions no step can read now
                 self._wake.wait(0.5)
                 self._wake.clear()

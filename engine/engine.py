@@ -135,6 +135,7 @@ class Engine:
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
         self.scheduler.max_memories = config.max_memories
+        self.scheduler.memories = self.memories
         self._eos, self._max_tokens = mc.stop_token_ids, self.max_tokens_per_seq
         self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers

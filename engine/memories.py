@@ -116,6 +116,11 @@ class MemorySet:
         self.retired: list[Memory] = []  # replaced or unloaded, still held by a sequence
         self.freeing: list[tuple[int, Memory]] = []  # (step it became free, memory)
         self.step = 0
+        self.evictions = 0  # memories moved back to host memory (LRU)
+        # memories (not the base) the last prepared step reads: with overlap it may still
+        # run, so they stay on the device and count against max_on_device for admission
+        self.previous: set[Memory] = set()
+        self._current: set[Memory] = set()
         self._lock = threading.Lock()  # HTTP threads read, the engine thread writes
         self.on_free: list[Callable[[Memory], None]] = []
 
@@ -198,21 +203,22 @@ class MemorySet:
         memory.on_device = False
 
     def make_resident(self, memory: Memory) -> None:
-        """Bring ``memory``'s modules to the device, moving least recently used idle ones
-        (no sequence running) back to host memory to stay within ``max_on_device``."""
-        memory.last_used = self.step
+        """Bring ``memory``'s modules to the device, moving least recently used ones that
+        neither this step nor the one in flight reads back to host memory, to stay within
+        ``max_on_device``."""
         if memory.on_device or memory.base:
             return
         if self.max_on_device:
             with self._lock:
                 live = [*self.current.values(), *self.retired]
+            busy = self.previous | self._current
             idle = sorted(
-                (m for m in live if m.on_device and m.active == 0 and m is not memory),
-                key=lambda m: m.last_used,
+                (m for m in live if m.on_device and m not in busy), key=lambda m: m.last_used
             )
             over = sum(m.on_device for m in live) + 1 - self.max_on_device
             for m in idle[: max(0, over)]:
                 self._to_host(m)
+                self.evictions += 1
         for m in memory.engrams.values():
             m.to(self.device)
         memory.on_device = True
@@ -224,12 +230,16 @@ class MemorySet:
         mems = [s.memory for s in seqs]
         if all(m is None or m.base for m in mems):
             self.base.last_used = self.step
+            self.previous = set()
             return None
         by: dict[Memory, list[int]] = {}
         for i, m in enumerate(mems):
             by.setdefault(m or self.base, []).append(i)
         starts = np.cumsum(lengths) - lengths
         out = []
+        self._current = {m for m in by if not m.base}
+        for m in by:
+            m.last_used = self.step
         for m, idx in by.items():
             self.make_resident(m)
             at = np.array(idx, np.int64)
@@ -239,7 +249,12 @@ class MemorySet:
                 tokens = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in idx])
             m.tokens += int(lengths[at].sum())
             out.append(StepGroup(m, at, tokens))
+        self.previous, self._current = self._current, set()
         return out
+
+    def idle(self) -> None:
+        """No step is in flight: the last one's memories may move out too."""
+        self.previous = set()
 
     def bytes_held(self) -> dict[str, int]:
         """Table bytes per tier and module bytes of every memory but the base (what loads

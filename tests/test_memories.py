@@ -107,3 +107,70 @@ def test_mixed_batch_of_our_memories_equals_each_served_alone(ours):
 
 def test_mixed_batch_of_tinyengram_memories_equals_each_served_alone(tinyengram):
     mixed_equals_alone(tinyengram, ["base", "t1"], vocab=200)
+
+
+def test_max_memories_keeps_one_on_the_device_and_outputs_unchanged(ours):
+    out = mixed_equals_alone(ours, ["base", "m1", "m2", "m3"], vocab=400, max_memories=1)
+    mem = {m["name"]: m for m in out["offload"]["memories"]}
+    assert sum(mem[n]["modules_on_device"] for n in ("m1", "m2", "m3")) <= 1
+
+
+def test_lru_moves_the_least_recently_used_idle_memory_out(ours):
+    """The LRU order itself, on the engine's MemorySet: the memory a step needs comes in,
+    the one no recent step read goes out; the base never moves."""
+    from engine.memories import MemoryLoader, MemorySet, base_memory
+    from engine.model_runner import ModelRunner  # noqa: F401  (the set the runner owns)
+
+    served = OffloadedModel.load(ours["base"], "cpu", progress=False)
+    loader = MemoryLoader(served, lambda d, loaded: OffloadedModel.load(d, "cpu", loaded=loaded))
+    mems = MemorySet(base_memory("base", served.model, served.prefetcher), "cpu", 2)
+    loaded = [loader.load(n, ours[n]) for n in ("m1", "m2", "m3")]
+    try:
+        for m in loaded:
+            mems.install(m)
+        m1, m2, m3 = loaded
+        assert not any(m.on_device for m in loaded)  # in host memory until a step needs it
+
+        class Seq:
+            def __init__(self, memory):
+                self.memory = memory
+
+        def step(*memories):
+            return mems.groups([Seq(m) for m in memories], np.ones(len(memories), np.int64))
+
+        step(m1)
+        step(m2)
+        step(mems.base)  # two steps without m1 or m2
+        step(mems.base)
+        step(m3)  # m1 was used least recently: it goes out
+        assert (m1.on_device, m2.on_device, m3.on_device) == (False, True, True)
+        groups = step(m1, m3)
+        assert [g.memory for g in groups] == [m1, m3]
+        assert (m1.on_device, m2.on_device, m3.on_device) == (True, False, True)
+        assert mems.evictions == 2 and mems.base.on_device
+    finally:
+        for m in loaded:
+            m.close()
+        served.close()
+
+
+def test_a_memory_of_another_backbone_is_refused_in_one_line(ours, tmp_path, capsys):
+    from server.cli import main
+
+    bad = make_memory(
+        ours["base"], tmp_path / "bad", seed=5, backbone_change="model.layers.1.mlp.up_proj.weight"
+    )
+    with pytest.raises(RuntimeError) as err:
+        with serve(ours["base"], memories=[f"bad={bad}"]):
+            pass
+    msg = str(err.value)
+    assert "memory 'bad'" in msg and "model.layers.1.mlp.up_proj.weight differs" in msg
+    # the command line: malformed, a missing directory, data parallel: one line, exit 1
+    for args, says in [
+        (["--memories", "nodir"], "write NAME=DIR"),
+        (["--memories", f"x={tmp_path / 'none'}"], "does not exist"),
+        (["--memories", f"m1={ours['m1']}", "--data-parallel-size", "2"], "not supported"),
+    ]:
+        assert main(["--model", str(ours["base"]), *args]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
