@@ -265,8 +265,7 @@ class MemorySet:
         for m in live:
             for tier, n in m.tier_bytes().items():
                 out[tier] = out.get(tier, 0) + n
-            key = "modules_device" if m.on_device else "modules_host"
-            out[key] = out.get(key, 0) + m.module_bytes()
+            out["modules"] = out.get("modules", 0) + m.module_bytes()
         return out
 
 

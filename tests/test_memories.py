@@ -8,6 +8,7 @@ memory's output in a mixed batch through the real server must equal it, token fo
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -174,3 +175,161 @@ def test_a_memory_of_another_backbone_is_refused_in_one_line(ours, tmp_path, cap
         assert main(["--model", str(ours["base"]), *args]) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and says in lines[0], lines
+
+
+def _memories(url: str, key: str = "") -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(url + "/v1/memories", headers=headers)
+    assert r.status_code == 200, r.text
+    return {m["name"]: m["version"] for m in r.json()["data"] if not m["retired"]}
+
+
+def test_bad_memory_requests_are_refused_and_change_nothing(ours, tmp_path):
+    corrupt = make_memory(ours["base"], tmp_path / "corrupt", seed=7)
+    table = corrupt / "engram.safetensors"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])  # truncated
+    mismatch = make_memory(
+        ours["base"], tmp_path / "mismatch", seed=8, backbone_change="model.norm.weight"
+    )
+    key = "sekrit"
+    auth = {"Authorization": f"Bearer {key}"}
+    with serve(
+        ours["base"], served_model_name=["base"], api_key=key, allow_memory_updates=True
+    ) as srv:
+        post = lambda body: httpx.post(srv.url + "/v1/memories", json=body, headers=auth)
+        assert (
+            httpx.post(srv.url + "/v1/memories", json={"name": "a", "path": "x"}).status_code == 401
+        )
+        assert post({"name": "m1", "path": str(ours["m1"])}).status_code == 200
+        start = _memories(srv.url, key)
+        assert start == {"base": 1, "m1": 1}
+        cases = [
+            ({"name": "m2", "path": str(tmp_path / "none")}, 400, "does not exist"),
+            ({"name": "m2", "path": str(mismatch)}, 400, "model.norm.weight differs"),
+            ({"name": "m1", "path": str(ours["m2"])}, 400, "in use"),
+            ({"name": "base", "path": str(ours["m2"])}, 400, "base model's name"),
+            ({"name": "m2", "path": str(corrupt)}, 400, "engram.safetensors"),
+            ({"name": "m9", "path": str(ours["m2"]), "reload": True}, 404, "m9"),
+            ({"name": "m2"}, 400, "path"),
+        ]
+        for body, status, says in cases:
+            r = post(body)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert says in err["message"] and err["type"] == "invalid_request_error", err
+            assert _memories(srv.url, key) == start  # the serving set is unchanged
+        r = httpx.delete(srv.url + "/v1/memories/m9", headers=auth)
+        assert r.status_code == 404 and "m9" in r.json()["error"]["message"]
+        body = {"model": "m9", "prompt": [5, 6, 7]}
+        gone = httpx.post(srv.url + "/v1/completions", json=body, headers=auth)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+        assert _memories(srv.url, key) == start
+    with serve(ours["base"], served_model_name=["base"]) as srv:  # updates not allowed
+        r = httpx.post(srv.url + "/v1/memories", json={"name": "m1", "path": str(ours["m1"])})
+        assert r.status_code in (404, 405)
+        assert _memories(srv.url) == {"base": 1}
+
+
+def _stream(url: str, model: str, prompt: list[int], started=None) -> tuple[str, int]:
+    """A streamed greedy completion: its text and HTTP status; ``started`` is set once the
+    first token has arrived."""
+    import json
+
+    body = {"model": model, "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0}
+    text = ""
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={**body, "ignore_eos": True, "stream": True},
+        timeout=120,
+    ) as r:
+        if r.status_code != 200:
+            return r.read().decode(), r.status_code
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return str(chunk), 500
+                text += chunk["choices"][0]["text"]
+                if started is not None:
+                    started.set()
+    return text, 200
+
+
+def test_load_reload_unload_under_16_streams(ours):
+    """16 streams read the base and m1 while m2 loads and unloads and m1 reloads (new tables
+    and weights: m3's): no request fails, a stream that started before the reload ends on
+    the old version, one sent after it gets the new one; memory returns to where it began."""
+    import threading
+
+    prompts = prompts_for(4, 400)
+    tok = EngramTokenizer.from_file(ours["base"])
+    text = {n: [tok.decode(t) for t in alone(ours[n], prompts)] for n in ("base", "m1", "m3")}
+    with serve(
+        ours["base"],
+        served_model_name=["base"],
+        memories=[f"m1={ours['m1']}"],
+        allow_memory_updates=True,
+        max_num_seqs=16,
+        max_num_batched_tokens=256,
+    ) as srv:
+        mems = srv.state.engine.memories
+        held = mems.bytes_held()
+        stop = threading.Event()
+        results: list[tuple[str, int, str, str, int]] = []  # (model, status, text, phase, i)
+        phase = ["before"]
+
+        def worker(k: int) -> None:
+            model = "base" if k % 2 else "m1"
+            while not stop.is_set():
+                i = k % len(prompts)
+                sent = phase[0]
+                got, status = _stream(srv.url, model, prompts[i])
+                results.append((model, status, got, sent + "/" + phase[0], i))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        post = lambda body: httpx.post(srv.url + "/v1/memories", json=body, timeout=120)
+        r = post({"name": "m2", "path": str(ours["m2"])})
+        assert r.status_code == 200 and r.json()["version"] == 1
+        assert complete(srv.url, "m2", prompts[0]).status_code == 200
+        # a stream on m1 in flight across the reload
+        started = threading.Event()
+        long_result = []
+        long = threading.Thread(
+            target=lambda: long_result.append(_stream(srv.url, "m1", prompts[1], started))
+        )
+        long.start()
+        assert started.wait(60)
+        phase[0] = "reloading"
+        r = post({"name": "m1", "path": str(ours["m3"]), "reload": True})
+        assert r.status_code == 200 and r.json()["version"] == 2
+        phase[0] = "after"
+        long.join(120)
+        assert long_result == [(text["m1"][1], 200)]  # it finished on the version it began
+        after = complete(srv.url, "m1", prompts[2])
+        assert after.json()["choices"][0]["text"] == text["m3"][2]  # new requests: new tables
+        assert httpx.delete(srv.url + "/v1/memories/m2").status_code == 200
+        assert complete(srv.url, "m2", prompts[0]).status_code == 404
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert results and all(status == 200 for _, status, *_ in results), [
+            r for r in results if r[1] != 200
+        ][:3]
+        for model, _, got, when, i in results:
+            if model == "base":
+                assert got == text["base"][i]
+            elif when == "before/before":
+                assert got == text["m1"][i]
+            elif when == "after/after":
+                assert got == text["m3"][i]
+            else:  # sent during the reload: either version, whole
+                assert got in (text["m1"][i], text["m3"][i])
+        assert {w for m, _, _, w, _ in results if m == "m1"} >= {"before/before", "after/after"}
+        deadline = time.monotonic() + 30
+        while (mems.retired or mems.bytes_held() != held) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the old m1 and m2 are freed once idle
+        assert not mems.retired and mems.bytes_held() == held
