@@ -142,6 +142,7 @@ class ServerState:
             with clock.phase("kernel check"):
                 checked = check_kernels(engine.engine, self.kernels)
             self.memory_loader = MemoryLoader(offload, self._place_tables)
+            self.metrics.watch_memory(engine.memories.base)
             with clock.phase("memories"):
                 attach_startup_memories(self, engine, self.memory_loader)
             forget_steps(offload.accountant)  # the check's gathers are not traffic

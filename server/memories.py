@@ -119,6 +119,7 @@ async def load_memory(body: LoadMemory, request: Request):
         raise _bad(e) from e
     try:
         memory = await asyncio.to_thread(state.memory_loader.load, body.name, body.path)
+        state.metrics.watch_memory(memory)
         await asyncio.wrap_future(engine.install_memory(memory))
     except BadMemory as e:
         raise _bad(e) from e
@@ -136,6 +137,7 @@ async def unload_memory(name: str, request: Request):
         memory = await asyncio.wrap_future(engine.remove_memory(name))
     except BadMemory as e:
         raise _bad(e) from e
+    state.metrics.forget_memory(name)
     d = memory.describe()
     return {k: d[k] for k in MemoryCard.model_fields}
 
@@ -143,4 +145,6 @@ async def unload_memory(name: str, request: Request):
 def attach_startup_memories(state, engine, loader: MemoryLoader) -> None:
     """--memories, loaded before the engine starts (a bad one stops the start-up)."""
     for name, path in state.cfg.memory_dirs().items():
-        engine.memories.install(loader.load(name, path))
+        memory = loader.load(name, path)
+        engine.memories.install(memory)
+        state.metrics.watch_memory(memory)

@@ -82,12 +82,21 @@ def mixed_equals_alone(dirs: dict, names: list[str], vocab: int, **server) -> di
             got = list(pool.map(lambda j: complete(srv.url, j[0], prompts[j[1]]), jobs))
         listed = httpx.get(srv.url + "/v1/models").json()["data"]
         offload = httpx.get(srv.url + "/v1/offload").json()
+        metrics = {
+            (family, n): srv.metric(f"engram_memory_{family}_total", f'memory="{n}"')
+            for family in ("requests", "generation_tokens", "rows", "bytes", "stall_seconds")
+            for n in names
+        }
     tok = EngramTokenizer.from_file(dirs["base"])
     for (n, i), r in zip(jobs, got):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == n
         assert body["choices"][0]["text"] == tok.decode(want[n][i]), (n, i)
+    for n in names:  # every memory's own series, the base's under its model name
+        assert metrics["requests", n] == len(prompts)
+        assert metrics["generation_tokens", n] == len(prompts) * N_TOKENS
+        assert metrics["rows", n] > 0 and metrics["bytes", n] > 0
     return {"models": listed, "offload": offload, "want": want}
 
 
