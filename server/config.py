@@ -64,7 +64,8 @@ class ServerConfig:
     memories: list[str] | None = flag(
         None,
         "Engram memories served beside the base, as NAME=DIR (checkpoints of the same base: "
-        "this project's format or TinyEngram's); a request's model NAME picks one",
+        "this project's format or TinyEngram's); a request's model NAME picks one (default: "
+        "none, the base alone)",
         nargs="+",
         metavar="NAME=DIR",
     )

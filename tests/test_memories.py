@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.memory_copies import make_memory
 from engine.generate import generate
 from models.tokenizer import EngramTokenizer
 from offload.offloaded_model import OffloadedModel
 from tests.live import serve
-from tests.memories import make_memory
 from tests.test_tinyengram import make_tinyengram
 
 N_TOKENS = 12
