@@ -63,8 +63,6 @@ class Memory:
     retired: bool = False
     on_device: bool = True
     last_used: int = 0  # the step that last read it (LRU)
-    requests: int = 0
-    tokens: int = 0
 
     def module_bytes(self) -> int:
         params = [p for m in self.engrams.values() for p in m.parameters() if not p.is_meta]
@@ -89,8 +87,6 @@ class Memory:
             "gather": self.rows.name,
             "table_bytes": self.tier_bytes() or store.bytes_by_tier(),
             "file_tier": self.offload is not None and self.offload.file_tier is not None,
-            "requests": self.requests,
-            "tokens": self.tokens,
             "accounting": self.rows.accountant.summary(),
         }
 
@@ -168,7 +164,6 @@ class MemorySet:
             if memory is None:
                 raise BadMemory(f"no memory named {name!r} is loaded", 404)
         memory.active += 1
-        memory.requests += 1
         return memory
 
     def release(self, memory: Memory | None) -> None:
@@ -247,7 +242,6 @@ class MemorySet:
                 tokens = np.arange(int(lengths.sum()))
             else:
                 tokens = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in idx])
-            m.tokens += int(lengths[at].sum())
             out.append(StepGroup(m, at, tokens))
         self.previous, self._current = self._current, set()
         return out

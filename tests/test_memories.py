@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from bench.memory_copies import make_memory
 from engine.generate import generate
@@ -342,3 +343,62 @@ def test_load_reload_unload_under_16_streams(ours):
         while (mems.retired or mems.bytes_held() != held) and time.monotonic() < deadline:
             time.sleep(0.1)  # the old m1 and m2 are freed once idle
         assert not mems.retired and mems.bytes_held() == held
+
+
+def test_memories_bench_writes_its_table(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from bench.cli import main
+
+    argv = ["--memories", "--model", str(tiny_ckpt), "--rounds", "1", "--num-seqs", "4"]
+    argv += ["--prompt-len", "4", "--decode-tokens", "4", "--reload-seconds", "0.6"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "memories.json").read_text())
+    assert res["command"].startswith("engram-bench --memories")
+    assert list(res["throughput"]) == ["one memory", "1 mixed", "4 mixed", "16 mixed"]
+    assert res["throughput"]["16 mixed"]["memories"] == 16
+    assert res["reload"]["new_version"] == 2 and res["reload"]["requests_during"] > 0
+    assert (tmp_path / "memories.png").stat().st_size > 0
+    assert "vs one memory" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mixed_memories_equal_each_alone_and_lru_moves_weights(ours):
+    """On the device: memories mixed in steps (eager) and base-only steps (CUDA graphs)
+    give each checkpoint's own greedy tokens; --max-memories 1 keeps one memory's weights
+    in HBM, the others in host memory."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.memories import MemoryLoader
+    from engine.sampling import SamplingParams
+
+    prompts = prompts_for(4, 400)
+    place = lambda d, loaded=None: OffloadedModel.load(
+        d, "gpu", "resident", "cuda", "float32", progress=False, loaded=loaded
+    )
+    want = {}
+    for n in ("base", "m1", "m2"):
+        om = place(ours[n])
+        want[n] = generate(om.model, prompts, N_TOKENS, rows=om.prefetcher)
+        om.close()
+    served = place(ours["base"])
+    engine = Engine(served.model, EngineConfig(max_num_seqs=16, max_memories=1), served.prefetcher)
+    loader = MemoryLoader(served, place)
+    for n in ("m1", "m2"):
+        engine.memories.install(loader.load(n, ours[n]))
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
+    seqs = {
+        (n, i): engine.add(f"{n}-{i}", p, params, None if n == "base" else n)[0]
+        for i, p in enumerate(prompts)
+        for n in ("base", "m1", "m2")
+    }
+    engine.run_until_done()
+    for (n, i), s in seqs.items():
+        assert s.output_ids == want[n][i], (n, i)
+    on_device = [m for m in engine.memories.snapshot() if not m.base and m.on_device]
+    assert len(on_device) <= 1 and engine.memories.evictions >= 1
+    for m in on_device:
+        assert all(p.is_cuda for e in m.engrams.values() for p in e.parameters())
+    engine.close()
+    served.close()
