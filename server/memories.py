@@ -101,8 +101,9 @@ def _state(request: Request):
 @router.get("/v1/memories", responses={200: {"model": MemoryList}, **errors(503)})
 async def list_memories(request: Request):
     state = _state(request)
-    engine = state.ready_engine()
-    return {"object": "list", "data": describe(engine.memories.snapshot(), state.cfg.model_name)}
+    memories = getattr(state.ready_engine(), "memories", None)  # none under data parallel
+    data = describe(memories.snapshot(), state.cfg.model_name) if memories is not None else []
+    return {"object": "list", "data": data}
 
 
 updates = APIRouter()

@@ -125,6 +125,9 @@ def test_offload_lists_each_engines_tables(dp):
     assert body["data_parallel_size"] == 2 and sorted(body["engines"]) == ["0", "1"]
     for info in body["engines"].values():
         assert info["placement"] == "cpu" and sum(info["table_bytes"].values()) > 0
+    # memories are refused under data parallel at start-up; the list answers, empty
+    mems = httpx.get(url + "/v1/memories", timeout=10)
+    assert mems.status_code == 200 and mems.json()["data"] == []
 
 
 def test_killed_engine_fails_only_its_requests_and_comes_back(dp):
