@@ -402,3 +402,14 @@ def test_gpu_mixed_memories_equal_each_alone_and_lru_moves_weights(ours):
         assert all(p.is_cuda for e in m.engrams.values() for p in e.parameters())
     engine.close()
     served.close()
+
+
+def test_memories_on_the_file_tier_with_dedup_equal_each_alone(ours):
+    """Every memory's tables behind its own DRAM cache over its file (and de-duplicated
+    plans): the same tokens as each checkpoint served alone from host memory."""
+    size = (ours["base"] / "engram.safetensors").stat().st_size
+    out = mixed_equals_alone(
+        ours, ["base", "m1", "m2"], vocab=400, placement="file", host_memory_bytes=size, dedup=True
+    )
+    mem = {m["name"]: m for m in out["offload"]["memories"]}
+    assert mem["m1"]["file_tier"] and mem["m1"]["table_bytes"]["file"] > 0
