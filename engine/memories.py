@@ -59,6 +59,7 @@ class Memory:
     format: str = "engram-serve"  # or "tinyengram"
     offload: OffloadedModel | None = None  # its tables (None: the served model's own)
     base: bool = False
+    plain: bool = False  # no Engram layers: its tokens skip them (a base without any)
     active: int = 0  # sequences holding this version
     retired: bool = False
     on_device: bool = True
@@ -226,7 +227,7 @@ class MemorySet:
         if all(m is None or m.base for m in mems):
             self.base.last_used = self.step
             self.previous = set()
-            return None
+            return [] if self.base.plain else None
         by: dict[Memory, list[int]] = {}
         for i, m in enumerate(mems):
             by.setdefault(m or self.base, []).append(i)
@@ -245,6 +246,16 @@ class MemorySet:
             out.append(StepGroup(m, at, tokens))
         self.previous, self._current = self._current, set()
         return out
+
+    def plain_base(self, name: str, path: str, fmt: str) -> None:
+        """The served model's Engram layers are a memory's (``name``), the base has none:
+        a base-name request runs the backbone alone (engram-serve loads the first memory of
+        a base without Engram layers as the served model)."""
+        served = self.base
+        served.name, served.path, served.format, served.base = name, path, fmt, False
+        with self._lock:
+            self.current[name] = served
+        self.base = Memory("", 1, {}, served.rows, base=True, plain=True)
 
     def idle(self) -> None:
         """No step is in flight: the last one's memories may move out too."""

@@ -61,6 +61,7 @@ class _Step:
                 pending.rows(layer),
             )
             for k, (g, pending) in enumerate(self.groups)
+            if pending is not None  # a memory without Engram layers adds nothing
         ]
 
     def conv_history(self, layer: int) -> torch.Tensor:
@@ -208,28 +209,36 @@ class ModelRunner:
         memory's gathers issued on its own path before the forward pass."""
         with timer("plan"):
             plans = [
-                g.memory.rows.plan({lid: r[g.tokens] for lid, r in rows.items()})
+                None
+                if g.memory.plain
+                else g.memory.rows.plan({lid: r[g.tokens] for lid, r in rows.items()})
                 for g in prep.groups
             ]
             arrays = {}
             for k, (g, plan) in enumerate(zip(prep.groups, plans)):
-                arrays.update({f"m{k}_{name}": a for name, a in plan.host_arrays().items()})
-                arrays[f"m{k}_tokens"] = g.tokens
+                if plan is not None:
+                    arrays.update({f"m{k}_{name}": a for name, a in plan.host_arrays().items()})
+                    arrays[f"m{k}_tokens"] = g.tokens
         with timer("upload"):
             inp = upload_inputs(prep.parts, self.uploader, arrays)
         started: list[tuple[StepGroup, PendingRows]] = []
         try:
             with timer("prefetch"):
                 for k, (g, plan) in enumerate(zip(prep.groups, plans)):
+                    if plan is None:
+                        started.append((g, None))
+                        continue
                     index = {name: inp.row_index[f"m{k}_{name}"] for name in plan.host_arrays()}
                     started.append((g, g.memory.rows.start(plan, index, self.uploader.last_copy)))
             with timer("forward"), torch.inference_mode():
-                step = _Step(self.cache, inp, started[0][1], self.attention, started)
+                first = next((p for _, p in started if p is not None), None)
+                step = _Step(self.cache, inp, first, self.attention, started)
                 return self.model.forward_step(inp.input_ids, step, inp.logits_index)
         finally:
             with timer("prefetch"):
                 for _, pending in started:
-                    pending.close()
+                    if pending is not None:
+                        pending.close()
 
 
 @dataclass

@@ -249,14 +249,15 @@ class EngramForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """One decoder layer of a packed step: ``h = h + engram; h = h + attn; h = h + mlp``."""
         layer = self.model.layers[i]
-        if layer.engram is not None:
-            groups = ctx.engram_groups(i)
-            if groups is None:
-                out, nxt = layer.engram.fuse_packed(
-                    h.unsqueeze(1), ctx.engram_rows(i), ctx.conv_history(i), ctx.conv_step
-                )
-            else:
-                out, nxt = fuse_groups(groups, h.unsqueeze(1), ctx.conv_history(i), ctx.conv_step)
+        # None: every token reads this module; [] : none reads an Engram memory here
+        groups = ctx.engram_groups(i) if layer.engram is not None else []
+        if groups is None:
+            out, nxt = layer.engram.fuse_packed(
+                h.unsqueeze(1), ctx.engram_rows(i), ctx.conv_history(i), ctx.conv_step
+            )
+        elif groups:
+            out, nxt = fuse_groups(groups, h.unsqueeze(1), ctx.conv_history(i), ctx.conv_step)
+        if groups is None or groups:
             ctx.set_conv_history(i, nxt)
             h = h + out.squeeze(1)
         attend = lambda q, k, v: ctx.attend(i, q, k, v)

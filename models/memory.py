@@ -90,8 +90,8 @@ def check_layout(base: EngramForCausalLM, memory: EngramForCausalLM, name: str) 
         raise MemoryMismatch(f"memory {name!r} has no Engram layers")
     if not base.config.engram_layer_ids:
         raise MemoryMismatch(
-            f"memory {name!r}: the served base has no Engram layers; serve one memory's "
-            "checkpoint as --model and attach the others to it"
+            f"memory {name!r}: the served base has no Engram layers; start engram-serve with "
+            "--memories to give it an Engram layout"
         )
     differ = _fields_differ(base.config, memory.config, LAYOUT_FIELDS)
     if differ:

@@ -35,7 +35,13 @@ from .chat import ChatCompletion, model_template, no_template, read_template_fil
 from .chat_protocol import ChatCompletionRequest
 from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
-from .memories import Loading, attach_startup_memories
+from .memories import (
+    Loading,
+    attach_startup_memories,
+    check_served_memory,
+    memory_format,
+    plain_base_memory,
+)
 from .memories import describe as describe_memories
 from .memories import router as memories_router
 from .memories import updates as memory_updates_router
@@ -127,8 +133,12 @@ class ServerState:
         clock, built = self.startup, None
         try:
             e = self.cfg.engine
-            offload = self._offload or self._load_offload(clock)
+            # a base without Engram layers serves its first memory's layers (engine/memories.py)
+            plain = None if self._offload is not None else plain_base_memory(self.cfg)
+            offload = self._offload or self._load_offload(clock, plain and plain[1])
             built = offload if self._offload is None else None
+            if plain is not None:
+                check_served_memory(self.cfg, offload, plain[0])
             cap_context(offload.model.config, e.max_model_len)
             if offload.file_tier is not None:  # refuse a DRAM cache two steps can overflow
                 heads = offload.model.config.engram_total_heads
@@ -142,9 +152,12 @@ class ServerState:
             with clock.phase("kernel check"):
                 checked = check_kernels(engine.engine, self.kernels)
             self.memory_loader = MemoryLoader(offload, self._place_tables)
+            if plain is not None:
+                engine.memories.plain_base(plain[0], plain[1], memory_format(plain[1]))
+                self.metrics.watch_memory(engine.memories.current[plain[0]])
             self.metrics.watch_memory(engine.memories.base)
             with clock.phase("memories"):
-                attach_startup_memories(self, engine, self.memory_loader)
+                attach_startup_memories(self, engine, self.memory_loader, skip=plain)
             forget_steps(offload.accountant)  # the check's gathers are not traffic
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)

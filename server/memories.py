@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from engine.memories import BadMemory, Memory, MemoryLoader
+from models.checkpoint import is_tinyengram, load_checkpoint
+from models.config import ModelConfig
+from models.memory import MemoryMismatch, check_backbone
 
 from .openapi import errors
 from .protocol import APIError
@@ -143,9 +147,35 @@ async def unload_memory(name: str, request: Request):
     return {k: d[k] for k in MemoryCard.model_fields}
 
 
-def attach_startup_memories(state, engine, loader: MemoryLoader) -> None:
-    """--memories, loaded before the engine starts (a bad one stops the start-up)."""
+def plain_base_memory(cfg) -> tuple[str, str] | None:
+    """For a base without Engram layers served with --memories: the first memory (name,
+    directory), whose checkpoint the engine loads for the Engram layout; else None."""
+    memories = cfg.memory_dirs()
+    if not memories or ModelConfig.load(cfg.model_dir).engram_layer_ids:
+        return None
+    return next(iter(memories.items()))
+
+
+def check_served_memory(cfg, served, name: str) -> None:
+    """The first memory of a base without Engram layers is a checkpoint of that base."""
+    dtype = served.model.lm_head.weight.dtype
+    base, _ = load_checkpoint(cfg.model_dir, dtype=dtype, device="cpu", load_tables=False)
+    try:
+        check_backbone(base, served.model, name)
+    except MemoryMismatch as e:
+        raise BadMemory(str(e)) from e
+
+
+def memory_format(path: str) -> str:
+    return "tinyengram" if is_tinyengram(Path(path)) else "engram-serve"
+
+
+def attach_startup_memories(state, engine, loader: MemoryLoader, skip=None) -> None:
+    """--memories, loaded before the engine starts (a bad one stops the start-up); ``skip``:
+    the one served as the model's own layers (a base without Engram layers)."""
     for name, path in state.cfg.memory_dirs().items():
+        if skip is not None and name == skip[0]:
+            continue
         memory = loader.load(name, path)
         engine.memories.install(memory)
         state.metrics.watch_memory(memory)

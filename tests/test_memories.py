@@ -413,3 +413,21 @@ def test_memories_on_the_file_tier_with_dedup_equal_each_alone(ours):
     )
     mem = {m["name"]: m for m in out["offload"]["memories"]}
     assert mem["m1"]["file_tier"] and mem["m1"]["table_bytes"]["file"] > 0
+
+
+def test_a_base_without_engram_layers_serves_tinyengram_fine_tunes(tmp_path):
+    """The TinyEngram use: a plain Qwen3 base, two Engram fine-tunes of it. The base name
+    runs the backbone alone, each fine-tune its own layers, all in the same steps."""
+    from tests.hf_models import build, save
+
+    save(build("qwen3", 0), tmp_path / "base")
+    make_tinyengram(tmp_path / "t1", seed=0)  # the same backbone (seed 0), Engram layers added
+    dirs = {
+        "base": tmp_path / "base",
+        "t1": tmp_path / "t1",
+        "t2": make_memory(tmp_path / "t1", tmp_path / "t2", seed=12),
+    }
+    out = mixed_equals_alone(dirs, ["base", "t1", "t2"], vocab=200)
+    assert out["want"]["t1"] != out["want"]["base"]
+    mem = {m["name"]: m for m in out["offload"]["memories"]}
+    assert mem["t1"]["format"] == "tinyengram" and not mem["t1"]["base"]
