@@ -234,6 +234,9 @@ def test_bad_memory_requests_are_refused_and_change_nothing(ours, tmp_path):
         gone = httpx.post(srv.url + "/v1/completions", json=body, headers=auth)
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
         assert _memories(srv.url, key) == start
+        doc = httpx.get(srv.url + "/openapi.json").json()
+        assert {"get", "post"} <= set(doc["paths"]["/v1/memories"])
+        assert "delete" in doc["paths"]["/v1/memories/{name}"]
     with serve(ours["base"], served_model_name=["base"]) as srv:  # updates not allowed
         r = httpx.post(srv.url + "/v1/memories", json={"name": "m1", "path": str(ours["m1"])})
         assert r.status_code in (404, 405)
