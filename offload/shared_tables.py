@@ -13,6 +13,10 @@ Each table maps as a :class:`SharedBuffer` (a :class:`~offload.hostmem.HostBuffe
 file, MAP_SHARED), so the pinned host tier registers it with CUDA through the same path.
 Free space is checked (statvfs) before anything loads: a table that does not fit is refused
 with one line giving the bytes needed and where to get them.
+
+NUMA (``offload.numa``): a table's pages are bound, as its file is allocated, to the node of the
+GPU that reads it; the node is part of the name, so engines on several nodes keep one copy per
+node and engines of one node share one. The node's free memory is checked with the space.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from . import numa
 from .hostmem import HUGE_PAGE, HostBuffer, thp_mode
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ SHM = Path("/dev/shm")
 MOUNTS = Path("/proc/mounts")
 SUBDIR = "engram-serve"
 SUFFIX = ".rows"
+SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 
 
 class SharedSpaceError(ValueError):
@@ -55,6 +61,30 @@ def hugetlbfs_mounts(mounts: Path = MOUNTS) -> list[Path]:
     return [Path(p[1]) for p in (ln.split() for ln in lines) if len(p) > 2 and p[2] == "hugetlbfs"]
 
 
+def shmem_huge(root: Path, mounts: Path = MOUNTS, enabled: Path = SHMEM_ENABLED) -> str:
+    """Whether files under ``root`` may get huge pages: 'hugetlbfs', or the tmpfs mount's
+    ``huge=`` option (never, always, within_size, advise: only a mapping that asks), which the
+    system's shmem setting 'force' or 'deny' overrides; 'none' for other filesystems."""
+    try:
+        lines = [ln.split() for ln in mounts.read_text().splitlines()]
+    except OSError:
+        lines = []
+    best: list[str] | None = None
+    for p in lines:  # the longest mount point holding root
+        if len(p) > 3 and (root == Path(p[1]) or Path(p[1]) in root.parents):
+            if best is None or len(p[1]) >= len(best[1]):
+                best = p
+    if best is None or best[2] not in ("tmpfs", "hugetlbfs"):
+        return "none"
+    if best[2] == "hugetlbfs":
+        return "hugetlbfs"
+    system = thp_mode(enabled)
+    if system in ("force", "deny"):
+        return "always" if system == "force" else "never"
+    opts = dict(o.partition("=")[::2] for o in best[3].split(","))
+    return opts.get("huge", "never")
+
+
 def default_dir(need: int, free: Callable[[Path], int] = statvfs_free) -> Path:
     """A writable hugetlbfs mount with room for ``need`` bytes, else /dev/shm."""
     for mount in hugetlbfs_mounts():
@@ -66,15 +96,19 @@ def default_dir(need: int, free: Callable[[Path], int] = statvfs_free) -> Path:
     return SHM
 
 
-def table_name(path: str | Path, key: str, stored: str, shape: tuple[int, ...]) -> str:
+def table_name(
+    path: str | Path, key: str, stored: str, shape: tuple[int, ...], node: int | None = None
+) -> str:
     """The shared file's name for tensor ``key`` of the checkpoint file at ``path``, stored as
     ``stored`` (e.g. 'fp8', 'torch.bfloat16') in ``shape``: ``<family>-<version>.rows``, where
-    the family is the file, tensor and row layout, and the version the file's size and mtime."""
+    the family is the file, tensor, row layout and NUMA node (``-n<node>``: one copy per node),
+    and the version the file's size and mtime."""
     p = Path(path).resolve()
     st = p.stat()
     where = hashlib.sha256(f"{p}|{key}|{stored}|{list(shape)}".encode()).hexdigest()[:8]
     version = hashlib.sha256(f"{where}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{p.parent.name}-{key.replace('/', '_')}-{where}-{version}{SUFFIX}"
+    on = "" if node is None else f"-n{node}"
+    return f"{p.parent.name}-{key.replace('/', '_')}-{where}{on}-{version}{SUFFIX}"
 
 
 def family(name: str) -> str:
@@ -119,9 +153,24 @@ class SharedBuffer(HostBuffer):
         self.ptr = self._range.data_ptr()
         self.registered_device = None
         self._finalizer = None
+        self.numa: numa.NumaChoice | None = None  # where the loader bound the pages
+        self.shmem_huge = shmem_huge(path.parent)
+
+    def placement(self) -> dict:
+        """Where this table sits: the file, the NUMA node asked for and why, the node of 64
+        sampled pages, and whether its pages are huge."""
+        choice = self.numa or numa.NumaChoice(None, "not bound")
+        return {
+            "path": str(self.path),
+            "numa_node": choice.node,
+            "numa_why": choice.why,
+            "pages_by_node": numa.pages_by_node(self.ptr, self.nbytes),
+            "huge_pages_allowed": self.shmem_huge,
+            "huge_bytes": self.huge_bytes(),
+        }
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": str(self.path)}
+        return {**super().describe(), **self.placement()}
 
 
 @dataclass
@@ -145,6 +194,10 @@ class SharedTables:
     directory: Path | None = None
     huge_pages: bool = True
     free: Callable[[Path], int] = statvfs_free
+    numa_policy: str = "auto"  # auto: the node of the engine's GPU; off; or a node number
+    sys_root: Path = numa.SYS  # where NUMA facts are read (tests pass a fake tree)
+    bus_id: Callable[[int], str | None] = numa.pci_bus_id
+    numa_choice: numa.NumaChoice | None = None  # what place() chose
     attached: list[str] = field(default_factory=list)  # names this process attached to
     loaded: list[str] = field(default_factory=list)  # names this process loaded
 
@@ -159,8 +212,23 @@ class SharedTables:
         """The size files round up to: 2 MiB (hugetlbfs needs it; shmem THP wants it)."""
         return HUGE_PAGE if (self.huge_pages or root.parent in hugetlbfs_mounts()) else 4096
 
+    def place(self, device: torch.device) -> numa.NumaChoice:
+        """The NUMA node for ``device``'s tables; unbound (with a warning) where the kernel
+        refuses memory policies."""
+        choice = numa.choose(self.numa_policy, device, self.sys_root, self.bus_id)
+        if choice.node is not None:
+            try:
+                with numa.bound(choice.node):
+                    pass
+            except OSError as e:
+                log.warning("shared tables: cannot bind to NUMA node %d (%s)", choice.node, e)
+                choice = numa.NumaChoice(None, f"binding to node {choice.node} refused: {e}")
+        self.numa_choice = choice
+        return choice
+
     def check_space(self, specs: list[TableSpec]) -> Path:
-        """The directory, after refusing (SharedSpaceError) tables that will not fit."""
+        """The directory, after refusing (SharedSpaceError) tables that will not fit, and
+        (NumaRoomError) tables whose NUMA node has not the room."""
         total = sum(s.nbytes for s in specs)
         root = self.root(total)
         step = self.block(root)
@@ -176,6 +244,8 @@ class SharedTables:
                 f"emptyDir {{medium: Memory, sizeLimit: {gib + 1}Gi}} volume) or pass "
                 "--shared-tables-dir DIR on a filesystem with room"
             )
+        if self.numa_choice is not None and self.numa_choice.node is not None:
+            numa.check_room(self.numa_choice.node, need, self.sys_root)
         return root
 
     def open(
@@ -199,10 +269,12 @@ class SharedTables:
                 old.unlink(missing_ok=True)
             tmp = root / f"{spec.name}.tmp-{os.getpid()}"
             size = _round_up(spec.nbytes, self.block(root))
+            node = self.numa_choice.node if self.numa_choice else None
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                try:  # reserve the pages now: a full tmpfs fails here, not as SIGBUS later
-                    os.posix_fallocate(fd, 0, size)
+                try:  # reserve the pages now (on the node): a full tmpfs fails here, not later
+                    with numa.bound(node):
+                        os.posix_fallocate(fd, 0, size)
                 except OSError as e:
                     raise SharedSpaceError(
                         f"cannot reserve {size} bytes for {final} ({e.strerror}); give the "
@@ -213,6 +285,12 @@ class SharedTables:
                 os.close(fd)
             try:
                 buf = SharedBuffer(tmp, spec.nbytes, self.huge_pages)
+                buf.numa = self.numa_choice
+                if node is not None:
+                    try:  # the file's own policy too: pages swapped out come back there
+                        numa.bind_range(buf.ptr, buf.span, node)
+                    except OSError as e:
+                        log.warning("shared table %s: mbind refused (%s)", spec.name, e)
                 fill(buf)
                 buf.path = final
                 os.rename(tmp, final)  # READY: complete, under its final name
@@ -220,15 +298,24 @@ class SharedTables:
                 tmp.unlink(missing_ok=True)
                 raise
         self.loaded.append(spec.name)
-        log.info("shared table %s: loaded into %s", spec.name, root)
+        log.info("shared table %s: loaded into %s%s", spec.name, root, self._where(buf))
         return buf
+
+    def _where(self, buf: SharedBuffer) -> str:
+        p = buf.placement()
+        node = "no NUMA node" if p["numa_node"] is None else f"NUMA node {p['numa_node']}"
+        pages = ", ".join(f"node {k}: {v}" for k, v in sorted(p["pages_by_node"].items()))
+        huge = f"{p['huge_bytes']} bytes in huge pages ({p['huge_pages_allowed']})"
+        return f" on {node} ({p['numa_why']}; sampled pages {pages}); {huge}"
 
     def _attach(self, final: Path, spec: TableSpec) -> SharedBuffer | None:
         if not final.exists():
             return None
         buf = SharedBuffer(final, spec.nbytes, self.huge_pages)
+        buf.numa = self.numa_choice
         self.attached.append(spec.name)
-        log.info("shared table %s: attached (no load) from %s", spec.name, final.parent)
+        where = self._where(buf)
+        log.info("shared table %s: attached (no load) from %s%s", spec.name, final.parent, where)
         return buf
 
 
@@ -243,49 +330,3 @@ def mapping_pss(pid: int, path: str | Path) -> int:
             elif inside and line.startswith("Pss:"):
                 total += int(parts[1]) * 1024
     return total
-
-
-def load_shared(
-    shared: SharedTables,
-    path: str | Path,
-    plans: dict,
-    placement,
-    device: torch.device,
-    chunk_rows: int,
-    progress: bool,
-):
-    """``plans``: {layer: (TableSource, row dtype, fp8)} -> ({layer: Table}, LoadStats): each
-    table attached from the shared directory or loaded into it (see ``SharedTables.open``)."""
-    import time
-
-    from .rowformat import RowFormat
-    from .store import Placement, Table
-    from .table_load import LoadStats, load_tables
-
-    start = time.perf_counter()
-    layouts, specs = {}, []
-    for lid, (src, out, fp8) in plans.items():
-        fmt = RowFormat("fp8", src.fmt.values) if fp8 else None
-        shape = (src.rows, fmt.row_bytes) if fp8 else (src.rows, src.fmt.values)
-        dtype = torch.uint8 if fp8 else out
-        spec = TableSpec(
-            table_name(path, src.key, "fp8" if fp8 else str(dtype), shape), dtype, shape
-        )
-        layouts[lid] = (fmt, out if fp8 else None, spec)
-        specs.append(spec)
-    root = shared.check_space(specs)
-    tables, moved = {}, 0
-    for lid, (fmt, row_dtype, spec) in layouts.items():
-        src = plans[lid][0]
-
-        def fill(buf: SharedBuffer, lid=lid, fmt=fmt, row_dtype=row_dtype, spec=spec, src=src):
-            t = Table(lid, buf.view(spec.dtype, spec.shape), placement, buf, fmt, row_dtype)
-            load_tables(str(path), {lid: src}, {lid: t}, chunk_rows, progress=progress)
-
-        before = len(shared.loaded)
-        buf = shared.open(root, spec, fill)
-        moved += spec.nbytes if len(shared.loaded) > before else 0
-        if placement is Placement.HOST:
-            buf.register(device)
-        tables[lid] = Table(lid, buf.view(spec.dtype, spec.shape), placement, buf, fmt, row_dtype)
-    return tables, LoadStats(moved, time.perf_counter() - start)
