@@ -21,6 +21,7 @@ node and engines of one node share one. The node's free memory is checked with t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -41,6 +42,7 @@ SHM = Path("/dev/shm")
 MOUNTS = Path("/proc/mounts")
 SUBDIR = "engram-serve"
 SUFFIX = ".rows"
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python lacks it
 SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 
 
@@ -124,6 +126,34 @@ def stale_versions(root: Path, name: str) -> list[Path]:
 
 def _round_up(n: int, to: int) -> int:
     return -(-max(n, 1) // to) * to
+
+
+def reserve(buf: SharedBuffer, node: int | None, final: Path) -> None:
+    """Every page of ``buf``'s file allocated now, so a full tmpfs or hugetlbfs pool fails here
+    (SharedSpaceError) and never as SIGBUS later. Faulted in through the mapping, so its
+    huge-page advice and NUMA policy apply ('advise' mounts give huge pages only this way);
+    posix_fallocate on kernels before 5.14 (no MADV_POPULATE_WRITE)."""
+    try:
+        with numa.bound(node):
+            try:
+                buf._mm.madvise(MADV_POPULATE_WRITE)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                fd = os.open(buf.path, os.O_RDWR)
+                try:
+                    os.posix_fallocate(fd, 0, buf.span)
+                finally:
+                    os.close(fd)
+    except OSError as e:
+        # populating reports a fault it could not satisfy (a full tmpfs, an empty hugetlbfs
+        # pool) as EFAULT
+        why = "no space left" if e.errno in (errno.EFAULT, errno.ENOSPC) else e.strerror
+        raise SharedSpaceError(
+            f"cannot reserve {buf.span} bytes for {final} ({why}); give the shared "
+            "directory room (Docker shm_size, a Kubernetes memory-medium emptyDir) or pass "
+            "--shared-tables-dir DIR"
+        ) from None
 
 
 class SharedBuffer(HostBuffer):
@@ -270,27 +300,20 @@ class SharedTables:
             tmp = root / f"{spec.name}.tmp-{os.getpid()}"
             size = _round_up(spec.nbytes, self.block(root))
             node = self.numa_choice.node if self.numa_choice else None
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                try:  # reserve the pages now (on the node): a full tmpfs fails here, not later
-                    with numa.bound(node):
-                        os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    raise SharedSpaceError(
-                        f"cannot reserve {size} bytes for {final} ({e.strerror}); give the "
-                        "shared directory room (Docker shm_size, a Kubernetes memory-medium "
-                        "emptyDir) or pass --shared-tables-dir DIR"
-                    ) from None
-            finally:
-                os.close(fd)
-            try:
-                buf = SharedBuffer(tmp, spec.nbytes, self.huge_pages)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                buf = SharedBuffer(tmp, spec.nbytes, self.huge_pages)  # huge-page advice first
                 buf.numa = self.numa_choice
                 if node is not None:
-                    try:  # the file's own policy too: pages swapped out come back there
+                    try:  # the file's own policy: its pages go (and come back from swap) there
                         numa.bind_range(buf.ptr, buf.span, node)
                     except OSError as e:
                         log.warning("shared table %s: mbind refused (%s)", spec.name, e)
+                reserve(buf, node, final)
                 fill(buf)
                 buf.path = final
                 os.rename(tmp, final)  # READY: complete, under its final name
