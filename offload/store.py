@@ -347,6 +347,10 @@ class TableStore:
                 shared=shared,
             )
             store.tables.update(part.tables)
+            if part.load_stats is not None:  # every file's bytes and seconds, summed
+                was = store.load_stats or LoadStats(0, 0.0)
+                stats = part.load_stats
+                store.load_stats = LoadStats(was.bytes + stats.bytes, was.seconds + stats.seconds)
         missing = [lid for lid in layer_ids if lid not in store.tables]
         if missing:
             raise ValueError(f"{model_dir}: no Engram table for layer(s) {missing}")

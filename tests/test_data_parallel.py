@@ -104,6 +104,9 @@ def test_tables_are_resident_once(dp):
     files = sorted(shm.rglob("*.rows"))
     assert files
     pids = [e["pid"] for e in engines(url)]
+    # the engines' own account: every table loaded once between them (the others attached)
+    loaded = sum(e["table_bytes_loaded"] for e in engines(url))
+    assert 0 < loaded <= sum(f.stat().st_size for f in files), loaded
     for f in files:
         each = [mapping_pss(pid, f) for pid in pids]
         size = f.stat().st_size
