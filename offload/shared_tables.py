@@ -34,68 +34,18 @@ from pathlib import Path
 import torch
 
 from . import numa
-from .hostmem import HUGE_PAGE, HostBuffer, thp_mode
+from .hostmem import HUGE_PAGE, HostBuffer, huge_bytes_in, thp_mode
+from .shm_mounts import SHM, default_dir, hugetlbfs_mounts, shmem_huge, statvfs_free
 
 log = logging.getLogger(__name__)
 
-SHM = Path("/dev/shm")
-MOUNTS = Path("/proc/mounts")
 SUBDIR = "engram-serve"
 SUFFIX = ".rows"
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python lacks it
-SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 
 
 class SharedSpaceError(ValueError):
     """The shared directory cannot hold the tables (one line: bytes needed and the fix)."""
-
-
-def statvfs_free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def hugetlbfs_mounts(mounts: Path = MOUNTS) -> list[Path]:
-    try:
-        lines = mounts.read_text().splitlines()
-    except OSError:
-        return []
-    return [Path(p[1]) for p in (ln.split() for ln in lines) if len(p) > 2 and p[2] == "hugetlbfs"]
-
-
-def shmem_huge(root: Path, mounts: Path = MOUNTS, enabled: Path = SHMEM_ENABLED) -> str:
-    """Whether files under ``root`` may get huge pages: 'hugetlbfs', or the tmpfs mount's
-    ``huge=`` option (never, always, within_size, advise: only a mapping that asks), which the
-    system's shmem setting 'force' or 'deny' overrides; 'none' for other filesystems."""
-    try:
-        lines = [ln.split() for ln in mounts.read_text().splitlines()]
-    except OSError:
-        lines = []
-    best: list[str] | None = None
-    for p in lines:  # the longest mount point holding root
-        if len(p) > 3 and (root == Path(p[1]) or Path(p[1]) in root.parents):
-            if best is None or len(p[1]) >= len(best[1]):
-                best = p
-    if best is None or best[2] not in ("tmpfs", "hugetlbfs"):
-        return "none"
-    if best[2] == "hugetlbfs":
-        return "hugetlbfs"
-    system = thp_mode(enabled)
-    if system in ("force", "deny"):
-        return "always" if system == "force" else "never"
-    opts = dict(o.partition("=")[::2] for o in best[3].split(","))
-    return opts.get("huge", "never")
-
-
-def default_dir(need: int, free: Callable[[Path], int] = statvfs_free) -> Path:
-    """A writable hugetlbfs mount with room for ``need`` bytes, else /dev/shm."""
-    for mount in hugetlbfs_mounts():
-        try:
-            if os.access(mount, os.W_OK) and free(mount) >= need:
-                return mount
-        except OSError:
-            continue
-    return SHM
 
 
 def table_name(
@@ -186,17 +136,23 @@ class SharedBuffer(HostBuffer):
         self.numa: numa.NumaChoice | None = None  # where the loader bound the pages
         self.shmem_huge = shmem_huge(path.parent)
 
-    def placement(self) -> dict:
+    def placement(self, smaps: str | None = None) -> dict:
         """Where this table sits: the file, the NUMA node asked for and why, the node of 64
-        sampled pages, and whether its pages are huge."""
+        sampled pages, and whether its pages are huge (from ``smaps`` when the caller has
+        read /proc/self/smaps already)."""
         choice = self.numa or numa.NumaChoice(None, "not bound")
+        huge = (
+            self.huge_bytes()
+            if smaps is None
+            else huge_bytes_in(smaps, self.ptr, self.ptr + self.span)
+        )
         return {
             "path": str(self.path),
             "numa_node": choice.node,
             "numa_why": choice.why,
             "pages_by_node": numa.pages_by_node(self.ptr, self.nbytes),
             "huge_pages_allowed": self.shmem_huge,
-            "huge_bytes": self.huge_bytes(),
+            "huge_bytes": min(huge, self.nbytes),
         }
 
     def describe(self) -> dict:
@@ -324,12 +280,17 @@ class SharedTables:
         log.info("shared table %s: loaded into %s%s", spec.name, root, self._where(buf))
         return buf
 
-    def _where(self, buf: SharedBuffer) -> str:
-        p = buf.placement()
-        node = "no NUMA node" if p["numa_node"] is None else f"NUMA node {p['numa_node']}"
-        pages = ", ".join(f"node {k}: {v}" for k, v in sorted(p["pages_by_node"].items()))
-        huge = f"{p['huge_bytes']} bytes in huge pages ({p['huge_pages_allowed']})"
-        return f" on {node} ({p['numa_why']}; sampled pages {pages}); {huge}"
+    def _where(self, buf: SharedBuffer, huge: bool = True) -> str:
+        """Where ``buf`` sits, for the log; ``huge``: with its huge-page bytes (reads smaps:
+        tens of ms in a process with torch, so an attach leaves it to /v1/offload)."""
+        choice = buf.numa or numa.NumaChoice(None, "not bound")
+        node = "no NUMA node" if choice.node is None else f"NUMA node {choice.node}"
+        counts = numa.pages_by_node(buf.ptr, buf.nbytes)
+        pages = ", ".join(f"node {k}: {v}" for k, v in sorted(counts.items()))
+        where = f" on {node} ({choice.why}; sampled pages {pages})"
+        if huge:
+            where += f"; {buf.huge_bytes()} bytes in huge pages ({buf.shmem_huge})"
+        return where
 
     def _attach(self, final: Path, spec: TableSpec) -> SharedBuffer | None:
         if not final.exists():
@@ -337,7 +298,7 @@ class SharedTables:
         buf = SharedBuffer(final, spec.nbytes, self.huge_pages)
         buf.numa = self.numa_choice
         self.attached.append(spec.name)
-        where = self._where(buf)
+        where = self._where(buf, huge=False)
         log.info("shared table %s: attached (no load) from %s%s", spec.name, final.parent, where)
         return buf
 

@@ -217,7 +217,7 @@ class TableStore:
             "huge_bytes": huge,
             "registered": bool(registered) and all(registered),
             "shared": [
-                {"layer": lid, **t.memory.placement()}
+                {"layer": lid, **t.memory.placement(smaps)}
                 for lid, t in self.tables.items()
                 if isinstance(t.memory, SharedBuffer)
             ],

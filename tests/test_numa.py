@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from offload import numa
 from offload.numa import NumaRoomError, choose
-from offload.shared_tables import SharedTables, shmem_huge, stale_versions, table_name
+from offload.shared_tables import SharedTables, stale_versions, table_name
+from offload.shm_mounts import shmem_huge
 from offload.store import TableStore
 
 ROOT = Path(__file__).resolve().parents[1]
