@@ -1,10 +1,11 @@
 """NUMA placement of shared tables: the node of the GPU that reads them, and binding pages there.
 
 A GPU's node is its PCI device's ``numa_node`` in sysfs (-1: the platform does not say). Pages
-are placed by setting this thread's memory policy to MPOL_BIND on the node while the table's
-file is allocated (posix_fallocate allocates every page at once, under the calling thread's
-policy), then restoring the default: no libnuma needed, only the raw syscalls. Every function
-takes the sysfs root, so tests describe multi-node machines with a fake tree.
+are placed before any is allocated: ``mbind(MPOL_BIND)`` on the table's fresh mapping (for a
+tmpfs file that is the file's own policy, which every process mapping it shares), and this
+thread's policy bound to the node while the pages are reserved (``bound``), which covers the
+posix_fallocate fallback too. No libnuma: only the raw syscalls. Every function takes the sysfs
+root, so tests describe multi-node machines with a fake tree.
 
 Where the engines of one machine sit on several nodes, each node gets its own copy of a table
 (its name carries the node, as SGLang keeps one copy per NUMA node): an engine reads only local

@@ -12,7 +12,9 @@ tensor, the stored row format and shape), so a changed checkpoint never attaches
 Each table maps as a :class:`SharedBuffer` (a :class:`~offload.hostmem.HostBuffer` over the
 file, MAP_SHARED), so the pinned host tier registers it with CUDA through the same path.
 Free space is checked (statvfs) before anything loads: a table that does not fit is refused
-with one line giving the bytes needed and where to get them.
+with one line giving the bytes needed and where to get them; every page is then reserved
+through the mapping before a row is written (``reserve``), so a space that runs out anyway
+refuses the same way instead of a SIGBUS mid-load.
 
 NUMA (``offload.numa``): a table's pages are bound, as its file is allocated, to the node of the
 GPU that reads it; the node is part of the name, so engines on several nodes keep one copy per

@@ -17,7 +17,7 @@ from offload import numa
 from offload.numa import NumaRoomError, choose
 from offload.shared_tables import SharedTables, stale_versions, table_name
 from offload.shm_mounts import shmem_huge
-from offload.store import TableStore
+from offload.store import TableStore, cupy_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 # a two-socket machine: GPUs 0-1 on node 0, 2-3 on node 1, one whose platform gives no node
@@ -167,3 +167,29 @@ def test_huge_pages_allowed_from_mounts(tmp_path):
     assert shmem_huge(Path("/home/x"), mounts, enabled) == "none"
     enabled.write_text("always within_size advise never deny [force]\n")
     assert shmem_huge(Path("/run/x"), mounts, enabled) == "always"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_ok(), reason="needs CUDA and CuPy")
+def test_gpu_tables_land_on_the_node_of_their_gpu(table, shm):
+    """On a real GPU: its PCI address is in sysfs, auto picks that device's node, the table's
+    pages sit there (or nothing is bound where the platform reports no node), and the
+    registered table gathers on the device."""
+    path, rows = table
+    bus = numa.pci_bus_id(0)
+    assert bus and Path("/sys/bus/pci/devices", bus).is_dir(), bus
+    want = numa.gpu_node(bus)
+    assert choose("auto", torch.device("cuda", 0)).node == want
+    shared = SharedTables(shm)
+    store = TableStore.from_safetensors(
+        path, {0: "t"}, "host", "cuda:0", progress=False, shared=shared
+    )
+    t = store[0]
+    assert t.memory.registered_device == 0 and t.memory.numa.node == want
+    placed = store.describe()["shared"][0]
+    assert placed["numa_node"] == want
+    if want is not None:
+        assert placed["pages_by_node"] == {str(want): 64} and f"-n{want}-" in t.memory.path.name
+    idx = torch.randint(0, rows.shape[0], (257,), device="cuda")
+    got = t.device_view(torch.device("cuda", 0))[idx].cpu()
+    assert torch.equal(got.view(torch.int16), rows[idx.cpu()].view(torch.int16))
