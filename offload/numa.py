@@ -170,18 +170,31 @@ def _mask(node: int) -> tuple[ctypes.Array, int]:
     return mask, words * 64 + 1  # maxnode counts one past the last bit, as libnuma passes
 
 
-def set_thread_policy(node: int | None) -> None:
-    """This thread's memory policy: MPOL_BIND on ``node``, or the default (None). OSError when
-    the kernel refuses (a container without CAP_SYS_NICE under Docker's seccomp profile)."""
+MASK_WORDS = 16  # room for 1024 nodes when reading a policy back
+
+
+def thread_policy() -> tuple[int, ctypes.Array]:
+    """This thread's memory policy (mode with its flags, node mask), to put back later."""
+    nums = _syscalls()
+    mode, mask = ctypes.c_int(MPOL_DEFAULT), (ctypes.c_ulong * MASK_WORDS)()
+    if nums is not None:
+        maxnode = ctypes.c_ulong(MASK_WORDS * 64 + 1)
+        where = (ctypes.c_ulong(0), ctypes.c_ulong(0))
+        rc = _libc().syscall(ctypes.c_long(nums[2]), ctypes.byref(mode), mask, maxnode, *where)
+        if rc != 0:
+            return MPOL_DEFAULT, mask
+    return mode.value, mask
+
+
+def set_thread_policy(mode: int, mask: ctypes.Array | None = None) -> None:
+    """This thread's memory policy: ``mode`` (with its flags) over the nodes in ``mask``.
+    OSError when the kernel refuses (some container seccomp profiles allow memory policies
+    only with CAP_SYS_NICE)."""
     nums = _syscalls()
     if nums is None:
         raise OSError(f"NUMA binding is not wired for {platform.machine()}")
-    if node is None:
-        args = (ctypes.c_int(MPOL_DEFAULT), None, ctypes.c_ulong(0))
-    else:
-        mask, maxnode = _mask(node)
-        args = (ctypes.c_int(MPOL_BIND), mask, ctypes.c_ulong(maxnode))
-    rc = _libc().syscall(ctypes.c_long(nums[1]), *args)
+    maxnode = ctypes.c_ulong(len(mask) * 64 + 1 if mask is not None else 0)
+    rc = _libc().syscall(ctypes.c_long(nums[1]), ctypes.c_int(mode), mask, maxnode)
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"set_mempolicy: {os.strerror(err)}")
@@ -204,15 +217,17 @@ def bind_range(ptr: int, nbytes: int, node: int) -> None:
 
 @contextlib.contextmanager
 def bound(node: int | None) -> Iterator[None]:
-    """Pages this thread allocates inside land on ``node`` (nothing changes for None)."""
+    """Pages this thread allocates inside land on ``node``; the thread's own policy (say, from
+    numactl) comes back after. Nothing changes for None."""
     if node is None:
         yield
         return
-    set_thread_policy(node)
+    mode, mask = thread_policy()
+    set_thread_policy(MPOL_BIND, _mask(node)[0])
     try:
         yield
     finally:
-        set_thread_policy(None)
+        set_thread_policy(mode, None if mode == MPOL_DEFAULT else mask)
 
 
 def page_node(addr: int) -> int | None:

@@ -193,3 +193,19 @@ def test_gpu_tables_land_on_the_node_of_their_gpu(table, shm):
     idx = torch.randint(0, rows.shape[0], (257,), device="cuda")
     got = t.device_view(torch.device("cuda", 0))[idx].cpu()
     assert torch.equal(got.view(torch.int16), rows[idx.cpu()].view(torch.int16))
+
+
+def test_binding_puts_the_threads_own_policy_back():
+    """A process started under numactl keeps its policy: ``bound`` restores what it found."""
+    mode, _ = numa.thread_policy()
+    assert mode == numa.MPOL_DEFAULT
+    preferred = 1  # MPOL_PREFERRED on node 0, as `numactl --preferred 0` sets it
+    numa.set_thread_policy(preferred, numa._mask(0)[0])
+    try:
+        with numa.bound(0):
+            assert numa.thread_policy()[0] == numa.MPOL_BIND
+        mode, mask = numa.thread_policy()
+        assert mode == preferred and mask[0] == 1
+    finally:
+        numa.set_thread_policy(numa.MPOL_DEFAULT)
+    assert numa.thread_policy()[0] == numa.MPOL_DEFAULT
