@@ -12,6 +12,7 @@ from pathlib import Path
 
 from models.checkpoint import default_model_dir
 from models.dtype import CHOICES as DTYPE_CHOICES
+from offload.numa import parse_policy
 from offload.paths import FILE_PLACEMENT, GATHERS, Placement
 from offload.shared_tables import SharedTables
 from offload.store import ROW_FORMATS
@@ -78,6 +79,12 @@ class EngineConfig:
         "directory of the shared tables; implies --shared-tables (default: a hugetlbfs mount "
         "with room, else /dev/shm)",
     )
+    shared_tables_numa: str = flag(
+        "auto",
+        "NUMA node of the shared tables: auto (the node of the engine's GPU: engines on "
+        "several nodes keep one copy per node), off (one copy, pages where first touched), "
+        "or a node number",
+    )
     hot_rows: str = flag(
         "0",
         "rows of each Engram layer kept in a hot-row cache on the compute device: a count, or "
@@ -139,7 +146,7 @@ class EngineConfig:
         if not (self.shared_tables or self.shared_tables_dir):
             return None
         where = Path(self.shared_tables_dir) if self.shared_tables_dir else None
-        return SharedTables(where, self.huge_pages)
+        return SharedTables(where, self.huge_pages, numa_policy=self.shared_tables_numa)
 
     def num_kv_blocks(self, max_context: int) -> int:
         """The KV pool: ``kv_blocks``, or enough for max_num_seqs sequences of max_context."""
@@ -150,6 +157,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        parse_policy(self.shared_tables_numa)
         if self.gather_threads < 0:
             raise ValueError("--gather-threads must be 0 (from the core count) or more")
         if self.host_memory_bytes < 0 or self.file_read_threads < 1:

@@ -34,7 +34,13 @@ SMAPS = Path("/proc/self/smaps")
 MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)  # Linux value; Python < 3.12 lacks it
 CUDA_HOST_REGISTER_PORTABLE = 1
 CUDA_HOST_REGISTER_MAPPED = 2
-_HUGE_FIELDS = ("AnonHugePages:", "Private_Hugetlb:", "Shared_Hugetlb:")
+_HUGE_FIELDS = (
+    "AnonHugePages:",
+    "ShmemPmdMapped:",  # a shared tmpfs/memfd mapping's THP
+    "FilePmdMapped:",
+    "Private_Hugetlb:",
+    "Shared_Hugetlb:",
+)
 
 
 def thp_mode(path: Path = THP_ENABLED) -> str:

@@ -12,11 +12,18 @@ tensor, the stored row format and shape), so a changed checkpoint never attaches
 Each table maps as a :class:`SharedBuffer` (a :class:`~offload.hostmem.HostBuffer` over the
 file, MAP_SHARED), so the pinned host tier registers it with CUDA through the same path.
 Free space is checked (statvfs) before anything loads: a table that does not fit is refused
-with one line giving the bytes needed and where to get them.
+with one line giving the bytes needed and where to get them; every page is then reserved
+through the mapping before a row is written (``reserve``), so a space that runs out anyway
+refuses the same way instead of a SIGBUS mid-load.
+
+NUMA (``offload.numa``): a table's pages are bound, as its file is allocated, to the node of the
+GPU that reads it; the node is part of the name, so engines on several nodes keep one copy per
+node and engines of one node share one. The node's free memory is checked with the space.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -28,53 +35,34 @@ from pathlib import Path
 
 import torch
 
-from .hostmem import HUGE_PAGE, HostBuffer, thp_mode
+from . import numa
+from .hostmem import HUGE_PAGE, HostBuffer, huge_bytes_in, thp_mode
+from .shm_mounts import SHM, default_dir, hugetlbfs_mounts, shmem_huge, statvfs_free
 
 log = logging.getLogger(__name__)
 
-SHM = Path("/dev/shm")
-MOUNTS = Path("/proc/mounts")
 SUBDIR = "engram-serve"
 SUFFIX = ".rows"
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python lacks it
 
 
 class SharedSpaceError(ValueError):
     """The shared directory cannot hold the tables (one line: bytes needed and the fix)."""
 
 
-def statvfs_free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def hugetlbfs_mounts(mounts: Path = MOUNTS) -> list[Path]:
-    try:
-        lines = mounts.read_text().splitlines()
-    except OSError:
-        return []
-    return [Path(p[1]) for p in (ln.split() for ln in lines) if len(p) > 2 and p[2] == "hugetlbfs"]
-
-
-def default_dir(need: int, free: Callable[[Path], int] = statvfs_free) -> Path:
-    """A writable hugetlbfs mount with room for ``need`` bytes, else /dev/shm."""
-    for mount in hugetlbfs_mounts():
-        try:
-            if os.access(mount, os.W_OK) and free(mount) >= need:
-                return mount
-        except OSError:
-            continue
-    return SHM
-
-
-def table_name(path: str | Path, key: str, stored: str, shape: tuple[int, ...]) -> str:
+def table_name(
+    path: str | Path, key: str, stored: str, shape: tuple[int, ...], node: int | None = None
+) -> str:
     """The shared file's name for tensor ``key`` of the checkpoint file at ``path``, stored as
     ``stored`` (e.g. 'fp8', 'torch.bfloat16') in ``shape``: ``<family>-<version>.rows``, where
-    the family is the file, tensor and row layout, and the version the file's size and mtime."""
+    the family is the file, tensor, row layout and NUMA node (``-n<node>``: one copy per node),
+    and the version the file's size and mtime."""
     p = Path(path).resolve()
     st = p.stat()
     where = hashlib.sha256(f"{p}|{key}|{stored}|{list(shape)}".encode()).hexdigest()[:8]
     version = hashlib.sha256(f"{where}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{p.parent.name}-{key.replace('/', '_')}-{where}-{version}{SUFFIX}"
+    on = "" if node is None else f"-n{node}"
+    return f"{p.parent.name}-{key.replace('/', '_')}-{where}{on}-{version}{SUFFIX}"
 
 
 def family(name: str) -> str:
@@ -90,6 +78,34 @@ def stale_versions(root: Path, name: str) -> list[Path]:
 
 def _round_up(n: int, to: int) -> int:
     return -(-max(n, 1) // to) * to
+
+
+def reserve(buf: SharedBuffer, node: int | None, final: Path) -> None:
+    """Every page of ``buf``'s file allocated now, so a full tmpfs or hugetlbfs pool fails here
+    (SharedSpaceError) and never as SIGBUS later. Faulted in through the mapping, so its
+    huge-page advice and NUMA policy apply ('advise' mounts give huge pages only this way);
+    posix_fallocate on kernels before 5.14 (no MADV_POPULATE_WRITE)."""
+    try:
+        with numa.bound(node):
+            try:
+                buf._mm.madvise(MADV_POPULATE_WRITE)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                fd = os.open(buf.path, os.O_RDWR)
+                try:
+                    os.posix_fallocate(fd, 0, buf.span)
+                finally:
+                    os.close(fd)
+    except OSError as e:
+        # populating reports a fault it could not satisfy (a full tmpfs, an empty hugetlbfs
+        # pool) as EFAULT
+        why = "no space left" if e.errno in (errno.EFAULT, errno.ENOSPC) else e.strerror
+        raise SharedSpaceError(
+            f"cannot reserve {buf.span} bytes for {final} ({why}); give the shared "
+            "directory room (Docker shm_size, a Kubernetes memory-medium emptyDir) or pass "
+            "--shared-tables-dir DIR"
+        ) from None
 
 
 class SharedBuffer(HostBuffer):
@@ -119,9 +135,30 @@ class SharedBuffer(HostBuffer):
         self.ptr = self._range.data_ptr()
         self.registered_device = None
         self._finalizer = None
+        self.numa: numa.NumaChoice | None = None  # where the loader bound the pages
+        self.shmem_huge = shmem_huge(path.parent)
+
+    def placement(self, smaps: str | None = None) -> dict:
+        """Where this table sits: the file, the NUMA node asked for and why, the node of 64
+        sampled pages, and whether its pages are huge (from ``smaps`` when the caller has
+        read /proc/self/smaps already)."""
+        choice = self.numa or numa.NumaChoice(None, "not bound")
+        huge = (
+            self.huge_bytes()
+            if smaps is None
+            else huge_bytes_in(smaps, self.ptr, self.ptr + self.span)
+        )
+        return {
+            "path": str(self.path),
+            "numa_node": choice.node,
+            "numa_why": choice.why,
+            "pages_by_node": numa.pages_by_node(self.ptr, self.nbytes),
+            "huge_pages_allowed": self.shmem_huge,
+            "huge_bytes": min(huge, self.nbytes),
+        }
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": str(self.path)}
+        return {**super().describe(), **self.placement()}
 
 
 @dataclass
@@ -145,6 +182,10 @@ class SharedTables:
     directory: Path | None = None
     huge_pages: bool = True
     free: Callable[[Path], int] = statvfs_free
+    numa_policy: str = "auto"  # auto: the node of the engine's GPU; off; or a node number
+    sys_root: Path = numa.SYS  # where NUMA facts are read (tests pass a fake tree)
+    bus_id: Callable[[int], str | None] = numa.pci_bus_id
+    numa_choice: numa.NumaChoice | None = None  # what place() chose
     attached: list[str] = field(default_factory=list)  # names this process attached to
     loaded: list[str] = field(default_factory=list)  # names this process loaded
 
@@ -159,8 +200,23 @@ class SharedTables:
         """The size files round up to: 2 MiB (hugetlbfs needs it; shmem THP wants it)."""
         return HUGE_PAGE if (self.huge_pages or root.parent in hugetlbfs_mounts()) else 4096
 
+    def place(self, device: torch.device) -> numa.NumaChoice:
+        """The NUMA node for ``device``'s tables; unbound (with a warning) where the kernel
+        refuses memory policies."""
+        choice = numa.choose(self.numa_policy, device, self.sys_root, self.bus_id)
+        if choice.node is not None:
+            try:
+                with numa.bound(choice.node):
+                    pass
+            except OSError as e:
+                log.warning("shared tables: cannot bind to NUMA node %d (%s)", choice.node, e)
+                choice = numa.NumaChoice(None, f"binding to node {choice.node} refused: {e}")
+        self.numa_choice = choice
+        return choice
+
     def check_space(self, specs: list[TableSpec]) -> Path:
-        """The directory, after refusing (SharedSpaceError) tables that will not fit."""
+        """The directory, after refusing (SharedSpaceError) tables that will not fit, and
+        (NumaRoomError) tables whose NUMA node has not the room."""
         total = sum(s.nbytes for s in specs)
         root = self.root(total)
         step = self.block(root)
@@ -176,6 +232,8 @@ class SharedTables:
                 f"emptyDir {{medium: Memory, sizeLimit: {gib + 1}Gi}} volume) or pass "
                 "--shared-tables-dir DIR on a filesystem with room"
             )
+        if self.numa_choice is not None and self.numa_choice.node is not None:
+            numa.check_room(self.numa_choice.node, need, self.sys_root)
         return root
 
     def open(
@@ -199,20 +257,21 @@ class SharedTables:
                 old.unlink(missing_ok=True)
             tmp = root / f"{spec.name}.tmp-{os.getpid()}"
             size = _round_up(spec.nbytes, self.block(root))
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            node = self.numa_choice.node if self.numa_choice else None
             try:
-                try:  # reserve the pages now: a full tmpfs fails here, not as SIGBUS later
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    raise SharedSpaceError(
-                        f"cannot reserve {size} bytes for {final} ({e.strerror}); give the "
-                        "shared directory room (Docker shm_size, a Kubernetes memory-medium "
-                        "emptyDir) or pass --shared-tables-dir DIR"
-                    ) from None
-            finally:
-                os.close(fd)
-            try:
-                buf = SharedBuffer(tmp, spec.nbytes, self.huge_pages)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                buf = SharedBuffer(tmp, spec.nbytes, self.huge_pages)  # huge-page advice first
+                buf.numa = self.numa_choice
+                if node is not None:
+                    try:  # the file's own policy: its pages go (and come back from swap) there
+                        numa.bind_range(buf.ptr, buf.span, node)
+                    except OSError as e:
+                        log.warning("shared table %s: mbind refused (%s)", spec.name, e)
+                reserve(buf, node, final)
                 fill(buf)
                 buf.path = final
                 os.rename(tmp, final)  # READY: complete, under its final name
@@ -220,15 +279,29 @@ class SharedTables:
                 tmp.unlink(missing_ok=True)
                 raise
         self.loaded.append(spec.name)
-        log.info("shared table %s: loaded into %s", spec.name, root)
+        log.info("shared table %s: loaded into %s%s", spec.name, root, self._where(buf))
         return buf
+
+    def _where(self, buf: SharedBuffer, huge: bool = True) -> str:
+        """Where ``buf`` sits, for the log; ``huge``: with its huge-page bytes (reads smaps:
+        tens of ms in a process with torch, so an attach leaves it to /v1/offload)."""
+        choice = buf.numa or numa.NumaChoice(None, "not bound")
+        node = "no NUMA node" if choice.node is None else f"NUMA node {choice.node}"
+        counts = numa.pages_by_node(buf.ptr, buf.nbytes)
+        pages = ", ".join(f"node {k}: {v}" for k, v in sorted(counts.items()))
+        where = f" on {node} ({choice.why}; sampled pages {pages})"
+        if huge:
+            where += f"; {buf.huge_bytes()} bytes in huge pages ({buf.shmem_huge})"
+        return where
 
     def _attach(self, final: Path, spec: TableSpec) -> SharedBuffer | None:
         if not final.exists():
             return None
         buf = SharedBuffer(final, spec.nbytes, self.huge_pages)
+        buf.numa = self.numa_choice
         self.attached.append(spec.name)
-        log.info("shared table %s: attached (no load) from %s", spec.name, final.parent)
+        where = self._where(buf, huge=False)
+        log.info("shared table %s: attached (no load) from %s%s", spec.name, final.parent, where)
         return buf
 
 
@@ -243,49 +316,3 @@ def mapping_pss(pid: int, path: str | Path) -> int:
             elif inside and line.startswith("Pss:"):
                 total += int(parts[1]) * 1024
     return total
-
-
-def load_shared(
-    shared: SharedTables,
-    path: str | Path,
-    plans: dict,
-    placement,
-    device: torch.device,
-    chunk_rows: int,
-    progress: bool,
-):
-    """``plans``: {layer: (TableSource, row dtype, fp8)} -> ({layer: Table}, LoadStats): each
-    table attached from the shared directory or loaded into it (see ``SharedTables.open``)."""
-    import time
-
-    from .rowformat import RowFormat
-    from .store import Placement, Table
-    from .table_load import LoadStats, load_tables
-
-    start = time.perf_counter()
-    layouts, specs = {}, []
-    for lid, (src, out, fp8) in plans.items():
-        fmt = RowFormat("fp8", src.fmt.values) if fp8 else None
-        shape = (src.rows, fmt.row_bytes) if fp8 else (src.rows, src.fmt.values)
-        dtype = torch.uint8 if fp8 else out
-        spec = TableSpec(
-            table_name(path, src.key, "fp8" if fp8 else str(dtype), shape), dtype, shape
-        )
-        layouts[lid] = (fmt, out if fp8 else None, spec)
-        specs.append(spec)
-    root = shared.check_space(specs)
-    tables, moved = {}, 0
-    for lid, (fmt, row_dtype, spec) in layouts.items():
-        src = plans[lid][0]
-
-        def fill(buf: SharedBuffer, lid=lid, fmt=fmt, row_dtype=row_dtype, spec=spec, src=src):
-            t = Table(lid, buf.view(spec.dtype, spec.shape), placement, buf, fmt, row_dtype)
-            load_tables(str(path), {lid: src}, {lid: t}, chunk_rows, progress=progress)
-
-        before = len(shared.loaded)
-        buf = shared.open(root, spec, fill)
-        moved += spec.nbytes if len(shared.loaded) > before else 0
-        if placement is Placement.HOST:
-            buf.register(device)
-        tables[lid] = Table(lid, buf.view(spec.dtype, spec.shape), placement, buf, fmt, row_dtype)
-    return tables, LoadStats(moved, time.perf_counter() - start)

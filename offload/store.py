@@ -29,7 +29,8 @@ from models.safetensors_header import read_header
 
 from .hostmem import SMAPS, HostBuffer, PinnedBuffer, host_table_memory, huge_bytes_in, thp_mode
 from .rowformat import FORMATS, PLAIN_DTYPES, RowFormat, dequantize_fp8
-from .shared_tables import SharedTables, load_shared
+from .shared_load import load_shared
+from .shared_tables import SharedBuffer, SharedTables
 from .table_load import LoadStats, TableSource, load_tables, table_source
 
 ROW_FORMATS = ("auto", *FORMATS)  # what a load may ask for; 'auto' keeps tables as stored
@@ -215,6 +216,11 @@ class TableStore:
             "bytes": sum(t.nbytes for t in self.tables.values()),
             "huge_bytes": huge,
             "registered": bool(registered) and all(registered),
+            "shared": [
+                {"layer": lid, **t.memory.placement(smaps)}
+                for lid, t in self.tables.items()
+                if isinstance(t.memory, SharedBuffer)
+            ],
         }
 
     @classmethod
@@ -341,6 +347,10 @@ class TableStore:
                 shared=shared,
             )
             store.tables.update(part.tables)
+            if part.load_stats is not None:  # every file's bytes and seconds, summed
+                was = store.load_stats or LoadStats(0, 0.0)
+                stats = part.load_stats
+                store.load_stats = LoadStats(was.bytes + stats.bytes, was.seconds + stats.seconds)
         missing = [lid for lid in layer_ids if lid not in store.tables]
         if missing:
             raise ValueError(f"{model_dir}: no Engram table for layer(s) {missing}")

@@ -104,6 +104,9 @@ def test_tables_are_resident_once(dp):
     files = sorted(shm.rglob("*.rows"))
     assert files
     pids = [e["pid"] for e in engines(url)]
+    # the engines' own account: every table loaded once between them (the others attached)
+    loaded = sum(e["table_bytes_loaded"] for e in engines(url))
+    assert 0 < loaded <= sum(f.stat().st_size for f in files), loaded
     for f in files:
         each = [mapping_pss(pid, f) for pid in pids]
         size = f.stat().st_size
@@ -125,6 +128,12 @@ def test_offload_lists_each_engines_tables(dp):
     assert body["data_parallel_size"] == 2 and sorted(body["engines"]) == ["0", "1"]
     for info in body["engines"].values():
         assert info["placement"] == "cpu" and sum(info["table_bytes"].values()) > 0
+        # where each shared table sits: CPU engines bind no NUMA node (pages where first touched)
+        placed = info["tables"]["shared"]
+        assert placed and all(
+            p["numa_node"] is None and "cpu engine" in p["numa_why"] for p in placed
+        )
+        assert all(p["pages_by_node"] and p["huge_pages_allowed"] for p in placed)
     # memories are refused under data parallel at start-up; the list answers, empty
     mems = httpx.get(url + "/v1/memories", timeout=10)
     assert mems.status_code == 200 and mems.json()["data"] == []

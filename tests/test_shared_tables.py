@@ -209,3 +209,45 @@ def test_gpu_shared_table_is_registered_and_gathered_on_the_device(tmp_path, shm
         assert torch.equal(out.cpu().view(torch.int16), rows[idx.cpu()].view(torch.int16))
         del view
     torch.cuda.synchronize()
+
+
+FULL = r"""
+import sys
+from pathlib import Path
+from offload.shared_tables import SharedSpaceError, SharedTables
+from offload.store import TableStore
+small = Path(sys.argv[2])
+# statvfs says there is room (as a racing writer could leave it): the reservation must refuse
+shared = SharedTables(small, free=lambda p: 1 << 40)
+try:
+    TableStore.from_safetensors(sys.argv[1], {0: "t"}, "cpu", progress=False, shared=shared)
+except SharedSpaceError as e:
+    print("refused:", e)
+print("left:", sorted(p.name for p in small.rglob("*") if p.suffix != ".lock"))
+"""
+
+
+def test_a_really_full_tmpfs_refuses_at_reservation_not_sigbus(tmp_path):
+    """A 1 MiB tmpfs of our own (a user and mount namespace) and a 2 MiB table: the pages are
+    reserved before any row is written, so the load fails in one line and leaves no file."""
+    unshare = shutil.which("unshare")
+    probe = [unshare or "unshare", "-rm", "true"]
+    if unshare is None or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rm (user namespaces) to mount a small tmpfs")
+    path = tmp_path / "engram.safetensors"
+    write_table(path)  # 2 MiB
+    small = tmp_path / "small"
+    small.mkdir()
+    script = tmp_path / "full.py"
+    script.write_text(FULL)
+    cmd = f"mount -t tmpfs -o size=1m none {small} && {sys.executable} {script} {path} {small}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [unshare, "-rm", "sh", "-c", cmd], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    refused = [ln for ln in out.stdout.splitlines() if ln.startswith("refused:")]
+    assert len(refused) == 1 and "cannot reserve 2097152 bytes" in refused[0], out.stdout
+    assert "shm_size" in refused[0] and "--shared-tables-dir" in refused[0]
+    assert "(no space left)" in refused[0], refused
+    assert "left: []" in out.stdout, out.stdout
