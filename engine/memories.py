@@ -119,7 +119,6 @@ class MemorySet:
         self.previous: set[Memory] = set()
         self._current: set[Memory] = set()
         self._lock = threading.Lock()  # HTTP threads read, the engine thread writes
-        self.on_free: list[Callable[[Memory], None]] = []
 
     # --- names (any thread) -----------------------------------------------------------
     def names(self) -> list[str]:
@@ -186,8 +185,6 @@ class MemorySet:
                 if m in self.retired:
                     self.retired.remove(m)
             m.close()
-            for fn in self.on_free:
-                fn(m)
             log.info("memory %s version %d freed", m.name, m.version)
         return [m for _, m in freed]
 

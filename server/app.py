@@ -154,6 +154,7 @@ class ServerState:
             self.memory_loader = MemoryLoader(offload, self._place_tables)
             if plain is not None:
                 engine.memories.plain_base(plain[0], plain[1], memory_format(plain[1]))
+                self.memory_loader.versions[plain[0]] = 1  # a reload of it is version 2
                 self.metrics.watch_memory(engine.memories.current[plain[0]])
             self.metrics.watch_memory(engine.memories.base)
             with clock.phase("memories"):
