@@ -211,6 +211,22 @@ def test_bad_memory_requests_are_refused_and_change_nothing(ours, tmp_path):
             httpx.post(srv.url + "/v1/memories", json={"name": "a", "path": "x"}).status_code == 401
         )
         assert post({"name": "m1", "path": str(ours["m1"])}).status_code == 200
+        # the README's multi-tenant use: the official client, the memory as the model
+        import openai
+
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+        cards = {m.id: m for m in client.models.list().data}
+        assert cards["m1"].parent == "base" and cards["base"].parent is None
+        prompt = prompts_for(1, 400)[0]
+        for tenant in ("base", "m1"):
+            got = client.completions.create(
+                model=tenant,
+                prompt=prompt,
+                max_tokens=4,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            assert got.model == tenant and got.usage.completion_tokens == 4
         start = _memories(srv.url, key)
         assert start == {"base": 1, "m1": 1}
         cases = [
