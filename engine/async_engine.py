@@ -9,6 +9,7 @@ fails only the requests in it; the engine keeps serving the rest.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import itertools
 import threading
@@ -21,6 +22,7 @@ from offload.offloaded_model import OffloadedModel
 
 from .config import EngineConfig
 from .engine import Engine, EngineStats, SeqOutput
+from .memories import BadMemory, Memory
 from .sampling import BadParams, SamplingParams
 from .sequence import Sequence
 
@@ -63,8 +65,16 @@ class Delta:
 class RequestStream:
     """One submitted prompt (its ``n`` sequences) and the queue its deltas arrive on."""
 
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, loop) -> None:
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop,
+        memory: str | None = None,
+    ) -> None:
         self.id, self.prompt_ids, self.params, self.loop = rid, prompt_ids, params, loop
+        self.memory = memory  # the Engram memory's name (None: the served model's own)
         self.seqs: list[Sequence] = []
         self.open = params.n  # choices whose last delta has not been pushed yet
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
@@ -128,6 +138,9 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self.engine.close()
+        for m in self.memories.snapshot():
+            if not m.base:
+                m.close()
         self.offload.close()
         gc.unfreeze()  # what start froze can be collected again
 
@@ -175,12 +188,17 @@ class AsyncEngine:
         return self.engine.max_tokens_per_seq
 
     # --- API for handlers (event-loop thread) ----------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
-        return self.submit_many([(prompt_ids, params)])[0]
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, memory: str | None = None
+    ) -> RequestStream:
+        return self.submit_many([(prompt_ids, params)], memory)[0]
 
-    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+    def submit_many(
+        self, items: list[tuple[list[int], SamplingParams]], memory: str | None = None
+    ) -> list[RequestStream]:
         """Queue prompts together: all or none. NeverFits (or BadParams) when no amount of
-        waiting can admit them, QueueFull when the queue has no room for them now."""
+        waiting can admit them, QueueFull when the queue has no room for them now.
+        ``memory``: the Engram memory they read (None: the served model's own)."""
         if self.draining:
             raise Draining("the server is shutting down")
         if self._stop.is_set() or not self._thread.is_alive():
@@ -210,7 +228,7 @@ class AsyncEngine:
             reqs = []
             for prompt_ids, params in items:
                 rid = f"cmpl-{next(self._ids)}-{int(time.time() * 1000)}"
-                reqs.append(RequestStream(rid, list(prompt_ids), params, loop))
+                reqs.append(RequestStream(rid, list(prompt_ids), params, loop, memory))
                 self._inbox.append(("add", reqs[-1]))
             self._waiting_in_inbox += total
         self._wake.set()
@@ -218,6 +236,25 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
+
+    # --- memories (any thread; the engine thread swaps them between steps) -------------
+    @property
+    def memories(self):
+        return self.engine.memories
+
+    def install_memory(self, memory: Memory) -> concurrent.futures.Future:
+        """Serve ``memory`` under its name from the next step (a reload: the old version
+        retires); the future holds the version it replaced, or None."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("install", (memory, done))
+        return done
+
+    def remove_memory(self, name: str) -> concurrent.futures.Future:
+        """Stop serving ``name`` to new requests; running ones finish on it. The future
+        holds the removed memory (BadMemory when the name is not loaded)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("remove", (name, done))
+        return done
 
     # --- the loop (engine thread) ----------------------------------------------
     def _drain_inbox(self) -> None:
@@ -227,9 +264,9 @@ class AsyncEngine:
         for op, item in inbox:
             if op == "add":
                 try:
-                    item.seqs = self.engine.add(item.id, item.prompt_ids, item.params)
+                    item.seqs = self.engine.add(item.id, item.prompt_ids, item.params, item.memory)
                 except Exception as e:  # checked at submit: only a bug lands here
-                    bad = isinstance(e, BadParams)
+                    bad = isinstance(e, (BadParams, BadMemory))
                     msg = str(e) if bad else f"engine error: {type(e).__name__}: {e}"
                     for j in range(item.params.n):
                         item.push(Delta(j, finish_reason="error", error=msg, bad_params=bad))
@@ -244,6 +281,13 @@ class AsyncEngine:
             elif op == "cut":
                 for req in list(self.requests.values()):
                     self._end(req, item)
+            elif op in ("install", "remove"):
+                arg, done = item
+                try:
+                    mem = self.memories
+                    done.set_result(mem.install(arg) if op == "install" else mem.remove(arg))
+                except Exception as e:
+                    done.set_exception(e)
 
     def _loop(self) -> None:
         dev = self.engine.device
@@ -254,6 +298,8 @@ class AsyncEngine:
             if not self.engine.has_work:
                 self.engine.step()  # reports an idle scheduler
                 self.engine.runner.rows.flush()  # the last steps' offload figures
+                self.memories.idle()  # nothing in flight: every memory may move out
+                self.memories.collect(idle=True)  # retired versions no step can read now
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -262,6 +308,8 @@ class AsyncEngine:
                 self._deliver(out, batch)
             push_step(batch)
             self.steps += 1
+            if self.memories.freeing:
+                self.memories.collect()
 
     def _deliver(self, out: SeqOutput, batch: list[tuple[RequestStream, Delta]]) -> None:
         req = self.requests.get(out.seq.request_id)

@@ -128,6 +128,12 @@ class EngineConfig:
         "it runs them eagerly, for tests)",
         cli=False,
     )
+    max_memories: int = flag(
+        0,
+        "Engram memories (besides the base's own) with module weights on the device at once; "
+        "sequences of others wait, their weights in host memory, least recently used moved "
+        "out first (0: no limit)",
+    )
     block_size: int = flag(16, "tokens per KV block", cli=False)
     prefill_first: bool = flag(False, "no decodes while a prompt is pending", cli=False)
 
@@ -160,5 +166,7 @@ class EngineConfig:
             raise ValueError("--placement file needs --host-memory-bytes (the DRAM cache)")
         if self.hot_rows_refresh < 1 or self.hot_rows_replace < 1:
             raise ValueError("--hot-rows-refresh and --hot-rows-replace must be at least 1")
+        if self.max_memories < 0:
+            raise ValueError("--max-memories must be 0 (no limit) or more")
         if self.kv_blocks < 0:
             raise ValueError("--kv-blocks must be 0 (fit --max-num-seqs) or more")

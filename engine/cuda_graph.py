@@ -84,6 +84,9 @@ class _GraphStep:
     def engram_rows(self, layer: int) -> torch.Tensor:
         return self.owner.rows[layer][: self.size]
 
+    def engram_groups(self, layer: int) -> None:
+        return None  # a graph replays the served model's own memory only
+
     def conv_history(self, layer: int) -> torch.Tensor:
         return self.owner.cache.conv[layer][self.v["conv_slots"]]
 

@@ -30,6 +30,7 @@ from .detokenize import Detokenizer
 from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import to_device
 from .kv_cache import KVCache
+from .memories import BadMemory
 from .model_runner import ModelRunner
 from .overlap import Overlap
 from .sampling import (
@@ -121,11 +122,20 @@ class Engine:
         if static is None:
             static = self.device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(
-            model, self.cache, rows, config.attention, static, capture=not config.enforce_eager
+            model,
+            self.cache,
+            rows,
+            config.attention,
+            static,
+            capture=not config.enforce_eager,
+            max_memories=config.max_memories,
         )
+        self.memories = self.runner.memories
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_first
         )
+        self.scheduler.max_memories = config.max_memories
+        self.scheduler.memories = self.memories
         self._eos, self._max_tokens = mc.stop_token_ids, self.max_tokens_per_seq
         self.scheduler.max_tokens_per_seq = self.max_tokens_per_seq
         self.fault: BaseException | None = None  # the last one, for offline callers
@@ -142,10 +152,20 @@ class Engine:
         return min(self.model.config.max_position_embeddings, self.cache.max_tokens)
 
     # --- requests ----------------------------------------------------------------------------
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        memory: str | None = None,
+    ) -> list[Sequence]:
         """Queue ``params.n`` sequences for a prompt; returns them (choice order). Raises
-        BadParams for parameters no sampler can honour."""
+        BadParams for parameters no sampler can honour, BadMemory for a memory not loaded.
+        ``memory``: the Engram memory they read (None: the served model's own); each takes
+        its current version and keeps it to the end."""
         params.check(self.model.config.vocab_size)
+        if memory is not None and memory not in self.memories.names():
+            raise BadMemory(f"no memory named {memory!r} is loaded", 404)
         seqs = [
             Sequence(
                 request_id,
@@ -158,6 +178,7 @@ class Engine:
             for i in range(params.n)
         ]
         for seq in seqs:
+            seq.memory = self.memories.acquire(memory)
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         if params.prompt_logprobs_k is not None or params.max_tokens == 0:
@@ -187,6 +208,8 @@ class Engine:
                 self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:
+        if not seq.finished:
+            self.memories.release(seq.memory)
         self.scheduler.finish(seq, reason)
         self.stats.finished(reason, None if now is None else now - seq.arrival, seq)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.engram import EngramGroup
 from models.llama import EngramForCausalLM
 from offload.paths import make_prefetcher
 from offload.prefetch import PendingRows, Prefetcher
@@ -24,21 +25,44 @@ from .fused import fuse_model
 from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import StepInputs, Uploader, pack_inputs, upload_inputs
 from .kv_cache import KVCache
+from .memories import MemorySet, StepGroup, base_memory
 from .sequence import Sequence
 from .step_rows import NgramState, Rows
 
 
 class _Step:
-    """The :class:`models.llama.StepContext` of one step."""
+    """The :class:`models.llama.StepContext` of one step. ``groups``: with several memories
+    in the step, each one's sequences and pending rows (``rows`` is then the first's)."""
 
-    def __init__(self, cache: KVCache, inp: StepInputs, rows: PendingRows, attention: str) -> None:
-        self.cache, self.inp, self.pending = cache, inp, rows
+    def __init__(
+        self,
+        cache: KVCache,
+        inp: StepInputs,
+        rows: PendingRows,
+        attention: str,
+        groups: list[tuple[StepGroup, PendingRows]] | None = None,
+    ) -> None:
+        self.cache, self.inp, self.pending, self.groups = cache, inp, rows, groups
         self.positions, self.conv_step = inp.positions, inp.conv_step
         kind = PagedAttention if attention == "triton" else ReferenceAttention
         self.attend = kind(cache, inp)
 
     def engram_rows(self, layer: int) -> torch.Tensor:
         return self.pending.rows(layer)
+
+    def engram_groups(self, layer: int) -> list[EngramGroup] | None:
+        if self.groups is None:
+            return None
+        one = len(self.groups) == 1
+        return [
+            EngramGroup(
+                g.memory.engrams[layer],
+                None if one else self.inp.row_index[f"m{k}_tokens"],
+                pending.rows(layer),
+            )
+            for k, (g, pending) in enumerate(self.groups)
+            if pending is not None  # a memory without Engram layers adds nothing
+        ]
 
     def conv_history(self, layer: int) -> torch.Tensor:
         return self.cache.conv[layer][self.inp.conv_slots]
@@ -62,10 +86,14 @@ class ModelRunner:
         attention: str = "auto",
         decode_graphs: bool = False,
         capture: bool = True,
+        max_memories: int = 0,
     ) -> None:
         self.model, self.cache = model, cache
         # default: the model's own (loaded) tables, gathered in place
         self.rows = rows or make_prefetcher(TableStore.from_model(model), "resident", cache.device)
+        # the model's own Engram layers and any memories attached beside them
+        base = base_memory("", model, self.rows)
+        self.memories = MemorySet(base, cache.device, max_memories)
         self.uploader = Uploader(cache.device)
         self.ngram = NgramState(model, cache.max_seqs + 1)
         self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
@@ -135,7 +163,10 @@ class ModelRunner:
             self.ngram.reset(fresh)
             slots = np.array([s.slot for s in seqs], np.int64)
             rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
-        graph = self.graphs is not None and self.graphs.fits(new_ids, all_logits)
+            lengths = np.fromiter((len(x) for x in new_ids), np.int64, len(new_ids))
+            layers = self.model.config.engram_layer_ids
+            groups = self.memories.groups(seqs, lengths) if layers else None
+        graph = groups is None and self.graphs is not None and self.graphs.fits(new_ids, all_logits)
         with timer("pack"):
             if graph:
                 parts = self.graphs.pack(seqs, new_ids)
@@ -146,7 +177,7 @@ class ModelRunner:
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):
                 seq.num_computed += len(ids)
-        return Prepared(self, len(seqs), rows, fresh, parts, graph)
+        return Prepared(self, len(seqs), rows, fresh, parts, graph, groups)
 
     def execute(self, prep: Prepared, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
         """The device side of a step: placeholders filled in, the plan, one upload, every
@@ -155,6 +186,8 @@ class ModelRunner:
         with timer("plan"):
             if prep.rows.wait.size:
                 prep.parts["input_ids"][prep.rows.wait] = tokens
+            if prep.groups is not None:
+                return self._execute_groups(prep, prep.rows.finish(tokens), timer)
             plan = self.rows.plan(prep.rows.finish(tokens))
         if prep.graph:
             return self.graphs.run(prep.n, prep.parts, plan, self.rows)
@@ -170,6 +203,43 @@ class ModelRunner:
             with timer("prefetch"):
                 pending.close()
 
+    def _execute_groups(self, prep: Prepared, rows: dict, timer=NO_TIMER) -> torch.Tensor:
+        """A step whose sequences read several memories (or one besides the base): one plan
+        per memory over its tokens' rows, every index array in the step's one upload, each
+        memory's gathers issued on its own path before the forward pass."""
+        with timer("plan"):
+            plans = [
+                None
+                if g.memory.plain
+                else g.memory.rows.plan({lid: r[g.tokens] for lid, r in rows.items()})
+                for g in prep.groups
+            ]
+            arrays = {}
+            for k, (g, plan) in enumerate(zip(prep.groups, plans)):
+                if plan is not None:
+                    arrays.update({f"m{k}_{name}": a for name, a in plan.host_arrays().items()})
+                    arrays[f"m{k}_tokens"] = g.tokens
+        with timer("upload"):
+            inp = upload_inputs(prep.parts, self.uploader, arrays)
+        started: list[tuple[StepGroup, PendingRows]] = []
+        try:
+            with timer("prefetch"):
+                for k, (g, plan) in enumerate(zip(prep.groups, plans)):
+                    if plan is None:
+                        started.append((g, None))
+                        continue
+                    index = {name: inp.row_index[f"m{k}_{name}"] for name in plan.host_arrays()}
+                    started.append((g, g.memory.rows.start(plan, index, self.uploader.last_copy)))
+            with timer("forward"), torch.inference_mode():
+                first = next((p for _, p in started if p is not None), None)
+                step = _Step(self.cache, inp, first, self.attention, started)
+                return self.model.forward_step(inp.input_ids, step, inp.logits_index)
+        finally:
+            with timer("prefetch"):
+                for _, pending in started:
+                    if pending is not None:
+                        pending.close()
+
 
 @dataclass
 class Prepared:
@@ -181,6 +251,7 @@ class Prepared:
     fresh: list[int]
     parts: dict[str, np.ndarray]
     graph: bool
+    groups: list[StepGroup] | None = None  # each memory's part (None: the base memory only)
 
     def run(self, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
         """``tokens``: the raw ids of the placeholders, in the step's token order."""

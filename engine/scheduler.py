@@ -47,6 +47,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preempted = 0
         self.max_tokens_per_seq = 1 << 62  # the engine sets its limit
+        # --max-memories: memories besides the base that running sequences may read at once
+        self.max_memories = 0
+        self.memories = None  # the engine's MemorySet
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,6 +66,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _memories_live(self) -> set:
+        """Memories on the device for this step: running sequences' and the last step's
+        (engine/memories.py: it may still be in flight)."""
+        live = {s.memory for s in self.running if s.memory is not None and not s.memory.base}
+        return live | (self.memories.previous if self.memories is not None else set())
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preempted += 1
@@ -118,12 +127,18 @@ class Scheduler:
             samples.append(n == len(pending))
 
         # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
+        live = self._memories_live() if self.max_memories else set()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq in preempted:
                 break
             if self.cache.free_slots == 0:
                 break
+            mem = seq.memory
+            if self.max_memories and mem is not None and not mem.base:
+                if mem not in live and len(live) >= self.max_memories:
+                    break  # its memory waits in host memory until one running ends
+                live.add(mem)
             pending = seq.pending_ids()  # all of it: it holds nothing in the cache yet
             n = min(len(pending), budget)
             need = self.cache.blocks_for(n)
@@ -141,5 +156,7 @@ class Scheduler:
             samples.append(n == len(pending))
 
         if not seqs:
+            if self.memories is not None:  # the step in flight is read before the next one
+                self.memories.idle()
             return None
         return ScheduledStep(seqs, new_ids, samples, preempted)

@@ -48,6 +48,7 @@ class Sequence:
     inflight: int = 0
     inflight_row: int = -1
     sample_row: object | None = None  # its sampler row, kept while nothing in it changes
+    memory: object | None = None  # the Engram memory version it reads (engine/memories.py)
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None

@@ -189,3 +189,38 @@ class Engram(nn.Module):
     def forward(self, hidden: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
         """Resident path, full sequences: hidden ``[B, T, G, D]``, head ids ``[B, T, H]``."""
         return self.fuse(hidden, self.multi_head_embedding(head_ids))
+
+
+@dataclass
+class EngramGroup:
+    """The tokens of one Engram memory in a packed step: its module, which rows of the step
+    are its tokens (None: all of them) and their gathered rows ``[n, heads, dim]``."""
+
+    module: Engram
+    tokens: torch.Tensor | None
+    rows: torch.Tensor
+
+
+def fuse_groups(
+    groups: list[EngramGroup], hidden: torch.Tensor, history: torch.Tensor, step: ConvStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`Engram.fuse_packed` of a step whose tokens read different memories: each group
+    through its own module (gate, value, conv weights), the conv over the one packed layout.
+    Every sequence's history was normed by its own memory's module, so one gather of the
+    step's conv rows serves every group. Tokens no group covers (a memory without Engram
+    layers) get a zero output."""
+    if len(groups) == 1 and groups[0].tokens is None:
+        return groups[0].module.fuse_packed(hidden, groups[0].rows, history, step)
+    N, G, D = hidden.shape
+    value = hidden.new_zeros(N, G, D)
+    normed = hidden.new_zeros(N, G * D)
+    for g in groups:
+        v = g.module.gated_value(hidden[g.tokens], g.rows)
+        value[g.tokens] = v
+        normed[g.tokens] = g.module.short_conv._norm(v)
+    rows = torch.cat([history.reshape(-1, G * D).to(normed.dtype), normed])
+    y = normed.new_zeros(N, G * D)
+    for g in groups:
+        w = g.module.short_conv.conv.weight[:, 0, :]  # [G*D, kernel]
+        y[g.tokens] = (rows[step.taps[g.tokens]] * w.t().unsqueeze(0)).sum(dim=1)
+    return value + F.silu(y).reshape(N, G, D), rows[step.tail]

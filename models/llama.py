@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .engram import ConvStep, Engram, embedding
+from .engram import ConvStep, Engram, EngramGroup, embedding, fuse_groups
 from .hashing import NgramHasher
 from .tokenizer import compress_ids
 
@@ -40,6 +40,11 @@ class StepContext(Protocol):
 
     def engram_rows(self, layer: int) -> torch.Tensor:
         """The layer's rows for every new token, ``[N, heads, dim]`` on the model's device."""
+        ...
+
+    def engram_groups(self, layer: int) -> list[EngramGroup] | None:
+        """The layer's modules and rows per memory when the step's tokens read several
+        Engram memories; None: every token reads the model's own module (``engram_rows``)."""
         ...
 
     def conv_history(self, layer: int) -> torch.Tensor: ...
@@ -244,10 +249,15 @@ class EngramForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """One decoder layer of a packed step: ``h = h + engram; h = h + attn; h = h + mlp``."""
         layer = self.model.layers[i]
-        if layer.engram is not None:
+        # None: every token reads this module; [] : none reads an Engram memory here
+        groups = ctx.engram_groups(i) if layer.engram is not None else []
+        if groups is None:
             out, nxt = layer.engram.fuse_packed(
                 h.unsqueeze(1), ctx.engram_rows(i), ctx.conv_history(i), ctx.conv_step
             )
+        elif groups:
+            out, nxt = fuse_groups(groups, h.unsqueeze(1), ctx.conv_history(i), ctx.conv_step)
+        if groups is None or groups:
             ctx.set_conv_history(i, nxt)
             h = h + out.squeeze(1)
         attend = lambda q, k, v: ctx.attend(i, q, k, v)

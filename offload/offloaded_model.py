@@ -103,6 +103,7 @@ class OffloadedModel:
         host_memory_bytes: int = 0,
         file_threads: int = 8,
         hot: HotSettings | None = None,
+        loaded: tuple[EngramForCausalLM, EngramTokenizer | None] | None = None,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
@@ -113,7 +114,9 @@ class OffloadedModel:
         and stops between stages on shutdown); ``shared``: host tables shared on the node;
         ``host_memory_bytes``: the host budget for tables; larger tables (or
         ``placement='file'``) stay in the file behind a DRAM cache of that size, read by
-        ``file_threads`` threads (offload/file_tier.py)."""
+        ``file_threads`` threads (offload/file_tier.py); ``loaded``: the checkpoint's model
+        (tables unloaded) and tokenizer, already read (an Engram memory's, engine/memories.py):
+        only its tables are placed here."""
         phase = phase or (lambda name: nullcontext())
         asked = placement
         path = resolve(device, placement, gather)  # refuse before loading anything
@@ -130,7 +133,7 @@ class OffloadedModel:
                     torch.cuda.set_device(device)
                 torch.empty(1, device=device)  # the CUDA context
         with phase("weights"):
-            model, tok = load_checkpoint(
+            model, tok = loaded or load_checkpoint(
                 model_dir, dtype=chosen.dtype, device=device, load_tables=False
             )
         weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)

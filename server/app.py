@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
+from engine.memories import BadMemory, Memory, MemoryLoader
 from models.config import ModelConfig, cap_context
 from models.hf_files import GenerationDefaults, TokenizerFiles
 from models.safetensors_header import TableFileError
@@ -34,6 +35,16 @@ from .chat import ChatCompletion, model_template, no_template, read_template_fil
 from .chat_protocol import ChatCompletionRequest
 from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
+from .memories import (
+    Loading,
+    attach_startup_memories,
+    check_served_memory,
+    memory_format,
+    plain_base_memory,
+)
+from .memories import describe as describe_memories
+from .memories import router as memories_router
+from .memories import updates as memory_updates_router
 from .metrics import Metrics
 from .middleware import BodyCheck, CatchAll, KeyCheck, error_response, needs_key
 from .openapi import (
@@ -107,6 +118,8 @@ class ServerState:
         self.loader: threading.Thread | None = None
         self.draining = False
         self._offload = offload
+        self.memory_loader: MemoryLoader | None = None  # set once the base has loaded
+        self.memory_loading = Loading()
 
     def start_loading(self) -> None:
         self.loader = threading.Thread(target=self.load, name="engram-load", daemon=True)
@@ -120,8 +133,12 @@ class ServerState:
         clock, built = self.startup, None
         try:
             e = self.cfg.engine
-            offload = self._offload or self._load_offload(clock)
+            # a base without Engram layers serves its first memory's layers (engine/memories.py)
+            plain = None if self._offload is not None else plain_base_memory(self.cfg)
+            offload = self._offload or self._load_offload(clock, plain and plain[1])
             built = offload if self._offload is None else None
+            if plain is not None:
+                check_served_memory(self.cfg, offload, plain[0])
             cap_context(offload.model.config, e.max_model_len)
             if offload.file_tier is not None:  # refuse a DRAM cache two steps can overflow
                 heads = offload.model.config.engram_total_heads
@@ -134,6 +151,14 @@ class ServerState:
                 warm_up(engine)
             with clock.phase("kernel check"):
                 checked = check_kernels(engine.engine, self.kernels)
+            self.memory_loader = MemoryLoader(offload, self._place_tables)
+            if plain is not None:
+                engine.memories.plain_base(plain[0], plain[1], memory_format(plain[1]))
+                self.memory_loader.versions[plain[0]] = 1  # a reload of it is version 2
+                self.metrics.watch_memory(engine.memories.current[plain[0]])
+            self.metrics.watch_memory(engine.memories.base)
+            with clock.phase("memories"):
+                attach_startup_memories(self, engine, self.memory_loader, skip=plain)
             forget_steps(offload.accountant)  # the check's gathers are not traffic
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)
@@ -158,6 +183,7 @@ class ServerState:
             KernelCheckError,
             TableFileError,
             HotCacheError,
+            BadMemory,
         ) as e:  # one line says it all (the kernel or
             # the file's tensor, what is wrong, what to do)
             log.error("%s", e)
@@ -172,16 +198,21 @@ class ServerState:
             if self.on_load_error is not None:
                 self.on_load_error()
 
-    def _load_offload(self, clock: StartupClock) -> OffloadedModel:
+    def _place_tables(self, model_dir, loaded) -> OffloadedModel:
+        """An Engram memory's tables in the tiers and gather path the base's use."""
+        return self._load_offload(StartupClock(), model_dir, loaded)
+
+    def _load_offload(self, clock: StartupClock, model_dir=None, loaded=None) -> OffloadedModel:
         e = self.cfg.engine
         return OffloadedModel.load(
-            e.model_dir,
+            model_dir or e.model_dir,
             e.placement,
             e.gather,
             e.device,
             e.dtype,
             e.dedup,
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty() and loaded is None,
+            loaded=loaded,
             row_format=e.row_format,
             huge_pages=e.huge_pages,
             host_threads=e.gather_threads or None,
@@ -279,6 +310,7 @@ def offload_description(state: ServerState) -> dict:
         "link_bandwidth_bytes_per_second": state.link_bps,
         "stall_fraction": e.offload.accountant.stall_fraction,
         "accounting": e.offload.accountant.summary(),
+        "memories": describe_memories(e.memories.snapshot(), cfg.model_name),
         "last_bench": bench,
     }
 
@@ -311,9 +343,17 @@ def create_app(
         err = APIError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
         return error_response(err, state.metrics)
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name not in cfg.model_names:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    def memory_names() -> list[str]:
+        memories = getattr(state.engine, "memories", None)  # none under data parallel
+        return memories.names() if memories is not None else []
+
+    def check_model(name: str | None) -> str | None:
+        """The Engram memory a request's model names (None: the base); 404 if neither."""
+        if name is None or name in cfg.model_names:
+            return None
+        if name in memory_names():
+            return name
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     # HEAD as well as GET on /health and /metrics: probes (aiperf's among them) use it
     @app.head("/health", operation_id="head_health", responses={503: {"model": Health}})
@@ -339,19 +379,29 @@ def create_app(
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card(name: str) -> dict:
+    def model_card(name: str, memory: Memory | None = None) -> dict:
+        """A base name's card, or a memory's with ``parent`` the base (as vLLM lists LoRA
+        adapters)."""
         return {
             "id": name,
             "object": "model",
             "created": int(state.started),
             "owned_by": "engram-serve",
-            "root": str(cfg.model_dir),
+            "root": memory.path if memory else str(cfg.model_dir),
+            "parent": cfg.model_name if memory else None,
             "max_model_len": state.engine.max_tokens_per_seq if state.engine else None,
         }
 
+    def cards() -> list[dict]:
+        out = [model_card(n) for n in cfg.model_names]
+        mem = getattr(state.engine, "memories", None)
+        if mem is not None:
+            out += [model_card(m.name, m) for m in mem.snapshot() if not m.base and not m.retired]
+        return out
+
     @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models():
-        return {"object": "list", "data": [model_card(n) for n in cfg.model_names]}
+        return {"object": "list", "data": cards()}
 
     @app.get(
         "/v1/models/{model}",
@@ -359,7 +409,7 @@ def create_app(
     )
     async def retrieve_model(model: str):
         check_model(model)
-        return model_card(model)
+        return next(c for c in cards() if c["id"] == model)
 
     @app.get("/v1/offload", responses=errors(503))
     async def offload_info():
@@ -369,13 +419,14 @@ def create_app(
             return {"model": cfg.model_name, "data_parallel_size": len(e.engines), **engines()}
         return offload_description(state)
 
-    def admit(body: CompletionRequest | ChatCompletionRequest) -> AsyncEngine:
-        """What every generation request passes first: its model, its fields, not draining."""
-        check_model(body.model)
+    def admit(body: CompletionRequest | ChatCompletionRequest) -> tuple[AsyncEngine, str | None]:
+        """What every generation request passes first: its model, its fields, not draining.
+        Returns the engine and the Engram memory the model names (None: the base)."""
+        memory = check_model(body.model)
         body.check()
         if state.draining:
             raise shutting_down("the server is shutting down; retry on another replica")
-        return state.ready_engine()
+        return state.ready_engine(), memory
 
     @app.post(
         "/v1/completions",
@@ -385,10 +436,11 @@ def create_app(
         },
     )
     async def completions(body: CompletionRequest, request: Request):
-        engine = admit(body)
+        engine, memory = admit(body)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send token-id prompts", "prompt")
-        comp = Completion(engine, body, cfg.model_name, state.sampling_defaults)
+        comp = Completion(engine, body, memory or cfg.model_name, state.sampling_defaults)
+        comp.memory = memory
         comp.submit()
         if body.stream:
             return StreamingResponse(comp.stream(), media_type="text/event-stream")
@@ -406,11 +458,13 @@ def create_app(
         },
     )
     async def chat(body: ChatCompletionRequest, request: Request):
-        engine = admit(body)
+        engine, memory = admit(body)
         if engine.tokenizer is None:
             raise no_template(cfg.model_name)
         template = model_template(engine.tokenizer, state.chat_template)
-        comp = ChatCompletion(engine, body, cfg.model_name, state.sampling_defaults, template)
+        name = memory or cfg.model_name
+        comp = ChatCompletion(engine, body, name, state.sampling_defaults, template)
+        comp.memory = memory
         comp.req.check()
         comp.submit()
         if body.stream:
@@ -423,6 +477,9 @@ def create_app(
 
     # vLLM's /tokenize, /detokenize, /tokenizer_info (behind the key here: vLLM leaves them open)
     app.include_router(tokenization_router)
+    app.include_router(memories_router)
+    if cfg.allow_memory_updates:  # vLLM: load_lora_adapter only with runtime updates allowed
+        app.include_router(memory_updates_router)
     # outermost last: CatchAll, then the key (before any body is read), then the body checks
     app.add_middleware(BodyCheck, limit=cfg.max_body_bytes, metrics=state.metrics)
     app.add_middleware(KeyCheck, api_key=cfg.api_key, metrics=state.metrics)

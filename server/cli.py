@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, dest=f.name, action=action, help=text)
             continue
         kind = TYPES[f.type.split(" |")[0]]
-        extra = {"nargs": meta["nargs"]} if "nargs" in meta else {}
+        extra = {k: meta[k] for k in ("nargs", "metavar") if k in meta}
         ap.add_argument(
             name,
             type=kind,
@@ -149,6 +149,18 @@ def validate(args: argparse.Namespace) -> str | None:
         return "--shutdown-timeout must be 0 (end running requests at once) or more seconds"
     if cfg.data_parallel_size < 1:
         return "--data-parallel-size must be at least 1"
+    try:
+        memories = cfg.memory_dirs()
+    except ValueError as e:
+        return str(e)
+    if cfg.data_parallel_size > 1 and (memories or cfg.allow_memory_updates):
+        return (
+            "--memories and --allow-memory-updates are not supported with --data-parallel-size "
+            "yet: serve memories from one engine (--data-parallel-size 1)"
+        )
+    for name, path in memories.items():
+        if not Path(path).is_dir():
+            return f"--memories {name}={path}: the directory does not exist"
     if cfg.cpu_threads < 0:
         return "--cpu-threads must be 0 (all cores but one) or more"
     if not 0 < cfg.port < 65536:

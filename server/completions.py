@@ -153,6 +153,7 @@ class Completion:
         self.created = int(time.time())
         self.id = f"cmpl-{time.time_ns():x}"
         self.subs: list[RequestStream] = []
+        self.memory: str | None = None  # the Engram memory the request's model names
         self.per_prompt = m = req.best_of or req.n  # sequences run per prompt
         self.choices = [
             Choice(i * m + j, i, j, ids, text)
@@ -166,7 +167,7 @@ class Completion:
             for (ids, _), mt in zip(self.prompts, self.max_tokens)
         ]
         try:
-            self.subs = self.engine.submit_many(items)
+            self.subs = self.engine.submit_many(items, self.memory)
         except (BadParams, NeverFits) as e:
             param = "best_of" if e.param == "n" and self.req.best_of else e.param
             raise APIError(400, str(e), param) from e

@@ -61,11 +61,37 @@ class ServerConfig:
         "engine processes behind this one HTTP front (one per GPU; on a CPU, CPU engines), "
         "host tables shared on the node",
     )
+    memories: list[str] | None = flag(
+        None,
+        "Engram memories served beside the base, as NAME=DIR (checkpoints of the same base: "
+        "this project's format or TinyEngram's); a request's model NAME picks one (default: "
+        "none, the base alone)",
+        nargs="+",
+        metavar="NAME=DIR",
+    )
+    allow_memory_updates: bool = flag(
+        False,
+        "allow POST /v1/memories (load, reload) and DELETE /v1/memories/NAME while serving "
+        "(behind --api-key when one is set)",
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def model_dir(self) -> Path:
         return self.engine.model_dir
+
+    def memory_dirs(self) -> dict[str, str]:
+        """--memories as {name: directory}; ValueError naming a malformed or repeated one."""
+        out: dict[str, str] = {}
+        items = [self.memories] if isinstance(self.memories, str) else self.memories or []
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--memories {item!r}: write NAME=DIR")
+            if name in out or name in self.model_names:
+                raise ValueError(f"--memories: the name {name!r} is used twice")
+            out[name] = path
+        return out
 
     @property
     def model_names(self) -> list[str]:

@@ -115,7 +115,10 @@ class DataParallelEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         return self.submit_many([(prompt_ids, params)])[0]
 
-    def submit_many(self, items: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
+    def submit_many(
+        self, items: list[tuple[list[int], SamplingParams]], memory: str | None = None
+    ) -> list[RequestStream]:
+        """``memory``: always None here (memories are refused under data parallel)."""
         if self.draining:
             raise Draining("the server is shutting down")
         for _, params in items:

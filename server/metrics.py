@@ -299,6 +299,29 @@ class Metrics(EngineStats):
             "Host-to-device copy ceiling measured at start-up.",
         )
         self.fraction_source = None  # () -> float, the accountant's stall fraction
+        # --- per Engram memory (label memory: the base model's name for its own layers), as
+        # vLLM labels LoRA adapters by name
+        mem = ["memory"]
+        self._mem_requests = counter(
+            "engram_memory_requests", "Finished sequences per Engram memory.", mem
+        )
+        self._mem_prompt = counter(
+            "engram_memory_prompt_tokens", "Prompt tokens of finished sequences per memory.", mem
+        )
+        self._mem_generation = counter(
+            "engram_memory_generation_tokens", "Generated tokens of finished sequences.", mem
+        )
+        self._mem_rows = counter("engram_memory_rows", "Engram rows looked up per memory.", mem)
+        self._mem_bytes = counter("engram_memory_bytes", "Engram row bytes moved per memory.", mem)
+        self._mem_hits = counter(
+            "engram_memory_cache_hits", "Rows served without a transfer (hot cache, repeats).", mem
+        )
+        self._mem_stall = counter(
+            "engram_memory_stall_seconds", "Time compute waited for a memory's rows.", mem
+        )
+        self._mem_version = gauge(
+            "engram_memory_version", "The version of each memory new requests get.", mem
+        )
         self.scheduler_state(0, 0, 0.0)
 
     # --- EngineStats: called from the engine thread ------------------------------------------
@@ -330,6 +353,11 @@ class Metrics(EngineStats):
                 f.e2e.observe(e2e_s)
         if self.vllm is not None and seq is not None:
             self._vllm_finished(seq, e2e_s is not None)
+        if seq is not None:
+            m, label = self.model_name, self.memory_label(seq.memory)
+            self._mem_requests.labels(m, label).inc()
+            self._mem_prompt.labels(m, label).inc(len(seq.prompt_ids))
+            self._mem_generation.labels(m, label).inc(len(seq.output_ids))
 
     def _vllm_finished(self, seq: Sequence, completed: bool) -> None:
         """vLLM's per-request histograms: phases and token counts of a sequence that ran to
@@ -366,6 +394,35 @@ class Metrics(EngineStats):
 
     def error(self, status: int) -> None:
         self._errors.labels(self.model_name, str(status)).inc()
+
+    # --- Engram memories ----------------------------------------------------------------------
+    def memory_label(self, memory) -> str:
+        return self.model_name if memory is None or memory.base else memory.name
+
+    def watch_memory(self, memory) -> None:
+        """Count a memory's steps under its name from now on (engine/memories.py Memory)."""
+        m, label = self.model_name, self.memory_label(memory)
+        for c in (self._mem_requests, self._mem_prompt, self._mem_generation, self._mem_rows):
+            c.labels(m, label)
+        for c in (self._mem_bytes, self._mem_hits, self._mem_stall):
+            c.labels(m, label)
+        self._mem_version.labels(m, label).set(memory.version)
+        memory.rows.accountant.subscribe(lambda step: self._observe_memory(label, step))
+
+    def forget_memory(self, name: str) -> None:
+        """An unloaded memory serves no new requests: its version series goes."""
+        try:
+            self._mem_version.remove(self.model_name, name)
+        except KeyError:
+            pass
+
+    def _observe_memory(self, label: str, step: StepStats) -> None:
+        m = self.model_name
+        layers = step.layers.values()
+        self._mem_rows.labels(m, label).inc(sum(s.rows for s in layers))
+        self._mem_bytes.labels(m, label).inc(sum(s.bytes for s in layers))
+        self._mem_hits.labels(m, label).inc(sum(s.rows - s.fetched for s in layers))
+        self._mem_stall.labels(m, label).inc(sum(s.stall_s for s in layers))
 
     def set_offload_static(self, table_bytes: dict[str, int], link_bps: float) -> None:
         for tier, n in table_bytes.items():

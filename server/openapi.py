@@ -99,6 +99,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     root: str
+    parent: str | None = None  # an Engram memory's base model (None: a base name)
     max_model_len: int | None
 
 

@@ -134,6 +134,9 @@ def test_offload_lists_each_engines_tables(dp):
             p["numa_node"] is None and "cpu engine" in p["numa_why"] for p in placed
         )
         assert all(p["pages_by_node"] and p["huge_pages_allowed"] for p in placed)
+    # memories are refused under data parallel at start-up; the list answers, empty
+    mems = httpx.get(url + "/v1/memories", timeout=10)
+    assert mems.status_code == 200 and mems.json()["data"] == []
 
 
 def test_killed_engine_fails_only_its_requests_and_comes_back(dp):
