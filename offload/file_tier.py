@@ -28,6 +28,7 @@ import torch
 from models.safetensors_header import read_header
 
 from .file_cache import CapacityError, SlotCache
+from .hot_cache import RowSource
 from .plan import GatherError
 from .row_reader import RowReader
 from .rowformat import PLAIN_DTYPES
@@ -114,6 +115,38 @@ class FileTier:
             uniq.size - miss_rows.size, miss_rows.size, nbytes, time.perf_counter() - t
         )
         return slots[inverse].astype(np.int64).reshape(ids.shape)
+
+    def read_rows(self, layer_id: int, ids: np.ndarray) -> np.ndarray:
+        """Stored bytes of table rows ``ids`` (any order, repeats allowed) as uint8
+        ``[n, row_bytes]``, bit for bit as in the file: rows the DRAM cache holds are copied
+        from it (pinned while copied), the rest read through the tier's reader into a scratch
+        array (not admitted: the hot cache's fills and refreshes do not evict serving rows)."""
+        fl = self.layers[layer_id]
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= fl.rows):
+            bad = int(flat.max() if flat.max() >= fl.rows else flat.min())
+            raise GatherError(layer_id, f"row {bad} is outside the table (0..{fl.rows - 1})")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((uniq.size, fl.reader.row_bytes), dtype=np.uint8)
+        with fl.lock:
+            slots = fl.cache.directory.lookup(uniq).astype(np.int64)
+            held = np.flatnonzero(slots >= 0)
+            fl.cache.pins[slots[held]] += 1
+        try:
+            out[held] = fl.cache_bytes()[slots[held]]
+        finally:
+            with fl.lock:
+                fl.cache.release(slots[held])
+        missing = np.flatnonzero(slots < 0)
+        fl.reader.read(uniq[missing], missing, out)  # rows of the file into rows of ``out``
+        return out[inverse]
+
+    def row_source(self, layer_id: int) -> RowSource:
+        """The layer's rows by table id in the cache table's stored dtype (the hot cache's
+        fills and refreshes read the file tier through this)."""
+        dtype = self.layers[layer_id].table.tensor.dtype
+        read = lambda ids: torch.from_numpy(self.read_rows(layer_id, ids)).view(dtype)
+        return RowSource(self.layers[layer_id].rows, read)
 
     def release(self, ticket: Ticket) -> None:
         for lid, slots in ticket.slots.items():

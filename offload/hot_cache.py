@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,23 @@ class RefreshStats:
     refreshes: int = 0
     replaced: int = 0
     seconds: list[float] = field(default_factory=list)  # wall time of each refresh
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Stored rows of one table by global id: ``read(ids)`` -> ``[n, W]`` in the table's
+    stored dtype (any device); ``rows``: the table's row count."""
+
+    rows: int
+    read: Callable[[np.ndarray], torch.Tensor]
+
+
+def store_rows(table: Table) -> RowSource:
+    """Rows straight out of a table that holds the whole table (resident, host, cpu)."""
+    t = table.tensor
+    return RowSource(
+        table.rows, lambda ids: torch.index_select(t, 0, torch.from_numpy(ids).to(t.device))
+    )
 
 
 def parse_hot_rows(value: str | int | float, table_rows: int) -> int:
@@ -93,11 +111,16 @@ class HotCache:
         refresh_every: int = 64,
         max_replace: int = 256,
         decay: float = 0.5,
+        source: RowSource | None = None,
     ) -> None:
         """``capacity``: rows the cache serves; an adaptive cache keeps ``max_replace`` spare
         slots on top so a refresh never writes a slot the published mapping names.
-        ``initial``: global rows to start from, most wanted first (a profile's order)."""
+        ``initial``: global rows to start from, most wanted first (a profile's order).
+        ``source``: where fills and refreshes read stored rows (default: ``table`` itself; the
+        file tier's reader when ``table`` is a DRAM cache of slots, see :func:`store_rows`)."""
         self.table, self.layer_id = table, table.layer_id
+        self.source = source or store_rows(table)
+        self.table_rows = self.source.rows
         self.capacity, self.adaptive = int(capacity), adaptive
         self.refresh_every, self.max_replace, self.decay = refresh_every, max_replace, decay
         spare = max_replace if adaptive else 0
@@ -130,9 +153,7 @@ class HotCache:
 
     def _write(self, slots: np.ndarray, ids: np.ndarray) -> None:
         if ids.size:
-            src = torch.index_select(
-                self.table.tensor, 0, torch.from_numpy(ids).to(self.table.tensor.device)
-            )
+            src = self.source.read(ids)
             self.rows[torch.from_numpy(slots).to(self.device)] = src.to(self.device)
 
     def split(self, flat: np.ndarray) -> Split:

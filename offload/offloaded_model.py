@@ -150,12 +150,6 @@ class OffloadedModel:
         tier = None
         if use_file and row_format != "auto":
             raise ValueError("the file tier serves rows as stored: use --row-format auto")
-        if use_file and hot is not None and hot.rows not in (0, "0"):
-            # the hot cache copies its rows out of the store, which here holds cache slots
-            raise ValueError(
-                "--hot-rows with the file tier is not supported yet: serve the tables from host "
-                "memory (raise --host-memory-bytes) or drop --hot-rows"
-            )
         if use_file and len(files) > 1:
             raise ValueError(
                 "the file tier reads the tables from one file; this checkpoint keeps them in "

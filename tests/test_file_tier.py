@@ -11,6 +11,7 @@ from offload.file_cache import CapacityError, HashDirectory, SlotCache
 from offload.file_gather import FileTierGather
 from offload.file_tier import open_file_tier
 from offload.paths import make_prefetcher
+from offload.plan import GatherError
 from offload.quantize import quantize_table_file
 from offload.row_reader import runs_of
 from offload.rowformat import quantize_fp8
@@ -306,16 +307,106 @@ def test_the_tier_choice_says_why():
     assert choose_tier("file", sizes, 8 << 20)[0]
 
 
-def test_hot_rows_with_the_file_tier_are_refused_in_one_line(tiny_ckpt):
-    """The hot cache copies rows out of its store; in the file tier that holds cache slots, so
-    the combination is refused before any table is read."""
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "v41"])
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+@pytest.mark.parametrize(
+    "gather,dedup,sort",
+    [("worker", False, False), ("worker", True, False), ("resident", False, True)],
+)
+def test_hot_rows_over_the_file_tier_are_bit_identical(tmp_path, fmt, policy, gather, dedup, sort):
+    """file + DRAM cache + hot cache: hot rows filled and refreshed through the file tier's
+    reader (held DRAM rows copied, the rest read from the file), every step's rows equal to
+    the host-resident table's; the DRAM cache is never left pinned."""
+    from offload.hot_cache import HotCache
+    from offload.hot_rows import HotRows, row_sources
+
+    path, keys = write_tables(tmp_path, fmt)
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    rows = {lid: t.rows for lid, t in host.tables.items()}
+    budget = sum(t.nbytes for t in host.tables.values()) // 20
+    cache, tier = open_file_tier(path, keys, budget, Placement.CPU, CPU, threads=3)
+    pf = FileTierGather(make_prefetcher(cache, gather, CPU, dedup), tier)
+    if sort:
+        pf.inner.plan = lambda ids, p=pf.inner.plan: p(ids).sorted()
+    sources = row_sources(pf)
+    assert {lid: s.rows for lid, s in sources.items()} == rows  # the file's rows, not slots
+    adaptive = policy == "adaptive"
+    caches = {  # static: rows 0..31 (Zipf's head below); adaptive: starts empty
+        lid: HotCache(
+            cache[lid],
+            32,
+            CPU,
+            None if adaptive else np.arange(32) * 7,
+            adaptive=adaptive,
+            refresh_every=2,
+            max_replace=8,
+            source=sources[lid],
+        )
+        for lid in keys
+    }
+    hot = HotRows(pf, caches)
+    ref = make_prefetcher(host, gather, CPU, dedup)
+    ids_list = list(steps(rows, 30, seed=2))
+    got, want = run_steps(hot, ids_list), run_steps(ref, ids_list)
+    for g, w in zip(got, want):
+        for lid in keys:
+            assert torch.equal(g[lid].view(torch.uint8), w[lid].view(torch.uint8))
+    s = hot.accountant.summary()["layers"]
+    assert all(s[lid]["hot_hit_rate"] > 0 and s[lid]["file_misses"] > 0 for lid in keys), s
+    for lid, c in caches.items():  # the hot rows are the file's rows, bit for bit
+        held = host[lid].tensor[torch.from_numpy(c.mapping.ids)]
+        assert torch.equal(
+            c.rows[torch.from_numpy(c.mapping.slots)].view(torch.uint8), held.view(torch.uint8)
+        )
+        assert c.held > 0 and (not adaptive or c.stats.replaced > 0)
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    hot.close()
+    ref.close()
+
+
+def test_file_tier_read_rows_copies_held_rows_and_reads_the_rest(tmp_path):
+    path, keys = write_tables(tmp_path, "v41")
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    cache, tier = open_file_tier(path, keys, 64 * host[1].row_bytes, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "worker", CPU), tier)
+    run_steps(pf, [{1: np.arange(10, 30).reshape(5, 4), 3: np.zeros((5, 4), np.int64)}])
+    ids = np.array([29, 5, 10, 2999, 5, 11])  # held, not held, repeats, any order
+    got = tier.read_rows(1, ids)
+    want = host[1].tensor[torch.from_numpy(ids)].view(torch.uint8).numpy()
+    assert np.array_equal(got, want) and not tier.layers[1].cache.pins.any()
+    with pytest.raises(GatherError, match="outside the table"):
+        tier.read_rows(1, np.array([3000]))
+    pf.close()
+
+
+def test_hot_rows_with_the_file_tier_load_and_pass_the_start_up_check(tiny_ckpt):
+    """OffloadedModel.load with --placement file and an adaptive hot cache: the caches count
+    the file's rows, and the start-up gather check reads the hot path against the file."""
+    from engine.kernel_check import check_gather
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
     from offload.hot_rows import HotSettings
     from offload.offloaded_model import OffloadedModel
 
-    with pytest.raises(ValueError, match="--hot-rows with the file tier"):
-        OffloadedModel.load(
-            tiny_ckpt,
-            placement="file",
-            host_memory_bytes=1 << 20,
-            hot=HotSettings("0.05", None, "adaptive", 4, 16),
-        )
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    total = sum(table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
+    om = OffloadedModel.load(
+        tiny_ckpt,
+        placement="file",
+        host_memory_bytes=total // 4,
+        hot=HotSettings("0.05", None, "adaptive", 4, 16),
+        progress=False,
+    )
+    try:
+        assert om.file_tier is not None and om.hot is not None
+        for lid, c in om.hot.caches.items():
+            assert c.table_rows == om.file_tier.layers[lid].rows > c.table.rows
+            c._misses.append(np.arange(0, c.table_rows, 3))  # half full: the check hits, misses
+            c.max_replace = c.capacity
+            c.refresh()
+        checked = check_gather(om.prefetcher, torch.device("cpu"))
+        assert len(checked) == 2 and all(c.ok for c in checked), checked
+        assert "+ hot rows" in checked[-1].kernel
+    finally:
+        om.close()
