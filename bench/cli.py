@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         from .hotcache import main as hot_cache
 
         return hot_cache([a for a in argv if a != "--hot-cache"])
+    if "--tiers" in argv:
+        from .tiers import main as tiers
+
+        return tiers([a for a in argv if a != "--tiers"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
