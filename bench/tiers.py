@@ -7,8 +7,11 @@ whole table in host memory: on a CPU the worker thread), ``host + hot`` (a hot-r
 a DRAM cache of ``--host-memory-bytes``, by default a quarter of the tables, in front of it),
 ``file + DRAM + hot`` (the hot cache in front of that). Hot caches are ``static`` (a profile's
 top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) and
-``adaptive`` (start empty, refreshed every ``--refresh`` steps). The file's pages are dropped
-from the page cache before every file-tier job (``--keep-page-cache`` keeps them).
+``adaptive`` (start empty, refreshed every ``--refresh`` steps). ``file + DRAM, sync reads``
+reads a step's misses before its plan returns (the tier before its reads were issued
+asynchronously), for the stall measured beside the issued reads in the same rounds. The
+file's pages are dropped from the page cache before every file-tier job
+(``--keep-page-cache`` keeps them).
 
 Prompts: windows of the held-out corpus files (tokenized) and random ids, fresh each round,
 the same for every row within it. Each job prefills ``--num-seqs`` prompts and decodes
@@ -57,6 +60,7 @@ from .stats import summarize
 PROG = "engram-bench --tiers"
 LINKS = ("hot_to_compute", "host_to_compute", "file_to_dram")
 STALL = "stall_ms_per_step"
+FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -92,6 +96,7 @@ class Tally:
     file_misses: int = 0
     file_bytes: int = 0
     file_read_s: float = 0.0
+    file_wait_s: float = 0.0
     stall_s: float = 0.0
 
     def add(self, st: StepStats) -> None:
@@ -106,6 +111,7 @@ class Tally:
             self.file_misses += s.file_misses
             self.file_bytes += s.file_bytes
             self.file_read_s += s.file_read_s
+            self.file_wait_s += s.file_wait_s
             self.stall_s += s.stall_s
 
     def copy(self) -> Tally:
@@ -124,6 +130,7 @@ class Tally:
             "hot_hit_rate": d["hits"] / d["rows"] if d["rows"] else None,
             "dram_hit_rate": d["file_hits"] / seen if seen else None,
             "file_read_ms_per_step": 1e3 * d["file_read_s"] / steps,
+            "file_wait_ms_per_step": 1e3 * d["file_wait_s"] / steps,
             "stall_ms_per_step": 1e3 * d["stall_s"] / steps,
         }
 
@@ -165,10 +172,11 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file():
+    def file(async_reads: bool = True):
         cache, tier = open_file_tier(
             path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads
         )
+        tier.async_reads = async_reads
         tier.check_capacity(args.num_seqs * args.prompt_len * om.model.config.engram_total_heads)
         return FileTierGather(make_prefetcher(cache, "worker", cpu, accountant=Accountant()), tier)
 
@@ -176,6 +184,7 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host", host())
     add("host + hot static", hot(host(), "static"))
     add("host + hot adaptive", hot(host(), "adaptive"))
+    add("file + DRAM, sync reads", file(async_reads=False), path)
     add("file + DRAM", file(), path)
     add("file + DRAM + hot static", hot(file(), "static"), path)
     add("file + DRAM + hot adaptive", hot(file(), "adaptive"), path)
@@ -252,7 +261,7 @@ def tabulate(raw: dict, names: list[str]) -> dict:
                 },
                 "tokens_equal_resident": all(j["tokens"] == r["tokens"] for j, r in zip(jobs, res)),
             }
-            for k in ("hot_hit_rate", "dram_hit_rate", "file_read_ms_per_step", STALL):
+            for k in ("hot_hit_rate", "dram_hit_rate", *FILE_MS, STALL):
                 vals = [j[k] for j in jobs if j[k] is not None]
                 entry[k] = summarize(vals) if vals else None
             if name.startswith("file"):
@@ -349,7 +358,8 @@ def markdown(result: dict) -> str:
             f"Prompts: {kind}",
             "",
             "| row | decode tok/s | ms/step | penalty vs resident | penalty vs host | "
-            "B/token hot / host / file | hot hit | DRAM hit | file read ms/step | same tokens |",
+            "B/token hot / host / file | hot hit | DRAM hit | file read / wait ms/step | "
+            "same tokens |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, v in rows.items():
@@ -357,8 +367,8 @@ def markdown(result: dict) -> str:
             pr, ph = v["penalty_vs_resident_pct"], v["penalty_vs_host_pct"]
             b = v["bytes_per_token"]
             pct = lambda x: "-" if x is None else f"{x['median']:.1%}"
-            fr = v["file_read_ms_per_step"]
-            fr = f"{fr['median']:.2f}" if fr is not None and name.startswith("file") else "-"
+            fr, fw = v["file_read_ms_per_step"], v["file_wait_ms_per_step"]
+            fr = f"{fr['median']:.2f} / {fw['median']:.2f}" if name.startswith("file") else "-"
             lines.append(
                 f"| {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
                 f"{s['median']:.1f} | {pr['median']:+.1f}% ({pr['min']:+.0f}..{pr['max']:+.0f}) | "

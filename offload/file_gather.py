@@ -45,6 +45,9 @@ class FileTierGather(Prefetcher):
         except BaseException:
             self.tier.release(ticket)
             raise
+        for lid, lp in plan.layers.items():  # the gather of a layer waits for its reads only
+            if lid in self.tier.layers:
+                lp.source_ready = lambda lid=lid: ticket.wait(lid)
         self._planned.append((plan, ticket))
         return plan
 
@@ -57,13 +60,21 @@ class FileTierGather(Prefetcher):
                 self.tier.release(ticket)
             raise
         if ticket is not None:
-            for lid, r in ticket.reads.items():
-                st = pending.stats.layers[lid]
-                st.tier = "file"
-                st.file_hits, st.file_misses = r.hits, r.misses
-                st.file_bytes, st.file_read_s = r.bytes, r.read_s
-            _on_close(pending, lambda: self._hold(ticket, pending))
+            for lid in ticket.slots:
+                pending.stats.layers[lid].tier = "file"
+            _on_close(
+                pending, lambda: self._book(ticket, pending), lambda: self._hold(ticket, pending)
+            )
         return pending
+
+    def _book(self, ticket: Ticket, pending) -> None:
+        """The step's file traffic into its stats, before they are booked (its gathers have
+        waited for their reads by now; a layer never read is waited for here)."""
+        ticket.settle()
+        for lid, r in ticket.reads.items():
+            st = pending.stats.layers[lid]
+            st.file_hits, st.file_misses = r.hits, r.misses
+            st.file_bytes, st.file_read_s, st.file_wait_s = r.bytes, r.read_s, r.wait_s
 
     def _take(self, plan):
         """The ticket of ``plan``; plans built before it and never started release theirs."""
@@ -122,15 +133,18 @@ def _gathers_done(pending, wait: bool) -> bool:
     return True
 
 
-def _on_close(pending, fn) -> None:
-    """Run ``fn`` right after ``pending.close()`` has booked the step (once)."""
+def _on_close(pending, before, after) -> None:
+    """Run ``before`` right before ``pending.close()`` books the step, ``after`` right after
+    (once)."""
     close = pending.close
 
     def closed():
         first = not pending.closed
+        if first:
+            before()
         out = close()
         if first:
-            fn()
+            after()
         return out
 
     pending.close = closed

@@ -1,6 +1,10 @@
 """The file tier: rows read from the safetensors file into a small DRAM cache, translated to
 cache slots, and gathered by the ordinary paths; bit-identical to the host-resident table."""
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +173,81 @@ def test_overlapped_steps_never_overwrite_rows_a_step_still_reads(tmp_path):
                 assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
             pending.close()
         prev = nxt
+    pf.close()
+
+
+class SlowReads:
+    """A tier's readers held back until released: reads issued at plan time are still in
+    flight when the step starts (what a slow disk does)."""
+
+    def __init__(self, tier):
+        self.gate = threading.Event()
+        self.started = 0
+        for fl in tier.layers.values():
+            read = fl.reader.read
+
+            def slow(rows, slots, cache, read=read):
+                self.started += 1
+                assert self.gate.wait(10)
+                return read(rows, slots, cache)
+
+            fl.reader.read = slow
+
+
+def test_misses_are_read_while_the_step_goes_on_and_a_layer_waits_for_its_own(tmp_path):
+    """The plan returns with the reads in flight; a gather waits for its layer's reads (and
+    for earlier steps' reads of rows it found cached) before reading the DRAM cache."""
+    path, keys = write_tables(tmp_path, "fp8")
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    cache, tier = open_file_tier(path, keys, 400 * host[1].row_bytes, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "resident", CPU), tier)
+    slow = SlowReads(tier)
+    ids = {1: np.arange(40).reshape(10, 4), 3: np.arange(100, 140).reshape(10, 4)}
+    timer = threading.Timer(0.3, slow.gate.set)
+    timer.start()
+    try:
+        first = pf.start(pf.plan(ids))  # reads issued, held back
+        again = pf.start(pf.plan(ids))  # every row "cached": its reads are the first step's
+        assert not slow.gate.is_set() and not any(f.done() for f in tier.layers[1].recent)
+        hot_fill = ThreadPoolExecutor(1).submit(tier.read_rows, 1, ids[1])  # a hot-cache fill
+    except BaseException:
+        slow.gate.set()
+        raise
+    for pending in (again, first):
+        for lid in keys:
+            want = host[lid].decode(host[lid].tensor[torch.from_numpy(ids[lid].reshape(-1))])
+            got = pending.rows(lid).reshape(want.shape)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    first.close()
+    again.close()
+    want1 = host[1].tensor[torch.from_numpy(ids[1].reshape(-1))].view(torch.uint8).numpy()
+    assert np.array_equal(hot_fill.result(10), want1)  # it waited for the rows to land
+    layer = pf.accountant.totals.layers[1]
+    assert layer.file_wait_s > 0.05 and layer.file_misses == 40  # waited, read once
+    pf.flush()
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    pf.close()
+
+
+def test_a_failed_read_fails_the_layer_that_needs_it_and_empties_its_slots(tmp_path):
+    path, keys = write_tables(tmp_path, "bf16")
+    cache, tier = open_file_tier(path, keys, 400 * 128, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "worker", CPU), tier)
+    os_fd = tier.layers[3].reader.fd
+    tier.layers[3].reader.fd = os.open(os.devnull, os.O_RDONLY)  # reads return nothing
+    pending = pf.start(pf.plan({1: np.arange(8).reshape(2, 4), 3: np.arange(8).reshape(2, 4)}))
+    assert pending.rows(1).shape[0] == 2
+    with pytest.raises(GatherError, match="Engram layer 3: gather failed: TableFileError"):
+        pending.rows(3)
+    pending.close()
+    pf.flush()
+    fl = tier.layers[3]
+    assert not fl.cache.pins.any() and (fl.cache.directory.lookup(np.arange(8)) < 0).all()
+    os.close(tier.layers[3].reader.fd)
+    tier.layers[3].reader.fd = os_fd
+    pending = pf.start(pf.plan({1: np.arange(8).reshape(2, 4), 3: np.arange(8).reshape(2, 4)}))
+    assert pending.rows(3).shape[0] == 2  # read again, the tier serves on
+    pending.close()
     pf.close()
 
 

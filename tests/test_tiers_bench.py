@@ -12,6 +12,7 @@ ROWS = [
     "host",
     "host + hot static",
     "host + hot adaptive",
+    "file + DRAM, sync reads",
     "file + DRAM",
     "file + DRAM + hot static",
     "file + DRAM + hot adaptive",
@@ -39,4 +40,7 @@ def test_tiers_bench_writes_every_combination(tmp_path):
     assert text["file + DRAM + hot static"]["hot_hit_rate"]["median"] > 0
     assert text["resident"]["hot_hit_rate"]["median"] == 0
     table = markdown(res)
-    assert table.count("| file + DRAM") == 6 and "NO |" not in table
+    assert table.count("| file + DRAM") == 8 and "NO |" not in table
+    sync, issued = text["file + DRAM, sync reads"], text["file + DRAM"]
+    assert sync["file_wait_ms_per_step"]["median"] == 0  # read in the plan: nothing to wait for
+    assert issued["file_read_ms_per_step"]["median"] > 0
