@@ -26,8 +26,9 @@ class FileTierGather(Prefetcher):
         self.accountant, self.timeout_s = inner.accountant, inner.timeout_s
         self.name, self.places_rows = inner.name, inner.places_rows
         self.host_threads, self.uva_programs = inner.host_threads, inner.uva_programs
-        # rows of the tables in the file (the inner path's tables are the DRAM caches' slots)
-        self.table_rows = {lid: fl.rows for lid, fl in tier.layers.items()}
+        # rows of the tables in the file (the inner path's tables there are the DRAM caches'
+        # slots); layers not in the tier (mixed placement) as their tables hold
+        self.table_rows = dict(inner.table_rows) | {lid: fl.rows for lid, fl in tier.layers.items()}
         self._planned: deque = deque()  # (plan, ticket) built, not yet started
         self._held: deque[Ticket] = deque()  # started, gathers maybe still running
 

@@ -489,3 +489,47 @@ def test_hot_rows_with_the_file_tier_load_and_pass_the_start_up_check(tiny_ckpt)
         assert "+ hot rows" in checked[-1].kernel
     finally:
         om.close()
+
+
+def test_mixed_placement_one_table_in_the_file_one_in_host_memory(tiny_ckpt):
+    """file_layers: the first Engram layer's table stays in the file behind a DRAM cache, the
+    other is loaded whole; greedy tokens equal all-host serving's (with an adaptive hot cache
+    over both), each layer booked under its own tier, the start-up gather check passes."""
+    from engine.generate import generate
+    from engine.kernel_check import check_gather
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
+    from offload.hot_rows import HotSettings
+    from offload.offloaded_model import OffloadedModel
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    sizes = table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids})
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], [42, 42]]
+    host = OffloadedModel.load(tiny_ckpt, "cpu", "worker", progress=False)
+    want = generate(host.model, prompts, max_new_tokens=10, rows=host.prefetcher)
+    host.close()
+    for hot in (None, HotSettings("0.05", None, "adaptive", 2, 16)):
+        om = OffloadedModel.load(
+            tiny_ckpt,
+            "cpu",
+            "worker",
+            progress=False,
+            host_memory_bytes=sizes[lids[0]] // 4,
+            file_layers=[lids[0]],
+            hot=hot,
+        )
+        try:
+            assert list(om.file_tier.layers) == [lids[0]]
+            assert om.store[lids[1]].rows == om.prefetcher.table_rows[lids[1]]
+            assert om.tier_bytes()["file"] == sizes[lids[0]]
+            got = generate(om.model, prompts, max_new_tokens=10, rows=om.prefetcher)
+            assert got == want
+            layers = om.accountant.summary()["layers"]
+            assert layers[lids[0]]["tier"] == "file" and layers[lids[0]]["file_misses"] > 0
+            assert layers[lids[1]]["tier"] == "cpu" and "file_misses" not in layers[lids[1]]
+            assert all(c.ok for c in check_gather(om.prefetcher, torch.device("cpu")))
+        finally:
+            om.close()
+    with pytest.raises(ValueError, match="--host-memory-bytes"):
+        OffloadedModel.load(tiny_ckpt, "cpu", progress=False, file_layers=[lids[0]])
