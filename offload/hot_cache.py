@@ -7,7 +7,10 @@ hits (slot, request position) and misses (global rows for the next tier); the st
 mapping it was split against.
 
 Static sets come from a profile (``engram-profile``); an adaptive cache counts the step's hits
-and misses and, every ``refresh_every`` steps, replaces at most ``max_replace`` rows. A refresh
+and misses and, every ``refresh_every`` steps, replaces at most ``max_replace`` rows: the
+window's most missed rows in, the weakest of a sample of the held slots out (decayed hit
+counts, decayed lazily), the mapping changed by its delta (:mod:`offload.hot_mapping`), so a
+refresh costs the window and the replacements, not the rows held. A refresh
 never changes a row a step may still read: new rows are copied into free slots (spare slots,
 or slots retired by an earlier mapping once every step split against that mapping is closed),
 and the new mapping is published only after the copy. On CUDA the copy is issued on the
