@@ -374,6 +374,51 @@ def test_gpu_pinned_dram_cache_rows_are_bit_identical(tmp_path, fmt, gather):
     cache.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "v41"])
+@pytest.mark.parametrize("gather", ["staged", "uva"])
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+def test_gpu_hot_rows_over_the_pinned_dram_cache_are_bit_identical(tmp_path, fmt, gather, policy):
+    """HBM hot cache -> pinned DRAM cache -> file, read by the staged copy and the UVA kernel
+    with the reads issued asynchronously: rows equal the host table's, decoded."""
+    from offload.hot_cache import HotCache
+    from offload.hot_rows import HotRows, row_sources
+    from offload.store import cupy_ok
+
+    if not cupy_ok():
+        pytest.skip("the pinned host tier needs CuPy")
+    dev = torch.device("cuda")
+    path, keys = write_tables(tmp_path, fmt)
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    rows = {lid: t.rows for lid, t in host.tables.items()}
+    budget = sum(t.nbytes for t in host.tables.values()) // 20
+    cache, tier = open_file_tier(path, keys, budget, Placement.HOST, dev, threads=4)
+    pf = FileTierGather(make_prefetcher(cache, gather, dev), tier)
+    sources, adaptive = row_sources(pf), policy == "adaptive"
+    caches = {
+        lid: HotCache(
+            cache[lid], 32, dev, None if adaptive else np.arange(32) * 7, adaptive, 2, 8,
+            source=sources[lid],
+        )
+        for lid in keys
+    }  # fmt: skip
+    hot = HotRows(pf, caches)
+    for ids in steps(rows, 30, seed=7):
+        pending = hot.start(hot.plan(ids))
+        for lid in keys:
+            t = host[lid]
+            want = t.decode(t.tensor[torch.from_numpy(ids[lid].reshape(-1))])
+            got = pending.rows(lid).reshape(want.shape[0], -1).cpu()
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        pending.close()
+    hot.flush()
+    assert all(s.hits > 0 for s in hot.accountant.totals.layers.values())
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    hot.close()
+    cache.close()
+
+
 def test_the_tier_choice_says_why():
     from offload.file_tier import choose_tier
 
