@@ -61,6 +61,8 @@ class FileLayer:
     table: Table  # the DRAM cache the gathers read: [slots, stored row]
     lock: threading.Lock = field(default_factory=threading.Lock)
     recent: list[Future] = field(default_factory=list)  # reads issued, maybe in flight
+    fill_copied: int = 0  # hot-cache fills: rows copied from the DRAM cache
+    fill_read: int = 0  # hot-cache fills: rows read from the file (not booked per step)
 
     def cache_bytes(self) -> np.ndarray:
         return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
@@ -195,6 +197,9 @@ class FileTier:
         slots[held[~ok]] = -1
         missing = np.flatnonzero(slots < 0)
         fl.reader.read(uniq[missing], missing, out)  # rows of the file into rows of ``out``
+        with fl.lock:
+            fl.fill_copied += int(uniq.size - missing.size)
+            fl.fill_read += int(missing.size)
         return out[inverse]
 
     def row_source(self, layer_id: int) -> RowSource:
@@ -243,6 +248,9 @@ class FileTier:
                 "directory": fl.cache.directory_kind,
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
+                "async_reads": self.async_reads,
+                "hot_fill_rows_copied": fl.fill_copied,
+                "hot_fill_rows_read": fl.fill_read,
             }
             for lid, fl in self.layers.items()
         }

@@ -195,7 +195,7 @@ class OffloadedModel:
                     huge_pages,
                 )
                 stores.append(cache)
-            if host_lids:
+            if host_lids or not file_lids:  # (a backbone without Engram layers: no tables)
                 stores.append(
                     TableStore.from_checkpoint(
                         model_dir,

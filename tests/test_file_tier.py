@@ -498,6 +498,8 @@ def test_file_tier_read_rows_copies_held_rows_and_reads_the_rest(tmp_path):
     got = tier.read_rows(1, ids)
     want = host[1].tensor[torch.from_numpy(ids)].view(torch.uint8).numpy()
     assert np.array_equal(got, want) and not tier.layers[1].cache.pins.any()
+    info = tier.describe()["1"]
+    assert (info["hot_fill_rows_copied"], info["hot_fill_rows_read"]) == (3, 2)
     with pytest.raises(GatherError, match="outside the table"):
         tier.read_rows(1, np.array([3000]))
     pf.close()
