@@ -390,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         from .memories import main as memories
 
         return memories([a for a in argv if a != "--memories"])
+    if "--tiers" in argv:
+        from .tiers import main as tiers
+
+        return tiers([a for a in argv if a != "--tiers"])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

@@ -33,7 +33,8 @@ class LayerStats:
     file_hits: int = 0  # file tier: distinct rows found in the DRAM cache
     file_misses: int = 0  # file tier: distinct rows read from the file
     file_bytes: int = 0  # file tier: bytes read from the file
-    file_read_s: float = 0.0  # file tier: time reading them (in the plan, before the step)
+    file_read_s: float = 0.0  # file tier: time reading them (issued with the plan)
+    file_wait_s: float = 0.0  # file tier: time the layer's gather waited for those reads
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Accountant:
                 acc.file_misses += s.file_misses
                 acc.file_bytes += s.file_bytes
                 acc.file_read_s += s.file_read_s
+                acc.file_wait_s += s.file_wait_s
             self.recent.append(step)
             self.last = step
         for fn in self._listeners:
@@ -143,4 +145,5 @@ def _file_summary(s: LayerStats, steps: int) -> dict:
         "file_hit_rate": s.file_hits / seen if seen else 0.0,
         "file_bytes_per_step": s.file_bytes / steps,
         "file_read_ms_per_step": 1e3 * s.file_read_s / steps,
+        "file_wait_ms_per_step": 1e3 * s.file_wait_s / steps,
     }

@@ -258,7 +258,9 @@ class UvaGather(_CudaPrefetcher):
     def gather_layer(
         self, lp: LayerPlan, idx: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One layer's rows on the current stream, into the layer's reused buffer."""
+        """One layer's rows on the current stream, into the layer's reused buffer (the host
+        first waits for the layer's source rows: the file tier's reads)."""
+        lp.wait_source()
         t = self.store[lp.layer_id]
         out = self._out.get(lp.layer_id, lp.fetch.size, (t.width,), t.row_dtype)
         view = self.views[lp.layer_id]
@@ -300,6 +302,7 @@ class StagedGather(_CudaPrefetcher):
     def gather_layer(self, lp: LayerPlan, slot: int) -> torch.Tensor:
         """Host side: wait until the slot's last copy finished, gather stored rows into it."""
         lid = lp.layer_id
+        lp.wait_source()  # the file tier's reads of this layer's rows into the DRAM cache
         guard = self._staging_free[lid][slot]
         if guard is not None:
             guard.synchronize()  # the previous H2D copy from this slot has completed

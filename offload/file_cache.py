@@ -164,11 +164,15 @@ class SlotCache:
     def release(self, slots: np.ndarray) -> None:
         self.pins[slots] -= 1
 
-    def forget(self, slots: np.ndarray) -> None:
-        """Slots whose read failed: empty again (and unpinned)."""
+    def invalidate(self, slots: np.ndarray) -> None:
+        """Slots whose read failed: empty again (their pins stay until released)."""
         rows = self.row_of_slot[slots]
         self.directory.remove(rows[rows >= 0].astype(np.int64))
         self.row_of_slot[slots] = EMPTY
+
+    def forget(self, slots: np.ndarray) -> None:
+        """Slots whose read failed: empty again, and unpinned."""
+        self.invalidate(slots)
         self.release(slots)
 
     def _victims(self, k: int) -> np.ndarray:

@@ -26,7 +26,9 @@ class FileTierGather(Prefetcher):
         self.accountant, self.timeout_s = inner.accountant, inner.timeout_s
         self.name, self.places_rows = inner.name, inner.places_rows
         self.host_threads, self.uva_programs = inner.host_threads, inner.uva_programs
-        self.table_rows = {lid: t.rows for lid, t in inner.store.tables.items()}
+        # rows of the tables in the file (the inner path's tables there are the DRAM caches'
+        # slots); layers not in the tier (mixed placement) as their tables hold
+        self.table_rows = dict(inner.table_rows) | {lid: fl.rows for lid, fl in tier.layers.items()}
         self._planned: deque = deque()  # (plan, ticket) built, not yet started
         self._held: deque[Ticket] = deque()  # started, gathers maybe still running
 
@@ -44,6 +46,9 @@ class FileTierGather(Prefetcher):
         except BaseException:
             self.tier.release(ticket)
             raise
+        for lid, lp in plan.layers.items():  # the gather of a layer waits for its reads only
+            if lid in self.tier.layers:
+                lp.source_ready = lambda lid=lid: ticket.wait(lid)
         self._planned.append((plan, ticket))
         return plan
 
@@ -56,13 +61,21 @@ class FileTierGather(Prefetcher):
                 self.tier.release(ticket)
             raise
         if ticket is not None:
-            for lid, r in ticket.reads.items():
-                st = pending.stats.layers[lid]
-                st.tier = "file"
-                st.file_hits, st.file_misses = r.hits, r.misses
-                st.file_bytes, st.file_read_s = r.bytes, r.read_s
-            _on_close(pending, lambda: self._hold(ticket, pending))
+            for lid in ticket.slots:
+                pending.stats.layers[lid].tier = "file"
+            _on_close(
+                pending, lambda: self._book(ticket, pending), lambda: self._hold(ticket, pending)
+            )
         return pending
+
+    def _book(self, ticket: Ticket, pending) -> None:
+        """The step's file traffic into its stats, before they are booked (its gathers have
+        waited for their reads by now; a layer never read is waited for here)."""
+        ticket.settle()
+        for lid, r in ticket.reads.items():
+            st = pending.stats.layers[lid]
+            st.file_hits, st.file_misses = r.hits, r.misses
+            st.file_bytes, st.file_read_s, st.file_wait_s = r.bytes, r.read_s, r.wait_s
 
     def _take(self, plan):
         """The ticket of ``plan``; plans built before it and never started release theirs."""
@@ -121,15 +134,18 @@ def _gathers_done(pending, wait: bool) -> bool:
     return True
 
 
-def _on_close(pending, fn) -> None:
-    """Run ``fn`` right after ``pending.close()`` has booked the step (once)."""
+def _on_close(pending, before, after) -> None:
+    """Run ``before`` right before ``pending.close()`` books the step, ``after`` right after
+    (once)."""
     close = pending.close
 
     def closed():
         first = not pending.closed
+        if first:
+            before()
         out = close()
         if first:
-            fn()
+            after()
         return out
 
     pending.close = closed

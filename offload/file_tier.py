@@ -4,8 +4,11 @@ Tiers as index translation. Each file-tier layer has a cache :class:`~offload.st
 slots (pinned host memory where CUDA is present, plain host memory otherwise) standing where
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
-misses are read from the file into victim slots (:class:`~offload.row_reader.RowReader`,
-parallel ``preadv``), and the layer's row ids are replaced by slot ids. The existing gather
+misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`,
+parallel ``preadv``, on the tier's issuing threads), and the layer's row ids are replaced by
+slot ids at once. A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``:
+its own misses, and earlier steps' reads still landing in slots it found), so the reads run
+beside the plan's other work, the upload and the layers before. The existing gather
 paths (worker, staged, UVA; sorted and de-duplicated plans) then read the cache table exactly
 as they read a host table. Slots a step reads stay pinned until that step's gathers are done
 (on CUDA: its end event), so an overlapped next step never evicts them.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch
 from models.safetensors_header import read_header
 
 from .file_cache import CapacityError, SlotCache
+from .hot_cache import RowSource
 from .plan import GatherError
 from .row_reader import RowReader
 from .rowformat import PLAIN_DTYPES
@@ -43,6 +49,7 @@ class FileRead:
     misses: int = 0  # distinct rows read from the file
     bytes: int = 0
     read_s: float = 0.0
+    wait_s: float = 0.0  # how long the layer's gather waited for the read (the file stall)
 
 
 @dataclass
@@ -53,6 +60,9 @@ class FileLayer:
     reader: RowReader
     table: Table  # the DRAM cache the gathers read: [slots, stored row]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    recent: list[Future] = field(default_factory=list)  # reads issued, maybe in flight
+    fill_copied: int = 0  # hot-cache fills: rows copied from the DRAM cache
+    fill_read: int = 0  # hot-cache fills: rows read from the file (not booked per step)
 
     def cache_bytes(self) -> np.ndarray:
         return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
@@ -60,20 +70,53 @@ class FileLayer:
 
 @dataclass
 class Ticket:
-    """What a step holds: its pinned slots per layer, and its reads."""
+    """What a step holds: its pinned slots per layer, and its reads (in flight or done)."""
 
     slots: dict[int, np.ndarray]
     reads: dict[int, FileRead]
     done: object = None  # the step's pending rows (released once its gathers have finished)
+    inflight: dict[int, Future] = field(default_factory=dict)  # layer -> its read, issued
+    # layer -> reads of earlier steps still in flight when this one was planned: rows this
+    # step found in the cache may be landing there
+    earlier: dict[int, list[Future]] = field(default_factory=dict)
+
+    def wait(self, layer_id: int) -> None:
+        """Block until the layer's rows are in the DRAM cache (the gather's source rows);
+        the time blocked is the layer's file stall. A failed read raises here."""
+        earlier, fut = self.earlier.pop(layer_id, []), self.inflight.get(layer_id)
+        if not earlier and fut is None:
+            return
+        t = time.perf_counter()
+        for f in earlier:
+            f.result()
+        if fut is not None:
+            self.reads[layer_id] = fut.result()
+            self.inflight.pop(layer_id, None)
+        if layer_id in self.reads:
+            self.reads[layer_id].wait_s += time.perf_counter() - t
+
+    def settle(self) -> None:
+        """Wait for every read this step issued, and keep their figures (a failed read's
+        error is raised by :meth:`wait`, in the gather that needs it)."""
+        futures_wait(list(self.inflight.values()))
+        for lid, fut in list(self.inflight.items()):
+            if fut.exception() is None and self.inflight.pop(lid, None) is not None:
+                self.reads[lid] = fut.result()
 
 
 class FileTier:
-    def __init__(self, layers: dict[int, FileLayer]) -> None:
-        self.layers = layers
+    def __init__(self, layers: dict[int, FileLayer], async_reads: bool = True) -> None:
+        """``async_reads``: a step's misses are read on the tier's issuing threads (one per
+        layer, each fanning out to its reader's pool) while the plan goes on and earlier
+        layers compute; a gather waits for its own layer only (``Ticket.wait``). False: read
+        before the plan returns (the synchronous baseline)."""
+        self.layers, self.async_reads = layers, async_reads
+        self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
-        """Table rows -> DRAM slots for every file-tier layer (others pass through), reading
-        the misses first. The ticket must be released once the step's gathers are done."""
+        """Table rows -> DRAM slots for every file-tier layer (others pass through), the
+        misses' reads issued (or done, without ``async_reads``). The ticket must be released
+        once the step's gathers are done."""
         ticket = Ticket({}, {})
         out = dict(row_ids)
         try:
@@ -93,6 +136,9 @@ class FileTier:
             raise GatherError(lid, f"row {bad} is outside the table (0..{fl.rows - 1})")
         uniq, inverse = np.unique(flat, return_inverse=True)
         with fl.lock:
+            fl.recent = [f for f in fl.recent if not f.done()]
+            if fl.recent:
+                ticket.earlier[lid] = list(fl.recent)
             try:
                 slots, miss_rows, victims = fl.cache.admit(uniq)
             except CapacityError as e:
@@ -101,21 +147,70 @@ class FileTier:
                     "hold two steps' distinct rows)"
                 ) from None
         ticket.slots[lid] = slots
-        t = time.perf_counter()
-        try:
-            nbytes = fl.reader.read(miss_rows, victims, fl.cache_bytes())
-        except BaseException:
+        hits = uniq.size - miss_rows.size
+        if self.async_reads and miss_rows.size:
+            fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
+            ticket.inflight[lid] = fut
             with fl.lock:
-                fl.cache.forget(victims)
-                fl.cache.release(slots[np.isin(slots, victims, invert=True)])
-            del ticket.slots[lid]
-            raise
-        ticket.reads[lid] = FileRead(
-            uniq.size - miss_rows.size, miss_rows.size, nbytes, time.perf_counter() - t
-        )
+                fl.recent.append(fut)
+        else:
+            ticket.reads[lid] = self._read(fl, miss_rows, victims, hits)
         return slots[inverse].astype(np.int64).reshape(ids.shape)
 
+    def _read(self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int) -> FileRead:
+        if rows.size == 0:
+            return FileRead(hits)
+        t = time.perf_counter()
+        try:
+            nbytes = fl.reader.read(rows, slots, fl.cache_bytes())
+        except BaseException:
+            with fl.lock:  # the slots hold no row now (still pinned: the ticket releases them)
+                fl.cache.invalidate(slots)
+            raise
+        return FileRead(hits, rows.size, nbytes, time.perf_counter() - t)
+
+    def read_rows(self, layer_id: int, ids: np.ndarray) -> np.ndarray:
+        """Stored bytes of table rows ``ids`` (any order, repeats allowed) as uint8
+        ``[n, row_bytes]``, bit for bit as in the file: rows the DRAM cache holds are copied
+        from it (pinned while copied), the rest read through the tier's reader into a scratch
+        array (not admitted: the hot cache's fills and refreshes do not evict serving rows)."""
+        fl = self.layers[layer_id]
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= fl.rows):
+            bad = int(flat.max() if flat.max() >= fl.rows else flat.min())
+            raise GatherError(layer_id, f"row {bad} is outside the table (0..{fl.rows - 1})")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((uniq.size, fl.reader.row_bytes), dtype=np.uint8)
+        with fl.lock:
+            slots = fl.cache.directory.lookup(uniq).astype(np.int64)
+            held = np.flatnonzero(slots >= 0)
+            fl.cache.pins[slots[held]] += 1
+            landing = [f for f in fl.recent if not f.done()]  # reads maybe filling those slots
+        try:
+            futures_wait(landing)
+            with fl.lock:  # a failed read emptied its slots (pins kept them from reuse)
+                ok = fl.cache.row_of_slot[slots[held]] == uniq[held]
+            out[held[ok]] = fl.cache_bytes()[slots[held[ok]]]
+        finally:
+            with fl.lock:
+                fl.cache.release(slots[held])
+        slots[held[~ok]] = -1
+        missing = np.flatnonzero(slots < 0)
+        fl.reader.read(uniq[missing], missing, out)  # rows of the file into rows of ``out``
+        with fl.lock:
+            fl.fill_copied += int(uniq.size - missing.size)
+            fl.fill_read += int(missing.size)
+        return out[inverse]
+
+    def row_source(self, layer_id: int) -> RowSource:
+        """The layer's rows by table id in the cache table's stored dtype (the hot cache's
+        fills and refreshes read the file tier through this)."""
+        dtype = self.layers[layer_id].table.tensor.dtype
+        read = lambda ids: torch.from_numpy(self.read_rows(layer_id, ids)).view(dtype)
+        return RowSource(self.layers[layer_id].rows, read)
+
     def release(self, ticket: Ticket) -> None:
+        ticket.settle()  # no read may still write a slot once its pin is gone
         for lid, slots in ticket.slots.items():
             with self.layers[lid].lock:
                 self.layers[lid].cache.release(slots)
@@ -140,6 +235,7 @@ class FileTier:
         return sum(fl.rows * fl.reader.row_bytes for fl in self.layers.values())
 
     def close(self) -> None:
+        self._issue.shutdown(wait=True)
         for fl in self.layers.values():
             fl.reader.close()
 
@@ -152,6 +248,9 @@ class FileTier:
                 "directory": fl.cache.directory_kind,
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
+                "async_reads": self.async_reads,
+                "hot_fill_rows_copied": fl.fill_copied,
+                "hot_fill_rows_read": fl.fill_read,
             }
             for lid, fl in self.layers.items()
         }

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .accounting import LayerStats, StepStats
-from .hot_cache import HotCache, HotCacheError, Split, parse_hot_rows
+from .hot_cache import HotCache, HotCacheError, RowSource, Split, parse_hot_rows, store_rows
 from .plan import LookupPlan
 from .prefetch import PendingRows, Prefetcher
 from .store import TableStore
@@ -30,6 +30,7 @@ class HotPlan(LookupPlan):
 
     splits: dict[int, Split] = field(default_factory=dict)
     shapes: dict[int, tuple[int, int]] = field(default_factory=dict)  # (tokens, heads)
+    inner: LookupPlan | None = None  # the wrapped path's own plan (the file tier knows it by id)
 
     def host_arrays(self) -> dict[str, np.ndarray]:
         out = super().host_arrays()
@@ -76,7 +77,7 @@ class HotPending:
             n, heads = self.plan.shapes[lid]
             stats.num_tokens = n
             table = self.pf.store[lid]
-            st = stats.layers.setdefault(lid, LayerStats(lid, table.placement.value))
+            st = stats.layers.setdefault(lid, LayerStats(lid, self.pf.tiers[lid]))
             st.rows = n * heads
             st.hits = int(sp.hit_pos.size)
             st.hit_bytes = st.hits * table.row_bytes
@@ -103,6 +104,11 @@ class HotRows(Prefetcher):
         self.accountant, self.timeout_s = inner.accountant, inner.timeout_s
         self.host_threads, self.uva_programs = inner.host_threads, inner.uva_programs
         self.table_rows = inner.table_rows
+        tier = file_tier_of(inner)
+        self.tiers = {  # a step served wholly by the hot cache still books the layer's tier
+            lid: "file" if tier is not None and lid in tier.layers else t.placement.value
+            for lid, t in inner.store.tables.items()
+        }
 
     def plan(self, row_ids: dict[int, np.ndarray]) -> HotPlan:
         splits, shapes, misses = {}, {}, {}
@@ -119,13 +125,15 @@ class HotRows(Prefetcher):
             splits[lid] = sp
             if sp.miss_pos.size:
                 misses[lid] = sp.miss_ids[:, None]
-        inner = self.inner.plan(misses).layers if misses else {}
-        return HotPlan(inner, splits, shapes)
+        inner = self.inner.plan(misses) if misses else None
+        return HotPlan(inner.layers if inner else {}, splits, shapes, inner)
 
     def start(self, plan, index=None, uploaded=None):
         if index is None:
             index = self.plan_index(plan)
-        inner = self.inner.start(plan, index, uploaded) if plan.layers else None
+        inner = None
+        if plan.layers:
+            inner = self.inner.start(plan.inner or plan, index, uploaded)
         return HotPending(self, plan, index, inner)
 
     def book_alone(self, stats: StepStats) -> None:
@@ -146,6 +154,26 @@ class HotRows(Prefetcher):
             rate = t.hits / t.rows if t is not None and t.rows else 0.0
             out[lid] = {**c.describe(), "hit_rate": rate}
         return out
+
+
+def file_tier_of(prefetcher: Prefetcher):
+    """The :class:`~offload.file_tier.FileTier` behind a chain of wrapped paths, or None."""
+    from .file_gather import FileTierGather
+
+    pf = prefetcher
+    while not isinstance(pf, FileTierGather) and isinstance(getattr(pf, "inner", None), Prefetcher):
+        pf = pf.inner
+    return pf.tier if isinstance(pf, FileTierGather) else None
+
+
+def row_sources(prefetcher: Prefetcher) -> dict[int, RowSource]:
+    """Where each layer's stored rows are read by table id: the store's tables, or, behind the
+    file tier (whose store holds DRAM cache slots), the file through the tier's reader."""
+    tier = file_tier_of(prefetcher)
+    return {
+        lid: tier.row_source(lid) if tier is not None and lid in tier.layers else store_rows(t)
+        for lid, t in prefetcher.store.tables.items()
+    }
 
 
 def hot_sets(path: str | Path, layers: list[int]) -> dict[int, np.ndarray]:
@@ -185,7 +213,8 @@ def with_hot_cache(prefetcher: Prefetcher, hot: HotSettings) -> Prefetcher:
     if hot.policy not in ("static", "adaptive"):
         raise HotCacheError(f"--hot-rows-policy: {hot.policy!r}: use static or adaptive")
     store: TableStore = prefetcher.store
-    sizes = {lid: parse_hot_rows(hot.rows, t.rows) for lid, t in store.tables.items()}
+    sources = row_sources(prefetcher)
+    sizes = {lid: parse_hot_rows(hot.rows, src.rows) for lid, src in sources.items()}
     if not any(sizes.values()):
         return prefetcher
     if hot.policy == "static" and hot.file is None:
@@ -203,6 +232,7 @@ def with_hot_cache(prefetcher: Prefetcher, hot: HotSettings) -> Prefetcher:
             adaptive=hot.policy == "adaptive",
             refresh_every=hot.refresh_every,
             max_replace=hot.max_replace,
+            source=sources[lid],
         )
         for lid, n in sizes.items()
         if n

@@ -42,6 +42,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def merged(stores: list[TableStore]) -> TableStore:
+    """One store over the tables of several of one placement (mixed placement: DRAM caches
+    of file-tier layers beside host-resident tables)."""
+    tables = {lid: t for s in stores for lid, t in s.tables.items()}
+    out = TableStore(dict(sorted(tables.items())), stores[0].placement, stores[0].huge_pages)
+    out.load_stats = next((s.load_stats for s in stores if s.load_stats is not None), None)
+    return out
+
+
 @dataclass
 class OffloadedModel:
     model: EngramForCausalLM
@@ -104,6 +113,7 @@ class OffloadedModel:
         file_threads: int = 8,
         hot: HotSettings | None = None,
         loaded: tuple[EngramForCausalLM, EngramTokenizer | None] | None = None,
+        file_layers: list[int] | None = None,
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
@@ -114,9 +124,11 @@ class OffloadedModel:
         and stops between stages on shutdown); ``shared``: host tables shared on the node;
         ``host_memory_bytes``: the host budget for tables; larger tables (or
         ``placement='file'``) stay in the file behind a DRAM cache of that size, read by
-        ``file_threads`` threads (offload/file_tier.py); ``loaded``: the checkpoint's model
-        (tables unloaded) and tokenizer, already read (an Engram memory's, engine/memories.py):
-        only its tables are placed here."""
+        ``file_threads`` threads (offload/file_tier.py); ``file_layers``: mixed placement,
+        only these layers' tables stay in the file (behind a DRAM cache of
+        ``host_memory_bytes``), the others are loaded whole into ``placement``; ``loaded``:
+        the checkpoint's model (tables unloaded) and tokenizer, already read (an Engram
+        memory's, engine/memories.py): only its tables are placed here."""
         phase = phase or (lambda name: nullcontext())
         asked = placement
         path = resolve(device, placement, gather)  # refuse before loading anything
@@ -148,26 +160,34 @@ class OffloadedModel:
         sizes = {
             lid: n for path, keys in files.items() for lid, n in table_bytes(path, keys).items()
         }
-        use_file, why = choose_tier(asked, sizes, host_memory_bytes)
+        if file_layers:
+            file_lids = sorted(set(file_layers))
+            if not set(file_lids) <= set(lids) or host_memory_bytes < 1:
+                raise ValueError(
+                    f"file layers {file_lids}: each must be an Engram layer ({lids}), and their "
+                    "DRAM cache needs --host-memory-bytes"
+                )
+            why = f"layers {file_lids} stay in the file, DRAM cache {host_memory_bytes} bytes"
+        else:
+            use_file, why = choose_tier(asked, sizes, host_memory_bytes)
+            file_lids = lids if use_file else []
         log.info("Engram tables: %s", why)
+        host_lids = [lid for lid in lids if lid not in file_lids]
         tier = None
-        if use_file and row_format != "auto":
+        if file_lids and row_format != "auto":
             raise ValueError("the file tier serves rows as stored: use --row-format auto")
-        if use_file and hot is not None and hot.rows not in (0, "0"):
-            # the hot cache copies its rows out of the store, which here holds cache slots
-            raise ValueError(
-                "--hot-rows with the file tier is not supported yet: serve the tables from host "
-                "memory (raise --host-memory-bytes) or drop --hot-rows"
-            )
-        if use_file and len(files) > 1:
+        in_file = table_files(model_dir, file_lids) if file_lids else {}
+        if len(in_file) > 1:
             raise ValueError(
                 "the file tier reads the tables from one file; this checkpoint keeps them in "
-                f"{len(files)} (TinyEngram shards): raise --host-memory-bytes to hold them"
+                f"{len(in_file)} (TinyEngram shards): raise --host-memory-bytes to hold them"
             )
-        with phase(f"tables ({'file tier' if use_file else 'read + place'} in {placement.value})"):
-            if use_file:
-                ((tables_file, keys),) = files.items()
-                store, tier = open_file_tier(
+        kind = "file tier" if file_lids else "read + place"
+        with phase(f"tables ({kind} in {placement.value})"):
+            stores = []
+            if file_lids:
+                ((tables_file, keys),) = in_file.items()
+                cache, tier = open_file_tier(
                     tables_file,
                     keys,
                     host_memory_bytes,
@@ -177,18 +197,22 @@ class OffloadedModel:
                     file_threads,
                     huge_pages,
                 )
-            else:
-                store = TableStore.from_checkpoint(
-                    model_dir,
-                    lids,
-                    placement,
-                    device,
-                    progress,
-                    row_format=row_format,
-                    row_dtype=chosen.dtype,
-                    huge_pages=huge_pages,
-                    shared=shared,
+                stores.append(cache)
+            if host_lids or not file_lids:  # (a backbone without Engram layers: no tables)
+                stores.append(
+                    TableStore.from_checkpoint(
+                        model_dir,
+                        host_lids,
+                        placement,
+                        device,
+                        progress,
+                        row_format=row_format,
+                        row_dtype=chosen.dtype,
+                        huge_pages=huge_pages,
+                        shared=shared,
+                    )
                 )
+            store = stores[0] if len(stores) == 1 else merged(stores)
         with phase(f"gather setup ({gather})"):
             om = cls.from_parts(model, tok, store, gather, device, dedup, timeout_s, host_threads)
             if tier is not None:

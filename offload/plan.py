@@ -14,6 +14,7 @@ on four.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +36,24 @@ class LayerPlan:
     num_tokens: int
     heads: int
     positions: np.ndarray | None = None  # [M] request position of each fetched row (sorted)
+    # blocks until the rows this plan reads are in its table (the file tier's reads into the
+    # DRAM cache, issued when the plan was built); every path calls it before reading
+    source_ready: Callable[[], None] | None = None
 
     def sorted(self) -> LayerPlan:
         """This layer fetching in ascending row order (de-duplicated plans already do)."""
         if self.inverse is not None or self.positions is not None:
             return self
         perm = np.argsort(self.fetch, kind="stable")
-        return LayerPlan(self.layer_id, self.fetch[perm], None, self.num_tokens, self.heads, perm)
+        return LayerPlan(
+            self.layer_id, self.fetch[perm], None, self.num_tokens, self.heads, perm,
+            self.source_ready,
+        )  # fmt: skip
+
+    def wait_source(self) -> None:
+        """Wait (only) for this layer's rows to be in the table the gather reads."""
+        if self.source_ready is not None:
+            self.source_ready()
 
     @property
     def rows(self) -> int:

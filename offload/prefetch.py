@@ -152,6 +152,10 @@ class _ResidentPending(PendingRows):
     def _wait(self, layer_id: int) -> torch.Tensor:
         table = self.pf.store[layer_id]
         t = time.perf_counter()
+        try:
+            self.plan.layers[layer_id].wait_source()
+        except BaseException as e:
+            raise GatherError(layer_id, f"gather failed: {type(e).__name__}: {e}") from e
         idx = self.index[f"fetch{layer_id}"].to(table.tensor.device)
         out = table.decode(torch.index_select(table.tensor, 0, idx))
         self.stats.layers[layer_id].prefetch_s = time.perf_counter() - t
@@ -209,6 +213,7 @@ class WorkerGather(Prefetcher):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-prefetch")
 
     def gather_layer(self, lp: LayerPlan) -> torch.Tensor:
+        lp.wait_source()
         return self.store[lp.layer_id].decode(self.gather_host(lp))
 
     def start(self, plan, index=None, uploaded=None):

@@ -21,6 +21,9 @@ from models.safetensors_header import TableFileError
 from .table_load import TableSource
 
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+# a thread takes at least this many runs: a decode step's few dozen misses are read by one or
+# two threads (each hand-off costs more than a preadv from the page cache), a large batch by all
+RUNS_PER_THREAD = 32
 
 
 def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -99,7 +102,7 @@ class RowReader:
 def _balance(runs: list[tuple[int, int]], threads: int) -> list[list[tuple[int, int]]]:
     """Runs split into at most ``threads`` groups of about equal rows (in order)."""
     total = sum(b - a for a, b in runs)
-    k = max(1, min(threads, len(runs)))
+    k = max(1, min(threads, -(-len(runs) // RUNS_PER_THREAD)))
     groups: list[list[tuple[int, int]]] = [[] for _ in range(k)]
     seen = 0
     for a, b in runs:

@@ -1,6 +1,10 @@
 """The file tier: rows read from the safetensors file into a small DRAM cache, translated to
 cache slots, and gathered by the ordinary paths; bit-identical to the host-resident table."""
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +15,7 @@ from offload.file_cache import CapacityError, HashDirectory, SlotCache
 from offload.file_gather import FileTierGather
 from offload.file_tier import open_file_tier
 from offload.paths import make_prefetcher
+from offload.plan import GatherError
 from offload.quantize import quantize_table_file
 from offload.row_reader import runs_of
 from offload.rowformat import quantize_fp8
@@ -171,6 +176,81 @@ def test_overlapped_steps_never_overwrite_rows_a_step_still_reads(tmp_path):
     pf.close()
 
 
+class SlowReads:
+    """A tier's readers held back until released: reads issued at plan time are still in
+    flight when the step starts (what a slow disk does)."""
+
+    def __init__(self, tier):
+        self.gate = threading.Event()
+        self.started = 0
+        for fl in tier.layers.values():
+            read = fl.reader.read
+
+            def slow(rows, slots, cache, read=read):
+                self.started += 1
+                assert self.gate.wait(10)
+                return read(rows, slots, cache)
+
+            fl.reader.read = slow
+
+
+def test_misses_are_read_while_the_step_goes_on_and_a_layer_waits_for_its_own(tmp_path):
+    """The plan returns with the reads in flight; a gather waits for its layer's reads (and
+    for earlier steps' reads of rows it found cached) before reading the DRAM cache."""
+    path, keys = write_tables(tmp_path, "fp8")
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    cache, tier = open_file_tier(path, keys, 400 * host[1].row_bytes, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "resident", CPU), tier)
+    slow = SlowReads(tier)
+    ids = {1: np.arange(40).reshape(10, 4), 3: np.arange(100, 140).reshape(10, 4)}
+    timer = threading.Timer(0.3, slow.gate.set)
+    timer.start()
+    try:
+        first = pf.start(pf.plan(ids))  # reads issued, held back
+        again = pf.start(pf.plan(ids))  # every row "cached": its reads are the first step's
+        assert not slow.gate.is_set() and not any(f.done() for f in tier.layers[1].recent)
+        hot_fill = ThreadPoolExecutor(1).submit(tier.read_rows, 1, ids[1])  # a hot-cache fill
+    except BaseException:
+        slow.gate.set()
+        raise
+    for pending in (again, first):
+        for lid in keys:
+            want = host[lid].decode(host[lid].tensor[torch.from_numpy(ids[lid].reshape(-1))])
+            got = pending.rows(lid).reshape(want.shape)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    first.close()
+    again.close()
+    want1 = host[1].tensor[torch.from_numpy(ids[1].reshape(-1))].view(torch.uint8).numpy()
+    assert np.array_equal(hot_fill.result(10), want1)  # it waited for the rows to land
+    layer = pf.accountant.totals.layers[1]
+    assert layer.file_wait_s > 0.05 and layer.file_misses == 40  # waited, read once
+    pf.flush()
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    pf.close()
+
+
+def test_a_failed_read_fails_the_layer_that_needs_it_and_empties_its_slots(tmp_path):
+    path, keys = write_tables(tmp_path, "bf16")
+    cache, tier = open_file_tier(path, keys, 400 * 128, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "worker", CPU), tier)
+    os_fd = tier.layers[3].reader.fd
+    tier.layers[3].reader.fd = os.open(os.devnull, os.O_RDONLY)  # reads return nothing
+    pending = pf.start(pf.plan({1: np.arange(8).reshape(2, 4), 3: np.arange(8).reshape(2, 4)}))
+    assert pending.rows(1).shape[0] == 2
+    with pytest.raises(GatherError, match="Engram layer 3: gather failed: TableFileError"):
+        pending.rows(3)
+    pending.close()
+    pf.flush()
+    fl = tier.layers[3]
+    assert not fl.cache.pins.any() and (fl.cache.directory.lookup(np.arange(8)) < 0).all()
+    os.close(tier.layers[3].reader.fd)
+    tier.layers[3].reader.fd = os_fd
+    pending = pf.start(pf.plan({1: np.arange(8).reshape(2, 4), 3: np.arange(8).reshape(2, 4)}))
+    assert pending.rows(3).shape[0] == 2  # read again, the tier serves on
+    pending.close()
+    pf.close()
+
+
 def test_a_step_larger_than_the_cache_names_the_flag(tmp_path):
     path, keys = write_tables(tmp_path, "bf16")
     cache, tier = open_file_tier(path, keys, 30 * 128, Placement.CPU, CPU)
@@ -294,6 +374,51 @@ def test_gpu_pinned_dram_cache_rows_are_bit_identical(tmp_path, fmt, gather):
     cache.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "v41"])
+@pytest.mark.parametrize("gather", ["staged", "uva"])
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+def test_gpu_hot_rows_over_the_pinned_dram_cache_are_bit_identical(tmp_path, fmt, gather, policy):
+    """HBM hot cache -> pinned DRAM cache -> file, read by the staged copy and the UVA kernel
+    with the reads issued asynchronously: rows equal the host table's, decoded."""
+    from offload.hot_cache import HotCache
+    from offload.hot_rows import HotRows, row_sources
+    from offload.store import cupy_ok
+
+    if not cupy_ok():
+        pytest.skip("the pinned host tier needs CuPy")
+    dev = torch.device("cuda")
+    path, keys = write_tables(tmp_path, fmt)
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    rows = {lid: t.rows for lid, t in host.tables.items()}
+    budget = sum(t.nbytes for t in host.tables.values()) // 20
+    cache, tier = open_file_tier(path, keys, budget, Placement.HOST, dev, threads=4)
+    pf = FileTierGather(make_prefetcher(cache, gather, dev), tier)
+    sources, adaptive = row_sources(pf), policy == "adaptive"
+    caches = {
+        lid: HotCache(
+            cache[lid], 32, dev, None if adaptive else np.arange(32) * 7, adaptive, 2, 8,
+            source=sources[lid],
+        )
+        for lid in keys
+    }  # fmt: skip
+    hot = HotRows(pf, caches)
+    for ids in steps(rows, 30, seed=7):
+        pending = hot.start(hot.plan(ids))
+        for lid in keys:
+            t = host[lid]
+            want = t.decode(t.tensor[torch.from_numpy(ids[lid].reshape(-1))])
+            got = pending.rows(lid).reshape(want.shape[0], -1).cpu()
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        pending.close()
+    hot.flush()
+    assert all(s.hits > 0 for s in hot.accountant.totals.layers.values())
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    hot.close()
+    cache.close()
+
+
 def test_the_tier_choice_says_why():
     from offload.file_tier import choose_tier
 
@@ -306,16 +431,152 @@ def test_the_tier_choice_says_why():
     assert choose_tier("file", sizes, 8 << 20)[0]
 
 
-def test_hot_rows_with_the_file_tier_are_refused_in_one_line(tiny_ckpt):
-    """The hot cache copies rows out of its store; in the file tier that holds cache slots, so
-    the combination is refused before any table is read."""
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "v41"])
+@pytest.mark.parametrize("policy", ["static", "adaptive"])
+@pytest.mark.parametrize(
+    "gather,dedup,sort",
+    [("worker", False, False), ("worker", True, False), ("resident", False, True)],
+)
+def test_hot_rows_over_the_file_tier_are_bit_identical(tmp_path, fmt, policy, gather, dedup, sort):
+    """file + DRAM cache + hot cache: hot rows filled and refreshed through the file tier's
+    reader (held DRAM rows copied, the rest read from the file), every step's rows equal to
+    the host-resident table's; the DRAM cache is never left pinned."""
+    from offload.hot_cache import HotCache
+    from offload.hot_rows import HotRows, row_sources
+
+    path, keys = write_tables(tmp_path, fmt)
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    rows = {lid: t.rows for lid, t in host.tables.items()}
+    budget = sum(t.nbytes for t in host.tables.values()) // 20
+    cache, tier = open_file_tier(path, keys, budget, Placement.CPU, CPU, threads=3)
+    pf = FileTierGather(make_prefetcher(cache, gather, CPU, dedup), tier)
+    if sort:
+        pf.inner.plan = lambda ids, p=pf.inner.plan: p(ids).sorted()
+    sources = row_sources(pf)
+    assert {lid: s.rows for lid, s in sources.items()} == rows  # the file's rows, not slots
+    adaptive = policy == "adaptive"
+    caches = {  # static: rows 0..31 (Zipf's head below); adaptive: starts empty
+        lid: HotCache(
+            cache[lid],
+            32,
+            CPU,
+            None if adaptive else np.arange(32) * 7,
+            adaptive=adaptive,
+            refresh_every=2,
+            max_replace=8,
+            source=sources[lid],
+        )
+        for lid in keys
+    }
+    hot = HotRows(pf, caches)
+    ref = make_prefetcher(host, gather, CPU, dedup)
+    ids_list = list(steps(rows, 30, seed=2))
+    got, want = run_steps(hot, ids_list), run_steps(ref, ids_list)
+    for g, w in zip(got, want):
+        for lid in keys:
+            assert torch.equal(g[lid].view(torch.uint8), w[lid].view(torch.uint8))
+    s = hot.accountant.summary()["layers"]
+    assert all(s[lid]["hot_hit_rate"] > 0 and s[lid]["file_misses"] > 0 for lid in keys), s
+    for lid, c in caches.items():  # the hot rows are the file's rows, bit for bit
+        held = host[lid].tensor[torch.from_numpy(c.mapping.ids)]
+        assert torch.equal(
+            c.rows[torch.from_numpy(c.mapping.slots)].view(torch.uint8), held.view(torch.uint8)
+        )
+        assert c.held > 0 and (not adaptive or c.stats.replaced > 0)
+    assert not any(fl.cache.pins.any() for fl in tier.layers.values())
+    hot.close()
+    ref.close()
+
+
+def test_file_tier_read_rows_copies_held_rows_and_reads_the_rest(tmp_path):
+    path, keys = write_tables(tmp_path, "v41")
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    cache, tier = open_file_tier(path, keys, 64 * host[1].row_bytes, Placement.CPU, CPU)
+    pf = FileTierGather(make_prefetcher(cache, "worker", CPU), tier)
+    run_steps(pf, [{1: np.arange(10, 30).reshape(5, 4), 3: np.zeros((5, 4), np.int64)}])
+    ids = np.array([29, 5, 10, 2999, 5, 11])  # held, not held, repeats, any order
+    got = tier.read_rows(1, ids)
+    want = host[1].tensor[torch.from_numpy(ids)].view(torch.uint8).numpy()
+    assert np.array_equal(got, want) and not tier.layers[1].cache.pins.any()
+    info = tier.describe()["1"]
+    assert (info["hot_fill_rows_copied"], info["hot_fill_rows_read"]) == (3, 2)
+    with pytest.raises(GatherError, match="outside the table"):
+        tier.read_rows(1, np.array([3000]))
+    pf.close()
+
+
+def test_hot_rows_with_the_file_tier_load_and_pass_the_start_up_check(tiny_ckpt):
+    """OffloadedModel.load with --placement file and an adaptive hot cache: the caches count
+    the file's rows, and the start-up gather check reads the hot path against the file."""
+    from engine.kernel_check import check_gather
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
     from offload.hot_rows import HotSettings
     from offload.offloaded_model import OffloadedModel
 
-    with pytest.raises(ValueError, match="--hot-rows with the file tier"):
-        OffloadedModel.load(
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    total = sum(table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
+    om = OffloadedModel.load(
+        tiny_ckpt,
+        placement="file",
+        host_memory_bytes=total // 4,
+        hot=HotSettings("0.05", None, "adaptive", 4, 16),
+        progress=False,
+    )
+    try:
+        assert om.file_tier is not None and om.hot is not None
+        for lid, c in om.hot.caches.items():
+            assert c.table_rows == om.file_tier.layers[lid].rows > c.table.rows
+            c._misses.append(np.arange(0, c.table_rows, 3))  # half full: the check hits, misses
+            c.max_replace = c.capacity
+            c.refresh()
+        checked = check_gather(om.prefetcher, torch.device("cpu"))
+        assert len(checked) == 2 and all(c.ok for c in checked), checked
+        assert "+ hot rows" in checked[-1].kernel
+    finally:
+        om.close()
+
+
+def test_mixed_placement_one_table_in_the_file_one_in_host_memory(tiny_ckpt):
+    """file_layers: the first Engram layer's table stays in the file behind a DRAM cache, the
+    other is loaded whole; greedy tokens equal all-host serving's (with an adaptive hot cache
+    over both), each layer booked under its own tier, the start-up gather check passes."""
+    from engine.generate import generate
+    from engine.kernel_check import check_gather
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
+    from offload.hot_rows import HotSettings
+    from offload.offloaded_model import OffloadedModel
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    sizes = table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids})
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1], [42, 42]]
+    host = OffloadedModel.load(tiny_ckpt, "cpu", "worker", progress=False)
+    want = generate(host.model, prompts, max_new_tokens=10, rows=host.prefetcher)
+    host.close()
+    for hot in (None, HotSettings("0.05", None, "adaptive", 2, 16)):
+        om = OffloadedModel.load(
             tiny_ckpt,
-            placement="file",
-            host_memory_bytes=1 << 20,
-            hot=HotSettings("0.05", None, "adaptive", 4, 16),
+            "cpu",
+            "worker",
+            progress=False,
+            host_memory_bytes=sizes[lids[0]] // 4,
+            file_layers=[lids[0]],
+            hot=hot,
         )
+        try:
+            assert list(om.file_tier.layers) == [lids[0]]
+            assert om.store[lids[1]].rows == om.prefetcher.table_rows[lids[1]]
+            assert om.tier_bytes()["file"] == sizes[lids[0]]
+            got = generate(om.model, prompts, max_new_tokens=10, rows=om.prefetcher)
+            assert got == want
+            layers = om.accountant.summary()["layers"]
+            assert layers[lids[0]]["tier"] == "file" and layers[lids[0]]["file_misses"] > 0
+            assert layers[lids[1]]["tier"] == "cpu" and "file_misses" not in layers[lids[1]]
+            assert all(c.ok for c in check_gather(om.prefetcher, torch.device("cpu")))
+        finally:
+            om.close()
+    with pytest.raises(ValueError, match="--host-memory-bytes"):
+        OffloadedModel.load(tiny_ckpt, "cpu", progress=False, file_layers=[lids[0]])

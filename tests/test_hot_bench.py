@@ -20,3 +20,13 @@ def test_hot_cache_bench_writes_its_table(tmp_path, capsys):
     for v in res["adaptive_refresh"].values():
         assert v["refreshes"] > 0 and v["replaced_per_refresh"] <= v["max_replace"]
     assert "hit rate" in capsys.readouterr().out
+
+
+def test_refresh_cost_bench_writes_its_json(tmp_path):
+    from bench.refresh_cost import main as refresh_main
+
+    argv = ["--held", "2000", "20000", "--window", "512", "--replace", "32", "--refreshes", "4"]
+    assert refresh_main([*argv, "--label", "t", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "refresh-t.json").read_text())
+    assert [r["held_rows"] for r in res["rows"]] == [2000, 20000]
+    assert all(r["replaced"] > 0 and r["compaction_us"] > 0 for r in res["rows"])

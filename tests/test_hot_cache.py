@@ -250,3 +250,34 @@ def test_start_up_gather_check_covers_the_hot_path():
     ]
     assert all(c.ok for c in checked)
     om.close()
+
+
+def test_mapping_equals_a_reference_through_refreshes_and_compactions():
+    """Refreshes change the mapping by its delta (base entries cleared in place, the delta
+    merged into a new base now and then); after each one every lookup equals a reference
+    dict of what the slots hold, and every held slot holds its row."""
+    table = torch.arange(5000 * 4, dtype=torch.float32).view(5000, 4)
+    store = TableStore.allocate({0: (5000, 4)}, torch.float32, "cpu", "cpu")
+    store[0].tensor.copy_(table)
+    cache = HotCache(store[0], 300, "cpu", np.arange(0, 600, 2), True, max_replace=16, sample=64)
+    cache.compact_at = 40
+    rng = np.random.default_rng(3)
+    compactions, delta, held_open = 0, 0, []
+    for step in range(240):
+        flat = np.minimum(rng.zipf(1.2, 96) * 3, 4999).astype(np.int64)
+        sp = cache.split(flat)
+        held_open.append(sp.version)  # steps close a few steps later: open across refreshes
+        if len(held_open) > 3:
+            cache.release(held_open.pop(0))
+        if step % 2 == 0:
+            cache.refresh()
+        m = cache.mapping
+        compactions += m.add_ids.size < delta
+        delta = m.add_ids.size
+        ref = {int(r): s for s, r in enumerate(cache.row_of.tolist()) if r >= 0}
+        ids, slots = m.items()
+        assert dict(zip(ids.tolist(), slots.tolist())) == ref and cache.held == len(ref) <= 300
+        assert torch.equal(cache.rows[torch.from_numpy(slots)], table[torch.from_numpy(ids)])
+        probe = rng.integers(0, 5000, 200)
+        assert m.lookup(probe).tolist() == [ref.get(p, -1) for p in probe.tolist()]
+    assert cache.stats.replaced > 100 and compactions > 0

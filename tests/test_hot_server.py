@@ -63,3 +63,35 @@ def test_static_hot_rows_without_a_profile_is_refused(tiny_ckpt):
             srv.start()
     finally:
         srv.stop()
+
+
+def test_server_tokens_identical_with_hot_rows_over_the_file_tier(profiled):
+    """file + DRAM cache + hot cache through the real server (tables 4x --host-memory-bytes):
+    greedy completions equal host-resident serving's, both hot policies; hot hits and DRAM
+    cache misses both counted."""
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from offload.file_tier import table_bytes
+
+    lids = ModelConfig.load(profiled).engram_layer_ids
+    total = sum(table_bytes(profiled / ENGRAM_FILE, {i: table_key(i) for i in lids}).values())
+    kw = {"max_num_seqs": 4, "max_num_batched_tokens": 8}
+    with serve(profiled, **kw) as srv:
+        ref = _greedy(srv)
+    for policy in ("static", "adaptive"):
+        with serve(
+            profiled,
+            host_memory_bytes=total // 4,
+            hot_rows="0.05",
+            hot_rows_policy=policy,
+            hot_rows_refresh=2,
+            **kw,
+        ) as srv:
+            assert _greedy(srv) == ref, policy
+            assert srv.metric("engram_offload_cache_hits_total", 'tier="hot"') > 0, policy
+            info = httpx.get(srv.url + "/v1/offload").json()
+            assert info["file_tier"] and info["hot_cache"], info
+            for lid in lids:
+                layer = info["accounting"]["layers"][str(lid)]
+                assert layer["tier"] == "file" and layer["file_misses"] > 0, layer
+                assert layer["hot_hit_rate"] > 0, layer
