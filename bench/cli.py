@@ -372,28 +372,22 @@ def write_outputs(res: dict, out_dir: Path, plots: bool) -> list[Path]:
     return files
 
 
+# Benchmarks of their own, picked by one flag: flag -> module of this package with a main(argv).
+MODES = {
+    "--host-cost": "hostcost",
+    "--http-cost": "httpcost",
+    "--hot-cache": "hotcache",
+    "--memories": "memories",
+    "--tiers": "tiers",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--host-cost" in argv:  # its own report, its own flags
-        from .hostcost import main as host_cost
-
-        return host_cost([a for a in argv if a != "--host-cost"])
-    if "--http-cost" in argv:
-        from .httpcost import main as http_cost
-
-        return http_cost([a for a in argv if a != "--http-cost"])
-    if "--hot-cache" in argv:
-        from .hotcache import main as hot_cache
-
-        return hot_cache([a for a in argv if a != "--hot-cache"])
-    if "--memories" in argv:
-        from .memories import main as memories
-
-        return memories([a for a in argv if a != "--memories"])
-    if "--tiers" in argv:
-        from .tiers import main as tiers
-
-        return tiers([a for a in argv if a != "--tiers"])
+    for flag, module in MODES.items():  # each its own report with its own flags
+        if flag in argv:
+            run = importlib.import_module(f".{module}", __package__).main
+            return run([a for a in argv if a != flag])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
