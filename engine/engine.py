@@ -41,7 +41,7 @@ from .sampling import (
     sample,
 )
 from .scheduler import ScheduledStep, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 log = logging.getLogger("engram.engine")
 
@@ -157,7 +157,9 @@ class Engine:
             )
             for i in range(params.n)
         ]
+        end_at = min(params.max_tokens, self.max_tokens_per_seq - len(prompt_ids))
         for seq in seqs:
+            seq.end_at = end_at
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         if params.prompt_logprobs_k is not None or params.max_tokens == 0:
@@ -265,20 +267,53 @@ class Engine:
         with timer("sample"):
             got_all = self._sample(picked, seqs, timer)
         with timer("append"):
-            gaps: list[float] = []
-            appended = 0
-            for seq, got in zip(seqs, got_all):
-                if isinstance(got, Exception):
-                    outputs.append(self._fail(seq, got))
+            self.append_all(seqs, got_all, now, outputs)
+
+    def append_all(
+        self, seqs: list[Sequence], got: list, now: float, outputs: list[SeqOutput], late=False
+    ) -> None:
+        """Append a step's sampled tokens (``got``: (token, logprobs) or an exception per
+        sequence). ``late``: tokens of an overlapped step, read one step late (a sequence
+        that ended meanwhile drops its token). A token that ends nothing, of a sequence past
+        its first token without logprobs or stop strings, takes a short path: a set lookup
+        for EOS, one comparison for the length, one table lookup for its text."""
+        gaps: list[float] = []
+        appended, append, eos, finished = 0, self._append, self._eos, Status.FINISHED
+        for seq, g in zip(seqs, got):
+            if late:
+                seq.inflight -= 1
+                if seq.status is finished:  # ended meanwhile (aborted, failed): dropped
                     continue
-                appended += 1
+            if type(g) is not tuple:
+                outputs.append(self._fail(seq, g))
+                continue
+            appended += 1
+            tok, lp = g
+            out_ids, detok, last = seq.output_ids, seq.detok, seq.last_token_at
+            if (
+                lp is None
+                and last is not None
+                and len(out_ids) + 1 < seq.end_at
+                and tok not in eos
+                and (detok is None or type(detok) is Detokenizer and detok._plain)
+            ):
                 try:
-                    outputs.append(self._append(seq, got[0], got[1], now, gaps))
-                except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                    text = "" if detok is None else detok._add_plain(tok)
+                except Exception as e:  # its detokenizer: this sequence alone
                     outputs.append(self._fail(seq, e))
-            self.stats.generation_tokens(appended)  # once per step, not per token
-            if gaps:
-                self.stats.inter_tokens(gaps)
+                    continue
+                out_ids.append(tok)
+                gaps.append(now - last)
+                seq.last_token_at = now
+                outputs.append(SeqOutput(seq, [tok], text))
+                continue
+            try:
+                outputs.append(append(seq, tok, lp, now, gaps))
+            except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                outputs.append(self._fail(seq, e))
+        self.stats.generation_tokens(appended)  # once per step, not per token
+        if gaps:
+            self.stats.inter_tokens(gaps)
 
     def _sample(
         self, logits, seqs: list[Sequence], timer=NO_TIMER

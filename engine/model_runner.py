@@ -134,14 +134,15 @@ class ModelRunner:
             fresh = self.cache.take_fresh()
             self.ngram.reset(fresh)
             slots = np.array([s.slot for s in seqs], np.int64)
-            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
+            lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
+            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths)
         graph = self.graphs is not None and self.graphs.fits(new_ids, all_logits)
         with timer("pack"):
             if graph:
                 parts = self.graphs.pack(seqs, new_ids)
             else:
                 parts = pack_inputs(
-                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots
+                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots, lengths
                 )
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):

@@ -131,23 +131,7 @@ class Overlap:
             return outputs
         now = time.monotonic()
         with timer("append"):
-            gaps: list[float] = []
-            appended, append = 0, e._append
-            for seq, g in zip(job.seqs, got):
-                seq.inflight -= 1
-                if seq.finished:  # ended meanwhile (aborted, failed): the token is dropped
-                    continue
-                if isinstance(g, Exception):
-                    outputs.append(e._fail(seq, g))
-                    continue
-                appended += 1
-                try:
-                    outputs.append(append(seq, g[0], g[1], now, gaps))
-                except Exception as ex:  # its detokenizer or stop strings: this sequence alone
-                    outputs.append(e._fail(seq, ex))
-            e.stats.generation_tokens(appended)
-            if gaps:
-                e.stats.inter_tokens(gaps)
+            e.append_all(job.seqs, got, now, outputs, late=True)
         if after is not None and after.src:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)

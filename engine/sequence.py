@@ -48,6 +48,9 @@ class Sequence:
     inflight: int = 0
     inflight_row: int = -1
     sample_row: object | None = None  # its sampler row, kept while nothing in it changes
+    # output tokens at which it ends by length (max_tokens or the context limit), set when
+    # the engine queues it; 0: not known, every token takes the engine's full path
+    end_at: int = 0
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None

@@ -70,16 +70,23 @@ class NgramState:
         rows = mix[..., None] % self.moduli[None]
         return rows.reshape(own.shape[0], len(self.layers), -1) + self.offsets[None]
 
-    def step(self, slots: np.ndarray, new_ids: list[list[int]], known: list[bool]) -> Rows:
-        """Rows of a step: per sequence (``slots``) its new ids; ``known[i]`` False: sequence
-        i feeds one token that is still on the device (its id there is ignored). Histories
-        advance here; a waiting token's id enters its history in :meth:`resolved`."""
+    def step(
+        self,
+        slots: np.ndarray,
+        new_ids: list[list[int]],
+        known: list[bool],
+        lengths: np.ndarray | None = None,
+    ) -> Rows:
+        """Rows of a step: per sequence (``slots``) its new ids (``lengths``: their counts,
+        when the caller has them); ``known[i]`` False: sequence i feeds one token that is
+        still on the device (its id there is ignored). Histories advance here; a waiting
+        token's id enters its history in :meth:`resolved`."""
+        if lengths is None:
+            lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
         if not self.layers:  # no rows; placeholders still need their token (``wait``)
-            lengths = np.fromiter((len(x) for x in new_ids), np.int64, len(new_ids))
             wait = (np.cumsum(lengths) - lengths)[~np.fromiter(known, bool, len(known))]
             return Rows({}, wait, np.empty((wait.size, 0, self.n1), np.int64), self)
         n = len(new_ids)
-        lengths = np.array([len(x) for x in new_ids], np.int64)
         total = int(lengths.sum())
         no_wait = np.empty(0, np.int64)
         if total == n and not any(known):  # overlap's steady state: every token on the device
@@ -109,7 +116,9 @@ class NgramState:
         at, chunks = np.flatnonzero(lengths == 1), np.flatnonzero(lengths != 1)
         wait, partial = no_wait, np.empty((0, len(self.layers), self.n1), np.int64)
         if at.size:
-            sub = self.step(slots[at], [new_ids[i] for i in at], [known[i] for i in at])
+            sub = self.step(
+                slots[at], [new_ids[i] for i in at], [known[i] for i in at], lengths[at]
+            )
             for lid in self.layers:
                 rows[lid][starts[at]] = sub.rows[lid]
             wait, partial = starts[at[sub.wait]], sub.partial
