@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ from .inputs import to_device
 from .sampling import SampleRow
 from .scheduler import ScheduledStep
 from .sequence import PLACEHOLDER, Sequence
-from .step_queue import StepQueue
+from .step_queue import Pending, StepQueue
 
 if TYPE_CHECKING:
     from .engine import Engine, SeqOutput
@@ -49,7 +48,7 @@ class Job:
     wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
     src: list[int]  # for each placeholder: its row in the previous job's tokens
     penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
-    future: Future | None = None
+    future: Pending | None = None
 
 
 def _token(got: list | None, k: int) -> int:
