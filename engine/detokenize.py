@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from models.tokenizer import EngramTokenizer
 
 
-@dataclass
+@dataclass(slots=True)
 class Detokenizer:
     tokenizer: EngramTokenizer
     stop: list[str] = field(default_factory=list)
@@ -35,6 +35,16 @@ class Detokenizer:
     prefix: int = 0  # ids[prefix:read] decode to the tail of ``complete`` (the window's start)
     read: int = 0
     byte_level: bool = True  # False: always the window path (tests compare the two)
+    # set up by __post_init__ (slots: each step reads them for every sequence)
+    hold: int = field(init=False, default=0)
+    _bytes: list[bytes] | None = field(init=False, default=None)
+    _skip: set[int] = field(init=False, default_factory=set)
+    _utf8: codecs.IncrementalDecoder | None = field(init=False, default=None)
+    _partial: bool = field(init=False, default=False)
+    _plain: bool = field(init=False, default=False)
+    _texts: list[str | None] | None = field(init=False, default=None)
+    _pieces: list[str] = field(init=False, default_factory=list)
+    _held: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -47,8 +57,6 @@ class Detokenizer:
         # the plain path keeps its pieces (``text`` is whole after flush) and what it holds
         # back: a last U+FFFD that may yet be followed by more bytes of a broken character
         self._texts = self.tokenizer.token_texts() if self._plain else None
-        self._pieces: list[str] = []
-        self._held = ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -89,8 +97,8 @@ class Detokenizer:
 
     def _add_plain(self, token_id: int) -> str:
         """:meth:`add` when nothing can stop the text (the same deltas, fewer steps): a token
-        that is whole characters on its own, with nothing waiting before it, is one lookup."""
-        self.ids.append(token_id)
+        that is whole characters on its own, with nothing waiting before it, is one lookup
+        (``ids`` is not kept: nothing on this path reads it)."""
         if not self._partial and not self._held:
             text = self._texts[token_id]
             if text is not None:

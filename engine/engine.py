@@ -75,7 +75,9 @@ class SeqOutput:
     seq: Sequence
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # a shared empty tuple unless the request asked for logprobs (one object fewer per token
+    # for the garbage collector to track)
+    logprobs: list[TokenLogprobs] | tuple = ()
     finish_reason: str | None = None
     error: str | None = None
     bad_params: bool = False  # the error comes from the request's own parameters
@@ -446,7 +448,7 @@ class Engine:
         seq.last_token_at = now
         out = SeqOutput(seq, [tok])
         if lp is not None:
-            out.logprobs.append(lp)
+            out.logprobs = [lp]
             seq.output_logprobs.append(lp)
         is_eos = tok in self._eos and not params.ignore_eos
         if detok is not None and not is_eos:
