@@ -183,13 +183,16 @@ def pack_inputs(
         qsl = shapes["query_start_loc"].astype(np.int64)
         seq_of_tok = np.repeat(np.arange(n), lengths)
         positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max([len(s.block_table) for s in seqs]), cache, slots)
+    ends = starts + lengths
+    # as wide as the longest context after the step needs (blocks past a context are unread)
+    tables = block_tables(seqs, n, int(ends.max() - 1) // bs + 1, cache, slots)
+    block, offset = np.divmod(positions, bs)
     return {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
         "positions": positions,
-        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        "slot_mapping": tables[seq_of_tok, block] * bs + offset,
         "block_tables": tables,
-        "context_lens": (starts + lengths).astype(np.int32),
+        "context_lens": ends.astype(np.int32),
         "query_start_loc": shapes["query_start_loc"],
         "logits_index": shapes["logits_index"],
         "conv_slots": slots.copy(),
