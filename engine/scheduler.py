@@ -94,8 +94,11 @@ class Scheduler:
                 continue
             if seq.inflight:  # overlap: its token is on the device, a placeholder feeds it
                 made = len(seq.output_ids) + seq.inflight
-                if made >= seq.params.max_tokens or prompt_len + made >= limit:
-                    continue  # it finishes when its token is read (Sequence.ends_with_inflight)
+                if seq.end_at:  # min(max_tokens, limit - prompt_len), worked out once
+                    if made >= seq.end_at:
+                        continue  # it finishes when its token is read (ends_with_inflight)
+                elif made >= seq.params.max_tokens or prompt_len + made >= limit:
+                    continue
                 pending, n = [PLACEHOLDER], 1
             else:
                 pending = seq.pending_ids()
