@@ -56,8 +56,9 @@ class EngineStats:
     def inter_token(self, seconds: float) -> None: ...
     def inter_tokens(self, seconds: list[float]) -> None:
         """One step's inter-token times, in one call (a histogram observes them at once)."""
-        for x in seconds:
-            self.inter_token(x)
+        if type(self).inter_token is not EngineStats.inter_token:  # someone listens
+            for x in seconds:
+                self.inter_token(x)
 
     def finished(self, reason: str, e2e_s: float | None, seq: Sequence | None = None) -> None:
         """A sequence ended: e2e_s from arrival, None when aborted or failed before its end."""

@@ -105,12 +105,10 @@ class Overlap:
             at = [i for i in range(n) if step.samples[i]]
             seqs = [step.seqs[i] for i in at]
             rows = e.sample_inputs(seqs)
-            penalised = [
-                (k, s.inflight_row)
-                for k, (s, r) in enumerate(zip(seqs, rows))
-                if r.output_ids is not s.output_ids
-            ]
-            for k, s in enumerate(seqs):
+            penalised = []  # (row, its token's row in the step before) to extend
+            for k, (s, r) in enumerate(zip(seqs, rows)):
+                if r.output_ids is not s.output_ids:
+                    penalised.append((k, s.inflight_row))
                 s.inflight, s.inflight_row = s.inflight + 1, k
         job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
         job.future = self.queue.submit(self._device, job, prep, prev)
