@@ -129,6 +129,8 @@ def block_tables(
         slots = np.array([s.slot for s in seqs], np.int64)
     if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
         raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+    if rows == n and width <= cache.tables.shape[1]:  # a step's own: one gather, no padding
+        return cache.tables[slots, :width]
     tables = np.zeros((rows, width), dtype=np.int32)
     have = min(width, cache.tables.shape[1])
     tables[:n, :have] = cache.tables[slots, :have]
