@@ -99,6 +99,14 @@ class Scheduler:
                         continue  # it finishes when its token is read (ends_with_inflight)
                 elif made >= seq.params.max_tokens or prompt_len + made >= limit:
                     continue
+                if done < len(seq.block_table) * bs or free_blocks:  # no preemption: short
+                    if done >= len(seq.block_table) * bs:  # its token starts a new block
+                        free_blocks -= 1
+                    budget -= 1
+                    seqs.append(seq)
+                    new_ids.append([PLACEHOLDER])
+                    samples.append(True)
+                    continue
                 pending, n = [PLACEHOLDER], 1
             else:
                 pending = seq.pending_ids()
