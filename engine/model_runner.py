@@ -115,19 +115,18 @@ class ModelRunner:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
         limit, bs = self.model.config.max_position_embeddings, self.cache.block_size
         with timer("reserve"):
+            need = []
             for seq, ids in zip(seqs, new_ids):
-                end = seq.num_computed + len(ids)
-                if not ids:
+                k = len(ids)
+                if not k:
                     raise ValueError("every sequence in a step needs at least one new token")
+                end = seq.num_computed + k
                 if end > limit:
                     raise ValueError(
                         f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
                     )
-            need = [
-                (seq, len(ids))
-                for seq, ids in zip(seqs, new_ids)
-                if seq.num_computed + len(ids) > len(seq.block_table) * bs  # a new block
-            ]
+                if end > len(seq.block_table) * bs:  # a new block
+                    need.append((seq, k))
             for seq, k in need:
                 self.cache.reserve(seq, k)
         with timer("hash"):
