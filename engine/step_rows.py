@@ -93,9 +93,10 @@ class NgramState:
             hist = self.history[slots]
             part = self.partial(hist)
             heads = self.offsets.shape[1]  # rows filled in by Rows.finish once tokens are known
-            rows = {lid: np.empty((n, heads), np.int64) for lid in self.layers}
-            self.history[slots, :-1] = hist[:, 1:]
-            self.history[slots, -1] = self.hasher.pad_id
+            rows = dict(zip(self.layers, np.empty((len(self.layers), n, heads), np.int64)))
+            hist[:, :-1] = hist[:, 1:]  # a copy (fancy indexing): shifted in place
+            hist[:, -1] = self.hasher.pad_id
+            self.history[slots] = hist
             return Rows(rows, np.arange(n), part, self)
         if total == n:  # a decode step: every row from its slot's history, a few array ops
             part = self.partial(self.history[slots])
@@ -136,4 +137,5 @@ class NgramState:
     def resolved(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Tokens fed as placeholders are known now: each slot's newest history entry."""
         if len(slots) and self.layers:
-            self.history[slots, -1] = self.model.compress(np.asarray(tokens, np.int64))
+            lookup = self.model.compression  # sampled ids are never negative: one lookup
+            self.history[slots, -1] = tokens if lookup is None else lookup[tokens]
