@@ -127,7 +127,7 @@ def block_tables(
     n = len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
-    if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
+    if n and slots.min() < 0:  # every sequence in a step holds a slot (admitted)
         raise ValueError("a sequence in the step holds no KV slot (not admitted)")
     if rows == n and width <= cache.tables.shape[1]:  # a step's own: one gather, no padding
         return cache.tables[slots, :width]
