@@ -52,6 +52,8 @@ class StepQueue:
         self._stop = weakref.finalize(self, self._jobs.put, None)
 
     def submit(self, fn: Callable, *args) -> Pending:
+        if not self._stop.alive:
+            raise RuntimeError("the step queue is closed")
         if self._thread is None:
             self._thread = threading.Thread(
                 target=_work,
