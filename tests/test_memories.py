@@ -450,3 +450,14 @@ def test_a_base_without_engram_layers_serves_tinyengram_fine_tunes(tmp_path):
     assert out["want"]["t1"] != out["want"]["base"]
     mem = {m["name"]: m for m in out["offload"]["memories"]}
     assert mem["t1"]["format"] == "tinyengram" and not mem["t1"]["base"]
+
+
+def test_an_unloaded_memory_leaves_no_metric_series(ours):
+    """Memory names come and go with loads: DELETE takes every per-memory series with it."""
+    with serve(ours["base"], served_model_name=["base"], allow_memory_updates=True) as srv:
+        r = httpx.post(srv.url + "/v1/memories", json={"name": "m2", "path": str(ours["m2"])})
+        assert r.status_code == 200, r.text
+        assert complete(srv.url, "m2", prompts_for(1, 400)[0]).status_code == 200
+        assert 'memory="m2"' in httpx.get(srv.url + "/metrics").text
+        assert httpx.delete(srv.url + "/v1/memories/m2").status_code == 200
+        assert 'memory="m2"' not in httpx.get(srv.url + "/metrics").text
