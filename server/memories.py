@@ -55,7 +55,8 @@ def _bad(e: BadMemory) -> APIError:
 
 
 class Loading:
-    """Names being loaded right now: a second load of one of them is refused, not raced."""
+    """Names being loaded or unloaded right now: a second load or an unload of one of them
+    is refused, not raced (a DELETE during a reload would be undone by its install)."""
 
     def __init__(self) -> None:
         self._names: set[str] = set()
@@ -64,7 +65,7 @@ class Loading:
     def claim(self, name: str) -> None:
         with self._lock:
             if name in self._names:
-                raise BadMemory(f"memory {name!r} is being loaded already")
+                raise BadMemory(f"memory {name!r} is being loaded or unloaded; retry after that")
             self._names.add(name)
 
     def drop(self, name: str) -> None:
@@ -139,9 +140,15 @@ async def unload_memory(name: str, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     try:
+        state.memory_loading.claim(name)
+    except BadMemory as e:
+        raise _bad(e) from e
+    try:
         memory = await asyncio.wrap_future(engine.remove_memory(name))
     except BadMemory as e:
         raise _bad(e) from e
+    finally:
+        state.memory_loading.drop(name)
     state.metrics.forget_memory(name)
     d = memory.describe()
     return {k: d[k] for k in MemoryCard.model_fields}

@@ -461,3 +461,21 @@ def test_an_unloaded_memory_leaves_no_metric_series(ours):
         assert 'memory="m2"' in httpx.get(srv.url + "/metrics").text
         assert httpx.delete(srv.url + "/v1/memories/m2").status_code == 200
         assert 'memory="m2"' not in httpx.get(srv.url + "/metrics").text
+
+
+def test_an_unload_during_a_load_of_the_name_is_refused(ours):
+    """A reload's install after a DELETE would serve the name again: the DELETE is refused
+    while the name loads, and the memory stays served."""
+    with serve(
+        ours["base"],
+        served_model_name=["base"],
+        memories=[f"m1={ours['m1']}"],
+        allow_memory_updates=True,
+    ) as srv:
+        srv.state.memory_loading.claim("m1")  # a reload of m1 under way
+        r = httpx.delete(srv.url + "/v1/memories/m1")
+        assert r.status_code == 400 and "being loaded" in r.json()["error"]["message"], r.text
+        srv.state.memory_loading.drop("m1")
+        assert _memories(srv.url) == {"base": 1, "m1": 1}
+        assert httpx.delete(srv.url + "/v1/memories/m1").status_code == 200
+        assert _memories(srv.url) == {"base": 1}
