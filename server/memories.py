@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from engine.async_engine import EngineDead
 from engine.memories import BadMemory, Memory, MemoryLoader
 from models.checkpoint import is_tinyengram, load_checkpoint
 from models.config import ModelConfig
@@ -129,6 +130,8 @@ async def load_memory(body: LoadMemory, request: Request):
         await asyncio.wrap_future(engine.install_memory(memory))
     except BadMemory as e:
         raise _bad(e) from e
+    except EngineDead as e:
+        raise APIError(503, str(e)) from e
     finally:
         state.memory_loading.drop(body.name)
     d = memory.describe()
@@ -147,6 +150,8 @@ async def unload_memory(name: str, request: Request):
         memory = await asyncio.wrap_future(engine.remove_memory(name))
     except BadMemory as e:
         raise _bad(e) from e
+    except EngineDead as e:
+        raise APIError(503, str(e)) from e
     finally:
         state.memory_loading.drop(name)
     state.metrics.forget_memory(name)

@@ -479,3 +479,14 @@ def test_an_unload_during_a_load_of_the_name_is_refused(ours):
         assert _memories(srv.url) == {"base": 1, "m1": 1}
         assert httpx.delete(srv.url + "/v1/memories/m1").status_code == 200
         assert _memories(srv.url) == {"base": 1}
+
+
+def test_a_memory_update_after_the_engine_stopped_is_answered(ours):
+    """A load or unload posted once the engine thread is gone fails at once (a 503 over
+    HTTP), never waits forever holding its name."""
+    from engine.async_engine import EngineDead
+
+    with serve(ours["base"], served_model_name=["base"], memories=[f"m1={ours['m1']}"]) as srv:
+        engine = srv.state.engine
+    with pytest.raises(EngineDead):
+        engine.remove_memory("m1").result(timeout=5)
