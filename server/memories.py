@@ -76,7 +76,7 @@ class Loading:
 
 def check_name(state, name: str, reload: bool) -> None:
     """A name for a load: not the base's, in use only for a reload."""
-    if not name or "/" in name or name != name.strip():
+    if not name or "/" in name or any(c.isspace() for c in name):
         raise BadMemory(f"memory name {name!r}: use a non-empty name without '/' or spaces")
     if name in state.cfg.model_names:
         raise BadMemory(f"memory name {name!r} is the served base model's name")

@@ -237,6 +237,7 @@ def test_bad_memory_requests_are_refused_and_change_nothing(ours, tmp_path):
             ({"name": "m2", "path": str(corrupt)}, 400, "engram.safetensors"),
             ({"name": "m9", "path": str(ours["m2"]), "reload": True}, 404, "m9"),
             ({"name": "m2"}, 400, "path"),
+            ({"name": "m 2", "path": str(ours["m2"])}, 400, "without '/' or spaces"),
         ]
         for body, status, says in cases:
             r = post(body)
