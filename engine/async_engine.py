@@ -137,6 +137,11 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        with self._lock:  # a load or unload posted too late is answered, not left waiting
+            late = [x for x in self._inbox if x[0] in ("install", "remove")]
+            self._inbox = [x for x in self._inbox if x not in late]
+        for _, (_, done) in late:
+            done.set_exception(EngineDead("the engine is not running"))
         self.engine.close()
         for m in self.memories.snapshot():
             if not m.base:
@@ -245,15 +250,21 @@ class AsyncEngine:
     def install_memory(self, memory: Memory) -> concurrent.futures.Future:
         """Serve ``memory`` under its name from the next step (a reload: the old version
         retires); the future holds the version it replaced, or None."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._post("install", (memory, done))
-        return done
+        return self._post_memory("install", memory)
 
     def remove_memory(self, name: str) -> concurrent.futures.Future:
         """Stop serving ``name`` to new requests; running ones finish on it. The future
         holds the removed memory (BadMemory when the name is not loaded)."""
+        return self._post_memory("remove", name)
+
+    def _post_memory(self, op: str, arg) -> concurrent.futures.Future:
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._post("remove", (name, done))
+        with self._lock:  # stop() answers what is left in the inbox under the same lock
+            if self._stop.is_set() or not self._thread.is_alive():
+                done.set_exception(EngineDead("the engine is not running"))
+            else:
+                self._inbox.append((op, (arg, done)))
+        self._wake.set()
         return done
 
     # --- the loop (engine thread) ----------------------------------------------

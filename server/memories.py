@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from engine.async_engine import EngineDead
 from engine.memories import BadMemory, Memory, MemoryLoader
 from models.checkpoint import is_tinyengram, load_checkpoint
 from models.config import ModelConfig
@@ -55,7 +56,8 @@ def _bad(e: BadMemory) -> APIError:
 
 
 class Loading:
-    """Names being loaded right now: a second load of one of them is refused, not raced."""
+    """Names being loaded or unloaded right now: a second load or an unload of one of them
+    is refused, not raced (a DELETE during a reload would be undone by its install)."""
 
     def __init__(self) -> None:
         self._names: set[str] = set()
@@ -64,7 +66,7 @@ class Loading:
     def claim(self, name: str) -> None:
         with self._lock:
             if name in self._names:
-                raise BadMemory(f"memory {name!r} is being loaded already")
+                raise BadMemory(f"memory {name!r} is being loaded or unloaded; retry after that")
             self._names.add(name)
 
     def drop(self, name: str) -> None:
@@ -74,7 +76,7 @@ class Loading:
 
 def check_name(state, name: str, reload: bool) -> None:
     """A name for a load: not the base's, in use only for a reload."""
-    if not name or "/" in name or name != name.strip():
+    if not name or "/" in name or any(c.isspace() for c in name):
         raise BadMemory(f"memory name {name!r}: use a non-empty name without '/' or spaces")
     if name in state.cfg.model_names:
         raise BadMemory(f"memory name {name!r} is the served base model's name")
@@ -128,6 +130,8 @@ async def load_memory(body: LoadMemory, request: Request):
         await asyncio.wrap_future(engine.install_memory(memory))
     except BadMemory as e:
         raise _bad(e) from e
+    except EngineDead as e:
+        raise APIError(503, str(e)) from e
     finally:
         state.memory_loading.drop(body.name)
     d = memory.describe()
@@ -139,9 +143,17 @@ async def unload_memory(name: str, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     try:
+        state.memory_loading.claim(name)
+    except BadMemory as e:
+        raise _bad(e) from e
+    try:
         memory = await asyncio.wrap_future(engine.remove_memory(name))
     except BadMemory as e:
         raise _bad(e) from e
+    except EngineDead as e:
+        raise APIError(503, str(e)) from e
+    finally:
+        state.memory_loading.drop(name)
     state.metrics.forget_memory(name)
     d = memory.describe()
     return {k: d[k] for k in MemoryCard.model_fields}

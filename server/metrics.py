@@ -410,11 +410,14 @@ class Metrics(EngineStats):
         memory.rows.accountant.subscribe(lambda step: self._observe_memory(label, step))
 
     def forget_memory(self, name: str) -> None:
-        """An unloaded memory serves no new requests: its version series goes."""
-        try:
-            self._mem_version.remove(self.model_name, name)
-        except KeyError:
-            pass
+        """An unloaded memory serves no new requests: its series go (names come and go with
+        loads; kept series would grow without bound)."""
+        families = (self._mem_requests, self._mem_prompt, self._mem_generation, self._mem_rows)
+        for c in (*families, self._mem_bytes, self._mem_hits, self._mem_stall, self._mem_version):
+            try:
+                c.remove(self.model_name, name)
+            except KeyError:
+                pass
 
     def _observe_memory(self, label: str, step: StepStats) -> None:
         m = self.model_name

@@ -237,6 +237,7 @@ def test_bad_memory_requests_are_refused_and_change_nothing(ours, tmp_path):
             ({"name": "m2", "path": str(corrupt)}, 400, "engram.safetensors"),
             ({"name": "m9", "path": str(ours["m2"]), "reload": True}, 404, "m9"),
             ({"name": "m2"}, 400, "path"),
+            ({"name": "m 2", "path": str(ours["m2"])}, 400, "without '/' or spaces"),
         ]
         for body, status, says in cases:
             r = post(body)
@@ -450,3 +451,43 @@ def test_a_base_without_engram_layers_serves_tinyengram_fine_tunes(tmp_path):
     assert out["want"]["t1"] != out["want"]["base"]
     mem = {m["name"]: m for m in out["offload"]["memories"]}
     assert mem["t1"]["format"] == "tinyengram" and not mem["t1"]["base"]
+
+
+def test_an_unloaded_memory_leaves_no_metric_series(ours):
+    """Memory names come and go with loads: DELETE takes every per-memory series with it."""
+    with serve(ours["base"], served_model_name=["base"], allow_memory_updates=True) as srv:
+        r = httpx.post(srv.url + "/v1/memories", json={"name": "m2", "path": str(ours["m2"])})
+        assert r.status_code == 200, r.text
+        assert complete(srv.url, "m2", prompts_for(1, 400)[0]).status_code == 200
+        assert 'memory="m2"' in httpx.get(srv.url + "/metrics").text
+        assert httpx.delete(srv.url + "/v1/memories/m2").status_code == 200
+        assert 'memory="m2"' not in httpx.get(srv.url + "/metrics").text
+
+
+def test_an_unload_during_a_load_of_the_name_is_refused(ours):
+    """A reload's install after a DELETE would serve the name again: the DELETE is refused
+    while the name loads, and the memory stays served."""
+    with serve(
+        ours["base"],
+        served_model_name=["base"],
+        memories=[f"m1={ours['m1']}"],
+        allow_memory_updates=True,
+    ) as srv:
+        srv.state.memory_loading.claim("m1")  # a reload of m1 under way
+        r = httpx.delete(srv.url + "/v1/memories/m1")
+        assert r.status_code == 400 and "being loaded" in r.json()["error"]["message"], r.text
+        srv.state.memory_loading.drop("m1")
+        assert _memories(srv.url) == {"base": 1, "m1": 1}
+        assert httpx.delete(srv.url + "/v1/memories/m1").status_code == 200
+        assert _memories(srv.url) == {"base": 1}
+
+
+def test_a_memory_update_after_the_engine_stopped_is_answered(ours):
+    """A load or unload posted once the engine thread is gone fails at once (a 503 over
+    HTTP), never waits forever holding its name."""
+    from engine.async_engine import EngineDead
+
+    with serve(ours["base"], served_model_name=["base"], memories=[f"m1={ours['m1']}"]) as srv:
+        engine = srv.state.engine
+    with pytest.raises(EngineDead):
+        engine.remove_memory("m1").result(timeout=5)
