@@ -302,14 +302,13 @@ class MemoryLoader:
             m.multi_head_embedding = None  # its table lives in the tiers, not the module
         offload.model = base  # the memory's own copy of the backbone is dropped (it matched)
         self.versions[name] = self.versions.get(name, 0) + 1
-        fmt = "tinyengram" if is_tinyengram(d) else "engram-serve"
         return Memory(
             name,
             self.versions[name],
             engrams,
             offload.prefetcher,
             str(d),
-            fmt,
+            memory_format(d),
             offload,
             on_device=False,
         )
@@ -318,3 +317,8 @@ class MemoryLoader:
 def base_memory(name: str, model, rows: Prefetcher) -> Memory:
     """The served model's own Engram layers as a memory (never unloaded)."""
     return Memory(name, 1, model.engram_layers(), rows, base=True)
+
+
+def memory_format(path: str | Path) -> str:
+    """The checkpoint format of a memory's directory, as /v1/memories reports it."""
+    return "tinyengram" if is_tinyengram(Path(path)) else "engram-serve"

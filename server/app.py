@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine
 from engine.kernel_check import KernelCheckError, Kernels, check_kernels
 from engine.kernel_check import summary as kernel_summary
-from engine.memories import BadMemory, Memory, MemoryLoader
+from engine.memories import BadMemory, Memory, MemoryLoader, memory_format
 from models.config import ModelConfig, cap_context
 from models.hf_files import GenerationDefaults, TokenizerFiles
 from models.safetensors_header import TableFileError
@@ -39,7 +39,6 @@ from .memories import (
     Loading,
     attach_startup_memories,
     check_served_memory,
-    memory_format,
     plain_base_memory,
 )
 from .memories import describe as describe_memories

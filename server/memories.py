@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from engine.async_engine import EngineDead
 from engine.memories import BadMemory, Memory, MemoryLoader
-from models.checkpoint import is_tinyengram, load_checkpoint
+from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
 from models.memory import MemoryMismatch, check_backbone
 
@@ -176,10 +175,6 @@ def check_served_memory(cfg, served, name: str) -> None:
         check_backbone(base, served.model, name)
     except MemoryMismatch as e:
         raise BadMemory(str(e)) from e
-
-
-def memory_format(path: str) -> str:
-    return "tinyengram" if is_tinyengram(Path(path)) else "engram-serve"
 
 
 def attach_startup_memories(state, engine, loader: MemoryLoader, skip=None) -> None:
