@@ -172,11 +172,18 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads: bool = True):
+    def file(async_reads: bool = True, warm: bool = True, skip_hot: bool = False, main=False):
         cache, tier = open_file_tier(
-            path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads
-        )
+            path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
+            directory="hash" if main else "auto",
+        )  # fmt: skip
         tier.async_reads = async_reads
+        for fl in tier.layers.values():
+            fl.cache.max_ref = 1 if main else fl.cache.max_ref
+        if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
+            skip = {lid: parse_hot_rows(args.hot_rows, fl.rows) if skip_hot else 0
+                    for lid, fl in tier.layers.items()}  # fmt: skip
+            tier.warm({lid: prof[lid].rows[skip[lid] :] for lid in tier.layers})
         tier.check_capacity(args.num_seqs * args.prompt_len * om.model.config.engram_total_heads)
         return FileTierGather(make_prefetcher(cache, "worker", cpu, accountant=Accountant()), tier)
 
@@ -186,7 +193,9 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", hot(host(), "adaptive"))
     add("file + DRAM, sync reads", file(async_reads=False), path)
     add("file + DRAM", file(), path)
-    add("file + DRAM + hot static", hot(file(), "static"), path)
+    add("file + DRAM, cold start", file(warm=False), path)
+    add("file + DRAM, cold, hash directory, CLOCK bits", file(main=True), path)
+    add("file + DRAM + hot static", hot(file(skip_hot=True), "static"), path)
     add("file + DRAM + hot adaptive", hot(file(), "adaptive"), path)
     hot_rows = {lid: parse_hot_rows(args.hot_rows, t.rows) for lid, t in om.store.tables.items()}
     info = {

@@ -63,6 +63,8 @@ class FileLayer:
     recent: list[Future] = field(default_factory=list)  # reads issued, maybe in flight
     fill_copied: int = 0  # hot-cache fills: rows copied from the DRAM cache
     fill_read: int = 0  # hot-cache fills: rows read from the file (not booked per step)
+    warm_rows: int = 0  # rows placed before serving from a profile (FileTier.warm)
+    warm_s: float = 0.0
 
     def cache_bytes(self) -> np.ndarray:
         return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
@@ -169,6 +171,34 @@ class FileTier:
             raise
         return FileRead(hits, rows.size, nbytes, time.perf_counter() - t)
 
+    def warm(self, ranked: dict[int, np.ndarray]) -> dict[int, int]:
+        """Fill each layer's DRAM cache before serving with its most read rows (``ranked``:
+        row ids most read first, e.g. ``engram-profile``'s file), as many as the cache holds,
+        read in ascending order (adjacent rows coalesce into one ``preadv``). Returns the rows
+        placed per layer; a layer not in the tier is ignored."""
+        placed = {}
+        for lid, rows in ranked.items():
+            fl = self.layers.get(lid)
+            if fl is None:
+                continue
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            rows = rows[(rows >= 0) & (rows < fl.rows)]
+            t = time.perf_counter()
+            with fl.lock:
+                rows, slots = fl.cache.preload(rows)
+            try:
+                fl.reader.read(rows, slots, fl.cache_bytes())
+            except BaseException:
+                with fl.lock:
+                    fl.cache.forget(slots)
+                raise
+            with fl.lock:
+                fl.cache.release(slots)
+            fl.warm_rows += int(rows.size)
+            fl.warm_s += time.perf_counter() - t
+            placed[lid] = int(rows.size)
+        return placed
+
     def read_rows(self, layer_id: int, ids: np.ndarray) -> np.ndarray:
         """Stored bytes of table rows ``ids`` (any order, repeats allowed) as uint8
         ``[n, row_bytes]``, bit for bit as in the file: rows the DRAM cache holds are copied
@@ -251,6 +281,8 @@ class FileTier:
                 "async_reads": self.async_reads,
                 "hot_fill_rows_copied": fl.fill_copied,
                 "hot_fill_rows_read": fl.fill_read,
+                "warm_rows": fl.warm_rows,
+                "warm_s": round(fl.warm_s, 4),
             }
             for lid, fl in self.layers.items()
         }

