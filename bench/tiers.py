@@ -46,7 +46,7 @@ from offload.accounting import Accountant, StepStats
 from offload.file_gather import FileTierGather
 from offload.file_tier import open_file_tier
 from offload.hot_cache import HotCache, parse_hot_rows
-from offload.hot_rows import HotRows, row_sources
+from offload.hot_rows import HotRows, file_tier_of, row_sources
 from offload.offloaded_model import OffloadedModel
 from offload.paths import make_prefetcher
 from offload.profile import corpus_ids, hasher_for, profile
@@ -60,7 +60,7 @@ from .stats import summarize
 PROG = "engram-bench --tiers"
 LINKS = ("hot_to_compute", "host_to_compute", "file_to_dram")
 STALL = "stall_ms_per_step"
-FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step")
+FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step", "file_plan_ms_per_step")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -98,6 +98,7 @@ class Tally:
     file_read_s: float = 0.0
     file_wait_s: float = 0.0
     stall_s: float = 0.0
+    translate_s: float = 0.0  # the file tier's share of planning (rows -> DRAM slots, reads issued)
 
     def add(self, st: StepStats) -> None:
         self.steps += 1
@@ -132,6 +133,7 @@ class Tally:
             "file_read_ms_per_step": 1e3 * d["file_read_s"] / steps,
             "file_wait_ms_per_step": 1e3 * d["file_wait_s"] / steps,
             "stall_ms_per_step": 1e3 * d["stall_s"] / steps,
+            "file_plan_ms_per_step": 1e3 * d["translate_s"] / steps,
         }
 
 
@@ -156,6 +158,18 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def add(name: str, pf, file: Path | None = None) -> None:
         tally = Tally()
         pf.accountant.subscribe(tally.add)
+        tier = file_tier_of(pf)
+        if tier is not None:  # time the tier's translation inside each plan
+            translate = tier.translate
+
+            def timed(row_ids, translate=translate, tally=tally):
+                t = time.perf_counter()
+                try:
+                    return translate(row_ids)
+                finally:
+                    tally.translate_s += time.perf_counter() - t
+
+            tier.translate = timed
         out.append(Row(name, pf, tally, file))
 
     def hot(pf, policy: str) -> HotRows:
@@ -172,12 +186,12 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads: bool = True, warm: bool = True, skip_hot: bool = False, main=False):
+    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True):
         cache, tier = open_file_tier(
             path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
             directory="hash" if main else "auto",
         )  # fmt: skip
-        tier.async_reads = async_reads
+        tier.async_reads, tier.lazy_reads = async_reads, lazy
         for fl in tier.layers.values():
             fl.cache.max_ref = 1 if main else fl.cache.max_ref
         if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
@@ -193,6 +207,7 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", hot(host(), "adaptive"))
     add("file + DRAM, sync reads", file(async_reads=False), path)
     add("file + DRAM", file(), path)
+    add("file + DRAM, reads on threads", file(lazy=False), path)
     add("file + DRAM, cold start", file(warm=False), path)
     add("file + DRAM, cold, hash directory, CLOCK bits", file(main=True), path)
     add("file + DRAM + hot static", hot(file(skip_hot=True), "static"), path)
@@ -367,7 +382,7 @@ def markdown(result: dict) -> str:
             f"Prompts: {kind}",
             "",
             "| row | decode tok/s | ms/step | penalty vs resident | penalty vs host | "
-            "B/token hot / host / file | hot hit | DRAM hit | file read / wait ms/step | "
+            "B/token hot / host / file | hot hit | DRAM hit | file read / wait / plan ms/step | "
             "same tokens |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -377,7 +392,9 @@ def markdown(result: dict) -> str:
             b = v["bytes_per_token"]
             pct = lambda x: "-" if x is None else f"{x['median']:.1%}"
             fr, fw = v["file_read_ms_per_step"], v["file_wait_ms_per_step"]
-            fr = f"{fr['median']:.2f} / {fw['median']:.2f}" if name.startswith("file") else "-"
+            fp = v.get("file_plan_ms_per_step")
+            fp = f" / {fp['median']:.2f}" if fp else ""
+            fr = f"{fr['median']:.2f} / {fw['median']:.2f}{fp}" if name.startswith("file") else "-"
             lines.append(
                 f"| {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
                 f"{s['median']:.1f} | {pr['median']:+.1f}% ({pr['min']:+.0f}..{pr['max']:+.0f}) | "

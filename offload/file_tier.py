@@ -23,7 +23,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,19 +99,55 @@ class Ticket:
     def settle(self) -> None:
         """Wait for every read this step issued, and keep their figures (a failed read's
         error is raised by :meth:`wait`, in the gather that needs it)."""
-        futures_wait(list(self.inflight.values()))
+        wait_all(list(self.inflight.values()))
         for lid, fut in list(self.inflight.items()):
             if fut.exception() is None and self.inflight.pop(lid, None) is not None:
                 self.reads[lid] = fut.result()
 
 
+class LazyRead(Future):
+    """A read that runs in the first thread that waits for it (or asks whether it failed):
+    its pages were announced to the kernel when it was made, so by then they are arriving."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self._fn, self._once = fn, threading.Lock()
+
+    def _run(self) -> None:
+        with self._once:
+            if not self.done():
+                try:
+                    self.set_result(self._fn())
+                except BaseException as e:
+                    self.set_exception(e)
+
+    def result(self, timeout=None):
+        self._run()
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._run()
+        return super().exception(timeout)
+
+
+def wait_all(futures: list[Future]) -> None:
+    """Until every read has ended (a lazy one runs here); errors stay in the futures."""
+    for f in futures:
+        f.exception()
+
+
 class FileTier:
-    def __init__(self, layers: dict[int, FileLayer], async_reads: bool = True) -> None:
-        """``async_reads``: a step's misses are read on the tier's issuing threads (one per
-        layer, each fanning out to its reader's pool) while the plan goes on and earlier
-        layers compute; a gather waits for its own layer only (``Ticket.wait``). False: read
+    def __init__(
+        self, layers: dict[int, FileLayer], async_reads: bool = True, lazy_reads: bool = True
+    ) -> None:
+        """``async_reads``: a step's misses are read while the plan goes on and earlier layers
+        compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
+        the plan announces the misses' pages to the kernel (``RowReader.announce``: the disk
+        reads are queued at once) and the layer's gather copies them in when it needs them,
+        with no thread hand-off; without, the reads run on the tier's issuing threads (one
+        per layer, each fanning out to its reader's pool). ``async_reads`` False: read
         before the plan returns (the synchronous baseline)."""
-        self.layers, self.async_reads = layers, async_reads
+        self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
@@ -151,7 +186,11 @@ class FileTier:
         ticket.slots[lid] = slots
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
-            fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
+            if self.lazy_reads:
+                fl.reader.announce(miss_rows)
+                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits))
+            else:
+                fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
             ticket.inflight[lid] = fut
             with fl.lock:
                 fl.recent.append(fut)
@@ -217,7 +256,7 @@ class FileTier:
             fl.cache.pins[slots[held]] += 1
             landing = [f for f in fl.recent if not f.done()]  # reads maybe filling those slots
         try:
-            futures_wait(landing)
+            wait_all(landing)
             with fl.lock:  # a failed read emptied its slots (pins kept them from reuse)
                 ok = fl.cache.row_of_slot[slots[held]] == uniq[held]
             out[held[ok]] = fl.cache_bytes()[slots[held[ok]]]
@@ -279,6 +318,7 @@ class FileTier:
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
                 "async_reads": self.async_reads,
+                "lazy_reads": self.lazy_reads,
                 "hot_fill_rows_copied": fl.fill_copied,
                 "hot_fill_rows_read": fl.fill_read,
                 "warm_rows": fl.warm_rows,

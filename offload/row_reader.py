@@ -72,7 +72,7 @@ class RowReader:
         runs = runs_of(rows)
         if not runs:
             return 0
-        if len(runs) > 1 and hasattr(os, "posix_fadvise"):
+        if len(runs) > 1:
             self._announce(rows, runs)
         groups = _balance(runs, self.threads)
         work = lambda g: [self._read_run(rows, slots, cache, a, b) for a, b in g]
@@ -82,8 +82,15 @@ class RowReader:
             f.result()
         return int(rows.size) * self.row_bytes
 
+    def announce(self, rows: np.ndarray) -> None:
+        """Queue the page reads of ``rows`` (ascending, unique) in the kernel and return: a
+        later :meth:`read` of them finds their pages arrived or on their way."""
+        self._announce(rows, runs_of(rows))
+
     def _announce(self, rows: np.ndarray, runs: list[tuple[int, int]]) -> None:
         """Queue the page reads of every run in the kernel (``POSIX_FADV_WILLNEED``)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
         for info, _, per_row in self.parts:
             for a, b in runs:
                 os.posix_fadvise(
