@@ -7,11 +7,15 @@ whole table in host memory: on a CPU the worker thread), ``host + hot`` (a hot-r
 a DRAM cache of ``--host-memory-bytes``, by default a quarter of the tables, in front of it),
 ``file + DRAM + hot`` (the hot cache in front of that). Hot caches are ``static`` (a profile's
 top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) and
-``adaptive`` (start empty, refreshed every ``--refresh`` steps). ``file + DRAM, sync reads``
-reads a step's misses before its plan returns (the tier before its reads were issued
-asynchronously), for the stall measured beside the issued reads in the same rounds. The
-file's pages are dropped from the page cache before every file-tier job
-(``--keep-page-cache`` keeps them).
+``adaptive`` (start empty, refreshed every ``--refresh`` steps). The file rows' DRAM caches
+are warmed before serving from the same profile (``FileTier.warm``; behind a static hot set,
+with the rows ranked after it). ``file + DRAM, sync reads`` reads a step's misses before its
+plan returns, for the stall measured beside the issued reads in the same rounds; ablations of
+``file + DRAM``: ``reads on threads`` (misses read on the tier's issuing threads, not lazily
+by the gather), ``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
+hash directory and one reference bit, the tier's policy before). The file's pages are dropped
+from the page cache before every file-tier job (``--keep-page-cache`` keeps them). The file
+tier's share of each plan (rows -> slots, misses announced or issued) is timed per step.
 
 Prompts: windows of the held-out corpus files (tokenized) and random ids, fresh each round,
 the same for every row within it. Each job prefills ``--num-seqs`` prompts and decodes

@@ -4,11 +4,13 @@ Tiers as index translation. Each file-tier layer has a cache :class:`~offload.st
 slots (pinned host memory where CUDA is present, plain host memory otherwise) standing where
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
-misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`,
-parallel ``preadv``, on the tier's issuing threads), and the layer's row ids are replaced by
-slot ids at once. A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``:
-its own misses, and earlier steps' reads still landing in slots it found), so the reads run
-beside the plan's other work, the upload and the layers before. The existing gather
+misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`:
+their pages announced to the kernel at once, then ``preadv`` by the gather that needs them, or
+on the tier's issuing threads), and the layer's row ids are replaced by slot ids at once.
+A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``: its own
+misses, and earlier steps' reads still landing in slots it found), so the reads run beside the
+plan's other work, the upload and the layers before. Before serving, :meth:`FileTier.warm`
+can fill the caches with a profile's most read rows. The existing gather
 paths (worker, staged, UVA; sorted and de-duplicated plans) then read the cache table exactly
 as they read a host table. Slots a step reads stay pinned until that step's gathers are done
 (on CUDA: its end event), so an overlapped next step never evicts them.

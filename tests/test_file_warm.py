@@ -87,3 +87,40 @@ def test_warm_from_the_profile_beside_the_checkpoint_skips_a_static_hot_set(tmp_
     held = tier.layers[1].cache.row_of_slot
     assert 2999 not in held and 2994 in held  # the hot cache's five rows are not in DRAM
     tier.close()
+
+
+def test_load_warms_the_dram_cache_from_the_profile_and_serves_the_same_tokens(tiny_ckpt, tmp_path):
+    """OffloadedModel.load with --placement file and a --hot-rows-file (no hot cache): the DRAM
+    caches start filled from the profile, and greedy tokens equal all-host serving's."""
+    from engine.generate import generate
+    from models.checkpoint import ENGRAM_FILE, table_key
+    from models.config import ModelConfig
+    from models.safetensors_header import read_header
+    from offload.file_tier import table_bytes
+    from offload.offloaded_model import OffloadedModel
+    from offload.table_load import table_source
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    sizes = table_bytes(tiny_ckpt / ENGRAM_FILE, {i: table_key(i) for i in lids})
+    header = read_header(tiny_ckpt / ENGRAM_FILE)
+    rows = {lid: table_source(header, table_key(lid)).rows for lid in lids}
+    prof = {  # any ranking will do: the rows backwards
+        lid: LayerProfile(np.arange(n)[::-1].copy(), np.ones(n, np.int64), n, n)
+        for lid, n in rows.items()
+    }
+    write_hot_rows(tmp_path / "p.safetensors", prof, {"corpus": "test"})
+    hot = HotSettings(rows=0, file=tmp_path / "p.safetensors")
+    om = OffloadedModel.load(
+        tiny_ckpt, placement="file", host_memory_bytes=sum(sizes.values()) // 4, hot=hot,
+        progress=False,
+    )  # fmt: skip
+    ref = OffloadedModel.load(tiny_ckpt, placement="cpu", progress=False)
+    try:
+        info = om.file_tier.describe()
+        assert all(info[str(lid)]["warm_rows"] == info[str(lid)]["cache_slots"] for lid in lids)
+        prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
+        want = generate(ref.model, prompts, max_new_tokens=8, rows=ref.prefetcher)
+        assert generate(om.model, prompts, max_new_tokens=8, rows=om.prefetcher) == want
+    finally:
+        om.close()
+        ref.close()
