@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     for flag, module in MODES.items():  # each its own report with its own flags
         if flag in argv:
-            run = importlib.import_module(f".{module}", __package__).main
-            return run([a for a in argv if a != flag])
+            own_main = importlib.import_module(f".{module}", __package__).main
+            return own_main([a for a in argv if a != flag])
     args = build_parser().parse_args(argv)
     command = shlex.join([PROG, *argv])
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from models.tokenizer import EngramTokenizer
 
 
-@dataclass
+@dataclass(slots=True)
 class Detokenizer:
     tokenizer: EngramTokenizer
     stop: list[str] = field(default_factory=list)
@@ -27,7 +27,7 @@ class Detokenizer:
     spaces_between_special_tokens: bool = True
     min_tokens: int = 0
     ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already handed out
+    emitted: int = 0  # characters of text already handed out (but on the plain path)
     stopped: bool = False
     text: str = ""
     floor: int = 0  # a stop string must end past this many characters (min_tokens)
@@ -35,6 +35,16 @@ class Detokenizer:
     prefix: int = 0  # ids[prefix:read] decode to the tail of ``complete`` (the window's start)
     read: int = 0
     byte_level: bool = True  # False: always the window path (tests compare the two)
+    # set up by __post_init__ (slots: each step reads them for every sequence)
+    hold: int = field(init=False, default=0)
+    _bytes: list[bytes] | None = field(init=False, default=None)
+    _skip: set[int] = field(init=False, default_factory=set)
+    _utf8: codecs.IncrementalDecoder | None = field(init=False, default=None)
+    _partial: bool = field(init=False, default=False)
+    _plain: bool = field(init=False, default=False)
+    _texts: list[str | None] | None = field(init=False, default=None)
+    _pieces: list[str] = field(init=False, default_factory=list)
+    _held: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -44,6 +54,9 @@ class Detokenizer:
         self._partial = False
         # byte-level without stop strings: nothing is held back but an unfinished character
         self._plain = self._bytes is not None and not self.stop
+        # the plain path keeps its pieces (``text`` is whole after flush) and what it holds
+        # back: a last U+FFFD that may yet be followed by more bytes of a broken character
+        self._texts = self.tokenizer.token_texts() if self._plain else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -83,22 +96,27 @@ class Detokenizer:
         return self._take(settled)
 
     def _add_plain(self, token_id: int) -> str:
-        """:meth:`add` when nothing can stop the text (the same text, fewer steps)."""
-        self.ids.append(token_id)
+        """:meth:`add` when nothing can stop the text (the same deltas, fewer steps): a token
+        that is whole characters on its own, with nothing waiting before it, is one lookup
+        (``ids`` is not kept: nothing on this path reads it)."""
+        if not self._partial and not self._held:
+            text = self._texts[token_id]
+            if text is not None:
+                self._pieces.append(text)
+                return text
         piece = b"" if token_id in self._skip else self._bytes[token_id]
-        if piece:
-            new = self._utf8.decode(piece)
-            if new:
-                self.complete += new
-            self._partial = piece[-1] >= 0x80 and bool(self._utf8.getstate()[0])
-        full = self.text = self.complete + "\ufffd" if self._partial else self.complete
-        # a last U+FFFD may still become (or be) a character waiting for its bytes
-        upto = len(full) - 1 if full.endswith("\ufffd") else len(full)
-        if upto <= self.emitted:
+        if not piece:
             return ""
-        delta = full[self.emitted : upto]
-        self.emitted = upto
-        return delta
+        new = self._utf8.decode(piece)
+        if new:
+            self._pieces.append(new)
+        self._partial = piece[-1] >= 0x80 and bool(self._utf8.getstate()[0])
+        pending = self._held + new  # settled text not handed out yet
+        if self._partial or not pending.endswith("\ufffd"):
+            self._held = ""
+            return pending
+        self._held = "\ufffd"  # it may still be (part of) a character waiting for its bytes
+        return pending[:-1]
 
     def _window(self, token_id: int) -> str:
         before = self._decode(self.ids[self.prefix : self.read])
@@ -110,6 +128,12 @@ class Detokenizer:
 
     def flush(self) -> str:
         """The sequence ended: hand out everything that is left."""
+        if self._plain:
+            tail = "\ufffd" if self._partial else ""
+            self.text = "".join(self._pieces) + tail
+            out = self._held + tail
+            self._held, self._pieces, self._partial = "", [self.text], False
+            return out
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

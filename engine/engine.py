@@ -42,7 +42,7 @@ from .sampling import (
     sample,
 )
 from .scheduler import ScheduledStep, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 log = logging.getLogger("engram.engine")
 
@@ -57,8 +57,9 @@ class EngineStats:
     def inter_token(self, seconds: float) -> None: ...
     def inter_tokens(self, seconds: list[float]) -> None:
         """One step's inter-token times, in one call (a histogram observes them at once)."""
-        for x in seconds:
-            self.inter_token(x)
+        if type(self).inter_token is not EngineStats.inter_token:  # someone listens
+            for x in seconds:
+                self.inter_token(x)
 
     def finished(self, reason: str, e2e_s: float | None, seq: Sequence | None = None) -> None:
         """A sequence ended: e2e_s from arrival, None when aborted or failed before its end."""
@@ -76,7 +77,9 @@ class SeqOutput:
     seq: Sequence
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # a shared empty tuple unless the request asked for logprobs (one object fewer per token
+    # for the garbage collector to track)
+    logprobs: list[TokenLogprobs] | tuple = ()
     finish_reason: str | None = None
     error: str | None = None
     bad_params: bool = False  # the error comes from the request's own parameters
@@ -177,8 +180,10 @@ class Engine:
             )
             for i in range(params.n)
         ]
+        end_at = min(params.max_tokens, self.max_tokens_per_seq - len(prompt_ids))
         for seq in seqs:
             seq.memory = self.memories.acquire(memory)
+            seq.end_at = end_at
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         if params.prompt_logprobs_k is not None or params.max_tokens == 0:
@@ -288,20 +293,53 @@ class Engine:
         with timer("sample"):
             got_all = self._sample(picked, seqs, timer)
         with timer("append"):
-            gaps: list[float] = []
-            appended = 0
-            for seq, got in zip(seqs, got_all):
-                if isinstance(got, Exception):
-                    outputs.append(self._fail(seq, got))
+            self.append_all(seqs, got_all, now, outputs)
+
+    def append_all(
+        self, seqs: list[Sequence], got: list, now: float, outputs: list[SeqOutput], late=False
+    ) -> None:
+        """Append a step's sampled tokens (``got``: (token, logprobs) or an exception per
+        sequence). ``late``: tokens of an overlapped step, read one step late (a sequence
+        that ended meanwhile drops its token). A token that ends nothing, of a sequence past
+        its first token without logprobs or stop strings, takes a short path: a set lookup
+        for EOS, one comparison for the length, one table lookup for its text."""
+        gaps: list[float] = []
+        appended, append, eos, finished = 0, self._append, self._eos, Status.FINISHED
+        for seq, g in zip(seqs, got):
+            if late:
+                seq.inflight -= 1
+                if seq.status is finished:  # ended meanwhile (aborted, failed): dropped
                     continue
-                appended += 1
+            if type(g) is not tuple:
+                outputs.append(self._fail(seq, g))
+                continue
+            appended += 1
+            tok, lp = g
+            out_ids, detok, last = seq.output_ids, seq.detok, seq.last_token_at
+            if (
+                lp is None
+                and last is not None
+                and len(out_ids) + 1 < seq.end_at
+                and tok not in eos
+                and (detok is None or type(detok) is Detokenizer and detok._plain)
+            ):
                 try:
-                    outputs.append(self._append(seq, got[0], got[1], now, gaps))
-                except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                    text = "" if detok is None else detok._add_plain(tok)
+                except Exception as e:  # its detokenizer: this sequence alone
                     outputs.append(self._fail(seq, e))
-            self.stats.generation_tokens(appended)  # once per step, not per token
-            if gaps:
-                self.stats.inter_tokens(gaps)
+                    continue
+                out_ids.append(tok)
+                gaps.append(now - last)
+                seq.last_token_at = now
+                outputs.append(SeqOutput(seq, [tok], text))
+                continue
+            try:
+                outputs.append(append(seq, tok, lp, now, gaps))
+            except Exception as e:  # its detokenizer or stop strings: this sequence alone
+                outputs.append(self._fail(seq, e))
+        self.stats.generation_tokens(appended)  # once per step, not per token
+        if gaps:
+            self.stats.inter_tokens(gaps)
 
     def _sample(
         self, logits, seqs: list[Sequence], timer=NO_TIMER
@@ -434,7 +472,7 @@ class Engine:
         seq.last_token_at = now
         out = SeqOutput(seq, [tok])
         if lp is not None:
-            out.logprobs.append(lp)
+            out.logprobs = [lp]
             seq.output_logprobs.append(lp)
         is_eos = tok in self._eos and not params.ignore_eos
         if detok is not None and not is_eos:

@@ -127,8 +127,10 @@ def block_tables(
     n = len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
-    if (slots < 0).any():  # every sequence in a step holds a slot (admitted)
+    if n and slots.min() < 0:  # every sequence in a step holds a slot (admitted)
         raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+    if rows == n and width <= cache.tables.shape[1]:  # a step's own: one gather, no padding
+        return cache.tables[slots, :width]
     tables = np.zeros((rows, width), dtype=np.int32)
     have = min(width, cache.tables.shape[1])
     tables[:n, :have] = cache.tables[slots, :have]
@@ -158,15 +160,18 @@ def pack_inputs(
     all_logits: bool,
     decode_shapes: dict[int, dict] | None = None,
     slots: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The step's host arrays (blocks must already be reserved); nothing is read from the
     sequences after this, so the step can run while the host moves on. ``decode_shapes``:
     a decode step's count-only arrays kept per batch size (read-only; the caller's).
-    ``slots``: the sequences' KV slots, when the caller has them."""
+    ``slots``: the sequences' KV slots, ``lengths``: their new tokens' counts, when the caller
+    has them."""
     bs, n = cache.block_size, len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
-    lengths = np.array([len(x) for x in new_ids], np.int64)
+    if lengths is None:
+        lengths = np.fromiter(map(len, new_ids), np.int64, n)
     starts = np.array([s.num_computed for s in seqs], np.int64)
     total = int(lengths.sum())
     if total == n:  # a decode step: one token per sequence
@@ -180,13 +185,16 @@ def pack_inputs(
         qsl = shapes["query_start_loc"].astype(np.int64)
         seq_of_tok = np.repeat(np.arange(n), lengths)
         positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
-    tables = block_tables(seqs, n, max([len(s.block_table) for s in seqs]), cache, slots)
+    ends = starts + lengths
+    # as wide as the longest context after the step needs (blocks past a context are unread)
+    tables = block_tables(seqs, n, int(ends.max() - 1) // bs + 1, cache, slots)
+    block, offset = np.divmod(positions, bs)
     return {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
         "positions": positions,
-        "slot_mapping": tables[seq_of_tok, positions // bs] * bs + positions % bs,
+        "slot_mapping": tables[seq_of_tok, block] * bs + offset,
         "block_tables": tables,
-        "context_lens": (starts + lengths).astype(np.int32),
+        "context_lens": ends.astype(np.int32),
         "query_start_loc": shapes["query_start_loc"],
         "logits_index": shapes["logits_index"],
         "conv_slots": slots.copy(),

@@ -143,27 +143,26 @@ class ModelRunner:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
         limit, bs = self.model.config.max_position_embeddings, self.cache.block_size
         with timer("reserve"):
+            need = []
             for seq, ids in zip(seqs, new_ids):
-                end = seq.num_computed + len(ids)
-                if not ids:
+                k = len(ids)
+                if not k:
                     raise ValueError("every sequence in a step needs at least one new token")
+                end = seq.num_computed + k
                 if end > limit:
                     raise ValueError(
                         f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
                     )
-            need = [
-                (seq, len(ids))
-                for seq, ids in zip(seqs, new_ids)
-                if seq.num_computed + len(ids) > len(seq.block_table) * bs  # a new block
-            ]
+                if end > len(seq.block_table) * bs:  # a new block
+                    need.append((seq, k))
             for seq, k in need:
                 self.cache.reserve(seq, k)
         with timer("hash"):
             fresh = self.cache.take_fresh()
             self.ngram.reset(fresh)
             slots = np.array([s.slot for s in seqs], np.int64)
-            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs))
-            lengths = np.fromiter((len(x) for x in new_ids), np.int64, len(new_ids))
+            lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
+            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths)
             layers = self.model.config.engram_layer_ids
             groups = self.memories.groups(seqs, lengths) if layers else None
         graph = groups is None and self.graphs is not None and self.graphs.fits(new_ids, all_logits)
@@ -172,7 +171,7 @@ class ModelRunner:
                 parts = self.graphs.pack(seqs, new_ids)
             else:
                 parts = pack_inputs(
-                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots
+                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots, lengths
                 )
         with timer("advance"):
             for seq, ids in zip(seqs, new_ids):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ from .inputs import to_device
 from .sampling import SampleRow
 from .scheduler import ScheduledStep
 from .sequence import PLACEHOLDER, Sequence
-from .step_queue import StepQueue
+from .step_queue import Pending, StepQueue
 
 if TYPE_CHECKING:
     from .engine import Engine, SeqOutput
@@ -49,7 +48,7 @@ class Job:
     wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
     src: list[int]  # for each placeholder: its row in the previous job's tokens
     penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
-    future: Future | None = None
+    future: Pending | None = None
 
 
 def _token(got: list | None, k: int) -> int:
@@ -106,12 +105,10 @@ class Overlap:
             at = [i for i in range(n) if step.samples[i]]
             seqs = [step.seqs[i] for i in at]
             rows = e.sample_inputs(seqs)
-            penalised = [
-                (k, s.inflight_row)
-                for k, (s, r) in enumerate(zip(seqs, rows))
-                if r.output_ids is not s.output_ids
-            ]
-            for k, s in enumerate(seqs):
+            penalised = []  # (row, its token's row in the step before) to extend
+            for k, (s, r) in enumerate(zip(seqs, rows)):
+                if r.output_ids is not s.output_ids:
+                    penalised.append((k, s.inflight_row))
                 s.inflight, s.inflight_row = s.inflight + 1, k
         job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
         job.future = self.queue.submit(self._device, job, prep, prev)
@@ -131,23 +128,7 @@ class Overlap:
             return outputs
         now = time.monotonic()
         with timer("append"):
-            gaps: list[float] = []
-            appended, append = 0, e._append
-            for seq, g in zip(job.seqs, got):
-                seq.inflight -= 1
-                if seq.finished:  # ended meanwhile (aborted, failed): the token is dropped
-                    continue
-                if isinstance(g, Exception):
-                    outputs.append(e._fail(seq, g))
-                    continue
-                appended += 1
-                try:
-                    outputs.append(append(seq, g[0], g[1], now, gaps))
-                except Exception as ex:  # its detokenizer or stop strings: this sequence alone
-                    outputs.append(e._fail(seq, ex))
-            e.stats.generation_tokens(appended)
-            if gaps:
-                e.stats.inter_tokens(gaps)
+            e.append_all(job.seqs, got, now, outputs, late=True)
         if after is not None and after.src:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)

@@ -98,13 +98,25 @@ class Scheduler:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            done, prompt_len = seq.num_computed, len(seq.prompt_ids)
-            if hold_decodes and done >= prompt_len:
+            done = seq.num_computed
+            if hold_decodes and done >= len(seq.prompt_ids):
                 continue
             if seq.inflight:  # overlap: its token is on the device, a placeholder feeds it
                 made = len(seq.output_ids) + seq.inflight
-                if made >= seq.params.max_tokens or prompt_len + made >= limit:
-                    continue  # it finishes when its token is read (Sequence.ends_with_inflight)
+                if seq.end_at:  # min(max_tokens, limit - prompt_len), worked out once
+                    if made >= seq.end_at:
+                        continue  # it finishes when its token is read (ends_with_inflight)
+                elif made >= seq.params.max_tokens or len(seq.prompt_ids) + made >= limit:
+                    continue
+                new_block = done >= len(seq.block_table) * bs  # its token starts a block
+                if not new_block or free_blocks:  # no preemption: the short path
+                    if new_block:
+                        free_blocks -= 1
+                    budget -= 1
+                    seqs.append(seq)
+                    new_ids.append([PLACEHOLDER])
+                    samples.append(True)
+                    continue
                 pending, n = [PLACEHOLDER], 1
             else:
                 pending = seq.pending_ids()

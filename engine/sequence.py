@@ -25,7 +25,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     request_id: str
     choice: int
@@ -49,6 +49,9 @@ class Sequence:
     inflight_row: int = -1
     sample_row: object | None = None  # its sampler row, kept while nothing in it changes
     memory: object | None = None  # the Engram memory version it reads (engine/memories.py)
+    # output tokens at which it ends by length (max_tokens or the context limit), set when
+    # the engine queues it; 0: not known, every token takes the engine's full path
+    end_at: int = 0
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None

@@ -12,33 +12,80 @@ the device spent waiting for the host.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+
+class Pending:
+    """A job's result once the worker has run it (a lighter Future: one lock, no condition
+    variable; this is waited on every step)."""
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()  # released by the worker when the job has run
+        self._value, self._error = None, None
+
+    def result(self):
+        if self._done.locked():
+            self._done.acquire()
+            self._done.release()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class StepQueue:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-device")
-        self._lock = threading.Lock()
-        self.busy_s = 0.0  # summed wall time of the jobs run so far
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.busy_s = 0.0  # summed wall time of the jobs run so far (written by the worker)
+        self._thread: threading.Thread | None = None  # started by the first job
+        # a queue dropped without close() still stops its worker (it holds no reference to
+        # the queue object, only to its jobs)
+        self._stop = weakref.finalize(self, self._jobs.put, None)
 
-    def _run(self, fn: Callable, *args):
-        if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self.busy_s += time.perf_counter() - t
-
-    def submit(self, fn: Callable, *args) -> Future:
-        return self._pool.submit(self._run, fn, *args)
+    def submit(self, fn: Callable, *args) -> Pending:
+        if not self._stop.alive:
+            raise RuntimeError("the step queue is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_work,
+                args=(self._jobs, self.device, weakref.ref(self)),
+                name="engram-device",
+                daemon=True,
+            )
+            self._thread.start()
+        pending = Pending()
+        self._jobs.put((fn, args, pending))
+        return pending
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Runs the jobs already submitted, then stops the worker."""
+        self._stop()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _work(jobs: queue.SimpleQueue, device: torch.device, owner: weakref.ref) -> None:
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    while (item := jobs.get()) is not None:
+        fn, args, pending = item
+        t = time.perf_counter()
+        try:
+            pending._value = fn(*args)
+        except BaseException as e:  # handed to whoever reads the result
+            pending._error = e
+        finally:
+            if (q := owner()) is not None:
+                q.busy_s += time.perf_counter() - t
+            del q
+            pending._done.release()
+        del item, fn, args, pending  # nothing of a finished job is kept alive here

@@ -70,25 +70,33 @@ class NgramState:
         rows = mix[..., None] % self.moduli[None]
         return rows.reshape(own.shape[0], len(self.layers), -1) + self.offsets[None]
 
-    def step(self, slots: np.ndarray, new_ids: list[list[int]], known: list[bool]) -> Rows:
-        """Rows of a step: per sequence (``slots``) its new ids; ``known[i]`` False: sequence
-        i feeds one token that is still on the device (its id there is ignored). Histories
-        advance here; a waiting token's id enters its history in :meth:`resolved`."""
+    def step(
+        self,
+        slots: np.ndarray,
+        new_ids: list[list[int]],
+        known: list[bool],
+        lengths: np.ndarray | None = None,
+    ) -> Rows:
+        """Rows of a step: per sequence (``slots``) its new ids (``lengths``: their counts,
+        when the caller has them); ``known[i]`` False: sequence i feeds one token that is
+        still on the device (its id there is ignored). Histories advance here; a waiting
+        token's id enters its history in :meth:`resolved`."""
+        if lengths is None:
+            lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
         if not self.layers:  # no rows; placeholders still need their token (``wait``)
-            lengths = np.fromiter((len(x) for x in new_ids), np.int64, len(new_ids))
             wait = (np.cumsum(lengths) - lengths)[~np.fromiter(known, bool, len(known))]
             return Rows({}, wait, np.empty((wait.size, 0, self.n1), np.int64), self)
         n = len(new_ids)
-        lengths = np.array([len(x) for x in new_ids], np.int64)
         total = int(lengths.sum())
         no_wait = np.empty(0, np.int64)
         if total == n and not any(known):  # overlap's steady state: every token on the device
             hist = self.history[slots]
             part = self.partial(hist)
             heads = self.offsets.shape[1]  # rows filled in by Rows.finish once tokens are known
-            rows = {lid: np.empty((n, heads), np.int64) for lid in self.layers}
-            self.history[slots, :-1] = hist[:, 1:]
-            self.history[slots, -1] = self.hasher.pad_id
+            rows = dict(zip(self.layers, np.empty((len(self.layers), n, heads), np.int64)))
+            hist[:, :-1] = hist[:, 1:]  # a copy (fancy indexing): shifted in place
+            hist[:, -1] = self.hasher.pad_id
+            self.history[slots] = hist
             return Rows(rows, np.arange(n), part, self)
         if total == n:  # a decode step: every row from its slot's history, a few array ops
             part = self.partial(self.history[slots])
@@ -109,7 +117,9 @@ class NgramState:
         at, chunks = np.flatnonzero(lengths == 1), np.flatnonzero(lengths != 1)
         wait, partial = no_wait, np.empty((0, len(self.layers), self.n1), np.int64)
         if at.size:
-            sub = self.step(slots[at], [new_ids[i] for i in at], [known[i] for i in at])
+            sub = self.step(
+                slots[at], [new_ids[i] for i in at], [known[i] for i in at], lengths[at]
+            )
             for lid in self.layers:
                 rows[lid][starts[at]] = sub.rows[lid]
             wait, partial = starts[at[sub.wait]], sub.partial
@@ -127,4 +137,5 @@ class NgramState:
     def resolved(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Tokens fed as placeholders are known now: each slot's newest history entry."""
         if len(slots) and self.layers:
-            self.history[slots, -1] = self.model.compress(np.asarray(tokens, np.int64))
+            lookup = self.model.compression  # sampled ids are never negative: one lookup
+            self.history[slots, -1] = tokens if lookup is None else lookup[tokens]

@@ -111,6 +111,7 @@ class EngramTokenizer:
         self.added_tokens = {i: t.content for i, t in added.items()}  # id -> content
         self.special_tokens = {i: t.content for i, t in added.items() if t.special}
         self._token_bytes: list[bytes] | None | bool = False  # False: not yet worked out
+        self._token_texts: list[str | None] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> EngramTokenizer:
@@ -182,6 +183,23 @@ class EngramTokenizer:
         if self._token_bytes is False:
             self._token_bytes = byte_table(self)
         return self._token_bytes
+
+    def token_texts(self) -> list[str | None] | None:
+        """Each id's text when its bytes are whole UTF-8 characters on their own (None for
+        added tokens, pieces of a character, and a text ending in U+FFFD, which a stream holds
+        back); None when the tokenizer is not byte-level. The detokenizer's one-lookup path."""
+        if self._token_texts is None and (table := self.token_bytes()) is not None:
+            texts: list[str | None] = []
+            for tid, raw in enumerate(table):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None
+                if not text or text.endswith("\ufffd") or tid in self.added_tokens:
+                    text = None
+                texts.append(text)
+            self._token_texts = texts
+        return self._token_texts
 
     def to_json(self) -> str:
         """The tokenizer.json content: what ``tokenizers.Tokenizer.from_str`` rebuilds it from."""

@@ -129,19 +129,37 @@ class ChatCompletion(Completion):
                 delta = {"role": "assistant", "content": ""}
                 first = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
                 yield chunk([first], self.choice_usage(c) if continuous else None)
-            async for choice, delta in self.deltas():
-                choice.token_ids += delta.token_ids
-                if not delta.text and not delta.finish_reason and not self.chat.logprobs:
-                    continue
-                body = {
-                    "index": choice.index,
-                    "delta": {"content": delta.text}
-                    if delta.text or not delta.finish_reason
-                    else {},
-                    "logprobs": self._chat_logprobs(delta.logprobs),
-                    "finish_reason": delta.finish_reason,
-                }
-                yield chunk([body], self.choice_usage(choice) if continuous else None)
+            # the usual chunk (no logprobs, no per-chunk usage) from a template: the same bytes
+            # as json.dumps of its body; a batch's events are written at once
+            plain = not self.chat.logprobs and not continuous
+            head = self.sse_prefix(
+                chat_body(self.id, self.model_name, [], None, self.created, True)
+            )
+            dumps = json.dumps
+            async for batch in self.delta_batches():
+                out: list[str] = []
+                for choice, delta in batch:
+                    choice.token_ids += delta.token_ids
+                    if not delta.text and not delta.finish_reason and not self.chat.logprobs:
+                        continue
+                    content = delta.text or not delta.finish_reason
+                    if plain:
+                        part = f'{{"content": {dumps(delta.text)}}}' if content else "{}"
+                        out.append(
+                            f'{head}{{"index": {choice.index}, "delta": {part}, '
+                            f'"logprobs": null, "finish_reason": {dumps(delta.finish_reason)}'
+                            "}]}\n\n"
+                        )
+                        continue
+                    body = {
+                        "index": choice.index,
+                        "delta": {"content": delta.text} if content else {},
+                        "logprobs": self._chat_logprobs(delta.logprobs),
+                        "finish_reason": delta.finish_reason,
+                    }
+                    out.append(chunk([body], self.choice_usage(choice) if continuous else None))
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"

@@ -216,19 +216,53 @@ class Completion:
                 f.cancel()
 
     async def _one(self, sub, n: int) -> AsyncIterator[Delta]:
-        unfinished = n
+        async for batch in self._one_batches(sub, n):
+            for delta in batch:
+                yield delta
+
+    async def _one_batches(self, sub, n: int) -> AsyncIterator[list[Delta]]:
+        """The deltas of one prompt's sequences, each time all that have arrived (a step's, or
+        several steps' when the client reads slower than the engine steps)."""
+        unfinished, queue = n, sub.queue
         while unfinished:
-            delta: Delta = await sub.queue.get()
-            if delta.error:
-                self.abort()
-                if delta.unavailable:
-                    raise shutting_down(delta.error)
-                if delta.bad_params:
-                    raise APIError(400, delta.error)
-                raise APIError(500, delta.error, None, "engine_error")
-            if delta.finish_reason:
-                unfinished -= 1
-            yield delta
+            got: list[Delta] = [await queue.get()]
+            while not queue.empty():
+                got.append(queue.get_nowait())
+            batch = []
+            for delta in got:
+                if delta.error:
+                    if batch:
+                        yield batch
+                    self.abort()
+                    if delta.unavailable:
+                        raise shutting_down(delta.error)
+                    if delta.bad_params:
+                        raise APIError(400, delta.error)
+                    raise APIError(500, delta.error, None, "engine_error")
+                batch.append(delta)
+                if delta.finish_reason:
+                    unfinished -= 1
+                    if not unfinished:
+                        break
+            yield batch
+
+    async def delta_batches(self) -> AsyncIterator[list[tuple[Choice, Delta]]]:
+        """:meth:`deltas`, grouped as they arrive, so a stream writes once per step."""
+        if len(self.subs) == 1:
+            choices = self.choices
+            async for batch in self._one_batches(self.subs[0], self.per_prompt):
+                yield [(choices[d.choice], d) for d in batch]
+            return
+        async for choice, delta in self.deltas():
+            yield [(choice, delta)]
+
+    def sse_prefix(self, body: dict) -> str:
+        """``data: `` and the JSON of a chunk ``body`` whose last key is an empty "choices",
+        up to that list's opening bracket: a chunk's fixed part, serialised once."""
+        head = json.dumps(body)
+        if not head.endswith(', "choices": []}'):
+            raise ValueError("a chunk's choices must be its last key")
+        return "data: " + head[:-2]
 
     # --- rendering ----------------------------------------------------------------
     def _token_text(self, tid: int) -> str:
@@ -330,34 +364,57 @@ class Completion:
         continuous = include_usage and opts.continuous_usage_stats  # as vLLM: needs both
         echoed: set[int] = set()
         offsets = {c.index: len(c.prompt_text) for c in self.choices}  # text_offset so far
+        # the usual chunk (no echo, logprobs or per-chunk usage) from a template: the same
+        # bytes as json.dumps of its body
+        plain = not self.req.echo and self.req.logprobs is None and not continuous
+        head = self.sse_prefix(completion_body(self.id, self.model_name, [], None, self.created))
+        dumps = json.dumps
         try:
-            async for choice, delta in self.deltas():
-                if self.req.echo and choice.index not in echoed:  # prefilled: its logprobs are in
-                    echoed.add(choice.index)
-                    lp = self._logprobs(choice, [], True)
-                    echo = {"index": choice.index, "text": choice.prompt_text, "logprobs": lp}
-                    yield chunk(
-                        [{**echo, "finish_reason": None}],
-                        self.choice_usage(choice) if continuous else None,
+            async for batch in self.delta_batches():
+                out: list[str] = []  # the batch's events, written at once
+                for choice, delta in batch:
+                    if plain:
+                        choice.token_ids += delta.token_ids
+                        choice.finish_reason = delta.finish_reason or choice.finish_reason
+                        if delta.text or delta.finish_reason:
+                            out.append(
+                                f'{head}{{"index": {choice.index}, "text": {dumps(delta.text)}, '
+                                f'"logprobs": null, "finish_reason": {dumps(delta.finish_reason)}'
+                                "}]}\n\n"
+                            )
+                        continue
+                    if self.req.echo and choice.index not in echoed:  # prefilled: logprobs in
+                        echoed.add(choice.index)
+                        lp = self._logprobs(choice, [], True)
+                        echo = {"index": choice.index, "text": choice.prompt_text, "logprobs": lp}
+                        out.append(
+                            chunk(
+                                [{**echo, "finish_reason": None}],
+                                self.choice_usage(choice) if continuous else None,
+                            )
+                        )
+                    choice.token_ids += delta.token_ids
+                    choice.finish_reason = delta.finish_reason or choice.finish_reason
+                    if not delta.text and not delta.finish_reason and self.req.logprobs is None:
+                        continue
+                    lp = self._logprobs(choice, delta.logprobs, False, offsets[choice.index])
+                    if lp is not None:
+                        offsets[choice.index] += sum(len(t) for t in lp["tokens"])
+                    out.append(
+                        chunk(
+                            [
+                                {
+                                    "index": choice.index,
+                                    "text": delta.text,
+                                    "logprobs": lp,
+                                    "finish_reason": delta.finish_reason,
+                                }
+                            ],
+                            self.choice_usage(choice) if continuous else None,
+                        )
                     )
-                choice.token_ids += delta.token_ids
-                choice.finish_reason = delta.finish_reason or choice.finish_reason
-                if not delta.text and not delta.finish_reason and self.req.logprobs is None:
-                    continue
-                lp = self._logprobs(choice, delta.logprobs, False, offsets[choice.index])
-                if lp is not None:
-                    offsets[choice.index] += sum(len(t) for t in lp["tokens"])
-                yield chunk(
-                    [
-                        {
-                            "index": choice.index,
-                            "text": delta.text,
-                            "logprobs": lp,
-                            "finish_reason": delta.finish_reason,
-                        }
-                    ],
-                    self.choice_usage(choice) if continuous else None,
-                )
+                if out:
+                    yield "".join(out)
             if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"

@@ -45,3 +45,7 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
         # in series the forward pass runs in the host thread; overlapped, on the worker
         device = "device" if x["mode"] == "overlap" else "forward"
         assert {"schedule", "hash", "pack", "append", device} <= set(x["parts_us"])
+        # overlapped steps are also measured without the per-part timer
+        assert (x["mode"] == "overlap") == ("host_untimed_us" in x)
+        if x["mode"] == "overlap":
+            assert x["host_untimed_us"]["median"] > 0
