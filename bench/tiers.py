@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--host-memory-bytes", type=int, default=0, help="0: a quarter of the tables")
     ap.add_argument("--file-read-threads", type=int, default=8)
     ap.add_argument("--hot-rows", default="0.05", help="rows per layer: a count or a fraction")
-    ap.add_argument("--profile-files", type=int, default=60, help="training files profiled (0: all)")
+    ap.add_argument("--profile-files", type=int, default=60, help="training files profiled, 0: all")
     ap.add_argument("--refresh", type=int, default=8, help="adaptive: steps between refreshes")
     ap.add_argument("--replace", type=int, default=256, help="adaptive: rows per refresh")
     ap.add_argument("--num-seqs", type=int, default=8)
