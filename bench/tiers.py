@@ -7,11 +7,15 @@ whole table in host memory: on a CPU the worker thread), ``host + hot`` (a hot-r
 a DRAM cache of ``--host-memory-bytes``, by default a quarter of the tables, in front of it),
 ``file + DRAM + hot`` (the hot cache in front of that). Hot caches are ``static`` (a profile's
 top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) and
-``adaptive`` (start empty, refreshed every ``--refresh`` steps). ``file + DRAM, sync reads``
-reads a step's misses before its plan returns (the tier before its reads were issued
-asynchronously), for the stall measured beside the issued reads in the same rounds. The
-file's pages are dropped from the page cache before every file-tier job
-(``--keep-page-cache`` keeps them).
+``adaptive`` (start empty, refreshed every ``--refresh`` steps). The file rows' DRAM caches
+are warmed before serving from the same profile (``FileTier.warm``; behind a static hot set,
+with the rows ranked after it). ``file + DRAM, sync reads`` reads a step's misses before its
+plan returns, for the stall measured beside the issued reads in the same rounds; ablations of
+``file + DRAM``: ``reads on threads`` (misses read on the tier's issuing threads, not lazily
+by the gather), ``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
+hash directory and one reference bit, the tier's policy before). The file's pages are dropped
+from the page cache before every file-tier job (``--keep-page-cache`` keeps them). The file
+tier's share of each plan (rows -> slots, misses announced or issued) is timed per step.
 
 Prompts: windows of the held-out corpus files (tokenized) and random ids, fresh each round,
 the same for every row within it. Each job prefills ``--num-seqs`` prompts and decodes
@@ -46,7 +50,7 @@ from offload.accounting import Accountant, StepStats
 from offload.file_gather import FileTierGather
 from offload.file_tier import open_file_tier
 from offload.hot_cache import HotCache, parse_hot_rows
-from offload.hot_rows import HotRows, row_sources
+from offload.hot_rows import HotRows, file_tier_of, row_sources
 from offload.offloaded_model import OffloadedModel
 from offload.paths import make_prefetcher
 from offload.profile import corpus_ids, hasher_for, profile
@@ -60,7 +64,7 @@ from .stats import summarize
 PROG = "engram-bench --tiers"
 LINKS = ("hot_to_compute", "host_to_compute", "file_to_dram")
 STALL = "stall_ms_per_step"
-FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step")
+FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step", "file_plan_ms_per_step")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--host-memory-bytes", type=int, default=0, help="0: a quarter of the tables")
     ap.add_argument("--file-read-threads", type=int, default=8)
     ap.add_argument("--hot-rows", default="0.05", help="rows per layer: a count or a fraction")
-    ap.add_argument("--profile-files", type=int, default=60, help="training files profiled")
+    ap.add_argument("--profile-files", type=int, default=60, help="training files profiled, 0: all")
     ap.add_argument("--refresh", type=int, default=8, help="adaptive: steps between refreshes")
     ap.add_argument("--replace", type=int, default=256, help="adaptive: rows per refresh")
     ap.add_argument("--num-seqs", type=int, default=8)
@@ -98,6 +102,7 @@ class Tally:
     file_read_s: float = 0.0
     file_wait_s: float = 0.0
     stall_s: float = 0.0
+    translate_s: float = 0.0  # the file tier's share of planning (rows -> DRAM slots, reads issued)
 
     def add(self, st: StepStats) -> None:
         self.steps += 1
@@ -132,6 +137,7 @@ class Tally:
             "file_read_ms_per_step": 1e3 * d["file_read_s"] / steps,
             "file_wait_ms_per_step": 1e3 * d["file_wait_s"] / steps,
             "stall_ms_per_step": 1e3 * d["stall_s"] / steps,
+            "file_plan_ms_per_step": 1e3 * d["translate_s"] / steps,
         }
 
 
@@ -156,6 +162,18 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def add(name: str, pf, file: Path | None = None) -> None:
         tally = Tally()
         pf.accountant.subscribe(tally.add)
+        tier = file_tier_of(pf)
+        if tier is not None:  # time the tier's translation inside each plan
+            translate = tier.translate
+
+            def timed(row_ids, translate=translate, tally=tally):
+                t = time.perf_counter()
+                try:
+                    return translate(row_ids)
+                finally:
+                    tally.translate_s += time.perf_counter() - t
+
+            tier.translate = timed
         out.append(Row(name, pf, tally, file))
 
     def hot(pf, policy: str) -> HotRows:
@@ -172,11 +190,18 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads: bool = True):
+    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True):
         cache, tier = open_file_tier(
-            path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads
-        )
-        tier.async_reads = async_reads
+            path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
+            directory="hash" if main else "auto",
+        )  # fmt: skip
+        tier.async_reads, tier.lazy_reads = async_reads, lazy
+        for fl in tier.layers.values():
+            fl.cache.max_ref = 1 if main else fl.cache.max_ref
+        if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
+            skip = {lid: parse_hot_rows(args.hot_rows, fl.rows) if skip_hot else 0
+                    for lid, fl in tier.layers.items()}  # fmt: skip
+            tier.warm({lid: prof[lid].rows[skip[lid] :] for lid in tier.layers})
         tier.check_capacity(args.num_seqs * args.prompt_len * om.model.config.engram_total_heads)
         return FileTierGather(make_prefetcher(cache, "worker", cpu, accountant=Accountant()), tier)
 
@@ -186,7 +211,10 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", hot(host(), "adaptive"))
     add("file + DRAM, sync reads", file(async_reads=False), path)
     add("file + DRAM", file(), path)
-    add("file + DRAM + hot static", hot(file(), "static"), path)
+    add("file + DRAM, reads on threads", file(lazy=False), path)
+    add("file + DRAM, cold start", file(warm=False), path)
+    add("file + DRAM, cold, hash directory, CLOCK bits", file(main=True), path)
+    add("file + DRAM + hot static", hot(file(skip_hot=True), "static"), path)
     add("file + DRAM + hot adaptive", hot(file(), "adaptive"), path)
     hot_rows = {lid: parse_hot_rows(args.hot_rows, t.rows) for lid, t in om.store.tables.items()}
     info = {
@@ -358,7 +386,7 @@ def markdown(result: dict) -> str:
             f"Prompts: {kind}",
             "",
             "| row | decode tok/s | ms/step | penalty vs resident | penalty vs host | "
-            "B/token hot / host / file | hot hit | DRAM hit | file read / wait ms/step | "
+            "B/token hot / host / file | hot hit | DRAM hit | file read / wait / plan ms/step | "
             "same tokens |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -368,7 +396,9 @@ def markdown(result: dict) -> str:
             b = v["bytes_per_token"]
             pct = lambda x: "-" if x is None else f"{x['median']:.1%}"
             fr, fw = v["file_read_ms_per_step"], v["file_wait_ms_per_step"]
-            fr = f"{fr['median']:.2f} / {fw['median']:.2f}" if name.startswith("file") else "-"
+            fp = v.get("file_plan_ms_per_step")
+            fp = f" / {fp['median']:.2f}" if fp else ""
+            fr = f"{fr['median']:.2f} / {fw['median']:.2f}{fp}" if name.startswith("file") else "-"
             lines.append(
                 f"| {name} | {t['median']:.0f} ({t['min']:.0f}-{t['max']:.0f}) | "
                 f"{s['median']:.1f} | {pr['median']:+.1f}% ({pr['min']:+.0f}..{pr['max']:+.0f}) | "

@@ -2,14 +2,20 @@
 
 Directory: a table row -> slot lookup. A dense ``slot_of`` (int32 per table row) costs
 ``rows x 4`` bytes whatever the cache holds: 1.5 GB for one of DeepSeek-V4.1's 384M-row layers,
-as much as a 6M-row cache of its 264-byte rows. So the directory is whichever is smaller: the
-dense array, or an open-addressing hash of the cached rows (``HashDirectory``: one int32 slot
-per bucket, at least twice the slots, linear probing; the key of a bucket is read back from the
-cache's own ``row_of_slot``), about 8-16 bytes per slot, i.e. 3-6% of a 264-byte row.
+as much as a 6M-row cache of its 264-byte rows. An open-addressing hash of the cached rows
+(``HashDirectory``: one int32 slot per bucket, at least twice the slots, linear probing; the key
+of a bucket is read back from the cache's own ``row_of_slot``) costs about 8-16 bytes per slot,
+i.e. 3-6% of a 264-byte row, but its probe loops cost a decode step ~4-5x the dense array's
+time (admit + release of ~200 rows: ~230 us against ~50 us on the 2-core CI machine, per layer
+and step). So the dense array is taken while it is at most twice the hash's bytes (a table up
+to ~4-8x its cache), the hash beyond.
 
-Eviction: CLOCK (second chance) over the slots; a row read by a step sets its reference bit, a
-new row starts without it (a row seen once goes first). Slots a step still reads are pinned
-(a count per slot; several overlapped steps may pin the same slot) and never chosen.
+Eviction: CLOCK with counts over the slots; a row read by a step raises its count (saturating
+at ``MAX_REF``), the hand takes a slot at count 0 and lowers the others it passes, a new row
+starts at 0 (a row seen once goes first, a row read often survives several turns). Rows placed
+by :meth:`SlotCache.preload` (a profile's most read rows, before serving) start at 1. Slots a
+step still reads are pinned (a count per slot; several overlapped steps may pin the same slot)
+and never chosen.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 EMPTY, TOMB = -1, -2
+MAX_REF = 3  # CLOCK counts saturate here: a row unread for MAX_REF + 1 turns of the hand goes
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -116,17 +123,19 @@ class HashDirectory:
 class SlotCache:
     """Directory, CLOCK state and pins of ``slots`` cache slots over a table of ``rows`` rows."""
 
-    def __init__(self, rows: int, slots: int, directory: str = "auto") -> None:
+    def __init__(
+        self, rows: int, slots: int, directory: str = "auto", max_ref: int = MAX_REF
+    ) -> None:
         if slots < 1:
             raise ValueError(f"a DRAM cache needs at least one slot, got {slots}")
         self.rows, self.slots = rows, slots
         self.row_of_slot = np.full(slots, EMPTY, dtype=np.int64 if rows >= 2**31 else np.int32)
-        self.ref = np.zeros(slots, dtype=bool)
+        self.ref = np.zeros(slots, dtype=np.uint8)  # CLOCK counts
         self.pins = np.zeros(slots, dtype=np.int32)
-        self.hand = 0
+        self.hand, self.max_ref = 0, max_ref  # max_ref 1: plain CLOCK (one reference bit)
         if directory == "auto":
             dense = DenseDirectory.nbytes_for(rows, slots)
-            directory = "dense" if dense <= HashDirectory.nbytes_for(rows, slots) else "hash"
+            directory = "dense" if dense <= 2 * HashDirectory.nbytes_for(rows, slots) else "hash"
         kinds = {"dense": DenseDirectory, "hash": HashDirectory}
         if directory not in kinds:
             raise ValueError(f"unknown directory {directory!r}; use auto, dense or hash")
@@ -146,7 +155,8 @@ class SlotCache:
         slots = self.directory.lookup(rows)
         hit = slots >= 0
         self.pins[slots[hit]] += 1
-        self.ref[slots[hit]] = True
+        held = slots[hit]
+        self.ref[held] = np.minimum(self.ref[held] + 1, self.max_ref)
         miss_rows = rows[~hit]
         try:
             victims = self._victims(miss_rows.size)
@@ -160,6 +170,23 @@ class SlotCache:
         self.pins[victims] += 1
         slots[~hit] = victims
         return slots, miss_rows, victims
+
+    def preload(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Place ``rows`` (distinct, most wanted first) in free or evictable slots before
+        serving, as many as fit: returns (rows placed, their slots), ascending by row, pinned
+        (the caller reads them, then releases the slots). Rows already held are skipped."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[self.directory.lookup(rows) < 0]
+        free = int(np.count_nonzero(self.pins == 0))
+        rows = np.sort(rows[:free])
+        victims = self._victims(rows.size)
+        old = self.row_of_slot[victims]
+        self.directory.remove(old[old >= 0].astype(np.int64))
+        self.row_of_slot[victims] = rows
+        self.directory.insert(rows, victims)
+        self.pins[victims] += 1
+        self.ref[victims] = 1  # ranked by a profile: one turn of the hand before it may go
+        return rows, victims
 
     def release(self, slots: np.ndarray) -> None:
         self.pins[slots] -= 1
@@ -176,24 +203,22 @@ class SlotCache:
         self.release(slots)
 
     def _victims(self, k: int) -> np.ndarray:
-        """``k`` unpinned slots by CLOCK: clear reference bits as the hand passes them."""
+        """``k`` unpinned slots at count 0 by CLOCK: lower the counts the hand passes."""
         if k == 0:
             return np.empty(0, dtype=np.int32)
         out: list[np.ndarray] = []
         need, scanned = k, 0
         chunk = min(self.slots, max(4 * k, 4096))
-        while need and scanned < 2 * self.slots + chunk:  # two turns: every bit cleared once
+        turns = (self.max_ref + 1) * self.slots + chunk  # every count lowered to 0 by then
+        while need and scanned < turns:
             idx = (self.hand + np.arange(chunk)) % self.slots
             free = self.pins[idx] == 0
-            take = np.flatnonzero(free & ~self.ref[idx])[:need]
-            if take.size == need:
-                end = int(take[-1]) + 1
-                seen = idx[:end]
-                self.ref[seen[free[:end]]] = False
-                self.hand = int(idx[end - 1] + 1) % self.slots
-            else:
-                self.ref[idx[free]] = False
-                self.hand = int(idx[-1] + 1) % self.slots
+            take = np.flatnonzero(free & (self.ref[idx] == 0))[:need]
+            end = int(take[-1]) + 1 if take.size == need else chunk
+            seen = idx[:end][free[:end]]
+            seen = seen[self.ref[seen] > 0]
+            self.ref[seen] -= 1
+            self.hand = int(idx[end - 1] + 1) % self.slots
             out.append(idx[take])
             self.pins[idx[take]] += 1  # held while choosing: a second turn cannot take it again
             need -= take.size

@@ -4,11 +4,13 @@ Tiers as index translation. Each file-tier layer has a cache :class:`~offload.st
 slots (pinned host memory where CUDA is present, plain host memory otherwise) standing where
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
-misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`,
-parallel ``preadv``, on the tier's issuing threads), and the layer's row ids are replaced by
-slot ids at once. A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``:
-its own misses, and earlier steps' reads still landing in slots it found), so the reads run
-beside the plan's other work, the upload and the layers before. The existing gather
+misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`:
+their pages announced to the kernel at once, then ``preadv`` by the gather that needs them, or
+on the tier's issuing threads), and the layer's row ids are replaced by slot ids at once.
+A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``: its own
+misses, and earlier steps' reads still landing in slots it found), so the reads run beside the
+plan's other work, the upload and the layers before. Before serving, :meth:`FileTier.warm`
+can fill the caches with a profile's most read rows. The existing gather
 paths (worker, staged, UVA; sorted and de-duplicated plans) then read the cache table exactly
 as they read a host table. Slots a step reads stay pinned until that step's gathers are done
 (on CUDA: its end event), so an overlapped next step never evicts them.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class FileLayer:
     recent: list[Future] = field(default_factory=list)  # reads issued, maybe in flight
     fill_copied: int = 0  # hot-cache fills: rows copied from the DRAM cache
     fill_read: int = 0  # hot-cache fills: rows read from the file (not booked per step)
+    warm_rows: int = 0  # rows placed before serving from a profile (FileTier.warm)
+    warm_s: float = 0.0
 
     def cache_bytes(self) -> np.ndarray:
         return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
@@ -98,19 +101,55 @@ class Ticket:
     def settle(self) -> None:
         """Wait for every read this step issued, and keep their figures (a failed read's
         error is raised by :meth:`wait`, in the gather that needs it)."""
-        futures_wait(list(self.inflight.values()))
+        wait_all(list(self.inflight.values()))
         for lid, fut in list(self.inflight.items()):
             if fut.exception() is None and self.inflight.pop(lid, None) is not None:
                 self.reads[lid] = fut.result()
 
 
+class LazyRead(Future):
+    """A read that runs in the first thread that waits for it (or asks whether it failed):
+    its pages were announced to the kernel when it was made, so by then they are arriving."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self._fn, self._once = fn, threading.Lock()
+
+    def _run(self) -> None:
+        with self._once:
+            if not self.done():
+                try:
+                    self.set_result(self._fn())
+                except BaseException as e:
+                    self.set_exception(e)
+
+    def result(self, timeout=None):
+        self._run()
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._run()
+        return super().exception(timeout)
+
+
+def wait_all(futures: list[Future]) -> None:
+    """Until every read has ended (a lazy one runs here); errors stay in the futures."""
+    for f in futures:
+        f.exception()
+
+
 class FileTier:
-    def __init__(self, layers: dict[int, FileLayer], async_reads: bool = True) -> None:
-        """``async_reads``: a step's misses are read on the tier's issuing threads (one per
-        layer, each fanning out to its reader's pool) while the plan goes on and earlier
-        layers compute; a gather waits for its own layer only (``Ticket.wait``). False: read
+    def __init__(
+        self, layers: dict[int, FileLayer], async_reads: bool = True, lazy_reads: bool = True
+    ) -> None:
+        """``async_reads``: a step's misses are read while the plan goes on and earlier layers
+        compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
+        the plan announces the misses' pages to the kernel (``RowReader.announce``: the disk
+        reads are queued at once) and the layer's gather copies them in when it needs them,
+        with no thread hand-off; without, the reads run on the tier's issuing threads (one
+        per layer, each fanning out to its reader's pool). ``async_reads`` False: read
         before the plan returns (the synchronous baseline)."""
-        self.layers, self.async_reads = layers, async_reads
+        self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
@@ -149,7 +188,11 @@ class FileTier:
         ticket.slots[lid] = slots
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
-            fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
+            if self.lazy_reads:
+                fl.reader.announce(miss_rows)
+                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits))
+            else:
+                fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
             ticket.inflight[lid] = fut
             with fl.lock:
                 fl.recent.append(fut)
@@ -169,6 +212,34 @@ class FileTier:
             raise
         return FileRead(hits, rows.size, nbytes, time.perf_counter() - t)
 
+    def warm(self, ranked: dict[int, np.ndarray]) -> dict[int, int]:
+        """Fill each layer's DRAM cache before serving with its most read rows (``ranked``:
+        row ids most read first, e.g. ``engram-profile``'s file), as many as the cache holds,
+        read in ascending order (adjacent rows coalesce into one ``preadv``). Returns the rows
+        placed per layer; a layer not in the tier is ignored."""
+        placed = {}
+        for lid, rows in ranked.items():
+            fl = self.layers.get(lid)
+            if fl is None:
+                continue
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            rows = rows[(rows >= 0) & (rows < fl.rows)]
+            t = time.perf_counter()
+            with fl.lock:
+                rows, slots = fl.cache.preload(rows)
+            try:
+                fl.reader.read(rows, slots, fl.cache_bytes())
+            except BaseException:
+                with fl.lock:
+                    fl.cache.forget(slots)
+                raise
+            with fl.lock:
+                fl.cache.release(slots)
+            fl.warm_rows += int(rows.size)
+            fl.warm_s += time.perf_counter() - t
+            placed[lid] = int(rows.size)
+        return placed
+
     def read_rows(self, layer_id: int, ids: np.ndarray) -> np.ndarray:
         """Stored bytes of table rows ``ids`` (any order, repeats allowed) as uint8
         ``[n, row_bytes]``, bit for bit as in the file: rows the DRAM cache holds are copied
@@ -187,7 +258,7 @@ class FileTier:
             fl.cache.pins[slots[held]] += 1
             landing = [f for f in fl.recent if not f.done()]  # reads maybe filling those slots
         try:
-            futures_wait(landing)
+            wait_all(landing)
             with fl.lock:  # a failed read emptied its slots (pins kept them from reuse)
                 ok = fl.cache.row_of_slot[slots[held]] == uniq[held]
             out[held[ok]] = fl.cache_bytes()[slots[held[ok]]]
@@ -249,8 +320,11 @@ class FileTier:
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
                 "async_reads": self.async_reads,
+                "lazy_reads": self.lazy_reads,
                 "hot_fill_rows_copied": fl.fill_copied,
                 "hot_fill_rows_read": fl.fill_read,
+                "warm_rows": fl.warm_rows,
+                "warm_s": round(fl.warm_s, 4),
             }
             for lid, fl in self.layers.items()
         }

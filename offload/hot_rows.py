@@ -238,3 +238,19 @@ def with_hot_cache(prefetcher: Prefetcher, hot: HotSettings) -> Prefetcher:
         if n
     }
     return HotRows(prefetcher, caches)
+
+
+def warm_file_tier(tier, hot: HotSettings) -> dict[int, int]:
+    """Fill the file tier's DRAM caches from ``hot.file`` (``engram-profile``'s ranking)
+    before serving; nothing without a profile. A static hot cache holds the top
+    ``hot.rows`` of each layer, so the DRAM cache takes the rows ranked after them (a hot
+    row's reads never reach it). Returns the rows placed per layer."""
+    if hot.file is None or not tier.layers:
+        return {}
+    ranked = hot_sets(hot.file, sorted(tier.layers))
+    if hot.policy == "static":
+        ranked = {
+            lid: rows[parse_hot_rows(hot.rows, tier.layers[lid].rows) :]
+            for lid, rows in ranked.items()
+        }
+    return tier.warm(ranked)

