@@ -20,7 +20,48 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from offload.cuda_gather import UvaGather
+from offload.plan import LayerPlan, LookupPlan
+from offload.prefetch import Prefetcher, ResidentGather
+
 from .step_rows import NgramState
+
+
+def reads_device_ids(rows: Prefetcher) -> bool:
+    """Whether a path's gather needs the step's row ids on the device only: resident tables
+    and the UVA kernel, without de-duplication (its np.unique runs on the host). Hot caches
+    and the file tier (other classes, wrapping these) plan on the host."""
+    return type(rows) in (ResidentGather, UvaGather) and not rows.dedup
+
+
+class DeviceLayerPlan(LayerPlan):
+    """A layer whose row ids exist on the device only: ``fetch`` (and ``positions``) are
+    stand-ins of the right length for the host's counts; the values are in the index."""
+
+    @property
+    def unique_rows(self) -> int:  # unknown without reading the ids back: every row counts
+        return int(self.fetch.size)
+
+
+def device_plan(
+    rows: dict[int, torch.Tensor], sort: bool
+) -> tuple[LookupPlan, dict[str, torch.Tensor]]:
+    """The lookup plan of rows ``{layer: [N, heads]}`` on the device and its index tensors
+    (``fetch{layer}``; sorted with ``positions{layer}`` for the UVA kernel, as
+    :meth:`LayerPlan.sorted` sorts on the host). No bounds check: hashed rows are in range
+    by construction (a remainder by the head's size plus the head's offset)."""
+    layers, index = {}, {}
+    for lid in sorted(rows):
+        n, heads = rows[lid].shape
+        flat = rows[lid].reshape(-1)
+        stand = np.broadcast_to(np.int64(0), (flat.numel(),))
+        if sort:
+            index[f"fetch{lid}"], index[f"positions{lid}"] = torch.sort(flat, stable=True)
+            layers[lid] = DeviceLayerPlan(lid, stand, None, n, heads, stand)
+        else:
+            index[f"fetch{lid}"] = flat
+            layers[lid] = DeviceLayerPlan(lid, stand, None, n, heads)
+    return LookupPlan(layers), index
 
 
 class DeviceRows:
