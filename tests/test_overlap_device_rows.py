@@ -99,3 +99,50 @@ def test_on_by_default_only_on_cuda_and_for_paths_reading_device_ids(built):
         ).runner.device_rows
         is None
     )
+
+
+def capture_rows(engine: Engine) -> list[dict]:
+    """Every step's requested Engram rows ``{layer: [N * heads]}`` (on the host), in request
+    order, as the gather reads them (a sorted plan's positions put back)."""
+    log, real = [], engine.runner.rows.start
+
+    def start(plan, index=None, uploaded=None):
+        got = {}
+        for lid, lp in plan.layers.items():
+            f = torch.from_numpy(lp.fetch) if index is None else index[f"fetch{lid}"]
+            pos = None if index is None else index.get(f"positions{lid}")
+            if pos is not None:
+                placed = torch.empty_like(f)
+                placed[pos] = f
+                f = placed
+            got[lid] = f.cpu().clone()
+        log.append(got)
+        return real(plan, index, uploaded)
+
+    engine.runner.rows.start = start
+    return log
+
+
+def rows_with_and_without(model, tok, device: str, rows=None, device_rows=True):
+    """Tokens and each step's rows of one workload, rows hashed on the device or the host."""
+    out = []
+    for on in (device_rows, False):
+        cfg = EngineConfig(device=device, max_num_seqs=8, enforce_eager=True, device_rows=on)
+        e = Engine(model, cfg, rows() if rows else None, tokenizer=tok)
+        log = capture_rows(e)
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        seqs = [e.add(f"r{i}", [1 + i, 40 + 3 * i, 7], params)[0] for i in range(6)]
+        e.run_until_done()
+        e.close()
+        out.append(([s.output_ids for s in seqs], log, e.runner.device_rows is not None))
+    return out
+
+
+def test_rows_bit_identical_to_the_host_hashed_path(built):
+    model, tok = built
+    (ta, ra, on), (tb, rb, off) = rows_with_and_without(model, tok, "cpu")
+    assert on and not off and ta == tb and len(ra) == len(rb) > 10
+    for a, b in zip(ra, rb):
+        assert a.keys() == b.keys()
+        for lid in a:
+            assert torch.equal(a[lid], b[lid])
