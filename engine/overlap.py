@@ -210,7 +210,7 @@ class Overlap:
         ):  # step N's tokens stay where they are: N+1 is issued before the host reads them
             tokens = got.tokens[to_device(job.src, got.tokens.device, torch.long)]
         else:
-            if type(got) is StepTokens:
+            if type(got) is StepTokens and (job.src or job.penalised):  # needed here: read
                 try:
                     got = got.read()
                 except Exception:
