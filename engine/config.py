@@ -122,6 +122,13 @@ class EngineConfig:
         "run each step's host work (scheduling, hashing, packing, detokenizing, stop strings) "
         "in series with the device instead of while the device runs the step before",
     )
+    device_rows: bool | None = flag(
+        None,
+        "overlap: step N+1's placeholders take their input ids and Engram rows from step N's "
+        "sampled tokens on the device, where the rows' path reads device indices (resident "
+        "tables, UVA, no de-duplication); None: on CUDA; True also on a CPU, for tests",
+        cli=False,
+    )
     static_decode: bool | None = flag(
         None,
         "decode through the CUDA-graph buffers (None: on CUDA unless enforce_eager; on a CPU "

@@ -21,6 +21,7 @@ from offload.store import TableStore
 
 from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
+from .device_hash import DeviceRows, device_plan
 from .fused import fuse_model
 from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import StepInputs, Uploader, pack_inputs, upload_inputs
@@ -96,6 +97,8 @@ class ModelRunner:
         self.memories = MemorySet(base, cache.device, max_memories)
         self.uploader = Uploader(cache.device)
         self.ngram = NgramState(model, cache.max_seqs + 1)
+        # set by overlap when placeholders' rows are finished on the device (engine/overlap.py)
+        self.device_rows: DeviceRows | None = None
         self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
         self.attention = pick_backend(attention, cache.device)
         if self.attention == "triton":  # the device path: fewer, fused kernels per layer
@@ -181,6 +184,8 @@ class ModelRunner:
     def execute(self, prep: Prepared, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
         """The device side of a step: placeholders filled in, the plan, one upload, every
         layer's gather issued, the forward pass."""
+        if isinstance(tokens, torch.Tensor):
+            return self._execute_device(prep, tokens, timer)
         self.cache.zero_conv(prep.fresh)
         with timer("plan"):
             if prep.rows.wait.size:
@@ -194,6 +199,33 @@ class ModelRunner:
             inp = upload_inputs(prep.parts, self.uploader, plan.host_arrays())
         with timer("prefetch"):  # every layer's gather is issued now, before the forward pass
             pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
+        return self._forward(inp, pending, timer)
+
+    def _execute_device(self, prep: Prepared, tokens: torch.Tensor, timer=NO_TIMER):
+        """:meth:`execute` with the placeholders' raw ids still on the device (``tokens``, a
+        tensor there): the host-known rows, the placeholders' positions and partials go up in
+        the step's one upload; their input ids, rows and the plan's index are made there."""
+        self.cache.zero_conv(prep.fresh)
+        r, dev = prep.rows, self.device_rows
+        with timer("upload"):
+            arrays = {f"rows{lid}": a for lid, a in r.rows.items()}
+            arrays["wait"], arrays["partial"] = r.wait, r.partial
+            inp = upload_inputs(prep.parts, self.uploader, arrays)
+        with timer("plan"):
+            got, wait = inp.row_index, inp.row_index["wait"]
+            inp.input_ids[wait] = tokens
+            rows = {lid: got[f"rows{lid}"] for lid in r.rows}
+            rows = dev.fill(rows, wait, tokens, got["partial"])
+            plan, index = device_plan(rows, self.rows.name == "uva")
+            ready = None  # the side stream's gathers wait for the index made here
+            if tokens.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        with timer("prefetch"):
+            pending = self.rows.start(plan, index, ready)
+        return self._forward(inp, pending, timer)
+
+    def _forward(self, inp: StepInputs, pending: PendingRows, timer=NO_TIMER) -> torch.Tensor:
         try:
             with timer("forward"), torch.inference_mode():
                 step = _Step(self.cache, inp, pending, self.attention)
@@ -252,6 +284,7 @@ class Prepared:
     graph: bool
     groups: list[StepGroup] | None = None  # each memory's part (None: the base memory only)
 
-    def run(self, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:
-        """``tokens``: the raw ids of the placeholders, in the step's token order."""
+    def run(self, tokens: np.ndarray | torch.Tensor, timer=NO_TIMER) -> torch.Tensor:
+        """``tokens``: the raw ids of the placeholders, in the step's token order (a tensor
+        on the device: their rows are finished there, :attr:`ModelRunner.device_rows`)."""
         return self.runner.execute(self, tokens, timer)

@@ -14,11 +14,19 @@ A sequence whose in-flight token is its last by length is not scheduled again. S
 score prompts (prompt logprobs, ``max_tokens=0``) run in series: the pipeline drains first.
 
 The device side runs on :class:`engine.step_queue.StepQueue`'s worker, one job after another.
+
+With ``device_rows`` (on CUDA by default where the rows' path reads device indices: resident
+tables, the UVA kernel), a step's sampled tokens stay on the device (:class:`StepTokens`): the
+next step's placeholders take their input ids and Engram rows from them there
+(:mod:`engine.device_hash`), and a non-blocking copy brings them to pinned host memory for the
+host to read one step late. Steps that need the ids on the host (penalties, de-duplication,
+hot caches, the file tier, CUDA-graph decode, several memories) read them first, as before.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,9 +34,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .device_hash import DeviceRows, reads_device_ids
 from .host_time import NO_TIMER
 from .inputs import to_device
-from .sampling import SampleRow
+from .sampling import SampleRow, draw, logprobs_of, unpack_logprobs
 from .scheduler import ScheduledStep
 from .sequence import PLACEHOLDER, Sequence
 from .step_queue import Pending, StepQueue
@@ -51,6 +60,43 @@ class Job:
     future: Pending | None = None
 
 
+class StepTokens:
+    """A step's sampled tokens on the device (``tokens``: [S] int64), and their non-blocking
+    copy to pinned host memory, with the logprobs asked for (``packed``: rows ``want``, as
+    :func:`engine.sampling.sample` packs them); :meth:`read` waits for that copy only."""
+
+    def __init__(self, tokens, packed, want: list[int], ks: list[int]) -> None:
+        self.tokens, self.want, self.ks = tokens, want, ks
+        self.width = 0 if packed is None else packed.shape[1]
+        src = tokens if packed is None else torch.cat([tokens.double(), packed.flatten()])
+        self.copied = None
+        if src.is_cuda:
+            self.host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self.host.copy_(src, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = src
+        self._got: list | None = None
+        self._lock = threading.Lock()  # the worker (a step that needs them) or the host
+
+    def read(self) -> list[tuple]:
+        """(token, logprobs) per row, once the copy is done."""
+        with self._lock:
+            if self._got is None:
+                if self.copied is not None:
+                    self.copied.synchronize()
+                host, S = self.host.tolist(), self.tokens.shape[0]
+                if not self.want:
+                    self._got = [(t, None) for t in host]
+                else:
+                    w = self.width
+                    table = [host[S + j * w : S + (j + 1) * w] for j in range(len(self.want))]
+                    got = dict(zip(self.want, unpack_logprobs(table, self.ks)))
+                    self._got = [(int(host[i]), got.get(i)) for i in range(S)]
+            return self._got
+
+
 def _token(got: list | None, k: int) -> int:
     """Row k's token from a job's result (0 for a row or a step that failed: its sequence is
     failed on the host, so what this step makes of it is dropped)."""
@@ -64,6 +110,11 @@ class Overlap:
         self.engine = engine
         self.queue = StepQueue(engine.device)
         self.inflight: Job | None = None
+        runner, want = engine.runner, engine.config.device_rows
+        if want is None:
+            want = engine.device.type == "cuda"
+        if want and reads_device_ids(runner.rows):
+            runner.device_rows = DeviceRows(runner.ngram, engine.device)
 
     def close(self) -> None:
         self.queue.close()
@@ -121,6 +172,8 @@ class Overlap:
         outputs: list[SeqOutput] = []
         try:
             got = job.future.result()
+            if type(got) is StepTokens:
+                got = got.read()
         except Exception as ex:  # the shared forward pass failed: the step's sequences fail
             for seq in job.seqs:
                 seq.inflight -= 1
@@ -147,13 +200,52 @@ class Overlap:
                 got = prev.future.result()  # done: the worker ran it just before this one
             except Exception:
                 got = None
-        tokens = np.fromiter((_token(got, k) for k in job.src), np.int64, len(job.src))
-        for row, k in job.penalised:
-            job.rows[row].output_ids.append(_token(got, k))
+        dev = e.runner.device_rows
+        if (
+            type(got) is StepTokens
+            and job.src
+            and not job.penalised
+            and not prep.graph
+            and prep.groups is None
+        ):  # step N's tokens stay where they are: N+1 is issued before the host reads them
+            tokens = got.tokens[to_device(job.src, got.tokens.device, torch.long)]
+        else:
+            if type(got) is StepTokens and (job.src or job.penalised):  # needed here: read
+                try:
+                    got = got.read()
+                except Exception:
+                    got = None
+            tokens = np.fromiter((_token(got, k) for k in job.src), np.int64, len(job.src))
+            for row, k in job.penalised:
+                job.rows[row].output_ids.append(_token(got, k))
         logits = prep.run(tokens)
         e.stats.step_logits(logits)
         if not job.rows:  # prompt chunks only: nothing to sample
             return []
         if job.at is not None:
             logits = logits[to_device(job.at, logits.device, torch.long)]
-        return e.sample_rows(logits, job.rows)
+        if dev is None:
+            return e.sample_rows(logits, job.rows)
+        return self._sample_on_device(logits, job.rows)
+
+    def _sample_on_device(self, logits: torch.Tensor, rows: list[SampleRow]):
+        """The step's tokens left on the device (:class:`StepTokens`); if the batched sampler
+        raises, generators are rewound and the engine's own fallback samples row by row."""
+        states = [
+            None if r.params.greedy or r.params.seed is None else r.generator.get_state()
+            for r in rows
+        ]
+        try:
+            tokens = draw(logits, rows)
+            want = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+            ks = [rows[i].params.logprobs for i in want]
+            packed = None
+            if want:
+                at = to_device(want, logits.device)
+                packed = logprobs_of(logits[at], tokens[at], max(ks))
+            return StepTokens(tokens, packed, want, ks)
+        except Exception:
+            for r, st in zip(rows, states):
+                if st is not None:
+                    r.generator.set_state(st)
+            return self.engine.sample_rows(logits, rows)

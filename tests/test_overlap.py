@@ -36,7 +36,9 @@ def _requests(seed: int, n: int):
     return out
 
 
-def _run(built, overlap: bool, reqs, kv_blocks=0, max_seqs=6, join_at=None, abort=None):
+def _run(
+    built, overlap: bool, reqs, kv_blocks=0, max_seqs=6, join_at=None, abort=None, device_rows=None
+):
     """Every request's streamed (token ids, text) and finish reason. ``join_at``: requests
     from this index on are added once the first has streamed 3 tokens; ``abort``: request
     index -> abort it once it has streamed this many tokens."""
@@ -47,6 +49,7 @@ def _run(built, overlap: bool, reqs, kv_blocks=0, max_seqs=6, join_at=None, abor
         max_num_batched_tokens=48,
         kv_blocks=kv_blocks,
         no_overlap=not overlap,
+        device_rows=device_rows,
     )
     e = Engine(model, cfg, tokenizer=tok)
     first = len(reqs) if join_at is None else join_at
