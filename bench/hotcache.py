@@ -128,9 +128,10 @@ def run_job(om: OffloadedModel, rows, prompts: list[list[int]], args) -> dict:
     }
 
 
-def refresh_cost(held: int, window: int, replace: int, repeats: int = 7) -> dict:
-    """µs per adaptive refresh of a cache holding ``held`` rows (a float32 table of 2 x held
-    rows of 4 values) after a window of ``window`` hits and as many misses."""
+def timed_refreshes(held: int, window: int, replace: int, repeats: int) -> tuple[HotCache, list]:
+    """An adaptive cache holding ``held`` rows (a float32 table of 2 x held rows of 4 values)
+    refreshed ``repeats`` times, each after a window of ``window`` hits and as many misses;
+    the cache and the µs of each refresh."""
     store = TableStore.allocate({0: (2 * held, 4)}, torch.float32, "cpu", "cpu")
     cache = HotCache(store[0], held, "cpu", np.arange(held), True, max_replace=replace)
     rng = np.random.default_rng(0)
@@ -141,6 +142,12 @@ def refresh_cost(held: int, window: int, replace: int, repeats: int = 7) -> dict
         t0 = time.perf_counter()
         cache.refresh()
         us.append(1e6 * (time.perf_counter() - t0))
+    return cache, us
+
+
+def refresh_cost(held: int, window: int, replace: int, repeats: int = 7) -> dict:
+    """µs per adaptive refresh (:func:`timed_refreshes`)."""
+    _, us = timed_refreshes(held, window, replace, repeats)
     return {"held_rows": held, "window": window, "max_replace": replace, "us": summarize(us)}
 
 

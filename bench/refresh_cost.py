@@ -17,27 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from offload.hot_cache import HotCache
-from offload.store import TableStore
-
+from .hotcache import timed_refreshes
 from .provenance import environment
 from .stats import summarize
 
 
 def cost(held: int, window: int, replace: int, refreshes: int) -> dict:
-    store = TableStore.allocate({0: (2 * held, 4)}, torch.float32, "cpu", "cpu")
-    cache = HotCache(store[0], held, "cpu", np.arange(held), True, max_replace=replace)
-    rng = np.random.default_rng(0)
-    us = []
-    for _ in range(refreshes):
-        cache._hits.append(rng.integers(0, held, window))
-        cache._misses.append(rng.integers(held, 2 * held, window))
-        t0 = time.perf_counter()
-        cache.refresh()
-        us.append(1e6 * (time.perf_counter() - t0))
+    cache, us = timed_refreshes(held, window, replace, refreshes)
     out = {"held_rows": held, "us_per_refresh": summarize(us), "replaced": cache.stats.replaced}
     m = cache.mapping
     if hasattr(m, "items"):  # the compaction step, timed on its own
