@@ -44,20 +44,24 @@ def graph_steps(monkeypatch):
     return got
 
 
-def _short(reqs, max_tokens=10, plain=False, vocab=512):
-    """Requests in the tiny checkpoint's vocabulary, cut to ``max_tokens`` (the interpreter
-    is slow); ``plain``: no penalties (a penalised row reads its token on the host first)."""
-    for _, p in reqs:
-        p.max_tokens = min(p.max_tokens, max_tokens)
-        if plain:
-            p.presence_penalty, p.repetition_penalty = 0.0, 1.0
-    return [([1 + t % (vocab - 1) for t in prompt], p) for prompt, p in reqs]
+def _workload(seed: int, n: int) -> list:
+    """``n`` short requests in the tiny checkpoint's vocabulary (the interpreter is slow):
+    greedy, seeded, top-p; every other one with logprobs, or with stop strings the tiny model
+    writes early on; penalised ones end first (their steps read the tokens on the host), so
+    the steps after take them on the device."""
+    reqs = []
+    for i, (prompt, p) in enumerate(_requests(seed, n)):
+        p.max_tokens = 3 if p.presence_penalty or p.repetition_penalty != 1.0 else 8
+        p.logprobs = 2 if i % 2 == 0 else None
+        p.stop = ["1", "e"] if i % 2 else []
+        reqs.append(([1 + t % 511 for t in prompt[:12]], p))
+    return reqs
 
 
 def test_rows_bit_identical_to_the_host_hashed_graph_path(built, graph_steps):
     model, tok = built
     (ta, ra, on), (tb, rb, off) = rows_with_and_without(
-        model, tok, "cpu", num_seqs=5, max_tokens=7, **GRAPHS
+        model, tok, "cpu", num_seqs=3, max_tokens=7, max_num_seqs=4, **GRAPHS
     )
     assert on and not off and ta == tb and len(ra) == len(rb) > 5
     for a, b in zip(ra, rb):  # step by step, every layer
@@ -65,36 +69,25 @@ def test_rows_bit_identical_to_the_host_hashed_graph_path(built, graph_steps):
         for lid in a:
             assert torch.equal(a[lid], b[lid])
     # the first run's decode steps took the tokens on the device, the second's the host's;
-    # 5 sequences in a bucket of 8: three padding rows
-    assert len(graph_steps["device"]) >= 5 and set(graph_steps["device"]) == {8}
+    # 3 sequences in a bucket of 4: a padding row
+    assert len(graph_steps["device"]) >= 5 and set(graph_steps["device"]) == {4}
     assert len(graph_steps["host"]) >= len(graph_steps["device"])
 
 
-def test_tokens_text_and_stops_identical_with_penalties_and_logprobs(built, graph_steps):
-    reqs = _short(_requests(0, 5), 8)  # greedy, seeded, top-p, penalties
-    for i, (_, p) in enumerate(reqs):
-        p.logprobs = 2 if i % 2 == 0 else None
-        p.stop = ["1", "e"] if i % 2 else []  # strings the tiny model writes early on
-        if p.presence_penalty or p.repetition_penalty != 1.0:  # they end first: then the
-            p.max_tokens = 3  # steps take the tokens on the device
-    a = _run(built, False, reqs, max_seqs=4, **GRAPHS)
-    host_only = len(graph_steps["host"])
-    b = _run(built, True, reqs, max_seqs=4, device_rows=True, **GRAPHS)
-    assert a[:3] == b[:3]
-    assert "stop" in a[2].values() and "length" in a[2].values()
-    # penalised rows' steps read the tokens on the host first; the others stay on the device
-    assert graph_steps["device"] and len(graph_steps["host"]) > host_only
-
-
-def test_preemption_aborts_late_joiners_and_bucket_changes(built, graph_steps):
-    reqs = _short(_requests(2, 6), 12, plain=True)
-    for _, p in reqs[:2]:  # the first stream long enough for the late joiners to come
-        p.max_tokens, p.stop = 12, []
-    abort = {1: 4, 4: 2}
-    kw = dict(max_seqs=4, kv_blocks=6, join_at=2, abort=abort, **GRAPHS)
+def test_tokens_text_stops_identical_to_steps_in_series(built, graph_steps):
+    """With penalties, logprobs and stop strings in the mix, preemption (a small KV pool),
+    aborts and late joiners (the batch changes buckets)."""
+    reqs = _workload(0, 6)
+    for _, p in reqs[:2]:  # they stream long enough for the late joiners to come
+        p.max_tokens, p.stop = 8, []
+    abort = {1: 3, 4: 2}
+    kw = dict(max_seqs=4, kv_blocks=8, block_size=4, join_at=2, abort=abort, **GRAPHS)
     a = _run(built, False, reqs, **kw)
+    host_only = len(graph_steps["host"])
     b = _run(built, True, reqs, device_rows=True, **kw)
-    assert a[3] > 0 and b[3] > 0  # sequences were preempted and recomputed
-    assert a[2][1] == "abort" and a[2][4] == "abort"
     assert a[:3] == b[:3]
-    assert len(set(graph_steps["device"])) > 1  # device-side steps in more than one bucket
+    assert {"stop", "length", "abort"} <= set(a[2].values())
+    assert a[2][1] == "abort" and a[2][4] == "abort"
+    assert a[3] > 0 and b[3] > 0  # sequences were preempted and recomputed
+    # device-side steps in more than one bucket; penalised rows' steps planned on the host
+    assert len(set(graph_steps["device"])) > 1 and len(graph_steps["host"]) > host_only
