@@ -3,7 +3,8 @@ Engram layers.
 
 A decode step (one new token per sequence) is padded to the next bucket (1, 2, 4, ... up to
 max_num_seqs). Its inputs land, with one copy, in the bucket's fixed device buffer; the
-graphs read them there. The forward pass is cut into pieces at the Engram layers:
+graphs read them there (with overlap, step N's tokens are written in after that copy, on the
+device: :mod:`engine.graph_inputs`). The forward pass is cut into pieces at the Engram layers:
 
     piece 0:  embedding, layers [0, e1)
     piece k:  layers [e_k, e_k+1)        (layer e_k starts with its Engram module)
