@@ -3,7 +3,8 @@ Engram layers.
 
 A decode step (one new token per sequence) is padded to the next bucket (1, 2, 4, ... up to
 max_num_seqs). Its inputs land, with one copy, in the bucket's fixed device buffer; the
-graphs read them there. The forward pass is cut into pieces at the Engram layers:
+graphs read them there (with overlap, step N's tokens are written in after that copy, on the
+device: :mod:`engine.graph_inputs`). The forward pass is cut into pieces at the Engram layers:
 
     piece 0:  embedding, layers [0, e1)
     piece k:  layers [e_k, e_k+1)        (layer e_k starts with its Engram module)
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from models.engram import ConvStep
 from models.llama import EngramForCausalLM
 from offload.plan import LookupPlan
-from offload.prefetch import Prefetcher
+from offload.prefetch import PendingRows, Prefetcher
 
 from . import paged_attention
 from .attention import write_kv
@@ -123,8 +124,11 @@ class DecodeGraphs:
         self.rows = {lid: torch.zeros(shape, dtype=dtype, device=dev) for lid in self.engram}
         # room for the dynamic tail of an upload: per layer up to four int64 index arrays of at
         # most one entry per (token, head), each 16-byte aligned (fetch, and inverse or
-        # positions; behind a hot-row cache also hot_slots and hot_order, offload/hot_rows.py)
-        self.index_bytes = len(self.engram) * 4 * aligned(8 * top * mc.engram_total_heads)
+        # positions; behind a hot-row cache also hot_slots and hot_order, offload/hot_rows.py);
+        # with step N's tokens on the device, per layer the host-known rows and partials, and
+        # the placeholders' positions (engine/graph_inputs.py)
+        per_layer = 4 * aligned(8 * top * mc.engram_total_heads)
+        self.index_bytes = len(self.engram) * per_layer + aligned(8 * top)
         self.buckets = {b: self._bucket(b) for b in self.buckets_sizes}
         self.pool = None
         self.steps = 0  # decode steps served from the static buffers
@@ -262,15 +266,23 @@ class DecodeGraphs:
         self, n: int, parts: dict[str, np.ndarray], plan: LookupPlan, prefetcher: Prefetcher
     ) -> torch.Tensor:
         """The device side: one upload into the bucket's buffer, the gathers, the graphs."""
-        bucket = self.buckets[self.bucket_for(n)]
         row_index = plan.host_arrays()
-        views = self.uploader.upload(
-            {**parts, **{f"row_{k}": v for k, v in row_index.items()}}, into=bucket.buffer
-        )
+        bucket, views = self.upload(n, {**parts, **{f"row_{k}": v for k, v in row_index.items()}})
+        index = {k: views[f"row_{k}"] for k in row_index}
+        return self.replay(bucket, n, prefetcher.start(plan, index, self.uploader.last_copy))
+
+    def upload(self, n: int, arrays: dict[str, np.ndarray]) -> tuple[_Bucket, dict]:
+        """A step's arrays (its static inputs first) in one upload into its bucket's buffer;
+        the bucket and the arrays' device views."""
+        bucket = self.buckets[self.bucket_for(n)]
+        views = self.uploader.upload(arrays, into=bucket.buffer)
         if views["block_tables"].data_ptr() != bucket.views["block_tables"].data_ptr():
             raise RuntimeError("decode inputs did not land at the graphs' addresses")
-        index = {k: views[f"row_{k}"] for k in row_index}
-        pending = prefetcher.start(plan, index, self.uploader.last_copy)
+        return bucket, views
+
+    def replay(self, bucket: _Bucket, n: int, pending: PendingRows) -> torch.Tensor:
+        """The pieces on the bucket's inputs as they lie, each layer's rows from ``pending``
+        (closed here)."""
         try:
             with torch.inference_mode():
                 for k, (start, _) in enumerate(self.pieces):

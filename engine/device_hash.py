@@ -24,7 +24,7 @@ from offload.cuda_gather import UvaGather
 from offload.plan import LayerPlan, LookupPlan
 from offload.prefetch import Prefetcher, ResidentGather
 
-from .step_rows import NgramState
+from .step_rows import NgramState, Rows
 
 
 def reads_device_ids(rows: Prefetcher) -> bool:
@@ -62,6 +62,37 @@ def device_plan(
             index[f"fetch{lid}"] = flat
             layers[lid] = DeviceLayerPlan(lid, stand, None, n, heads)
     return LookupPlan(layers), index
+
+
+def device_arrays(rows: Rows) -> dict[str, np.ndarray]:
+    """What a step whose placeholders' tokens are on the device sends in its one upload,
+    besides its inputs: the host-known rows (``rows{layer}``), the placeholders' token
+    positions (``wait``) and their partials (``partial``)."""
+    arrays = {f"rows{lid}": a for lid, a in rows.rows.items()}
+    arrays["wait"], arrays["partial"] = rows.wait, rows.partial
+    return arrays
+
+
+def fill_in(
+    dev: DeviceRows,
+    uploaded: dict[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    tokens: torch.Tensor,
+    sort: bool,
+) -> tuple[LookupPlan, dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """The device side of such a step, on the current stream: ``tokens`` (the placeholders'
+    raw ids, on the device) written into ``input_ids`` (the uploaded view) at ``wait``, their
+    rows finished into the uploaded ``rows{layer}`` in place, and the lookup plan and index
+    over them (sorted for the UVA kernel); the event the gathers wait for (None off CUDA)."""
+    wait = uploaded["wait"]
+    input_ids[wait] = tokens
+    rows = {lid: uploaded[f"rows{lid}"] for lid in dev.layers}
+    plan, index = device_plan(dev.fill(rows, wait, tokens, uploaded["partial"]), sort)
+    ready = None  # the side stream's gathers wait for the index made here
+    if tokens.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return plan, index, ready
 
 
 class DeviceRows:

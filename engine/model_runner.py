@@ -21,8 +21,9 @@ from offload.store import TableStore
 
 from .attention import PagedAttention, ReferenceAttention, pick_backend
 from .cuda_graph import DecodeGraphs
-from .device_hash import DeviceRows, device_plan
+from .device_hash import DeviceRows, device_arrays, fill_in
 from .fused import fuse_model
+from .graph_inputs import graph_step
 from .host_time import NO_TIMER, HostTimer, NoTimer
 from .inputs import StepInputs, Uploader, pack_inputs, upload_inputs
 from .kv_cache import KVCache
@@ -206,21 +207,15 @@ class ModelRunner:
         tensor there): the host-known rows, the placeholders' positions and partials go up in
         the step's one upload; their input ids, rows and the plan's index are made there."""
         self.cache.zero_conv(prep.fresh)
-        r, dev = prep.rows, self.device_rows
+        if prep.graph:
+            return graph_step(self.graphs, prep, tokens, self.device_rows, self.rows, timer)
         with timer("upload"):
-            arrays = {f"rows{lid}": a for lid, a in r.rows.items()}
-            arrays["wait"], arrays["partial"] = r.wait, r.partial
-            inp = upload_inputs(prep.parts, self.uploader, arrays)
+            inp = upload_inputs(prep.parts, self.uploader, device_arrays(prep.rows))
         with timer("plan"):
-            got, wait = inp.row_index, inp.row_index["wait"]
-            inp.input_ids[wait] = tokens
-            rows = {lid: got[f"rows{lid}"] for lid in r.rows}
-            rows = dev.fill(rows, wait, tokens, got["partial"])
-            plan, index = device_plan(rows, self.rows.name == "uva")
-            ready = None  # the side stream's gathers wait for the index made here
-            if tokens.is_cuda:
-                ready = torch.cuda.Event()
-                ready.record()
+            sort = self.rows.name == "uva"
+            plan, index, ready = fill_in(
+                self.device_rows, inp.row_index, inp.input_ids, tokens, sort
+            )
         with timer("prefetch"):
             pending = self.rows.start(plan, index, ready)
         return self._forward(inp, pending, timer)

@@ -18,9 +18,10 @@ The device side runs on :class:`engine.step_queue.StepQueue`'s worker, one job a
 With ``device_rows`` (on CUDA by default where the rows' path reads device indices: resident
 tables, the UVA kernel), a step's sampled tokens stay on the device (:class:`StepTokens`): the
 next step's placeholders take their input ids and Engram rows from them there
-(:mod:`engine.device_hash`), and a non-blocking copy brings them to pinned host memory for the
-host to read one step late. Steps that need the ids on the host (penalties, de-duplication,
-hot caches, the file tier, CUDA-graph decode, several memories) read them first, as before.
+(:mod:`engine.device_hash`; in CUDA-graph decode steps too, :mod:`engine.graph_inputs`), and
+a non-blocking copy brings them to pinned host memory for the host to read one step late.
+Steps that need the ids on the host (penalties, de-duplication, hot caches, the file tier,
+several memories) read them first, as before, eager or graph steps alike.
 """
 
 from __future__ import annotations
@@ -202,12 +203,9 @@ class Overlap:
                 got = None
         dev = e.runner.device_rows
         if (
-            type(got) is StepTokens
-            and job.src
-            and not job.penalised
-            and not prep.graph
-            and prep.groups is None
+            type(got) is StepTokens and job.src and not job.penalised and prep.groups is None
         ):  # step N's tokens stay where they are: N+1 is issued before the host reads them
+            # (an eager step or a CUDA-graph decode step alike: engine/graph_inputs.py)
             tokens = got.tokens[to_device(job.src, got.tokens.device, torch.long)]
         else:
             if type(got) is StepTokens and (job.src or job.penalised):  # needed here: read

@@ -37,11 +37,20 @@ def _requests(seed: int, n: int):
 
 
 def _run(
-    built, overlap: bool, reqs, kv_blocks=0, max_seqs=6, join_at=None, abort=None, device_rows=None
+    built,
+    overlap: bool,
+    reqs,
+    kv_blocks=0,
+    max_seqs=6,
+    join_at=None,
+    abort=None,
+    device_rows=None,
+    **config,
 ):
     """Every request's streamed (token ids, text) and finish reason. ``join_at``: requests
     from this index on are added once the first has streamed 3 tokens; ``abort``: request
-    index -> abort it once it has streamed this many tokens."""
+    index -> abort it once it has streamed this many tokens; ``config``: more engine
+    settings."""
     model, tok = built
     cfg = EngineConfig(
         device="cpu",
@@ -50,6 +59,7 @@ def _run(
         kv_blocks=kv_blocks,
         no_overlap=not overlap,
         device_rows=device_rows,
+        **config,
     )
     e = Engine(model, cfg, tokenizer=tok)
     first = len(reqs) if join_at is None else join_at

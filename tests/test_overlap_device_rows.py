@@ -123,15 +123,20 @@ def capture_rows(engine: Engine) -> list[dict]:
     return log
 
 
-def rows_with_and_without(model, tok, device: str, rows=None, device_rows=True):
-    """Tokens and each step's rows of one workload, rows hashed on the device or the host."""
+def rows_with_and_without(
+    model, tok, device: str, rows=None, device_rows=True, num_seqs=6, max_tokens=12, **config
+):
+    """Tokens and each step's rows of one workload, rows hashed on the device or the host
+    (``config``: engine settings besides eager steps and 8 sequences)."""
     out = []
     for on in (device_rows, False):
-        cfg = EngineConfig(device=device, max_num_seqs=8, enforce_eager=True, device_rows=on)
+        settings = {"max_num_seqs": 8, "enforce_eager": True, **config}
+        cfg = EngineConfig(device=device, device_rows=on, **settings)
         e = Engine(model, cfg, rows() if rows else None, tokenizer=tok)
         log = capture_rows(e)
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        seqs = [e.add(f"r{i}", [1 + i, 40 + 3 * i, 7], params)[0] for i in range(6)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        prompts = [[1 + i, 40 + 3 * i, 7] for i in range(num_seqs)]
+        seqs = [e.add(f"r{i}", p, params)[0] for i, p in enumerate(prompts)]
         e.run_until_done()
         e.close()
         out.append(([s.output_ids for s in seqs], log, e.runner.device_rows is not None))
