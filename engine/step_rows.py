@@ -60,20 +60,12 @@ class NgramState:
 
     def partial(self, history: np.ndarray) -> np.ndarray:
         """``[D, L, orders]``: partial_k of each row, from its history (oldest first). (Array
-        products wrap silently in int64, as the reference's do.) One product and one XOR per
-        order, each over ``[D, L]`` (a ufunc's accumulate over a short last axis costs more)."""
-        n1, mult = self.n1, self.mult
-        out = np.empty((history.shape[0], mult.shape[0], n1), np.int64)
-        if not n1:  # unigrams only: nothing before the token
-            return out
-        acc = out[:, :, 0]
-        np.multiply(history[:, n1 - 1, None], mult[None, :, 1], out=acc)  # t_1 * m_1
-        for k in range(1, n1):  # partial_{k+1} = partial_k ^ t_{k+1} * m_{k+1}
-            nxt = out[:, :, k]
-            np.multiply(history[:, n1 - 1 - k, None], mult[None, :, k + 1], out=nxt)
-            np.bitwise_xor(nxt, acc, out=nxt)
-            acc = nxt
-        return out
+        products wrap silently in int64, as the reference's do.) One product, then one XOR
+        per order in place (a ufunc's accumulate over the short last axis costs more)."""
+        prod = history[:, None, ::-1] * self.mult[None, :, 1:]  # t_1 * m_1, t_2 * m_2, ...
+        for k in range(1, self.n1):  # partial_{k+1} = partial_k ^ t_{k+1} * m_{k+1}
+            np.bitwise_xor(prod[:, :, k], prod[:, :, k - 1], out=prod[:, :, k])
+        return prod
 
     def finish(self, own: np.ndarray, partial: np.ndarray) -> np.ndarray:
         """``[D, L, orders * heads]`` global rows from the compressed own ids and partials."""
