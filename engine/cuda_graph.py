@@ -136,12 +136,23 @@ class DecodeGraphs:
             self._capture_all()
 
     # --- buffers -------------------------------------------------------------------------------
-    def _padded(self, size: int, seqs: list[Sequence], new_ids: list[list[int]]) -> dict:
-        """The static inputs of a step, padded to ``size`` rows (no sequences: all padding)."""
+    def _padded(
+        self,
+        size: int,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        pos: np.ndarray | None = None,
+        slots: np.ndarray | None = None,
+    ) -> dict:
+        """The static inputs of a step, padded to ``size`` rows (no sequences: all padding).
+        ``pos``, ``slots``: the sequences' cached tokens before the step and KV slots, when
+        the caller has them."""
         bs, n = self.cache.block_size, len(seqs)
-        pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-        tables = block_tables(seqs, size, self.max_blocks, self.cache)
-        slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+        if pos is None:
+            pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+        if slots is None:
+            slots = np.fromiter((s.slot for s in seqs), np.int64, n)
+        tables = block_tables(seqs, size, self.max_blocks, self.cache, slots)
         pad = lambda a, fill, dtype=np.int64: np.concatenate(
             [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]
         )
@@ -258,9 +269,16 @@ class DecodeGraphs:
         the next step)."""
         return self.run(len(seqs), self.pack(seqs, new_ids), plan, prefetcher)
 
-    def pack(self, seqs: list[Sequence], new_ids: list[list[int]]) -> dict[str, np.ndarray]:
-        """The host side of a decode step: its static inputs, padded to its bucket."""
-        return self._padded(self.bucket_for(len(seqs)), seqs, new_ids)
+    def pack(
+        self,
+        seqs: list[Sequence],
+        new_ids: list[list[int]],
+        starts: np.ndarray | None = None,
+        slots: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The host side of a decode step: its static inputs, padded to its bucket
+        (``starts``, ``slots``: as :func:`engine.inputs.pack_inputs` takes them)."""
+        return self._padded(self.bucket_for(len(seqs)), seqs, new_ids, starts, slots)
 
     def run(
         self, n: int, parts: dict[str, np.ndarray], plan: LookupPlan, prefetcher: Prefetcher

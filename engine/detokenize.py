@@ -98,7 +98,8 @@ class Detokenizer:
     def _add_plain(self, token_id: int) -> str:
         """:meth:`add` when nothing can stop the text (the same deltas, fewer steps): a token
         that is whole characters on its own, with nothing waiting before it, is one lookup
-        (``ids`` is not kept: nothing on this path reads it)."""
+        (``ids`` is not kept: nothing on this path reads it). ``Engine.append_all`` inlines
+        that first case: keep the two alike."""
         if not self._partial and not self._held:
             text = self._texts[token_id]
             if text is not None:

@@ -181,9 +181,17 @@ class Engine:
             for i in range(params.n)
         ]
         end_at = min(params.max_tokens, self.max_tokens_per_seq - len(prompt_ids))
+        same_row = not (
+            params.min_tokens
+            or params.presence_penalty
+            or params.frequency_penalty
+            or params.repetition_penalty != 1.0
+        )
         for seq in seqs:
             seq.memory = self.memories.acquire(memory)
             seq.end_at = end_at
+            seq.same_row = same_row
+            seq.plain = params.logprobs is None and (seq.detok is None or seq.detok._plain)
             self.scheduler.add(seq)
             self.stats.prompt_tokens(len(prompt_ids))
         if params.prompt_logprobs_k is not None or params.max_tokens == 0:
@@ -301,8 +309,9 @@ class Engine:
         """Append a step's sampled tokens (``got``: (token, logprobs) or an exception per
         sequence). ``late``: tokens of an overlapped step, read one step late (a sequence
         that ended meanwhile drops its token). A token that ends nothing, of a sequence past
-        its first token without logprobs or stop strings, takes a short path: a set lookup
-        for EOS, one comparison for the length, one table lookup for its text."""
+        its first token (``Sequence.plain``: no logprobs, no stop strings), takes a short
+        path: a set lookup for EOS, one comparison for the length, one table lookup for its
+        text (:meth:`Detokenizer._add_plain`'s first case, inlined)."""
         gaps: list[float] = []
         appended, append, eos, finished = 0, self._append, self._eos, Status.FINISHED
         for seq, g in zip(seqs, got):
@@ -315,16 +324,22 @@ class Engine:
                 continue
             appended += 1
             tok, lp = g
-            out_ids, detok, last = seq.output_ids, seq.detok, seq.last_token_at
+            out_ids, last = seq.output_ids, seq.last_token_at
             if (
-                lp is None
+                seq.plain
+                and lp is None
                 and last is not None
                 and len(out_ids) + 1 < seq.end_at
                 and tok not in eos
-                and (detok is None or type(detok) is Detokenizer and detok._plain)
             ):
+                detok = seq.detok
                 try:
-                    text = "" if detok is None else detok._add_plain(tok)
+                    if detok is None:
+                        text = ""
+                    elif detok._partial or detok._held or (text := detok._texts[tok]) is None:
+                        text = detok._add_plain(tok)
+                    else:  # whole characters on its own, nothing waiting before it
+                        detok._pieces.append(text)
                 except Exception as e:  # its detokenizer: this sequence alone
                     outputs.append(self._fail(seq, e))
                     continue
@@ -353,21 +368,26 @@ class Engine:
         """The sampler's rows. With a token in flight it counts as generated (EOS bans), and a
         penalised row gets its own copy of the output ids (the token is added on the device's
         side once known)."""
-        eos = self._eos
         rows = []
         for s in seqs:
-            p, out, row = s.params, s.output_ids, s.sample_row
-            if s.inflight and (
-                p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-            ):
-                out = list(out)
-            banned = p.banned_tokens(len(s.output_ids) + s.inflight, eos) if p.min_tokens else []
-            if row is None or banned or out is not s.output_ids:
-                row = SampleRow(p, out, s.generator, banned, s.prompt_ids)
-                if not banned and out is s.output_ids:  # the same every step: kept
-                    s.sample_row = row
-            rows.append(row)
+            row = s.sample_row
+            rows.append(row if s.same_row and row is not None else self.sample_input(s))
         return rows
+
+    def sample_input(self, s: Sequence) -> SampleRow:
+        """One sequence's sampler row (:meth:`sample_inputs`); kept on the sequence while it
+        stays the same (``Sequence.same_row``: always, once made)."""
+        p, out, row = s.params, s.output_ids, s.sample_row
+        if s.inflight and (
+            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+        ):
+            out = list(out)
+        banned = p.banned_tokens(len(s.output_ids) + s.inflight, self._eos) if p.min_tokens else []
+        if row is None or banned or out is not s.output_ids:
+            row = SampleRow(p, out, s.generator, banned, s.prompt_ids)
+            if not banned and out is s.output_ids:  # the same every step: kept
+                s.sample_row = row
+        return row
 
     def sample_rows(self, logits, rows: list[SampleRow], timer=NO_TIMER) -> list:
         """(token, logprobs) per row, or the exception that row raised (see _sample)."""

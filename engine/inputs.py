@@ -161,18 +161,21 @@ def pack_inputs(
     decode_shapes: dict[int, dict] | None = None,
     slots: np.ndarray | None = None,
     lengths: np.ndarray | None = None,
+    starts: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The step's host arrays (blocks must already be reserved); nothing is read from the
     sequences after this, so the step can run while the host moves on. ``decode_shapes``:
     a decode step's count-only arrays kept per batch size (read-only; the caller's).
-    ``slots``: the sequences' KV slots, ``lengths``: their new tokens' counts, when the caller
-    has them."""
+    ``slots``: the sequences' KV slots, ``lengths``: their new tokens' counts, ``starts``: their
+    tokens cached before the step, when the caller has them (then ``num_computed`` is not read:
+    the runner advances it in the same pass that collects them)."""
     bs, n = cache.block_size, len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
     if lengths is None:
         lengths = np.fromiter(map(len, new_ids), np.int64, n)
-    starts = np.array([s.num_computed for s in seqs], np.int64)
+    if starts is None:
+        starts = np.array([s.num_computed for s in seqs], np.int64)
     total = int(lengths.sum())
     if total == n:  # a decode step: one token per sequence
         seq_of_tok, positions = np.arange(n), starts

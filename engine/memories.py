@@ -220,11 +220,11 @@ class MemorySet:
         """Each memory's sequences and token rows in a step; None when every sequence reads
         the base memory (the step runs as without memories)."""
         self.step += 1
-        mems = [s.memory for s in seqs]
-        if all(m is None or m.base for m in mems):
+        if all(m is None or m.base for m in {s.memory for s in seqs}):  # the distinct ones
             self.base.last_used = self.step
             self.previous = set()
             return [] if self.base.plain else None
+        mems = [s.memory for s in seqs]
         by: dict[Memory, list[int]] = {}
         for i, m in enumerate(mems):
             by.setdefault(m or self.base, []).append(i)

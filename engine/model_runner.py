@@ -141,30 +141,36 @@ class ModelRunner:
         timer: HostTimer | NoTimer = NO_TIMER,
         known: list[bool] | None = None,
     ) -> Prepared:
-        """The host side of a step: blocks reserved, rows hashed (but for the placeholders'
-        own part), inputs packed, the sequences' cached lengths advanced."""
+        """The host side of a step: blocks reserved and the sequences' cached lengths advanced
+        (one pass; the inputs take the starts it collects), rows hashed (but for the
+        placeholders' own part), inputs packed."""
         if len(seqs) != len(new_ids) or not seqs:
             raise ValueError("a step needs one list of new ids per sequence (at least one)")
-        limit, bs = self.model.config.max_position_embeddings, self.cache.block_size
+        cache = self.cache
+        limit, bs = self.model.config.max_position_embeddings, cache.block_size
+        # one pass: checks, blocks, the starts and slots, the advance (a step that raises here
+        # fails as a whole: the engine finishes every sequence of it)
         with timer("reserve"):
-            need = []
+            starts, at = [], []
             for seq, ids in zip(seqs, new_ids):
-                k = len(ids)
-                if not k:
+                if not ids:
                     raise ValueError("every sequence in a step needs at least one new token")
-                end = seq.num_computed + k
+                done = seq.num_computed
+                end = done + len(ids)
                 if end > limit:
                     raise ValueError(
                         f"sequence would reach {end} tokens, over max_position_embeddings {limit}"
                     )
-                if end > len(seq.block_table) * bs:  # a new block
-                    need.append((seq, k))
-            for seq, k in need:
-                self.cache.reserve(seq, k)
+                if end > len(seq.block_table) * bs:  # a new block (reserve reads num_computed)
+                    cache.reserve(seq, end - done)
+                starts.append(done)
+                at.append(seq.slot)
+                seq.num_computed = end
+            starts = np.array(starts, np.int64)
+            slots = np.array(at, np.int64)
         with timer("hash"):
-            fresh = self.cache.take_fresh()
+            fresh = cache.take_fresh()
             self.ngram.reset(fresh)
-            slots = np.array([s.slot for s in seqs], np.int64)
             lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
             rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths)
             layers = self.model.config.engram_layer_ids
@@ -172,14 +178,11 @@ class ModelRunner:
         graph = groups is None and self.graphs is not None and self.graphs.fits(new_ids, all_logits)
         with timer("pack"):
             if graph:
-                parts = self.graphs.pack(seqs, new_ids)
+                parts = self.graphs.pack(seqs, new_ids, starts, slots)
             else:
                 parts = pack_inputs(
-                    seqs, new_ids, self.cache, all_logits, self._decode_shapes, slots, lengths
+                    seqs, new_ids, cache, all_logits, self._decode_shapes, slots, lengths, starts
                 )
-        with timer("advance"):
-            for seq, ids in zip(seqs, new_ids):
-                seq.num_computed += len(ids)
         return Prepared(self, len(seqs), rows, fresh, parts, graph, groups)
 
     def execute(self, prep: Prepared, tokens: np.ndarray, timer=NO_TIMER) -> torch.Tensor:

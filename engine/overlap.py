@@ -40,7 +40,7 @@ from .host_time import NO_TIMER
 from .inputs import to_device
 from .sampling import SampleRow, draw, logprobs_of, unpack_logprobs
 from .scheduler import ScheduledStep
-from .sequence import PLACEHOLDER, Sequence
+from .sequence import PLACEHOLDER_IDS, Sequence
 from .step_queue import Pending, StepQueue
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Overlap:
     def _submit(self, step: ScheduledStep, failed: list, timer) -> Job | None:
         e, prev = self.engine, self.inflight
         n = len(step.seqs)
-        known = [ids[0] != PLACEHOLDER for ids in step.new_ids]
+        known = [ids is not PLACEHOLDER_IDS for ids in step.new_ids]  # the scheduler's one list
         src = [s.inflight_row for s, k in zip(step.seqs, known) if not k]
         try:
             prep = e.runner.step(step.seqs, step.new_ids, False, timer, known, later=True)
@@ -155,12 +155,16 @@ class Overlap:
         wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
         with timer("sample"):
             at = [i for i in range(n) if step.samples[i]]
-            seqs = [step.seqs[i] for i in at]
-            rows = e.sample_inputs(seqs)
+            seqs = step.seqs if len(at) == n else [step.seqs[i] for i in at]
+            rows = []
             penalised = []  # (row, its token's row in the step before) to extend
-            for k, (s, r) in enumerate(zip(seqs, rows)):
-                if r.output_ids is not s.output_ids:
-                    penalised.append((k, s.inflight_row))
+            for k, s in enumerate(seqs):  # Engine.sample_inputs, in the same pass
+                r = s.sample_row
+                if not s.same_row or r is None:
+                    r = e.sample_input(s)
+                    if r.output_ids is not s.output_ids:
+                        penalised.append((k, s.inflight_row))
+                rows.append(r)
                 s.inflight, s.inflight_row = s.inflight + 1, k
         job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
         job.future = self.queue.submit(self._device, job, prep, prev)

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .kv_cache import KVCache
-from .sequence import PLACEHOLDER, Sequence, Status
+from .sequence import PLACEHOLDER_IDS, Sequence, Status
 
 
 @dataclass
@@ -114,10 +114,10 @@ class Scheduler:
                         free_blocks -= 1
                     budget -= 1
                     seqs.append(seq)
-                    new_ids.append([PLACEHOLDER])
+                    new_ids.append(PLACEHOLDER_IDS)
                     samples.append(True)
                     continue
-                pending, n = [PLACEHOLDER], 1
+                pending, n = PLACEHOLDER_IDS, 1
             else:
                 pending = seq.pending_ids()
                 n = min(len(pending), budget)
@@ -135,7 +135,8 @@ class Scheduler:
             free_blocks -= need
             budget -= n
             seqs.append(seq)
-            new_ids.append(pending[:n])
+            # pending_ids gives a new list (or PLACEHOLDER_IDS, kept as itself): not copied again
+            new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
 
         # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
@@ -164,7 +165,7 @@ class Scheduler:
             free_blocks -= need
             budget -= n
             seqs.append(seq)
-            new_ids.append(pending[:n])
+            new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
 
         if not seqs:

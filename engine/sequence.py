@@ -17,6 +17,9 @@ from .detokenize import Detokenizer
 from .sampling import SamplingParams, TokenLogprobs
 
 PLACEHOLDER = -1  # a new token's id while it is still on the device (overlap)
+# a step's new ids for a sequence fed its in-flight token: one shared list, never mutated
+# (the scheduler hands out this object; ``ids is PLACEHOLDER_IDS`` tells it apart)
+PLACEHOLDER_IDS = [PLACEHOLDER]
 
 
 class Status(enum.Enum):
@@ -52,6 +55,12 @@ class Sequence:
     # output tokens at which it ends by length (max_tokens or the context limit), set when
     # the engine queues it; 0: not known, every token takes the engine's full path
     end_at: int = 0
+    # worked out once when the engine queues it, so the per-step loops test one attribute:
+    # ``plain``: no logprobs asked for and its detokenizer (if any) on its plain path (no
+    # stop strings, byte-level): a token that ends nothing is a lookup for its text;
+    # ``same_row``: no penalties, no min_tokens: its sampler row never changes
+    plain: bool = False
+    same_row: bool = False
     # timings (monotonic seconds)
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -66,7 +75,7 @@ class Sequence:
         copying the whole context (this runs for every sequence every step)."""
         done, prompt = self.num_computed, self.prompt_ids
         if self.inflight:  # the token is still on the device: a placeholder in its place
-            return [PLACEHOLDER]
+            return PLACEHOLDER_IDS
         if done >= len(prompt):
             return self.output_ids[done - len(prompt) :]
         return prompt[done:] + self.output_ids

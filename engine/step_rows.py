@@ -60,9 +60,12 @@ class NgramState:
 
     def partial(self, history: np.ndarray) -> np.ndarray:
         """``[D, L, orders]``: partial_k of each row, from its history (oldest first). (Array
-        products wrap silently in int64, as the reference's do.)"""
+        products wrap silently in int64, as the reference's do.) One product, then one XOR
+        per order in place (a ufunc's accumulate over the short last axis costs more)."""
         prod = history[:, None, ::-1] * self.mult[None, :, 1:]  # t_1 * m_1, t_2 * m_2, ...
-        return np.bitwise_xor.accumulate(prod, axis=2)
+        for k in range(1, self.n1):  # partial_{k+1} = partial_k ^ t_{k+1} * m_{k+1}
+            np.bitwise_xor(prod[:, :, k], prod[:, :, k - 1], out=prod[:, :, k])
+        return prod
 
     def finish(self, own: np.ndarray, partial: np.ndarray) -> np.ndarray:
         """``[D, L, orders * heads]`` global rows from the compressed own ids and partials."""

@@ -45,12 +45,14 @@ def _run(
     join_at=None,
     abort=None,
     device_rows=None,
+    full_paths=False,
     **config,
 ):
     """Every request's streamed (token ids, text) and finish reason. ``join_at``: requests
     from this index on are added once the first has streamed 3 tokens; ``abort``: request
     index -> abort it once it has streamed this many tokens; ``config``: more engine
-    settings."""
+    settings; ``full_paths``: every sequence takes the engine's full append and sampler-row
+    paths (the flags Engine.add works out cleared)."""
     model, tok = built
     cfg = EngineConfig(
         device="cpu",
@@ -62,8 +64,17 @@ def _run(
         **config,
     )
     e = Engine(model, cfg, tokenizer=tok)
+    add = e.add
+    if full_paths:
+
+        def add(*args):
+            got = e.add(*args)
+            for s in got:
+                s.plain = s.same_row = False
+            return got
+
     first = len(reqs) if join_at is None else join_at
-    seqs = [e.add(f"r{i}", p, sp)[0] for i, (p, sp) in enumerate(reqs[:first])]
+    seqs = [add(f"r{i}", p, sp)[0] for i, (p, sp) in enumerate(reqs[:first])]
     streamed = {i: [] for i in range(len(reqs))}
     text = {i: "" for i in range(len(reqs))}
     reason = {}
@@ -74,7 +85,7 @@ def _run(
     while e.has_work or len(seqs) < len(reqs):
         if len(seqs) < len(reqs) and len(streamed[0]) >= 3:
             for i in range(len(seqs), len(reqs)):
-                seqs.append(e.add(f"r{i}", *reqs[i])[0])
+                seqs.append(add(f"r{i}", *reqs[i])[0])
                 index[seqs[-1]] = i
         for out in e.step():
             i = index[out.seq]
@@ -138,3 +149,24 @@ def test_no_overlap_is_an_engine_setting(built):
     model, tok = built
     assert Engine(model, EngineConfig(device="cpu"), tokenizer=tok).overlap is not None
     assert Engine(model, EngineConfig(device="cpu", no_overlap=True)).overlap is None
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_short_paths_give_what_the_full_paths_give(built, overlap):
+    # plain sequences (no stop strings, no logprobs; some sampled at a high temperature, whose
+    # tokens are more often pieces of a character) and ones with stop strings, penalties or
+    # min_tokens; late joiners and an abort
+    reqs = _requests(4, 10)
+    for i, (_, p) in enumerate(reqs):
+        p.max_tokens = 24
+        if i % 3 == 0:
+            p.temperature, p.stop = 2.0, []
+    probe = Engine(built[0], EngineConfig(device="cpu", no_overlap=True), tokenizer=built[1])
+    flags = [s for i, (pr, sp) in enumerate(reqs) for s in probe.add(f"f{i}", pr, sp)]
+    assert any(s.plain and s.same_row for s in flags)  # the short paths are taken
+    assert any(not s.plain for s in flags) and any(not s.same_row for s in flags)
+    abort = {2: 5}
+    short = _run(built, overlap, reqs, join_at=4, abort=abort)
+    full = _run(built, overlap, reqs, join_at=4, abort=abort, full_paths=True)
+    assert short[:3] == full[:3]
+    assert "length" in short[2].values() and "abort" in short[2].values()

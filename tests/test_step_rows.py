@@ -57,3 +57,19 @@ def test_fresh_slot_starts_from_pad(model):
     b = state.step(np.array([0]), ids, [True]).finish(np.empty(0))
     for lid in state.layers:
         assert np.array_equal(a[lid], b[lid])
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_partial_equals_the_accumulated_products(model, rows):
+    """One XOR per order gives what XOR-accumulating the whole product gives, int64 wrap
+    included (ids near the int64 bound overflow their products)."""
+    state = NgramState(model, 2)
+    rng = np.random.default_rng(rows)
+    history = rng.integers(0, model.config.engram_compressed_vocab_size, (rows, state.n1))
+    history[0] = np.iinfo(np.int64).max // 3  # products far past the int64 bound
+    prod = history[:, None, ::-1] * state.mult[None, :, 1:]
+    want = np.bitwise_xor.accumulate(prod, axis=2)
+    got = state.partial(history)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    assert np.array_equal(got, want)
+    assert (prod[0] < 0).any()  # the test does reach the wrap
