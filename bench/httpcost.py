@@ -4,11 +4,15 @@ The same workload (C prompts, greedy, ``--max-tokens`` each, EOS ignored) runs t
 interleaved rounds: on an :class:`engine.engine.Engine` in this process (the engine's direct
 throughput), and through a real ``engram-serve`` process on a loopback port with C
 concurrent streaming clients (httpx's async client, all on one asyncio loop in this process,
-so the clients' CPU is counted apart and stays small). Per round: tokens per second, and CPU
-seconds per token (this process for the direct run; the server process, from /proc, for the
-HTTP run: the engine's work plus the API's). The HTTP layer's share is
-``1 - http tok/s / direct tok/s``; its CPU per token is the difference of the two (also as a
-share of the engine's own, the primary figure on a machine whose cores the clients share).
+so the clients' CPU is counted apart and stays small; a new connection per request unless
+``--keep-alive``). Both run the same engine: the
+direct one is built from the server's own flags (``--serve-args`` and the ones this bench
+passes) by the loader the server uses (``server/startup.py``): same tiers, gather path,
+threads and limits. Per round: tokens per second, and CPU seconds per token (this process
+for the direct run; the server process and any it started, from /proc, for the HTTP run: the
+engine's work plus the API's). The HTTP layer's share is ``1 - http tok/s / direct tok/s``;
+its CPU per token is the difference of the two (also as a share of the engine's own, the
+primary figure on a machine whose cores the clients share).
 
 Results: ``httpcost.json`` with every round and the command.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import os
 import shlex
@@ -30,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
-from models.checkpoint import load_checkpoint
+from models.config import cap_context
 
 from .provenance import environment
 from .stats import summarize
@@ -49,14 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--serve-args",
+        default="",
+        help='more engram-serve flags, one string (e.g. "--placement cpu --dedup"); the '
+        "direct engine is built from the same flags",
+    )
+    ap.add_argument(
+        "--keep-alive",
+        action="store_true",
+        help="each client keeps its connection between requests (default: a new connection "
+        "per request, as the committed runs made them)",
+    )
     ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-cpu-http)")
     return ap
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and every process under it, the exited ones
+    it has waited for included (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:  # it exited in between
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        for t in tasks:
+            try:
+                todo += [int(c) for c in (t / "children").read_text().split()]
+            except OSError:
+                pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -85,35 +115,72 @@ async def _stream(client, url: str, model: str, prompt: list[int], max_tokens: i
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    used = 0
+    tail = b""  # the stream's last bytes: its usage event (read whole, parsed once)
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and "completion_tokens" in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    used = usage["completion_tokens"]
-    return used
+        async for chunk in r.aiter_raw():
+            tail = (tail + chunk)[-4096:]
+    for event in reversed(tail.split(b"\n\n")):
+        if event.startswith(b"data: {") and b'"usage"' in event:
+            return json.loads(event[6:])["usage"]["completion_tokens"]
+    raise RuntimeError("a stream ended without its usage event")
 
 
-def http_round(url: str, pid: int, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Every prompt streamed at once from one asyncio loop in this process (one thread: the
-    clients' CPU is this process's, counted apart from the server's)."""
-    import httpx
+class Clients:
+    """C streaming clients on one asyncio loop in this process (one thread: the clients' CPU
+    is this process's, counted apart from the server's). They keep their connections between
+    rounds unless ``new_connections`` (then every request connects anew)."""
 
-    async def go() -> dict:
-        limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=0)
-        async with httpx.AsyncClient(limits=limits, timeout=600) as client:
-            model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
-            c0, p0, t0 = _cpu_s(pid), time.process_time(), time.perf_counter()
+    def __init__(self, url: str, pid: int, clients: int, new_connections: bool) -> None:
+        import httpx
+
+        self.url, self.pid = url, pid
+        self.loop = asyncio.new_event_loop()
+        keep = 0 if new_connections else clients
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=keep)
+        self.client = httpx.AsyncClient(limits=limits, timeout=600)
+        models = self.loop.run_until_complete(self.client.get(url + "/v1/models"))
+        self.model = models.json()["data"][0]["id"]
+
+    def round(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        async def go() -> dict:
+            c0, p0, t0 = _cpu_s(self.pid), time.process_time(), time.perf_counter()
             got = await asyncio.gather(
-                *(_stream(client, url, model, p, max_tokens) for p in prompts)
+                *(_stream(self.client, self.url, self.model, p, max_tokens) for p in prompts)
             )
             wall = time.perf_counter() - t0
-            cpu, client_cpu = _cpu_s(pid) - c0, time.process_time() - p0
-        return {"tokens": sum(got), "wall_s": wall, "cpu_s": cpu, "client_cpu_s": client_cpu}
+            cpu, client_cpu = _cpu_s(self.pid) - c0, time.process_time() - p0
+            return {"tokens": sum(got), "wall_s": wall, "cpu_s": cpu, "client_cpu_s": client_cpu}
 
-    return asyncio.run(go())
+        return self.loop.run_until_complete(go())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+
+
+def serve_argv(args) -> list[str]:
+    """The server's flags that decide its engine (the direct engine is built from these)."""
+    return [
+        "--max-num-seqs",
+        str(args.clients),
+        "--cpu-threads",
+        str(args.threads),
+        *shlex.split(args.serve_args),
+    ]
+
+
+def direct_engine(args) -> Engine:
+    """The engine the server runs, from the server's own flags and loader, in this process."""
+    from server.cli import parse_args, to_config  # the server's parser: its defaults, its checks
+    from server.startup import load_offload
+
+    e = to_config(parse_args(serve_argv(args))).engine
+    offload = load_offload(e)
+    cap_context(offload.model.config, e.max_model_len)
+    engine = Engine(offload.model, e, offload.prefetcher, offload.tokenizer)
+    engine.offload = offload  # closed with the engine, in run()
+    return engine
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -126,12 +193,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         "server.launch",
         "--port",
         str(port),
-        "--max-num-seqs",
-        str(args.clients),
-        "--cpu-threads",
-        str(args.threads),
         "--log-level",
         "warning",
+        *serve_argv(args),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -150,32 +214,38 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads)
-    model, tok = load_checkpoint()
+    torch.set_num_threads(args.threads)  # as the server sets it from --cpu-threads
+    engine = direct_engine(args)
+    gc.collect()  # as the server's engine thread starts: what is built so far is frozen
+    gc.freeze()
     rng = np.random.default_rng(args.seed)
-    vocab = model.config.vocab_size
+    vocab = engine.model.config.vocab_size
     prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(args.clients)]
-    cfg = EngineConfig(device="cpu", max_num_seqs=args.clients)
-    engine = Engine(model, cfg, tokenizer=tok)
     proc, url = start_server(args)
     rounds = {"direct": [], "http": []}
+    clients = None
     try:
+        clients = Clients(url, proc.pid, args.clients, not args.keep_alive)
         direct_round(engine, prompts, 4)  # warm-up, both ways
-        http_round(url, proc.pid, prompts, 4)
+        clients.round(prompts, 4)
         for r in range(args.repeats):
             ways = ["direct", "http"] if r % 2 == 0 else ["http", "direct"]
             for way in ways:
                 if way == "direct":
                     got = direct_round(engine, prompts, args.max_tokens)
                 else:
-                    got = http_round(url, proc.pid, prompts, args.max_tokens)
+                    got = clients.round(prompts, args.max_tokens)
                 rounds[way].append(got)
                 rate = got["tokens"] / got["wall_s"]
                 print(f"round {r + 1}/{args.repeats} {way}: {rate:.0f} tok/s", file=sys.stderr)
     finally:
+        if clients is not None:
+            clients.close()
         proc.terminate()
         proc.wait(60)
         engine.close()
+        engine.offload.close()
+        gc.unfreeze()
     summary = {}
     for way, rs in rounds.items():
         summary[way] = {
@@ -195,6 +265,8 @@ def run(args) -> dict:
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "prompt_len": args.prompt_len,
+        "serve_args": serve_argv(args),
+        "connections": "kept per client" if args.keep_alive else "new per request",
         "environment": environment(torch.device("cpu")),
         "rounds": rounds,
         "summary": summary,

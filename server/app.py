@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +27,6 @@ from models.config import ModelConfig, cap_context
 from models.hf_files import GenerationDefaults, TokenizerFiles
 from models.safetensors_header import TableFileError
 from offload.hot_cache import HotCacheError
-from offload.hot_rows import HotSettings
 from offload.link import measure_copy_bandwidth
 from offload.offloaded_model import OffloadedModel
 
@@ -59,7 +58,15 @@ from .openapi import (
     errors,
 )
 from .protocol import APIError, CompletionRequest, validation_error
-from .startup import LINK_BYTES, LoadCancelled, StartupClock, forget_steps, warm_up
+from .sse import EventStream
+from .startup import (
+    LINK_BYTES,
+    LoadCancelled,
+    StartupClock,
+    forget_steps,
+    load_offload,
+    warm_up,
+)
 from .tokenization import router as tokenization_router
 
 log = logging.getLogger("engram.server")
@@ -202,31 +209,8 @@ class ServerState:
         return self._load_offload(StartupClock(), model_dir, loaded)
 
     def _load_offload(self, clock: StartupClock, model_dir=None, loaded=None) -> OffloadedModel:
-        e = self.cfg.engine
-        return OffloadedModel.load(
-            model_dir or e.model_dir,
-            e.placement,
-            e.gather,
-            e.device,
-            e.dtype,
-            e.dedup,
-            progress=sys.stderr.isatty() and loaded is None,
-            loaded=loaded,
-            row_format=e.row_format,
-            huge_pages=e.huge_pages,
-            host_threads=e.gather_threads or None,
-            phase=clock.phase,
-            shared=e.shared(),
-            host_memory_bytes=e.host_memory_bytes,
-            file_threads=e.file_read_threads,
-            hot=HotSettings(
-                e.hot_rows,
-                e.hot_rows_file,
-                e.hot_rows_policy,
-                e.hot_rows_refresh,
-                e.hot_rows_replace,
-            ),
-        )
+        progress = sys.stderr.isatty() and loaded is None
+        return load_offload(self.cfg.engine, clock.phase, model_dir, loaded, progress)
 
     async def drain(self, timeout: float) -> None:
         """Graceful shutdown: admit nothing more (503 with Retry-After), end the queued
@@ -442,7 +426,7 @@ def create_app(
         comp.memory = memory
         comp.submit()
         if body.stream:
-            return StreamingResponse(comp.stream(), media_type="text/event-stream")
+            return EventStream(comp.stream())
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:  # the client went away: free its slot and KV memory now
             comp.abort()
@@ -467,7 +451,7 @@ def create_app(
         comp.req.check()
         comp.submit()
         if body.stream:
-            return StreamingResponse(comp.stream(), media_type="text/event-stream")
+            return EventStream(comp.stream())
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:
             comp.abort()

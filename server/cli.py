@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -186,6 +187,14 @@ def cpu_threads(requested: int) -> tuple[int, str]:
     return max(1, n - 1), f"{n} cores, one left for the HTTP loop and the row worker"
 
 
+def http_stack() -> tuple[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools (C) where installed (they are
+    dependencies; a platform without wheels falls back), else asyncio's loop and h11."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything loads: a port in use is a one-line error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -231,10 +240,14 @@ def main(argv: list[str] | None = None, latch: SignalLatch | None = None) -> int
     if cfg.engine.deterministic:  # before anything touches CUDA (see engine/determinism.py)
         set_deterministic(True)
     app = create_app(cfg)
+    loop, http = http_stack()
+    log.info("HTTP: %s event loop, %s parser", loop, http)
     config = uvicorn.Config(
         app,
         host=cfg.host,
         port=cfg.port,
+        loop=loop,
+        http=http,
         log_level=cfg.log_level,
         timeout_graceful_shutdown=10,  # after the drain: responses still being written
     )

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
@@ -38,11 +38,19 @@ class Choice:
     prompt: int  # which prompt (sub-request) and which of its sequences
     seq: int
     prompt_ids: list[int]
-    prompt_text: str
+    given_text: str | None  # the prompt as sent; None for token ids (decoded when needed)
+    decode: Callable[[list[int]], str]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt's text: echo and text offsets need it, a plain stream never does."""
+        if self.given_text is None:
+            self.given_text = self.decode(self.prompt_ids)
+        return self.given_text
 
 
 def sampling_fields(req, defaults: dict | None) -> dict:
@@ -84,7 +92,10 @@ def to_params(
     )
 
 
-def encode_prompts(engine: AsyncEngine, req: CompletionRequest) -> list[tuple[list[int], str]]:
+def encode_prompts(
+    engine: AsyncEngine, req: CompletionRequest
+) -> list[tuple[list[int], str | None]]:
+    """Each prompt's token ids and its text (None for token ids: decoded only if needed)."""
     tok, vocab = engine.tokenizer, engine.model.config.vocab_size
     out = []
     for p in req.prompts():
@@ -99,7 +110,7 @@ def encode_prompts(engine: AsyncEngine, req: CompletionRequest) -> list[tuple[li
                 raise APIError(
                     400, f"token id {bad[0]} is outside the vocab (0..{vocab - 1})", "prompt"
                 )
-            out.append((list(p), tok.decode(p)))
+            out.append((list(p), None))
     return out
 
 
@@ -155,8 +166,9 @@ class Completion:
         self.subs: list[RequestStream] = []
         self.memory: str | None = None  # the Engram memory the request's model names
         self.per_prompt = m = req.best_of or req.n  # sequences run per prompt
+        decode = engine.tokenizer.decode
         self.choices = [
-            Choice(i * m + j, i, j, ids, text)
+            Choice(i * m + j, i, j, ids, text, decode)
             for i, (ids, text) in enumerate(self.prompts)
             for j in range(m)
         ]
@@ -363,10 +375,10 @@ class Completion:
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and opts.continuous_usage_stats  # as vLLM: needs both
         echoed: set[int] = set()
-        offsets = {c.index: len(c.prompt_text) for c in self.choices}  # text_offset so far
         # the usual chunk (no echo, logprobs or per-chunk usage) from a template: the same
         # bytes as json.dumps of its body
         plain = not self.req.echo and self.req.logprobs is None and not continuous
+        offsets = {} if plain else {c.index: len(c.prompt_text) for c in self.choices}
         head = self.sse_prefix(completion_body(self.id, self.model_name, [], None, self.created))
         dumps = json.dumps
         try:

@@ -15,9 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
 from engine.engine import EngineStats
 from engine.sampling import SamplingParams
 from offload.accounting import Accountant, Totals
+from offload.hot_rows import HotSettings
+from offload.offloaded_model import OffloadedModel
 
 LINK_BYTES = 16 << 20  # enough to reach the copy's steady rate; the gauge is informational
 
@@ -74,6 +77,38 @@ class StartupClock:
         if self.before_load_s is not None:
             before = f"; before loading (interpreter, imports, flags) {self.before_load_s:.2f}s"
         return f"start-up {total:.2f}s: {parts}{before}"
+
+
+def load_offload(
+    e: EngineConfig, phase=None, model_dir=None, loaded=None, progress: bool = False
+) -> OffloadedModel:
+    """The served model's tables in the tiers and gather path ``e`` names (or an Engram
+    memory's: ``model_dir`` and its ``loaded`` model). engram-bench --http-cost loads its
+    direct engine with this too, so both sides run the same engine."""
+    return OffloadedModel.load(
+        model_dir or e.model_dir,
+        e.placement,
+        e.gather,
+        e.device,
+        e.dtype,
+        e.dedup,
+        progress=progress,
+        loaded=loaded,
+        row_format=e.row_format,
+        huge_pages=e.huge_pages,
+        host_threads=e.gather_threads or None,
+        phase=phase,
+        shared=e.shared(),
+        host_memory_bytes=e.host_memory_bytes,
+        file_threads=e.file_read_threads,
+        hot=HotSettings(
+            e.hot_rows,
+            e.hot_rows_file,
+            e.hot_rows_policy,
+            e.hot_rows_refresh,
+            e.hot_rows_replace,
+        ),
+    )
 
 
 def warm_up(engine: AsyncEngine) -> None:

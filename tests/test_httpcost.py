@@ -1,0 +1,37 @@
+"""engram-bench --http-cost's fairness pieces: the direct engine gets the server's flags, and
+the server's CPU counts the processes it started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from bench.httpcost import _cpu_s, build_parser, serve_argv
+
+
+def test_direct_engine_gets_the_servers_flags():
+    from server.cli import parse_args, to_config
+
+    args = build_parser().parse_args(
+        ["--clients", "7", "--threads", "1", "--serve-args", "--dedup --max-queue 99"]
+    )
+    e = to_config(parse_args(serve_argv(args))).engine
+    assert (e.max_num_seqs, e.dedup, e.max_queue) == (7, True, 99)
+
+
+def test_cpu_counts_child_processes():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    # a parent that only waits on a child that burns CPU: the parent's own CPU is ~0
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])",
+        ]
+    )
+    seen = 0.0
+    while parent.poll() is None:
+        seen = max(seen, _cpu_s(parent.pid))
+        time.sleep(0.05)
+    assert seen >= 0.3  # the child's burn, read while it ran
