@@ -186,10 +186,10 @@ class SlowReads:
         for fl in tier.layers.values():
             read = fl.reader.read
 
-            def slow(rows, slots, cache, read=read):
+            def slow(rows, slots, cache, announced=False, read=read):
                 self.started += 1
                 assert self.gate.wait(10)
-                return read(rows, slots, cache)
+                return read(rows, slots, cache, announced)
 
             fl.reader.read = slow
 
