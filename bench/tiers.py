@@ -64,6 +64,13 @@ from .stats import summarize
 PROG = "engram-bench --tiers"
 LINKS = ("hot_to_compute", "host_to_compute", "file_to_dram")
 STALL = "stall_ms_per_step"
+BASELINES = ("resident", "host")  # every penalty is against these: they always run
+ROW_NAMES = (
+    *BASELINES, "host + hot static", "host + hot adaptive", "file + DRAM, sync reads",
+    "file + DRAM", "file + DRAM, reads on threads", "file + DRAM, cold start",
+    "file + DRAM, cold, hash directory, CLOCK bits", "file + DRAM + hot static",
+    "file + DRAM + hot adaptive",
+)  # fmt: skip
 FILE_MS = ("file_read_ms_per_step", "file_wait_ms_per_step", "file_plan_ms_per_step")
 
 
@@ -82,8 +89,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-page-cache", action="store_true", help="do not drop the file's pages")
+    ap.add_argument(
+        "--row", action="append", default=None, metavar="NAME",
+        help="run only this row (repeatable; resident and host always run: the baselines)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-cpu-tiers)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.row and (unknown := sorted(set(args.row) - set(ROW_NAMES))):
+        ap.error(f"unknown --row {unknown}; rows: {', '.join(ROW_NAMES)}")
+    return args
 
 
 @dataclass
@@ -158,8 +172,13 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     prof = profile(hasher_for(om.model.config, om.tokenizer), om.tokenizer.compress(ids))
     cpu = torch.device("cpu")
     out: list[Row] = []
+    wanted = lambda name: not args.row or name in BASELINES or name in args.row
 
-    def add(name: str, pf, file: Path | None = None) -> None:
+    def add(name: str, make, file: Path | None = None) -> None:
+        assert name in ROW_NAMES, name  # --row's choices list every row
+        if not wanted(name):
+            return
+        pf = make()
         tally = Tally()
         pf.accountant.subscribe(tally.add)
         tier = file_tier_of(pf)
@@ -205,17 +224,17 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
         tier.check_capacity(args.num_seqs * args.prompt_len * om.model.config.engram_total_heads)
         return FileTierGather(make_prefetcher(cache, "worker", cpu, accountant=Accountant()), tier)
 
-    add("resident", make_prefetcher(om.store, "resident", cpu, accountant=Accountant()))
-    add("host", host())
-    add("host + hot static", hot(host(), "static"))
-    add("host + hot adaptive", hot(host(), "adaptive"))
-    add("file + DRAM, sync reads", file(async_reads=False), path)
-    add("file + DRAM", file(), path)
-    add("file + DRAM, reads on threads", file(lazy=False), path)
-    add("file + DRAM, cold start", file(warm=False), path)
-    add("file + DRAM, cold, hash directory, CLOCK bits", file(main=True), path)
-    add("file + DRAM + hot static", hot(file(skip_hot=True), "static"), path)
-    add("file + DRAM + hot adaptive", hot(file(), "adaptive"), path)
+    add("resident", lambda: make_prefetcher(om.store, "resident", cpu, accountant=Accountant()))
+    add("host", host)
+    add("host + hot static", lambda: hot(host(), "static"))
+    add("host + hot adaptive", lambda: hot(host(), "adaptive"))
+    add("file + DRAM, sync reads", lambda: file(async_reads=False), path)
+    add("file + DRAM", file, path)
+    add("file + DRAM, reads on threads", lambda: file(lazy=False), path)
+    add("file + DRAM, cold start", lambda: file(warm=False), path)
+    add("file + DRAM, cold, hash directory, CLOCK bits", lambda: file(main=True), path)
+    add("file + DRAM + hot static", lambda: hot(file(skip_hot=True), "static"), path)
+    add("file + DRAM + hot adaptive", lambda: hot(file(), "adaptive"), path)
     hot_rows = {lid: parse_hot_rows(args.hot_rows, t.rows) for lid, t in om.store.tables.items()}
     info = {
         "table_bytes": table_bytes,

@@ -48,6 +48,12 @@ class EngineConfig:
         "host memory for Engram tables (0: no limit); tables larger than this are served by "
         "the file tier with a DRAM cache of this size",
     )
+    file_layers: str | None = flag(
+        None,
+        "Engram layer ids whose tables stay in the checkpoint's file behind a DRAM cache of "
+        "--host-memory-bytes, comma-separated (e.g. 1,15); the others load whole into "
+        "--placement (default: every layer or none, by the tables' size)",
+    )
     file_read_threads: int = flag(
         8, "threads reading file-tier rows (parallel preadv; 8 measured best, bench.file_tier)"
     )
@@ -148,6 +154,18 @@ class EngineConfig:
     def model_dir(self) -> Path:
         return Path(self.model) if self.model else default_model_dir()
 
+    def file_layer_ids(self) -> list[int] | None:
+        """``file_layers`` as sorted layer ids (None: not set); ValueError naming the flag."""
+        if self.file_layers is None:
+            return None
+        parts = [p.strip() for p in self.file_layers.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"--file-layers {self.file_layers!r}: give Engram layer ids separated by commas, "
+                "e.g. 1,15"
+            )
+        return sorted({int(p) for p in parts})
+
     def shared(self) -> SharedTables | None:
         """Where host tables are shared on the node, or None (each engine its own copy)."""
         if not (self.shared_tables or self.shared_tables_dir):
@@ -169,6 +187,8 @@ class EngineConfig:
             raise ValueError("--gather-threads must be 0 (from the core count) or more")
         if self.host_memory_bytes < 0 or self.file_read_threads < 1:
             raise ValueError("--host-memory-bytes must be 0 or more, --file-read-threads 1 or more")
+        if self.file_layer_ids() is not None and not self.host_memory_bytes:
+            raise ValueError("--file-layers needs --host-memory-bytes (the DRAM cache)")
         if self.placement == FILE_PLACEMENT and not self.host_memory_bytes:
             raise ValueError("--placement file needs --host-memory-bytes (the DRAM cache)")
         if self.hot_rows_refresh < 1 or self.hot_rows_replace < 1:

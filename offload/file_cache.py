@@ -13,7 +13,8 @@ to ~4-8x its cache), the hash beyond.
 Eviction: CLOCK with counts over the slots; a row read by a step raises its count (saturating
 at ``MAX_REF``), the hand takes a slot at count 0 and lowers the others it passes, a new row
 starts at 0 (a row seen once goes first, a row read often survives several turns). Rows placed
-by :meth:`SlotCache.preload` (a profile's most read rows, before serving) start at 1. Slots a
+by :meth:`SlotCache.preload` (a profile's most read rows, before serving) start at a count by
+rank (``MAX_REF`` for the top, 1 at the bottom), the coldest where the hand comes first. Slots a
 step still reads are pinned (a count per slot; several overlapped steps may pin the same slot)
 and never chosen.
 """
@@ -174,19 +175,24 @@ class SlotCache:
     def preload(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Place ``rows`` (distinct, most wanted first) in free or evictable slots before
         serving, as many as fit: returns (rows placed, their slots), ascending by row, pinned
-        (the caller reads them, then releases the slots). Rows already held are skipped."""
+        (the caller reads them, then releases the slots). Rows already held are skipped.
+        The rank orders eviction: the least wanted rows take the slots the hand reaches first,
+        and counts fall with the rank (``max_ref`` for the top, 1 at the bottom), so a miss
+        evicts the profile's coldest rows before its hottest."""
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[self.directory.lookup(rows) < 0]
         free = int(np.count_nonzero(self.pins == 0))
-        rows = np.sort(rows[:free])
-        victims = self._victims(rows.size)
+        rows = rows[:free]
+        n = rows.size
+        victims = self._victims(n)[::-1]  # the hand's first slot holds the last ranked row
         old = self.row_of_slot[victims]
         self.directory.remove(old[old >= 0].astype(np.int64))
         self.row_of_slot[victims] = rows
         self.directory.insert(rows, victims)
         self.pins[victims] += 1
-        self.ref[victims] = 1  # ranked by a profile: one turn of the hand before it may go
-        return rows, victims
+        self.ref[victims] = np.maximum(1, self.max_ref * (n - np.arange(n)) // max(n, 1))
+        order = np.argsort(rows, kind="stable")  # ascending rows: adjacent ones coalesce
+        return rows[order], victims[order]
 
     def release(self, slots: np.ndarray) -> None:
         self.pins[slots] -= 1
@@ -203,26 +209,32 @@ class SlotCache:
         self.release(slots)
 
     def _victims(self, k: int) -> np.ndarray:
-        """``k`` unpinned slots at count 0 by CLOCK: lower the counts the hand passes."""
+        """``k`` unpinned slots at count 0 by CLOCK: lower the counts the hand passes. The hand
+        scans contiguous windows (no wrap inside one; the first sized to the request, then
+        doubling), each in a few numpy calls: the same slots and counts as moving it one slot
+        at a time."""
         if k == 0:
             return np.empty(0, dtype=np.int32)
         out: list[np.ndarray] = []
         need, scanned = k, 0
-        chunk = min(self.slots, max(4 * k, 4096))
-        turns = (self.max_ref + 1) * self.slots + chunk  # every count lowered to 0 by then
+        chunk = min(self.slots, 2 * k + 64)
+        turns = (self.max_ref + 2) * self.slots  # every count lowered to 0, then one more turn
         while need and scanned < turns:
-            idx = (self.hand + np.arange(chunk)) % self.slots
-            free = self.pins[idx] == 0
-            take = np.flatnonzero(free & (self.ref[idx] == 0))[:need]
-            end = int(take[-1]) + 1 if take.size == need else chunk
-            seen = idx[:end][free[:end]]
-            seen = seen[self.ref[seen] > 0]
-            self.ref[seen] -= 1
-            self.hand = int(idx[end - 1] + 1) % self.slots
-            out.append(idx[take])
-            self.pins[idx[take]] += 1  # held while choosing: a second turn cannot take it again
+            a = self.hand
+            b = min(self.slots, a + chunk)
+            ref = self.ref[a:b]  # views: updated in place
+            free = self.pins[a:b] == 0
+            take = np.flatnonzero(free & (ref == 0))[:need]
+            end = int(take[-1]) + 1 if take.size == need else b - a
+            passed = free[:end] & (ref[:end] > 0)
+            ref[:end][passed] -= 1
+            self.hand = (a + end) % self.slots
+            take += a
+            out.append(take)
+            self.pins[take] += 1  # held while choosing: a second turn cannot take it again
             need -= take.size
-            scanned += chunk
+            scanned += end
+            chunk = min(self.slots, 2 * chunk)
         got = np.concatenate(out).astype(np.int32)
         self.pins[got] -= 1
         if need:

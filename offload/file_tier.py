@@ -66,9 +66,13 @@ class FileLayer:
     fill_read: int = 0  # hot-cache fills: rows read from the file (not booked per step)
     warm_rows: int = 0  # rows placed before serving from a profile (FileTier.warm)
     warm_s: float = 0.0
+    _bytes: np.ndarray | None = field(default=None, repr=False)
 
     def cache_bytes(self) -> np.ndarray:
-        return self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
+        """The cache table's bytes, ``[slots, row_bytes]`` (made once: the table never moves)."""
+        if self._bytes is None:
+            self._bytes = self.table.tensor.view(torch.uint8).reshape(self.cache.slots, -1).numpy()
+        return self._bytes
 
 
 @dataclass
@@ -189,8 +193,8 @@ class FileTier:
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
             if self.lazy_reads:
-                fl.reader.announce(miss_rows)
-                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits))
+                fl.reader.announce(miss_rows)  # the step's one fadvise per page span
+                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits, announced=True))
             else:
                 fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
             ticket.inflight[lid] = fut
@@ -200,12 +204,14 @@ class FileTier:
             ticket.reads[lid] = self._read(fl, miss_rows, victims, hits)
         return slots[inverse].astype(np.int64).reshape(ids.shape)
 
-    def _read(self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int) -> FileRead:
+    def _read(
+        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, announced=False
+    ) -> FileRead:
         if rows.size == 0:
             return FileRead(hits)
         t = time.perf_counter()
         try:
-            nbytes = fl.reader.read(rows, slots, fl.cache_bytes())
+            nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), announced)
         except BaseException:
             with fl.lock:  # the slots hold no row now (still pinned: the ticket releases them)
                 fl.cache.invalidate(slots)

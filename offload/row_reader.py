@@ -33,18 +33,27 @@ PAGE = 4096  # the page cache's unit: announced spans are whole pages
 RUNS_PER_THREAD = 32
 
 
+def run_bounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends (index arrays into ``rows``, sorted) of the runs where the row ids are
+    consecutive, each at most IOV_MAX long: a step's few dozen scattered misses in a few numpy
+    calls, no Python loop (a run longer than IOV_MAX, from warm starts and prefills, is split
+    with one)."""
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(rows) != 1) + 1))
+    ends = np.append(starts[1:], rows.size)  # runs partition the indices
+    if rows.size and (ends - starts).max() > IOV_MAX:
+        pieces = [np.arange(a, b, IOV_MAX) for a, b in zip(starts.tolist(), ends.tolist())]
+        starts = np.concatenate(pieces)
+        ends = np.append(starts[1:], rows.size)
+    return starts, ends
+
+
 def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) index ranges of ``rows`` (sorted) where the row ids are consecutive, each at most
     IOV_MAX long."""
     if rows.size == 0:
         return []
-    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate(([0], cuts))
-    ends = np.concatenate((cuts, [rows.size]))
-    out = []
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        out.extend((s, min(s + IOV_MAX, b)) for s in range(a, b, IOV_MAX))
-    return out
+    starts, ends = run_bounds(rows)
+    return list(zip(starts.tolist(), ends.tolist()))
 
 
 def page_spans(offsets: np.ndarray, nbytes: int, page: int = PAGE) -> list[tuple[int, int]]:
@@ -77,16 +86,25 @@ class RowReader:
     def row_bytes(self) -> int:
         return sum(n for _, _, n in self.parts)
 
-    def read(self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray) -> int:
-        """Row ``rows[i]`` (ascending, unique) of the file into ``cache[slots[i]]``; returns the
-        bytes read. A short file is a TableFileError naming the tensor."""
-        runs = runs_of(rows)
-        if not runs:
+    def read(
+        self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray, announced: bool = False
+    ) -> int:
+        """Row ``rows[i]`` (ascending, unique) of the file into ``cache[slots[i]]`` (a
+        C-contiguous uint8 ``[n, row_bytes]`` array); returns the bytes read. ``announced``:
+        the caller has announced ``rows`` already (no second ``fadvise`` per span). A short
+        file is a TableFileError naming the tensor."""
+        if rows.size == 0:
             return 0
-        if len(runs) > 1:
+        starts, ends = run_bounds(rows)
+        if starts.size > 1 and not announced:
             self.announce(rows)
-        groups = _balance(runs, self.threads)
-        work = lambda g: [self._read_run(rows, slots, cache, a, b) for a, b in g]
+        flat = memoryview(cache).cast("B")  # slices of it are the preadv buffers
+        stride = cache.shape[1]
+        firsts, slot_list = rows[starts], slots.tolist()
+        groups = _balance(starts, ends, self.threads)
+        work = lambda g: self._read_runs(
+            firsts[g[0]].tolist(), slot_list, flat, stride, g[1].tolist(), g[2].tolist()
+        )
         futures = [self._pool.submit(work, g) for g in groups[1:]] if self._pool else []
         work(groups[0])
         for f in futures:
@@ -102,22 +120,26 @@ class RowReader:
             for lo, hi in page_spans(info.start + rows.astype(np.int64) * per_row, per_row):
                 os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
-    def _read_run(self, rows, slots, cache, a: int, b: int) -> None:
-        first = int(rows[a])
-        for info, col, per_row in self.parts:
-            bufs = [memoryview(cache[s, col : col + per_row]) for s in slots[a:b].tolist()]
-            offset = info.start + first * per_row
-            want = per_row * (b - a)
-            got = os.preadv(self.fd, bufs, offset)
-            while got < want:  # a short read: finish row by row from where it stopped
-                k, done = divmod(got, per_row)
-                n = os.preadv(self.fd, [bufs[k][done:]], offset + got)
-                if n == 0:
-                    raise TableFileError(
-                        f"{self.path}: tensor {info.name}: file ended at byte {offset + got} "
-                        "(truncated?)"
-                    )
-                got += n
+    def _read_runs(self, firsts, slot_list, flat, stride, starts, ends) -> None:
+        """One ``preadv`` per run and tensor part (``firsts``: each run's first file row;
+        ``starts``/``ends``: its rows' indices into ``slot_list``)."""
+        for first, a, b in zip(firsts, starts, ends):
+            for info, col, per_row in self.parts:
+                bufs = [flat[s * stride + col : s * stride + col + per_row] for s in slot_list[a:b]]
+                self._preadv(info, bufs, info.start + first * per_row, per_row)
+
+    def _preadv(self, info, bufs: list, offset: int, per_row: int) -> None:
+        want = per_row * len(bufs)
+        got = os.preadv(self.fd, bufs, offset)
+        while got < want:  # a short read: finish row by row from where it stopped
+            k, done = divmod(got, per_row)
+            n = os.preadv(self.fd, [bufs[k][done:]], offset + got)
+            if n == 0:
+                raise TableFileError(
+                    f"{self.path}: tensor {info.name}: file ended at byte {offset + got} "
+                    "(truncated?)"
+                )
+            got += n
 
     def close(self) -> None:
         if self._pool is not None:
@@ -127,13 +149,17 @@ class RowReader:
             self.fd = -1
 
 
-def _balance(runs: list[tuple[int, int]], threads: int) -> list[list[tuple[int, int]]]:
-    """Runs split into at most ``threads`` groups of about equal rows (in order)."""
-    total = sum(b - a for a, b in runs)
-    k = max(1, min(threads, -(-len(runs) // RUNS_PER_THREAD)))
-    groups: list[list[tuple[int, int]]] = [[] for _ in range(k)]
-    seen = 0
-    for a, b in runs:
-        groups[min(k - 1, seen * k // max(total, 1))].append((a, b))
-        seen += b - a
-    return [g for g in groups if g]
+def _balance(
+    starts: np.ndarray, ends: np.ndarray, threads: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Runs (``starts``/``ends``, partitioning the rows) split into at most ``threads``
+    groups of about equal rows, in order: (run numbers, starts, ends) per group. A decode
+    step's few dozen runs are one group (no hand-off)."""
+    k = max(1, min(threads, -(-starts.size // RUNS_PER_THREAD)))
+    if k == 1:
+        return [(np.arange(starts.size), starts, ends)]
+    group = np.minimum(k - 1, starts * k // max(int(ends[-1]), 1))  # rows before each run
+    cuts = np.searchsorted(group, np.arange(1, k))
+    runs = np.arange(starts.size)
+    parts = zip(np.split(runs, cuts), np.split(starts, cuts), np.split(ends, cuts))
+    return [p for p in parts if p[0].size]

@@ -133,7 +133,8 @@ def validate(args: argparse.Namespace) -> str | None:
     if not model_dir.is_dir():
         return f"model directory {model_dir} does not exist; pass --model DIR with a checkpoint"
     try:
-        cap_context(ModelConfig.load(model_dir), cfg.engine.max_model_len)
+        model_cfg = ModelConfig.load(model_dir)
+        cap_context(model_cfg, cfg.engine.max_model_len)
     except ValueError as e:
         return f"bad model directory {model_dir}: {e}"
     try:
@@ -144,6 +145,9 @@ def validate(args: argparse.Namespace) -> str | None:
         cfg.engine.check()
     except ValueError as e:
         return str(e)
+    bad = sorted(set(cfg.engine.file_layer_ids() or ()) - set(model_cfg.engram_layer_ids))
+    if bad:
+        return f"--file-layers {bad}: not Engram layers of the model ({model_cfg.engram_layer_ids})"
     if cfg.max_body_bytes < 1:
         return "--max-body-bytes must be at least 1"
     if cfg.shutdown_timeout < 0:

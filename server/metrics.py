@@ -271,6 +271,13 @@ class Metrics(EngineStats):
             buckets=PREFETCH_BUCKETS,
             registry=r,
         )
+        self._file_wait = Histogram(
+            "engram_offload_file_wait_duration_seconds",
+            "Time one layer's gather waited for its rows' file reads in one step.",
+            m + lt,
+            buckets=PREFETCH_BUCKETS,
+            registry=r,
+        )
         self._queries = counter(
             "engram_offload_cache_queries", "Rows looked up in a cache (tier hot).", lt
         )
@@ -441,7 +448,9 @@ class Metrics(EngineStats):
             for c in (self._bytes, self._rows, self._unique, self._hits, self._misses):
                 c.labels(m, str(lid), tier)
             if tier == "file":
-                for c in (self._dram_hits, self._dram_misses, self._file_bytes, self._file_read):
+                for c in (self._dram_hits, self._dram_misses, self._file_bytes):
+                    c.labels(m, str(lid), tier)
+                for c in (self._file_read, self._file_wait):
                     c.labels(m, str(lid), tier)
             if lid in self._hot_layers:
                 for c in (self._hits, self._misses, self._queries):
@@ -472,6 +481,7 @@ class Metrics(EngineStats):
                 self._dram_misses.labels(m, layer, s.tier).inc(s.file_misses)
                 self._file_bytes.labels(m, layer, s.tier).inc(s.file_bytes)
                 self._file_read.labels(m, layer, s.tier).observe(s.file_read_s)
+                self._file_wait.labels(m, layer, s.tier).observe(s.file_wait_s)
             self._stall.labels(m, layer).inc(s.stall_s)
             self._slack.labels(m, layer).inc(s.slack_s)
         self._steps.labels(m).inc()

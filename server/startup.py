@@ -101,6 +101,7 @@ def load_offload(
         shared=e.shared(),
         host_memory_bytes=e.host_memory_bytes,
         file_threads=e.file_read_threads,
+        file_layers=e.file_layer_ids(),
         hot=HotSettings(
             e.hot_rows,
             e.hot_rows_file,

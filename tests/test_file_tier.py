@@ -186,10 +186,10 @@ class SlowReads:
         for fl in tier.layers.values():
             read = fl.reader.read
 
-            def slow(rows, slots, cache, read=read):
+            def slow(rows, slots, cache, announced=False, read=read):
                 self.started += 1
                 assert self.gate.wait(10)
-                return read(rows, slots, cache)
+                return read(rows, slots, cache, announced)
 
             fl.reader.read = slow
 
@@ -323,6 +323,46 @@ def test_tables_larger_than_host_memory_served_end_to_end_with_identical_tokens(
             f'layer="{lid}"' in metrics and "engram_offload_dram_cache_misses_total" in metrics
         )
     assert 'tier="file"' in metrics and "engram_offload_file_read_bytes_total" in metrics
+    waited = [
+        line for line in metrics.splitlines()
+        if line.startswith("engram_offload_file_wait_duration_seconds_count")
+    ]  # fmt: skip
+    assert len(waited) == len(lids) and all(float(w.split()[-1]) > 0 for w in waited)
+
+
+def test_file_layers_put_only_those_tables_in_the_file_and_bad_values_are_refused(tiny_ckpt):
+    """--file-layers: mixed placement from the command line (one layer in the file, the rest
+    whole in host memory), same greedy tokens; ids that are not Engram layers, or no budget,
+    refused in one line before loading."""
+    import httpx
+    import openai
+
+    from models.config import ModelConfig
+    from server.cli import parse_args, validate
+
+    from .live import serve
+
+    lids = ModelConfig.load(tiny_ckpt).engram_layer_ids
+    m = ["--model", str(tiny_ckpt), "--host-memory-bytes", "100000"]
+    for bad, says in (("1,x", "give Engram layer ids"), ("99", "not Engram layers"), ("", "ids")):
+        err = validate(parse_args([*m, "--file-layers", bad]))
+        assert err is not None and says in err and "\n" not in err and "--file-layers" in err
+    err = validate(parse_args(["--model", str(tiny_ckpt), "--file-layers", str(lids[0])]))
+    assert err == "--file-layers needs --host-memory-bytes (the DRAM cache)"
+
+    def run(**kw):
+        with serve(tiny_ckpt, max_num_seqs=4, max_num_batched_tokens=8, **kw) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+            p = held_out_prompts(2)
+            r = c.completions.create(model=s.cfg.model_name, prompt=p, max_tokens=12, temperature=0)
+            return [ch.text for ch in r.choices], httpx.get(s.url + "/v1/offload").json()
+
+    want, _ = run()
+    got, info = run(file_layers=str(lids[-1]), host_memory_bytes=100_000)
+    assert got == want
+    assert list(info["file_tier"]) == [str(lids[-1])]
+    tiers = {lid: info["accounting"]["layers"][str(lid)]["tier"] for lid in lids}
+    assert tiers[lids[-1]] == "file" and all(tiers[lid] != "file" for lid in lids[:-1])
 
 
 def test_a_dram_cache_two_steps_could_overflow_is_refused_at_start_up(tiny_ckpt):

@@ -51,3 +51,19 @@ def test_tiers_bench_writes_every_combination(tmp_path):
     sync, issued = text["file + DRAM, sync reads"], text["file + DRAM"]
     assert sync["file_wait_ms_per_step"]["median"] == 0  # read in the plan: nothing to wait for
     assert issued["file_read_ms_per_step"]["median"] > 0
+
+
+def test_row_selects_rows_beside_the_baselines_and_refuses_unknown_names(tmp_path, capsys):
+    import pytest
+
+    from bench.tiers import ROW_NAMES
+
+    assert list(ROW_NAMES) == ROWS
+    argv = ["--tiers", "--rounds", "1", "--num-seqs", "2", "--decode-tokens", "4"]
+    argv += ["--profile-files", "3", "--row", "file + DRAM", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "tiers.json").read_text())
+    assert all(list(rows) == ["resident", "host", "file + DRAM"] for rows in res["rows"].values())
+    with pytest.raises(SystemExit):
+        main(["--tiers", "--row", "file + nothing"])
+    assert "unknown --row ['file + nothing']" in capsys.readouterr().err
