@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import os
 import shlex
 import sys
 import time
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="output dir (default bench/results/DATE-cpu-host-cost)"
     )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--markdown",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="print the README's table (overlapped, in series, untimed) from these result "
+        "directories' hostcost.json, one column group each, and exit",
+    )
     return ap
 
 
@@ -148,6 +157,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
 
 
 def run(args) -> dict:
+    load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     batches, contexts = _ints(args.batch_sizes), _ints(args.contexts)
     model, tok = load_checkpoint(args.model)
@@ -227,6 +237,8 @@ def run(args) -> dict:
         "steps": args.steps,
         "repeats": args.repeats,
         "device_parts": sorted(DEVICE_PARTS),
+        # other jobs share the machine: its 1-minute load average as the run started and ended
+        "load_average": {"start": load_start[0], "end": os.getloadavg()[0]},
         "environment": environment(torch.device("cpu")),
         "results": results,
     }
@@ -287,8 +299,42 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
+def markdown(dirs: list[str]) -> str:
+    """Host µs per step, median (min-max), per point: for each result directory its in-series,
+    overlapped and overlapped-untimed figures, and the last one's device idle share."""
+
+    def cell(s: dict | None) -> str:
+        return "-" if s is None else f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
+
+    runs = [json.loads((Path(d) / "hostcost.json").read_text()) for d in dirs]
+    head = ["batch", "context"]
+    for d in dirs:
+        name = Path(d).name
+        head += [f"{name}: in series", f"{name}: overlapped", f"{name}: overlapped, untimed"]
+    head.append("device idle, overlapped")
+    by = [{(x["mode"], x["batch"], x["context"]): x for x in r["results"]} for r in runs]
+    points = sorted({(x["context"], x["batch"]) for x in runs[-1]["results"]})
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, b in points:
+        row = [str(b), str(c)]
+        for got in by:
+            ser, ov = got.get(("no-overlap", b, c)), got.get(("overlap", b, c))
+            row += [
+                cell(ser and ser["host_us"]),
+                cell(ov and ov["host_us"]),
+                cell(ov and ov.get("host_untimed_us")),
+            ]
+        ov = by[-1].get(("overlap", b, c))
+        row.append("-" if ov is None else f"{ov['device_idle']['median']:.0%}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     res = run(args)
     res["command"] = shlex.join(["engram-bench", "--host-cost", *argv])
     out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-cpu-host-cost")

@@ -267,6 +267,7 @@ class Engine:
         """A shared fault (the forward pass, the step's inputs): fail the step's sequences."""
         log.error("engine step failed", exc_info=e)
         self.fault = e
+        self.runner.resync_tables = True
         msg = f"engine error: {type(e).__name__}: {e}"
         for seq in step.seqs:
             if not seq.finished:

@@ -19,6 +19,7 @@ import torch
 from models.engram import ConvStep
 
 if TYPE_CHECKING:  # types only: sampling imports this module for to_device
+    from .block_tables import DeviceTables
     from .kv_cache import KVCache
     from .sequence import Sequence
 
@@ -162,13 +163,17 @@ def pack_inputs(
     slots: np.ndarray | None = None,
     lengths: np.ndarray | None = None,
     starts: np.ndarray | None = None,
+    written: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The step's host arrays (blocks must already be reserved); nothing is read from the
     sequences after this, so the step can run while the host moves on. ``decode_shapes``:
     a decode step's count-only arrays kept per batch size (read-only; the caller's).
     ``slots``: the sequences' KV slots, ``lengths``: their new tokens' counts, ``starts``: their
     tokens cached before the step, when the caller has them (then ``num_computed`` is not read:
-    the runner advances it in the same pass that collects them)."""
+    the runner advances it in the same pass that collects them). ``written``: the table
+    entries written since the step before (``KVCache.take_written``): the block tables are
+    then made on the device (:mod:`engine.block_tables`) and the host's part is flat in the
+    context's length; without it they are a host gather as wide as the longest context."""
     bs, n = cache.block_size, len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
@@ -189,14 +194,23 @@ def pack_inputs(
         seq_of_tok = np.repeat(np.arange(n), lengths)
         positions = np.arange(total) - np.repeat(qsl[:-1] - starts, lengths)
     ends = starts + lengths
-    # as wide as the longest context after the step needs (blocks past a context are unread)
-    tables = block_tables(seqs, n, int(ends.max() - 1) // bs + 1, cache, slots)
     block, offset = np.divmod(positions, bs)
+    if written is None:
+        # as wide as the longest context after the step needs (blocks past a context are
+        # unread)
+        tables = block_tables(seqs, n, int(ends.max() - 1) // bs + 1, cache, slots)
+        mapping = tables[seq_of_tok, block] * bs + offset
+        extra = {"block_tables": tables}
+    else:  # each token's block from its slot's host table: O(tokens)
+        if n and slots.min() < 0:
+            raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+        mapping = cache.tables[slots[seq_of_tok], block].astype(np.int64) * bs + offset
+        extra = dict(zip(("table_slots", "table_cols", "table_blocks"), written))
     return {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
         "positions": positions,
-        "slot_mapping": tables[seq_of_tok, block] * bs + offset,
-        "block_tables": tables,
+        "slot_mapping": mapping,
+        **extra,
         "context_lens": ends.astype(np.int32),
         "query_start_loc": shapes["query_start_loc"],
         "logits_index": shapes["logits_index"],
@@ -206,10 +220,20 @@ def pack_inputs(
 
 
 def upload_inputs(
-    parts: dict[str, np.ndarray], uploader: Uploader, row_index: dict[str, np.ndarray]
+    parts: dict[str, np.ndarray],
+    uploader: Uploader,
+    row_index: dict[str, np.ndarray],
+    tables: DeviceTables | None = None,
 ) -> StepInputs:
-    """The packed arrays and the lookup plan's index arrays on the device, in one copy."""
+    """The packed arrays and the lookup plan's index arrays on the device, in one copy;
+    ``tables``: the device-side block tables, for parts packed with ``written``."""
     dev = uploader.upload({**parts, **{f"row_{k}": v for k, v in row_index.items()}})
+    if "table_slots" in parts:
+        if tables is None:
+            raise ValueError("inputs packed with table writes need the device-side tables")
+        width, need = tables.widths(parts["context_lens"], parts["table_cols"])
+        at = [dev.pop(k) for k in ("table_slots", "table_cols", "table_blocks")]
+        dev["block_tables"] = tables.step_tables(*at, dev["conv_slots"], width, need)
     conv = None
     if "conv_taps" in parts:
         conv = ConvStep(taps=dev["conv_taps"], tail=dev["conv_tail"])
@@ -220,7 +244,9 @@ def upload_inputs(
         starts=(parts["context_lens"] - lengths).tolist(),
         conv_step=conv,
         row_index={k: dev[f"row_{k}"] for k in row_index},
-        **{k: dev[k] for k in parts if not k.startswith("conv_") or k == "conv_slots"},
+        **{
+            k: v for k, v in dev.items() if not k.startswith(("conv_", "row_")) or k == "conv_slots"
+        },
     )
 
 

@@ -64,6 +64,9 @@ class KVCache:
         # each slot's block table, written as blocks are reserved (steps index it, not rebuild
         # it); widened as contexts grow; the spare row (pad_conv_slot) stays zeros
         self.tables = np.zeros((max_seqs + 1, 64), dtype=np.int32)
+        # (slot, column) -> block written since the runner last took them (its device-side
+        # copy of the tables applies them: engine/block_tables.py); the latest write wins
+        self.written: dict[tuple[int, int], int] = {}
         self.fresh: list[int] = []  # slots admitted since the runner last reset their state
 
     # --- accounting ---------------------------------------------------------------
@@ -135,4 +138,21 @@ class KVCache:
         for _ in range(need):
             seq.block_table.append(self._free_blocks.pop())
         if seq.slot >= 0:
-            self.tables[seq.slot, end - need : end] = seq.block_table[end - need :]
+            slot, table, written = seq.slot, seq.block_table, self.written
+            self.tables[slot, end - need : end] = table[end - need :]
+            for col in range(end - need, end):
+                written[slot, col] = table[col]
+
+    def take_written(self, everything: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slots, columns, blocks) of the table entries written since the last call, one
+        per slot and column (the latest), in writing order; ``everything``: every entry of
+        every slot's table instead (a device-side copy that may have missed writes)."""
+        written, self.written = self.written, {}
+        if everything:
+            rows, width = self.tables.shape
+            cols = np.tile(np.arange(width, dtype=np.int64), rows)
+            return np.repeat(np.arange(rows, dtype=np.int64), width), cols, self.tables.ravel()
+        n = len(written)
+        slots = np.fromiter((k[0] for k in written), np.int64, n)
+        cols = np.fromiter((k[1] for k in written), np.int64, n)
+        return slots, cols, np.fromiter(written.values(), np.int32, n)

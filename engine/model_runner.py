@@ -20,6 +20,7 @@ from offload.prefetch import PendingRows, Prefetcher
 from offload.store import TableStore
 
 from .attention import PagedAttention, ReferenceAttention, pick_backend
+from .block_tables import DeviceTables
 from .cuda_graph import DecodeGraphs
 from .device_hash import DeviceRows, device_arrays, fill_in
 from .fused import fuse_model
@@ -98,6 +99,11 @@ class ModelRunner:
         self.memories = MemorySet(base, cache.device, max_memories)
         self.uploader = Uploader(cache.device)
         self.ngram = NgramState(model, cache.max_seqs + 1)
+        # each slot's block table on the device side, from the writes eager steps carry
+        self.tables = DeviceTables(cache.max_seqs + 1, cache.block_size, cache.device)
+        # a step failed: the writes it carried may never have reached the device side, so the
+        # next eager step sends every slot's whole table
+        self.resync_tables = False
         # set by overlap when placeholders' rows are finished on the device (engine/overlap.py)
         self.device_rows: DeviceRows | None = None
         self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
@@ -180,8 +186,19 @@ class ModelRunner:
             if graph:
                 parts = self.graphs.pack(seqs, new_ids, starts, slots)
             else:
+                # graph steps leave the writes to the next eager step (their own tables are a
+                # host gather into the bucket)
+                written, self.resync_tables = cache.take_written(self.resync_tables), False
                 parts = pack_inputs(
-                    seqs, new_ids, cache, all_logits, self._decode_shapes, slots, lengths, starts
+                    seqs,
+                    new_ids,
+                    cache,
+                    all_logits,
+                    self._decode_shapes,
+                    slots,
+                    lengths,
+                    starts,
+                    written,
                 )
         return Prepared(self, len(seqs), rows, fresh, parts, graph, groups)
 
@@ -200,7 +217,7 @@ class ModelRunner:
         if prep.graph:
             return self.graphs.run(prep.n, prep.parts, plan, self.rows)
         with timer("upload"):
-            inp = upload_inputs(prep.parts, self.uploader, plan.host_arrays())
+            inp = upload_inputs(prep.parts, self.uploader, plan.host_arrays(), self.tables)
         with timer("prefetch"):  # every layer's gather is issued now, before the forward pass
             pending = self.rows.start(plan, inp.row_index, self.uploader.last_copy)
         return self._forward(inp, pending, timer)
@@ -213,7 +230,7 @@ class ModelRunner:
         if prep.graph:
             return graph_step(self.graphs, prep, tokens, self.device_rows, self.rows, timer)
         with timer("upload"):
-            inp = upload_inputs(prep.parts, self.uploader, device_arrays(prep.rows))
+            inp = upload_inputs(prep.parts, self.uploader, device_arrays(prep.rows), self.tables)
         with timer("plan"):
             sort = self.rows.name == "uva"
             plan, index, ready = fill_in(
@@ -249,7 +266,7 @@ class ModelRunner:
                     arrays.update({f"m{k}_{name}": a for name, a in plan.host_arrays().items()})
                     arrays[f"m{k}_tokens"] = g.tokens
         with timer("upload"):
-            inp = upload_inputs(prep.parts, self.uploader, arrays)
+            inp = upload_inputs(prep.parts, self.uploader, arrays, self.tables)
         started: list[tuple[StepGroup, PendingRows]] = []
         try:
             with timer("prefetch"):

@@ -91,7 +91,9 @@ class Scheduler:
             bool(self.waiting) or any(s.prefilling for s in self.running)
         )
 
-        # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first
+        # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first;
+        # a short-path decode appends only its sequence: its new ids (the one placeholder
+        # list) and sample flag (True) are filled in at once before the next other entry
         bs, running, limit = self.cache.block_size, Status.RUNNING, self.max_tokens_per_seq
         for seq in list(self.running):
             if budget <= 0:
@@ -114,8 +116,6 @@ class Scheduler:
                         free_blocks -= 1
                     budget -= 1
                     seqs.append(seq)
-                    new_ids.append(PLACEHOLDER_IDS)
-                    samples.append(True)
                     continue
                 pending, n = PLACEHOLDER_IDS, 1
             else:
@@ -134,10 +134,18 @@ class Scheduler:
                 continue
             free_blocks -= need
             budget -= n
+            if len(new_ids) < len(seqs):  # the short-path decodes before it
+                gap = len(seqs) - len(new_ids)
+                new_ids += [PLACEHOLDER_IDS] * gap
+                samples += [True] * gap
             seqs.append(seq)
             # pending_ids gives a new list (or PLACEHOLDER_IDS, kept as itself): not copied again
             new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
+        if len(new_ids) < len(seqs):
+            gap = len(seqs) - len(new_ids)
+            new_ids += [PLACEHOLDER_IDS] * gap
+            samples += [True] * gap
 
         # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
         live = self._memories_live() if self.max_memories else set()

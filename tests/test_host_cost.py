@@ -4,6 +4,7 @@ import json
 import time
 
 from bench.cli import main as bench_main
+from bench.hostcost import markdown
 from engine.host_time import NO_TIMER, HostTimer
 
 
@@ -49,3 +50,12 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
         assert (x["mode"] == "overlap") == ("host_untimed_us" in x)
         if x["mode"] == "overlap":
             assert x["host_untimed_us"]["median"] > 0
+    assert set(res["load_average"]) == {"start", "end"}
+    # the README's table from the result: one row per point, the figures the JSON holds
+    assert bench_main(["--host-cost", "--markdown", str(out)]) == 0
+    table = markdown([str(out)]).splitlines()
+    assert len(table) == 2 + len(grid)
+    key = ("overlap", 4, 40)
+    ov = next(x for x in res["results"] if (x["mode"], x["batch"], x["context"]) == key)
+    row = next(r for r in table if r.startswith("| 4 | 40 |"))
+    assert f"{ov['host_us']['median']:,.0f} (" in row

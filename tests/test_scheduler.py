@@ -82,3 +82,16 @@ def test_a_prompt_chunk_is_not_copied_again(config):
     step = sched.schedule()  # the budget cuts the prompt: its first 5 tokens
     assert step.new_ids == [[1, 2, 3, 4, 5]] and step.samples == [False]
     assert step.new_ids[0] is not seq.prompt_ids
+
+
+def test_mixed_decodes_keep_each_sequence_s_own_ids(config):
+    # placeholders around a sequence whose token is known and one still prefilling
+    sched, seqs = _running(config, 5, 5, True, blocks=12, budget=64)
+    seqs[2].inflight = 0
+    seqs[4].inflight, seqs[4].num_computed = 0, 3  # two prompt tokens and its token left
+    step = sched.schedule()
+    assert step.seqs == seqs
+    ph = PLACEHOLDER_IDS
+    assert step.new_ids == [ph, ph, [9], ph, [4, 5, 11]]
+    assert [ids is ph for ids in step.new_ids] == [True, True, False, True, False]
+    assert step.samples == [True] * 5

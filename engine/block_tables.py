@@ -1,0 +1,47 @@
+"""Each KV slot's block table, kept on the device side from the blocks reserved since the
+step before, so a step's block tables are one gather there.
+
+The host's per-slot tables (``KVCache.tables``) are written as blocks are reserved; every
+write since the last eager step (``KVCache.take_written``: the latest block per slot and
+column) goes up in that step's one upload, and the device side applies them in step order
+before it gathers the step's rows. The host's work per step is then O(blocks reserved), not
+a copy as wide as the longest context. Columns past a sequence's reserved blocks may hold an
+earlier owner's block ids: attention never reads past a context, and they are valid blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class DeviceTables:
+    def __init__(self, rows: int, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.tables = torch.zeros((rows, 64), dtype=torch.int32, device=device)
+
+    def widths(self, context_lens: np.ndarray, cols: np.ndarray) -> tuple[int, int]:
+        """(the step's width: as wide as its longest context needs, the width the writes
+        need), from the step's host arrays."""
+        width = int(context_lens.max() - 1) // self.block_size + 1
+        return width, max(width, int(cols.max()) + 1 if cols.size else 0)
+
+    def step_tables(
+        self,
+        slots: torch.Tensor,
+        cols: torch.Tensor,
+        blocks: torch.Tensor,
+        seq_slots: torch.Tensor,
+        width: int,
+        need: int,
+    ) -> torch.Tensor:
+        """Apply the writes (device tensors, at most one per slot and column), then the
+        ``[S, width]`` int32 block tables of the step's slots."""
+        have = self.tables.shape[1]
+        if need > have:
+            wider = self.tables.new_zeros((self.tables.shape[0], max(need, 2 * have)))
+            wider[:, :have] = self.tables
+            self.tables = wider
+        if slots.numel():
+            self.tables.index_put_((slots, cols), blocks)
+        return self.tables.narrow(1, 0, width).index_select(0, seq_slots)
