@@ -309,7 +309,7 @@ def markdown(dirs: list[str]) -> str:
     runs = [json.loads((Path(d) / "hostcost.json").read_text()) for d in dirs]
     head = ["batch", "context"]
     for d in dirs:
-        name = Path(d).name
+        name = Path(d).name.replace("-cpu-host-cost", "") or Path(d).name
         head += [f"{name}: in series", f"{name}: overlapped", f"{name}: overlapped, untimed"]
     head.append("device idle, overlapped")
     by = [{(x["mode"], x["batch"], x["context"]): x for x in r["results"]} for r in runs]

@@ -4,7 +4,9 @@ Everything the forward pass reads (token ids, positions, KV slot mapping, block 
 context lengths, query offsets, logits rows, the Engram conv indices) is written into one
 int64 host buffer and reaches the device with one non-blocking copy from pinned memory; the
 tensors the model sees are views into that single device buffer. On the CPU the views point
-at the host buffer itself.
+at the host buffer itself. Block tables are the exception: the buffer carries the table
+entries written since the step before, and the step's tables are gathered on the device from
+each slot's table kept there (:mod:`engine.block_tables`).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Uploader:
 @dataclass
 class StepInputs:
     """One packed step. Host-side lists for the reference attention's grouping; every tensor
-    is a view of the step's single device buffer."""
+    is a view of the step's single device buffer (block tables: gathered on the device)."""
 
     lengths: list[int]  # new tokens per sequence
     starts: list[int]  # tokens already cached per sequence
