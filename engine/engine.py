@@ -181,12 +181,7 @@ class Engine:
             for i in range(params.n)
         ]
         end_at = min(params.max_tokens, self.max_tokens_per_seq - len(prompt_ids))
-        same_row = not (
-            params.min_tokens
-            or params.presence_penalty
-            or params.frequency_penalty
-            or params.repetition_penalty != 1.0
-        )
+        same_row = not (params.min_tokens or params.penalised)
         for seq in seqs:
             seq.memory = self.memories.acquire(memory)
             seq.end_at = end_at
@@ -379,9 +374,7 @@ class Engine:
         """One sequence's sampler row (:meth:`sample_inputs`); kept on the sequence while it
         stays the same (``Sequence.same_row``: always, once made)."""
         p, out, row = s.params, s.output_ids, s.sample_row
-        if s.inflight and (
-            p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-        ):
+        if s.inflight and p.penalised:
             out = list(out)
         banned = p.banned_tokens(len(s.output_ids) + s.inflight, self._eos) if p.min_tokens else []
         if row is None or banned or out is not s.output_ids:

@@ -59,6 +59,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalised(self) -> bool:
+        """Any penalty that reads the output ids."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
     def check(self, vocab_size: int) -> None:
         """BadParams naming the first value that cannot work (non-finite, out of range, a
         token id outside the vocab); the HTTP schema is stricter, this guards every caller."""
