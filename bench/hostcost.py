@@ -17,6 +17,15 @@ every mode, in a rotated order. Per point and mode the figures are medians over 
   series: host / (host + device); overlapped: 1 - the worker's busy time / the step's wall
   time, the worker being the device's side, which on a CPU runs the forward pass).
 
+Each point runs with two stand-ins for the device (``--stand-in``): ``forward``, the model's
+own forward pass on the CPU, and ``idle``, the forward pass replaced by rows of a fixed pool
+of random logits (the step's shape, so tokens vary and every host path runs as it does).
+On a CPU the forward pass shares the host's caches and memory bandwidth (in series on the
+same core; overlapped on the other core, the last-level cache shared): at long contexts its
+pass over the KV cache evicts the host's working set and the host's own parts run slower,
+which a GPU's forward pass does not do. ``idle`` is the host's cost without that; the
+difference between the two is the CPU stand-in's, not the engine's.
+
 Results: ``hostcost.json`` (every raw figure and the command) and ``host_cost.png``.
 """
 
@@ -30,6 +39,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +60,7 @@ from .stats import summarize
 
 PROG = "engram-bench --host-cost"
 MODES = ("overlap", "no-overlap")
+STAND_INS = ("forward", "idle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampled", action="store_true", help="temperature 1 instead of greedy")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--stand-in",
+        default=",".join(STAND_INS),
+        help="comma list of the device's stand-ins: 'forward' (the CPU forward pass), 'idle' "
+        "(random logits of the step's shape, nothing else touched); default both",
+    )
     ap.add_argument(
         "--out", default=None, help="output dir (default bench/results/DATE-cpu-host-cost)"
     )
@@ -80,6 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+class IdleDevice:
+    """The ``idle`` stand-in for the forward pass: the step's logits are rows of a fixed pool
+    of random logits, taken at an offset that moves every step (a view: nothing is written,
+    the KV cache and the weights are not read)."""
+
+    def __init__(self, rows: int, vocab: int, seed: int, offsets: int = 7) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn((rows + offsets, vocab), generator=gen)
+        self.offsets, self.k = offsets, 0
+
+    def __call__(self, input_ids, step, logits_index: torch.Tensor) -> torch.Tensor:
+        self.k = (self.k + 1) % self.offsets
+        return self.pool[self.k : self.k + logits_index.shape[0]]
+
+
+@contextmanager
+def stand_in(model, device: IdleDevice | None):
+    """The model's forward pass replaced by ``device`` inside the block (None: the model's own)."""
+    if device is None:
+        yield
+        return
+    model.forward_step = device  # an instance attribute over the method, removed after
+    try:
+        yield
+    finally:
+        del model.forward_step
 
 
 def seat(engine: Engine, batch: int, context: int, params: SamplingParams, rng) -> list:
@@ -175,6 +220,11 @@ def run(args) -> dict:
         dtype=torch.float32,
     )
     points = [(b, c) for c in contexts for b in batches]
+    kinds = [k for k in STAND_INS if k in args.stand_in.split(",")]
+    if not kinds or set(args.stand_in.split(",")) - set(STAND_INS):
+        raise SystemExit(f"{PROG}: --stand-in takes a comma list of {', '.join(STAND_INS)}")
+    idle = IdleDevice(top, model.config.vocab_size, args.seed)
+    devices = {"forward": None, "idle": idle}
     engines = {}
     for b in batches:
         for mode in MODES:
@@ -189,28 +239,33 @@ def run(args) -> dict:
     gc.collect()
     gc.freeze()  # as the server does after start-up
     rng = np.random.default_rng(args.seed)
-    raw: dict[str, list[dict]] = {}
-    jobs = [(b, c, m) for b, c in points for m in MODES]
-    for b, c, m in jobs:  # warm-up: every path once, untimed
-        run_point(engines[b, m], b, c, replace_steps(args, 2), rng)
+    raw: dict[tuple, list[dict]] = {}
+    jobs = [(b, c, m, k) for b, c in points for m in MODES for k in kinds]
+    for b, c, m, k in jobs:  # warm-up: every path once, untimed
+        with stand_in(model, devices[k]):
+            run_point(engines[b, m], b, c, replace_steps(args, 2), rng)
     for r in range(args.repeats):
         order = jobs[r % len(jobs) :] + jobs[: r % len(jobs)]
-        for b, c, m in order:
-            got = run_point(engines[b, m], b, c, args, rng)
-            raw.setdefault(f"{m} B={b} ctx={c}", []).append(got)
+        for job in order:
+            b, c, m, k = job
+            with stand_in(model, devices[k]):
+                got = run_point(engines[b, m], b, c, args, rng)
+            raw.setdefault(job, []).append(got)
             print(
-                f"round {r + 1}/{args.repeats} {m} B={b} ctx={c}: {got['host_us']:.0f} µs",
+                f"round {r + 1}/{args.repeats} {m} B={b} ctx={c} {k}: {got['host_us']:.0f} µs",
                 file=sys.stderr,
             )
     results = []
-    for b, c, m in jobs:
-        rounds = raw[f"{m} B={b} ctx={c}"]
+    for job in jobs:
+        b, c, m, k = job
+        rounds = raw[job]
         parts = sorted({n for x in rounds for n in x["parts_us"]})
         results.append(
             {
                 "mode": m,
                 "batch": b,
                 "context": c,
+                "stand_in": k,
                 **{
                     k: summarize([x[k] for x in rounds])
                     for k in (
@@ -252,8 +307,8 @@ def table(res: dict) -> str:
     lines = [
         "host µs per decode step (median, min-max over rounds); device = forward + sampling "
         "kernels; untimed: overlapped steps without the per-part timer",
-        f"{'mode':<11} {'B':>4} {'ctx':>5} {'host µs':>22} {'untimed µs':>20} {'device µs':>10} "
-        f"{'idle':>5}  largest parts",
+        f"{'mode':<11} {'B':>4} {'ctx':>5} {'device':<8} {'host µs':>22} {'untimed µs':>20} "
+        f"{'device µs':>10} {'idle':>5}  largest parts",
     ]
     for x in res["results"]:
         h = x["host_us"]
@@ -265,7 +320,7 @@ def table(res: dict) -> str:
         )[:4]
         top = ", ".join(f"{n} {v:.0f}" for n, v in parts)
         lines.append(
-            f"{x['mode']:<11} {x['batch']:>4} {x['context']:>5} "
+            f"{x['mode']:<11} {x['batch']:>4} {x['context']:>5} {x.get('stand_in', 'forward'):<8} "
             f"{h['median']:>8.0f} ({h['min']:.0f}-{h['max']:.0f}){'':>3} {untimed:>20} "
             f"{x['device_us']['median']:>10.0f} {x['device_idle']['median']:>5.0%}  {top}"
         )
@@ -280,7 +335,10 @@ def plot(res: dict, path: Path) -> Path:
 
     rows = res["results"]
     names = sorted({n for x in rows for n in x["parts_us"] if n not in DEVICE_PARTS})
-    labels = [f"{x['mode']}\nB={x['batch']} ctx={x['context']}" for x in rows]
+    labels = [
+        f"{x['mode']}\nB={x['batch']} ctx={x['context']}\n{x.get('stand_in', 'forward')}"
+        for x in rows
+    ]
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows)), 4.5))
     bottom = np.zeros(len(rows))
     for n in names:
@@ -301,30 +359,47 @@ def plot(res: dict, path: Path) -> Path:
 
 def markdown(dirs: list[str]) -> str:
     """Host µs per step, median (min-max), per point: for each result directory its in-series,
-    overlapped and overlapped-untimed figures, and the last one's device idle share."""
+    overlapped and overlapped-untimed figures with the forward pass as the device's stand-in,
+    then (runs that have them) in series and overlapped with the idle stand-in, and the last
+    one's device idle share (forward)."""
 
     def cell(s: dict | None) -> str:
         return "-" if s is None else f"{s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})"
 
     runs = [json.loads((Path(d) / "hostcost.json").read_text()) for d in dirs]
+    by = [
+        {
+            (x["mode"], x["batch"], x["context"], x.get("stand_in", "forward")): x
+            for x in r["results"]
+        }
+        for r in runs
+    ]
+    idle = [any(key[3] == "idle" for key in got) for got in by]
     head = ["batch", "context"]
-    for d in dirs:
+    for d, has_idle in zip(dirs, idle):
         name = Path(d).name.replace("-cpu-host-cost", "") or Path(d).name
         head += [f"{name}: in series", f"{name}: overlapped", f"{name}: overlapped, untimed"]
+        if has_idle:
+            head += [f"{name}: in series, idle device", f"{name}: overlapped, idle device"]
     head.append("device idle, overlapped")
-    by = [{(x["mode"], x["batch"], x["context"]): x for x in r["results"]} for r in runs]
     points = sorted({(x["context"], x["batch"]) for x in runs[-1]["results"]})
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c, b in points:
         row = [str(b), str(c)]
-        for got in by:
-            ser, ov = got.get(("no-overlap", b, c)), got.get(("overlap", b, c))
+        for got, has_idle in zip(by, idle):
+            ser, ov = (
+                got.get(("no-overlap", b, c, "forward")),
+                got.get(("overlap", b, c, "forward")),
+            )
             row += [
                 cell(ser and ser["host_us"]),
                 cell(ov and ov["host_us"]),
                 cell(ov and ov.get("host_untimed_us")),
             ]
-        ov = by[-1].get(("overlap", b, c))
+            if has_idle:
+                ser, ov = got.get(("no-overlap", b, c, "idle")), got.get(("overlap", b, c, "idle"))
+                row += [cell(ser and ser["host_us"]), cell(ov and ov["host_us"])]
+        ov = by[-1].get(("overlap", b, c, "forward"))
         row.append("-" if ov is None else f"{ov['device_idle']['median']:.0%}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

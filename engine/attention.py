@@ -88,9 +88,13 @@ class ReferenceAttention:
 
     def __init__(self, cache: KVCache, inp: StepInputs) -> None:
         self.cache, self.inp = cache, inp
-        self.groups = _groups(inp)
-        bs = cache.block_size
-        self.context, self.mask = [], []
+        self.groups: list[_Group] | None = None  # made when the first layer attends
+
+    def _prepare(self) -> None:
+        """Each group's flat KV index ``[S, L]`` and mask: device work, as large as the step's
+        contexts, so it runs inside the forward pass (at its first layer), not before it."""
+        inp, bs = self.inp, self.cache.block_size
+        self.groups, self.context, self.mask = _groups(inp), [], []
         for g in self.groups:
             ctx = torch.arange(g.kv_len, device=inp.input_ids.device)
             tables = inp.block_tables[g.seqs]
@@ -102,6 +106,8 @@ class ReferenceAttention:
             self.mask.append(mask)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.groups is None:
+            self._prepare()
         write_kv(self.cache, layer, self.inp.slot_mapping, k, v, kernel=False)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         out = torch.empty_like(q)

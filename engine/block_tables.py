@@ -37,11 +37,24 @@ class DeviceTables:
     ) -> torch.Tensor:
         """Apply the writes (device tensors, at most one per slot and column), then the
         ``[S, width]`` int32 block tables of the step's slots."""
+        self._write(slots, cols, blocks, need)
+        return self.tables.narrow(1, 0, width).index_select(0, seq_slots)
+
+    def apply(self, slots: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> None:
+        """Apply a step's writes from its host arrays (``KVCache.take_written``'s), outside a
+        step: those of an overlapped step that failed on the device's side, which may never
+        have reached here, before the step submitted after it runs (engine/overlap.py)."""
+        if not slots.size:
+            return
+        dev = self.tables.device
+        at = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in (slots, cols, blocks)]
+        self._write(*at, int(cols.max()) + 1)
+
+    def _write(self, slots: torch.Tensor, cols: torch.Tensor, blocks, need: int) -> None:
         have = self.tables.shape[1]
         if need > have:
             wider = self.tables.new_zeros((self.tables.shape[0], max(need, 2 * have)))
             wider[:, :have] = self.tables
             self.tables = wider
         if slots.numel():
-            self.tables.index_put_((slots, cols), blocks)
-        return self.tables.narrow(1, 0, width).index_select(0, seq_slots)
+            self.tables.index_put_((slots, cols), blocks.to(self.tables.dtype))

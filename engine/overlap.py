@@ -58,6 +58,8 @@ class Job:
     wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
     src: list[int]  # for each placeholder: its row in the previous job's tokens
     penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
+    # the block-table writes its inputs carry (KVCache.take_written; None: a graph step's)
+    written: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     future: Pending | None = None
 
 
@@ -167,6 +169,10 @@ class Overlap:
                 rows.append(r)
                 s.inflight, s.inflight_row = s.inflight + 1, k
         job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
+        if "table_slots" in prep.parts:
+            job.written = tuple(
+                prep.parts[k] for k in ("table_slots", "table_cols", "table_blocks")
+            )
         job.future = self.queue.submit(self._device, job, prep, prev)
         return job
 
@@ -205,6 +211,10 @@ class Overlap:
                 got = prev.future.result()  # done: the worker ran it just before this one
             except Exception:
                 got = None
+                # its table writes may never have reached the device side, and this step was
+                # prepared before the host knew (it resyncs every table from the next step on)
+                if prev.written is not None:
+                    e.runner.tables.apply(*prev.written)
         dev = e.runner.device_rows
         if (
             type(got) is StepTokens and job.src and not job.penalised and prep.groups is None

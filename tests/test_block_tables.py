@@ -77,3 +77,66 @@ def test_a_resync_sends_every_table(config):
     for row, seq in zip(got, seqs):
         assert row[: len(seq.block_table)].tolist() == seq.block_table
     assert not cache.written
+
+
+def test_the_step_after_a_failed_one_reads_its_table_writes():
+    """An overlapped step that fails on the device's side after it took the table writes
+    (``KVCache.take_written``): the step submitted after it, prepared before the host knew,
+    still attends over block tables equal to the host's (the failed step's writes are applied
+    before it runs)."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    torch.set_num_threads(1)
+    model, tok = load_checkpoint()
+    cfg = EngineConfig(device="cpu", max_num_seqs=4, max_num_batched_tokens=64, block_size=BS)
+    e = Engine(model, cfg, tokenizer=tok)
+    runner, cache = e.runner, e.cache
+    expected, failing, seen, bad = {}, [], [], []
+    prepare, execute = runner.prepare, runner.execute
+
+    def recording_prepare(seqs, *args, **kwargs):
+        prep = prepare(seqs, *args, **kwargs)
+        slots = prep.parts["conv_slots"]
+        expected[id(prep)] = (cache.tables[slots].copy(), prep.parts["context_lens"].copy())
+        written = prep.parts.get("table_slots")
+        # the first decode step that carries a new block: it will fail on the device's side
+        if not failing and written is not None and written.size and len(seqs) == 3 and seen:
+            failing.append(id(prep))
+        return prep
+
+    def failing_execute(prep, tokens, timer=None):
+        if id(prep) in failing:
+            raise RuntimeError("injected: the step fails after it took the table writes")
+        current[0] = id(prep)
+        return execute(prep, tokens)
+
+    current = [None]
+    forward = model.forward_step
+
+    def checking_forward(input_ids, step, logits_index):
+        tables, lens = expected[current[0]]
+        got = step.inp.block_tables
+        for i, n in enumerate(-(-lens // BS)):
+            if got[i, :n].tolist() != tables[i, :n].tolist():
+                bad.append((len(seen), i))
+        seen.append(current[0])
+        return forward(input_ids, step, logits_index)
+
+    runner.prepare, runner.execute = recording_prepare, failing_execute
+    model.forward_step = checking_forward
+    try:
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        seqs = [e.add(f"r{i}", list(range(1, 6 + 4 * i)), params)[0] for i in range(3)]
+        finished = {}
+        while e.has_work:
+            for out in e.step():
+                if out.finish_reason:
+                    finished[out.seq.request_id] = out.finish_reason
+    finally:
+        del model.forward_step
+        e.close()
+    assert failing and finished == {s.request_id: "error" for s in seqs}
+    # the step submitted after the failed one ran (its tokens dropped) and was checked
+    assert seen[-1] != failing[0] and len(seen) >= 2
+    assert not bad, f"stale block-table entries at (step, row) {bad}"

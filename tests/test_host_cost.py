@@ -3,9 +3,12 @@
 import json
 import time
 
+import torch
+
 from bench.cli import main as bench_main
-from bench.hostcost import markdown
+from bench.hostcost import IdleDevice, markdown, stand_in
 from engine.host_time import NO_TIMER, HostTimer
+from models.checkpoint import load_checkpoint
 
 
 def _burn(seconds: float) -> None:
@@ -37,9 +40,10 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
     assert bench_main([*argv, "--repeats", "2", "--no-plots", "--out", str(out)]) == 0
     res = json.loads((out / "hostcost.json").read_text())
     assert res["command"].startswith("engram-bench --host-cost")
-    points = {(x["mode"], x["batch"], x["context"]) for x in res["results"]}
+    points = {(x["mode"], x["batch"], x["context"], x["stand_in"]) for x in res["results"]}
     grid = {(b, c) for b in (1, 4) for c in (16, 40)}
-    assert points == {(m, b, c) for m in ("overlap", "no-overlap") for b, c in grid}
+    modes, kinds = ("overlap", "no-overlap"), ("forward", "idle")
+    assert points == {(m, b, c, k) for m in modes for b, c in grid for k in kinds}
     for x in res["results"]:
         assert len(x["host_us"]["raw"]) == 2 and x["host_us"]["median"] > 0
         assert x["device_us"]["median"] > 0 and 0 <= x["device_idle"]["median"] < 1
@@ -55,7 +59,42 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
     assert bench_main(["--host-cost", "--markdown", str(out)]) == 0
     table = markdown([str(out)]).splitlines()
     assert len(table) == 2 + len(grid)
-    key = ("overlap", 4, 40)
-    ov = next(x for x in res["results"] if (x["mode"], x["batch"], x["context"]) == key)
-    row = next(r for r in table if r.startswith("| 4 | 40 |"))
-    assert f"{ov['host_us']['median']:,.0f} (" in row
+    assert "overlapped, idle device" in table[0]
+
+    def got(k):
+        key = ("overlap", 4, 40, k)
+        return next(
+            x for x in res["results"] if (x["mode"], x["batch"], x["context"], x["stand_in"]) == key
+        )
+
+    row = next(r for r in table if r.startswith("| 4 | 40 |")).split(" | ")
+    # the forward stand-in's overlapped figure, then the idle one's (after in series)
+    assert row[3].startswith(f"{got('forward')['host_us']['median']:,.0f} (")
+    assert row[6].startswith(f"{got('idle')['host_us']['median']:,.0f} (")
+    # the idle stand-in reads nothing of the model: its device part is a fraction
+    assert got("idle")["device_us"]["median"] < got("forward")["device_us"]["median"]
+
+
+def test_idle_stand_in_gives_the_steps_logits_and_restores_the_model():
+    model = load_checkpoint(load_tables=False)[0]
+    idle = IdleDevice(rows=8, vocab=model.config.vocab_size, seed=0)
+    with stand_in(model, idle):
+        a = model.forward_step(None, None, torch.arange(5))
+        b = model.forward_step(None, None, torch.arange(5))
+    assert a.shape == (5, model.config.vocab_size) and not torch.equal(a, b)
+    assert a.argmax(-1).unique().numel() > 1  # rows differ: the tokens vary
+    assert "forward_step" not in vars(model)  # the model's own method again
+
+
+def test_a_part_entered_again_inside_itself_is_charged_once():
+    timer = HostTimer()
+    with timer:
+        timer.take()
+        with timer("a"):
+            _burn(0.01)
+            with timer("a"):  # the same name nested: one part object, the stack keeps order
+                _burn(0.01)
+            with timer("b"):
+                _burn(0.01)
+        parts = timer.take()
+    assert 0.015e9 < parts["a"] < 0.03e9 and 0.005e9 < parts["b"] < 0.02e9
