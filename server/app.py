@@ -169,13 +169,12 @@ class ServerState:
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)
             tier = "file" if offload.file_tier is not None else offload.placement.value
-            self.metrics.init_offload_layers(
+            self.metrics.watch_offload(
+                offload.accountant,
                 offload.model.config.engram_layer_ids,
                 tier,
                 sorted(offload.hot.caches) if offload.hot else [],
             )
-            self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
-            offload.accountant.subscribe(self.metrics.observe_offload_step)
             clock.check()
             engine.start()
             self.engine = engine
