@@ -58,7 +58,7 @@ from .openapi import (
     errors,
 )
 from .protocol import APIError, CompletionRequest, validation_error
-from .sse import EventStream
+from .sse import App, EventStream
 from .startup import (
     LINK_BYTES,
     LoadCancelled,
@@ -309,7 +309,7 @@ def create_app(
         yield
         await asyncio.to_thread(state.shutdown)
 
-    app = FastAPI(title="engram-serve", version=package_version(), lifespan=lifespan)
+    app = App(title="engram-serve", version=package_version(), lifespan=lifespan)
     app.state.server = state
 
     @app.exception_handler(APIError)
@@ -425,7 +425,7 @@ def create_app(
         comp.memory = memory
         comp.submit()
         if body.stream:
-            return EventStream(comp.stream())
+            return EventStream(comp.stream(), comp.gone)
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:  # the client went away: free its slot and KV memory now
             comp.abort()
@@ -450,7 +450,7 @@ def create_app(
         comp.req.check()
         comp.submit()
         if body.stream:
-            return EventStream(comp.stream())
+            return EventStream(comp.stream(), comp.gone)
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:
             comp.abort()
