@@ -58,7 +58,7 @@ from .openapi import (
     errors,
 )
 from .protocol import APIError, CompletionRequest, validation_error
-from .sse import EventStream
+from .sse import App, EventStream
 from .startup import (
     LINK_BYTES,
     LoadCancelled,
@@ -169,13 +169,12 @@ class ServerState:
             log.info("%s", kernel_summary(checked))
             self.metrics.set_offload_static(offload.tier_bytes(), self.link_bps)
             tier = "file" if offload.file_tier is not None else offload.placement.value
-            self.metrics.init_offload_layers(
+            self.metrics.watch_offload(
+                offload.accountant,
                 offload.model.config.engram_layer_ids,
                 tier,
                 sorted(offload.hot.caches) if offload.hot else [],
             )
-            self.metrics.fraction_source = lambda: offload.accountant.stall_fraction
-            offload.accountant.subscribe(self.metrics.observe_offload_step)
             clock.check()
             engine.start()
             self.engine = engine
@@ -310,7 +309,7 @@ def create_app(
         yield
         await asyncio.to_thread(state.shutdown)
 
-    app = FastAPI(title="engram-serve", version=package_version(), lifespan=lifespan)
+    app = App(title="engram-serve", version=package_version(), lifespan=lifespan)
     app.state.server = state
 
     @app.exception_handler(APIError)
@@ -426,7 +425,7 @@ def create_app(
         comp.memory = memory
         comp.submit()
         if body.stream:
-            return EventStream(comp.stream())
+            return EventStream(comp.stream(), comp.gone)
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:  # the client went away: free its slot and KV memory now
             comp.abort()
@@ -451,7 +450,7 @@ def create_app(
         comp.req.check()
         comp.submit()
         if body.stream:
-            return EventStream(comp.stream())
+            return EventStream(comp.stream(), comp.gone)
         result = await wait_or_disconnect(request, comp.collect())
         if result is None:
             comp.abort()

@@ -13,7 +13,7 @@ from models.tokenizer import EngramTokenizer
 
 from .chat_protocol import ChatCompletionRequest, chat_body, chat_logprobs
 from .chat_template import TemplateError, render
-from .completions import Completion, error_events
+from .completions import ClientGone, Completion, error_events
 from .protocol import APIError
 
 log = logging.getLogger("engram.server")
@@ -163,6 +163,8 @@ class ChatCompletion(Completion):
             if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
+        except ClientGone:  # nobody to tell
+            return
         except Exception as e:  # the status is sent already: the error is the last event
             for line in error_events(e, "chat"):
                 yield line

@@ -27,6 +27,14 @@ from .protocol import APIError, CompletionRequest, completion_body, completion_l
 log = logging.getLogger("engram.server")
 
 
+class ClientGone(Exception):
+    """The client disconnected mid-stream: the stream ends without another event."""
+
+
+# put on a request's queue when its client goes (Completion.gone): wakes the stream reading it
+GONE = Delta(-1, finish_reason="abort")
+
+
 def shutting_down(message: str) -> APIError:
     """503 for a request the server will not run because it is shutting down: retry elsewhere."""
     return APIError(503, message, None, "shutting_down", {"Retry-After": "1"})
@@ -196,6 +204,12 @@ class Completion:
         for sub in self.subs:
             self.engine.abort(sub.id)
 
+    def gone(self) -> None:
+        """The client disconnected: abort its requests and wake the stream waiting on them."""
+        self.abort()
+        for sub in self.subs:
+            sub.queue.put_nowait(GONE)
+
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
         """Merge the sub-requests' deltas until every choice has finished."""
         n = self.per_prompt
@@ -211,6 +225,8 @@ class Completion:
                 for fut in done:
                     k = getters.pop(fut)
                     delta: Delta = fut.result()
+                    if delta is GONE:
+                        raise ClientGone
                     if delta.error:
                         self.abort()  # the request fails as a whole: stop its other prompts
                         if delta.unavailable:
@@ -229,19 +245,22 @@ class Completion:
 
     async def _one(self, sub, n: int) -> AsyncIterator[Delta]:
         async for batch in self._one_batches(sub, n):
-            for delta in batch:
+            for _, delta in batch:
                 yield delta
 
-    async def _one_batches(self, sub, n: int) -> AsyncIterator[list[Delta]]:
-        """The deltas of one prompt's sequences, each time all that have arrived (a step's, or
-        several steps' when the client reads slower than the engine steps)."""
-        unfinished, queue = n, sub.queue
+    async def _one_batches(self, sub, n: int) -> AsyncIterator[list[tuple[Choice, Delta]]]:
+        """The deltas of one prompt's sequences with their choices, each time all that have
+        arrived (a step's, or several steps' when the client reads slower than the engine
+        steps)."""
+        unfinished, queue, choices = n, sub.queue, self.choices
         while unfinished:
             got: list[Delta] = [await queue.get()]
             while not queue.empty():
                 got.append(queue.get_nowait())
             batch = []
             for delta in got:
+                if delta is GONE:
+                    raise ClientGone
                 if delta.error:
                     if batch:
                         yield batch
@@ -251,20 +270,21 @@ class Completion:
                     if delta.bad_params:
                         raise APIError(400, delta.error)
                     raise APIError(500, delta.error, None, "engine_error")
-                batch.append(delta)
+                batch.append((choices[delta.choice], delta))
                 if delta.finish_reason:
                     unfinished -= 1
                     if not unfinished:
                         break
             yield batch
 
-    async def delta_batches(self) -> AsyncIterator[list[tuple[Choice, Delta]]]:
-        """:meth:`deltas`, grouped as they arrive, so a stream writes once per step."""
+    def delta_batches(self) -> AsyncIterator[list[tuple[Choice, Delta]]]:
+        """:meth:`deltas`, grouped as they arrive, so a stream writes once per step (one
+        prompt: its queue's batches, no generator in between)."""
         if len(self.subs) == 1:
-            choices = self.choices
-            async for batch in self._one_batches(self.subs[0], self.per_prompt):
-                yield [(choices[d.choice], d) for d in batch]
-            return
+            return self._one_batches(self.subs[0], self.per_prompt)
+        return self._singles()
+
+    async def _singles(self) -> AsyncIterator[list[tuple[Choice, Delta]]]:
         async for choice, delta in self.deltas():
             yield [(choice, delta)]
 
@@ -430,6 +450,8 @@ class Completion:
             if include_usage:
                 yield chunk([], self.usage())
             yield "data: [DONE]\n\n"
+        except ClientGone:  # nobody to tell
+            return
         except Exception as e:  # the status is sent already: the error is the last event
             for line in error_events(e, "completion"):
                 yield line

@@ -25,10 +25,11 @@ from prometheus_client import (
 
 from engine.engine import EngineStats
 from engine.sequence import Sequence
-from offload.accounting import HOT_TIER, StepStats
+from offload.accounting import Accountant, StepStats
 
 from .config import METRICS_NAMES
 from .observe import observe_many
+from .offload_metrics import OffloadCounters
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -233,37 +234,11 @@ class Metrics(EngineStats):
         self._errors = counter(
             "engram_request_errors", "Requests answered with an error, by HTTP status.", ["status"]
         )
-        # --- offload ----------------------------------------------------------------------------
+        # --- offload: counters from the accountant at scrape time (offload_metrics.py), the
+        # histograms observed per step ------------------------------------------------------
         lt = ["layer", "tier"]
-        self._bytes = counter("engram_offload_bytes", "Engram row bytes moved.", lt)
-        self._rows = counter("engram_offload_rows", "Engram rows looked up.", lt)
-        self._unique = counter(
-            "engram_offload_unique_rows", "Distinct Engram rows looked up per step, summed.", lt
-        )
-        # tier="hot": lookups against the layer's hot-row cache (hits read on the device,
-        # misses sent on to the table's tier); the table's tier: repeats within a step (hits,
-        # with --dedup) and rows fetched (misses). Queries as vLLM counts its prefix cache.
-        self._hits = counter(
-            "engram_offload_cache_hits",
-            "Rows served without a transfer from their tier (hot-row cache hits; repeats).",
-            lt,
-        )
-        self._misses = counter(
-            "engram_offload_cache_misses", "Rows that had to be fetched from the next tier.", lt
-        )
-        self._dram_hits = counter(
-            "engram_offload_dram_cache_hits",
-            "Distinct rows of a step found in the file tier's DRAM cache.",
-            lt,
-        )
-        self._dram_misses = counter(
-            "engram_offload_dram_cache_misses",
-            "Distinct rows of a step read from the file into the DRAM cache.",
-            lt,
-        )
-        self._file_bytes = counter(
-            "engram_offload_file_read_bytes", "Bytes read from the file tier.", lt
-        )
+        self.offload = OffloadCounters(model_name)
+        r.register(self.offload)
         self._file_read = Histogram(
             "engram_offload_file_read_duration_seconds",
             "Time one step spent reading one layer's missing rows from the file.",
@@ -278,9 +253,6 @@ class Metrics(EngineStats):
             buckets=PREFETCH_BUCKETS,
             registry=r,
         )
-        self._queries = counter(
-            "engram_offload_cache_queries", "Rows looked up in a cache (tier hot).", lt
-        )
         self._hot_layers: set[int] = set()
         self._prefetch = Histogram(
             "engram_offload_prefetch_duration_seconds",
@@ -289,14 +261,6 @@ class Metrics(EngineStats):
             buckets=PREFETCH_BUCKETS,
             registry=r,
         )
-        self._stall = counter(
-            "engram_offload_stall_seconds", "Time compute waited for Engram rows.", ["layer"]
-        )
-        self._slack = counter(
-            "engram_offload_slack_seconds", "Time rows were ready before needed.", ["layer"]
-        )
-        self._steps = counter("engram_offload_steps", "Engine steps.")
-        self._step_time = counter("engram_offload_step_seconds", "Engine step time.")
         self._stall_fraction = gauge(
             "engram_offload_stall_fraction", "Stall time / step time over recent steps."
         )
@@ -305,7 +269,6 @@ class Metrics(EngineStats):
             "engram_offload_link_bandwidth_bytes_per_second",
             "Host-to-device copy ceiling measured at start-up.",
         )
-        self.fraction_source = None  # () -> float, the accountant's stall fraction
         # --- per Engram memory (label memory: the base model's name for its own layers), as
         # vLLM labels LoRA adapters by name
         mem = ["memory"]
@@ -326,6 +289,8 @@ class Metrics(EngineStats):
         self._mem_stall = counter(
             "engram_memory_stall_seconds", "Time compute waited for a memory's rows.", mem
         )
+        # what each step adds to a memory's series (_observe_memory), in this order
+        self._mem_step_counters = (self._mem_rows, self._mem_bytes, self._mem_hits, self._mem_stall)
         self._mem_version = gauge(
             "engram_memory_version", "The version of each memory new requests get.", mem
         )
@@ -414,7 +379,8 @@ class Metrics(EngineStats):
         for c in (self._mem_bytes, self._mem_hits, self._mem_stall):
             c.labels(m, label)
         self._mem_version.labels(m, label).set(memory.version)
-        memory.rows.accountant.subscribe(lambda step: self._observe_memory(label, step))
+        series = [c.labels(m, label) for c in self._mem_step_counters]
+        memory.rows.accountant.subscribe(lambda step: self._observe_memory(series, step))
 
     def forget_memory(self, name: str) -> None:
         """An unloaded memory serves no new requests: its series go (names come and go with
@@ -426,65 +392,51 @@ class Metrics(EngineStats):
             except KeyError:
                 pass
 
-    def _observe_memory(self, label: str, step: StepStats) -> None:
-        m = self.model_name
-        layers = step.layers.values()
-        self._mem_rows.labels(m, label).inc(sum(s.rows for s in layers))
-        self._mem_bytes.labels(m, label).inc(sum(s.bytes for s in layers))
-        self._mem_hits.labels(m, label).inc(sum(s.rows - s.fetched for s in layers))
-        self._mem_stall.labels(m, label).inc(sum(s.stall_s for s in layers))
+    def _observe_memory(self, series: list, step: StepStats) -> None:
+        """A step's rows, bytes, hits and stall, on the memory's series (made once)."""
+        rows = nbytes = hits = 0
+        stall = 0.0
+        for s in step.layers.values():
+            rows += s.rows
+            nbytes += s.bytes
+            hits += s.rows - s.fetched
+            stall += s.stall_s
+        for child, v in zip(series, (rows, nbytes, hits, stall)):
+            child.inc(v)
 
     def set_offload_static(self, table_bytes: dict[str, int], link_bps: float) -> None:
         for tier, n in table_bytes.items():
             self._table_bytes.labels(self.model_name, tier).set(n)
         self._link.labels(self.model_name).set(link_bps)
 
-    def init_offload_layers(self, layers: list[int], tier: str, hot: list[int] = ()) -> None:
-        """Create every per-layer series at zero so dashboards have data before traffic
-        (``hot``: the layers with a hot-row cache)."""
+    def watch_offload(
+        self, accountant: Accountant, layers: list[int], tier: str, hot: list[int] = ()
+    ) -> None:
+        """Export ``accountant``'s figures: every per-layer series from zero at once, so
+        dashboards have data before traffic (``hot``: the layers with a hot-row cache); the
+        counters and the stall fraction read when scraped, the histograms fed per step."""
         m = self.model_name
         self._hot_layers = set(hot)
-        for lid in layers:
-            for c in (self._bytes, self._rows, self._unique, self._hits, self._misses):
-                c.labels(m, str(lid), tier)
-            if tier == "file":
-                for c in (self._dram_hits, self._dram_misses, self._file_bytes):
-                    c.labels(m, str(lid), tier)
-                for c in (self._file_read, self._file_wait):
-                    c.labels(m, str(lid), tier)
-            if lid in self._hot_layers:
-                for c in (self._hits, self._misses, self._queries):
-                    c.labels(m, str(lid), HOT_TIER)
-            self._prefetch.labels(m, str(lid))
-            self._stall.labels(m, str(lid))
-            self._slack.labels(m, str(lid))
-        self._steps.labels(m)
-        self._step_time.labels(m)
-        self._stall_fraction.labels(m).set(0.0)
+        self.offload.watch(accountant, {lid: tier for lid in layers}, self._hot_layers)
+        self._step_hists = {lid: self._layer_hists(lid, tier) for lid in layers}
+        self._stall_fraction.labels(m).set_function(lambda: accountant.stall_fraction)
+        accountant.subscribe(self.observe_offload_step)
 
     def observe_offload_step(self, step: StepStats) -> None:
-        m = self.model_name
+        """A step's per-layer histograms (the engine's thread: no more than these)."""
+        hists = self._step_hists
         for lid, s in step.layers.items():
-            layer = str(lid)
-            self._bytes.labels(m, layer, s.tier).inc(s.bytes)
-            self._rows.labels(m, layer, s.tier).inc(s.rows)
-            self._unique.labels(m, layer, s.tier).inc(s.unique_rows)
-            if lid in self._hot_layers:
-                self._queries.labels(m, layer, HOT_TIER).inc(s.rows)
-                self._hits.labels(m, layer, HOT_TIER).inc(s.hits)
-                self._misses.labels(m, layer, HOT_TIER).inc(s.rows - s.hits)
-            self._hits.labels(m, layer, s.tier).inc(s.rows - s.hits - s.fetched)
-            self._misses.labels(m, layer, s.tier).inc(s.fetched)
-            self._prefetch.labels(m, layer).observe(s.prefetch_s)
+            got = hists.get(lid)
+            if got is None or (s.tier == "file") != (len(got) == 3):  # a layer not seen yet
+                got = hists[lid] = self._layer_hists(lid, s.tier)
+            got[0].observe(s.prefetch_s)
             if s.tier == "file":
-                self._dram_hits.labels(m, layer, s.tier).inc(s.file_hits)
-                self._dram_misses.labels(m, layer, s.tier).inc(s.file_misses)
-                self._file_bytes.labels(m, layer, s.tier).inc(s.file_bytes)
-                self._file_read.labels(m, layer, s.tier).observe(s.file_read_s)
-                self._file_wait.labels(m, layer, s.tier).observe(s.file_wait_s)
-            self._stall.labels(m, layer).inc(s.stall_s)
-            self._slack.labels(m, layer).inc(s.slack_s)
-        self._steps.labels(m).inc()
-        self._step_time.labels(m).inc(step.step_s)
-        if self.fraction_source is not None:
-            self._stall_fraction.labels(m).set(self.fraction_source())
+                got[1].observe(s.file_read_s)
+                got[2].observe(s.file_wait_s)
+
+    def _layer_hists(self, lid: int, tier: str) -> list:
+        m, layer = self.model_name, str(lid)
+        hists = [self._prefetch.labels(m, layer)]
+        if tier == "file":
+            hists += [h.labels(m, layer, tier) for h in (self._file_read, self._file_wait)]
+        return hists

@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 
 from .metrics import Metrics
 from .protocol import APIError
-from .sse import BODY_SEND
 
 log = logging.getLogger("engram.server")
 
@@ -179,7 +178,6 @@ class CatchAll:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        scope[BODY_SEND] = send  # for streamed body chunks (sse.py): this layer needs none
         started = False
 
         async def tracked(msg):

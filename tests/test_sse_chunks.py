@@ -2,6 +2,7 @@
 and a step's events may arrive together in one write (the client sees the same events)."""
 
 import json
+import time
 
 import httpx
 import pytest
@@ -49,3 +50,37 @@ def test_streamed_chunks_are_json_dumps_bytes(srv, path, body):
     finishes = [c["finish_reason"] for e in events for c in json.loads(e)["choices"]]
     assert finishes.count(None) < len(finishes)
     assert len([f for f in finishes if f]) == body.get("n", 1)
+
+
+def _wait_idle(srv, free_before: int) -> None:
+    deadline = time.monotonic() + 10
+    while srv.metric("engram_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.metric("engram_num_requests_running") == 0
+    assert srv.state.engine.cache.free_blocks == free_before
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"prompt": ["def", "import"], "n": 2}),  # several queues read
+    ],
+)
+def test_a_client_gone_mid_stream_aborts_its_sequences(srv, path, body):
+    """No listener task beside the stream: the disconnect still reaches the engine, every
+    sequence of the request is aborted and its KV blocks freed; the server serves on."""
+    model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+    body = {**body, "model": model, "max_tokens": 400, "temperature": 0, "stream": True}
+    before = srv.state.engine.cache.free_blocks
+    aborted = srv.metric("engram_request_success_total", 'finished_reason="abort"')
+    with httpx.stream("POST", srv.url + path, json=body, timeout=30) as r:
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        lines = r.iter_lines()
+        assert any(next(lines).startswith("data: ") for _ in range(3))
+        assert srv.metric("engram_num_requests_running") >= 1
+    _wait_idle(srv, before)
+    seqs = len(body.get("prompt", [0])) * body.get("n", 1)  # ended by the abort, not their length
+    assert srv.metric("engram_request_success_total", 'finished_reason="abort"') == aborted + seqs
+    events = _events(srv, path, {**body, "max_tokens": 3})
+    assert json.loads(events[-1])["choices"]
