@@ -89,6 +89,13 @@ def _cpu_s(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _loop_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread: the server's event loop (the
+    HTTP layer's own work; the engine steps on a thread of its own)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,12 +152,20 @@ class Clients:
     def round(self, prompts: list[list[int]], max_tokens: int) -> dict:
         async def go() -> dict:
             c0, p0, t0 = _cpu_s(self.pid), time.process_time(), time.perf_counter()
+            l0 = _loop_cpu_s(self.pid)
             got = await asyncio.gather(
                 *(_stream(self.client, self.url, self.model, p, max_tokens) for p in prompts)
             )
             wall = time.perf_counter() - t0
             cpu, client_cpu = _cpu_s(self.pid) - c0, time.process_time() - p0
-            return {"tokens": sum(got), "wall_s": wall, "cpu_s": cpu, "client_cpu_s": client_cpu}
+            loop = _loop_cpu_s(self.pid) - l0
+            return {
+                "tokens": sum(got),
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "loop_cpu_s": loop,
+                "client_cpu_s": client_cpu,
+            }
 
         return self.loop.run_until_complete(go())
 
@@ -280,6 +295,10 @@ def run(args) -> dict:
                 for h, d in zip(rounds["http"], rounds["direct"])
             ]
         ),
+        # the server's event-loop thread alone (ticks of 1/CLK_TCK s: coarse at short rounds)
+        "loop_cpu_us_per_token": summarize(
+            [1e6 * h["loop_cpu_s"] / h["tokens"] for h in rounds["http"]]
+        ),
         "client_cpu_us_per_token": summarize(
             [1e6 * h["client_cpu_s"] / h["tokens"] for h in rounds["http"]]
         ),
@@ -311,6 +330,10 @@ def main(argv: list[str]) -> int:
         f"server CPU per token {cs['median']:+.0%} over the engine's own "
         f"({cs['min']:+.0%}..{cs['max']:+.0%}); clients (one asyncio loop, counted apart) "
         f"{cl['median']:.0f} CPU µs per token"
+    )
+    lp = res["loop_cpu_us_per_token"]
+    print(
+        f"server event loop {lp['median']:.0f} CPU µs per token ({lp['min']:.0f}-{lp['max']:.0f})"
     )
     print(f"\nwrote {out / 'httpcost.json'}")
     return 0

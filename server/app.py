@@ -44,7 +44,7 @@ from .memories import describe as describe_memories
 from .memories import router as memories_router
 from .memories import updates as memory_updates_router
 from .metrics import Metrics
-from .middleware import BodyCheck, CatchAll, KeyCheck, error_response, needs_key
+from .middleware import Gate, error_response, needs_key
 from .openapi import (
     STREAM,
     ChatCompletionResponse,
@@ -462,10 +462,8 @@ def create_app(
     app.include_router(memories_router)
     if cfg.allow_memory_updates:  # vLLM: load_lora_adapter only with runtime updates allowed
         app.include_router(memory_updates_router)
-    # outermost last: CatchAll, then the key (before any body is read), then the body checks
-    app.add_middleware(BodyCheck, limit=cfg.max_body_bytes, metrics=state.metrics)
-    app.add_middleware(KeyCheck, api_key=cfg.api_key, metrics=state.metrics)
-    app.add_middleware(CatchAll, metrics=state.metrics)
+    # the catch-all, then the key (before any body is read), then the body checks: one layer
+    app.add_middleware(Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=state.metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

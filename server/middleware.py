@@ -1,4 +1,4 @@
-"""ASGI middleware around the app, outermost first: an unexpected exception becomes one logged
+"""The ASGI layer around the app (:class:`Gate`): an unexpected exception becomes one logged
 traceback and one OpenAI-shaped 500 on a connection that stays usable; the API key is checked
 from the headers alone, before any body is read; bodies are bounded, JSON and Unicode."""
 
@@ -79,30 +79,6 @@ def needs_key(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/") or path in KEYED_PATHS
 
 
-class KeyCheck:
-    """``Authorization: Bearer KEY`` on the routes :func:`needs_key` names, from the request
-    line and headers alone: a request without the key gets its 401 before its body is read
-    (no 413 or 400 tells a stranger anything). CORS preflights (OPTIONS) pass, as in vLLM."""
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics | None = None) -> None:
-        self.app, self.key, self.metrics = app, (api_key or "").encode(), metrics
-
-    async def __call__(self, scope, receive, send):
-        if (
-            not self.key
-            or scope["type"] != "http"
-            or scope["method"] == "OPTIONS"
-            or not needs_key(scope["path"])
-        ):
-            return await self.app(scope, receive, send)
-        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-        given = auth[7:] if auth[:7].lower() == b"bearer " else b""
-        if hmac.compare_digest(given, self.key):
-            return await self.app(scope, receive, send)
-        err = APIError(401, "invalid or missing API key", None, "invalid_api_key")
-        return await error_response(err, self.metrics)(scope, receive, send)
-
-
 def json_media_type(content_type: bytes) -> bool:
     mime = content_type.split(b";", 1)[0].strip().lower()
     return mime == b"application/json" or (
@@ -110,34 +86,80 @@ def json_media_type(content_type: bytes) -> bool:
     )
 
 
-class BodyCheck:
-    """Read a request body once, before any handler: over ``limit`` bytes (declared or sent)
-    -> 413; a Content-Type that is not JSON -> 415 (none at all is read as JSON, as curl
-    sends it without -H); text that is not valid Unicode -> 400 naming the field (tokenizers
-    and JSON encoders raise on lone surrogates); otherwise the body is replayed to the app."""
+class Gate:
+    """The one ASGI layer in front of the app, checks in this order:
 
-    def __init__(self, app, limit: int, metrics: Metrics | None = None) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
+    - the API key: ``Authorization: Bearer KEY`` on the routes :func:`needs_key` names, from
+      the request line and headers alone, so a request without the key gets its 401 before
+      its body is read (no 413 or 400 tells a stranger anything). CORS preflights (OPTIONS)
+      pass, as in vLLM.
+    - the body (not for GET or HEAD), read once: over ``limit`` bytes (declared or sent) ->
+      413; a Content-Type that is not JSON -> 415 (none at all is read as JSON, as curl sends
+      it without -H); text that is not valid Unicode -> 400 naming the field (tokenizers and
+      JSON encoders raise on lone surrogates); otherwise the body is replayed to the app.
+    - the catch-all: an exception no handler answered is logged once, with its traceback,
+      and answered with a 500 in OpenAI's shape. Nothing re-raises it, so the server does not
+      log it again nor drop the keep-alive connection.
+
+    One layer, not three: each is a coroutine frame and a ``send`` wrapper every request
+    passes through."""
+
+    def __init__(
+        self, app, api_key: str | None, limit: int, metrics: Metrics | None = None
+    ) -> None:
+        self.app, self.key, self.limit, self.metrics = app, (api_key or "").encode(), limit, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            err = self.key_error(scope)
+            if err is None and scope["method"] not in ("GET", "HEAD"):
+                err, scope, receive = await self.read_body(scope, receive)
+            if err is not None:
+                return await error_response(err, self.metrics)(scope, receive, send)
+            if receive is not None:
+                await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:  # otherwise the response is cut short; nothing more to say
+                err = APIError(500, f"internal error: {type(e).__name__}")
+                await error_response(err, self.metrics)(scope, receive, send)
+
+    def key_error(self, scope) -> APIError | None:
+        if not self.key or scope["method"] == "OPTIONS" or not needs_key(scope["path"]):
+            return None
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        if hmac.compare_digest(given, self.key):
+            return None
+        return APIError(401, "invalid or missing API key", None, "invalid_api_key")
+
+    async def read_body(self, scope, receive):
+        """(error or None, the scope, a receive that replays the body); receive None when
+        the client went before its body was read (nothing to answer)."""
         why = f"request body over {self.limit} bytes (--max-body-bytes)"
         too_big = APIError(413, why, None, "request_too_large")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await error_response(too_big, self.metrics)(scope, receive, send)
-
+            return too_big, scope, receive
         chunks, size = [], 0
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                return
+                return None, scope, None
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await error_response(too_big, self.metrics)(scope, receive, send)
+                return too_big, scope, receive
             if not msg.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
@@ -152,10 +174,10 @@ class BodyCheck:
                 None,
                 "unsupported_media_type",
             )
-            return await error_response(err, self.metrics)(scope, receive, send)
+            return err, scope, receive
         err = unicode_error(body)
         if err is not None:
-            return await error_response(err, self.metrics)(scope, receive, send)
+            return err, scope, receive
 
         async def replay():
             nonlocal replayed
@@ -164,31 +186,4 @@ class BodyCheck:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
-
-
-class CatchAll:
-    """The outermost handler: an exception no handler answered is logged once, with its
-    traceback, and answered with a 500 in OpenAI's shape. Nothing re-raises it, so the server
-    does not log it again nor drop the keep-alive connection."""
-
-    def __init__(self, app, metrics: Metrics | None = None) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked(msg):
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as e:
-            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if not started:  # otherwise the response is cut short; nothing more to say
-                err = APIError(500, f"internal error: {type(e).__name__}")
-                await error_response(err, self.metrics)(scope, receive, send)
+        return None, scope, replay

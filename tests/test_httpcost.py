@@ -1,13 +1,15 @@
 """engram-bench --http-cost's fairness pieces: the direct engine gets the server's flags, and
-the server's CPU counts the processes it started."""
+the server's CPU counts the processes it started, its event loop's is its main thread's."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
 
-from bench.httpcost import _cpu_s, build_parser, serve_argv
+from bench.httpcost import _cpu_s, _loop_cpu_s, build_parser, serve_argv
 
 
 def test_direct_engine_gets_the_servers_flags():
@@ -35,3 +37,22 @@ def test_cpu_counts_child_processes():
         seen = max(seen, _cpu_s(parent.pid))
         time.sleep(0.05)
     assert seen >= 0.3  # the child's burn, read while it ran
+
+
+def _burn(seconds: float) -> None:
+    t = time.thread_time()
+    while time.thread_time() - t < seconds:
+        pass
+
+
+def test_loop_cpu_is_the_main_threads_alone():
+    pid = os.getpid()
+    t0 = _loop_cpu_s(pid)
+    other = threading.Thread(target=_burn, args=(0.5,))  # as the engine's thread
+    other.start()
+    other.join()
+    t1 = _loop_cpu_s(pid)
+    _burn(0.5)  # as the event loop
+    t2 = _loop_cpu_s(pid)
+    assert t1 - t0 < 0.2
+    assert t2 - t1 >= 0.4

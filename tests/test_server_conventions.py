@@ -4,6 +4,10 @@ same observations as engram_* ones; process collectors; repetition_penalty and t
 fields the server refuses; limits named by field and flag; the document agreeing with the
 server on the cases a fuzzer found."""
 
+import socket
+import time
+from urllib.parse import urlsplit
+
 import httpx
 import jsonschema_rs
 import pytest
@@ -42,6 +46,27 @@ def test_the_key_is_checked_before_the_body_is_read(keyed):
     _err(httpx.post(url, content=b"{not json"), 401)
     _err(httpx.post(url, json=huge, headers=KEY), 413, None, "300 bytes (--max-body-bytes)")
     assert httpx.post(url, content=b"{not json", headers=KEY).status_code == 400
+
+
+def test_a_client_gone_before_its_body_is_sent_gets_nothing_and_the_server_serves_on(keyed):
+    u = urlsplit(keyed.url)
+    with socket.create_connection((u.hostname, u.port)) as c:  # headers, half the body, gone
+        c.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt": '
+        )
+    time.sleep(0.2)  # the server has seen it go
+
+    def errors() -> list[str]:
+        text = httpx.get(keyed.url + "/metrics").text
+        return [ln for ln in text.splitlines() if ln.startswith("engram_request_errors_total")]
+
+    before = errors()
+    body = {"model": "tiny-ckpt0", "prompt": "a", "max_tokens": 1}
+    r = httpx.post(keyed.url + "/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    assert "internal error" not in r.text
+    assert errors() == before  # no 500 answered to the one that went
 
 
 def test_every_v1_path_is_behind_the_key_and_the_open_routes_are_open(keyed):
