@@ -14,8 +14,9 @@ every mode, in a rotated order. Per point and mode the figures are medians over 
   device's parts run on the worker); the timer's own cost (~1.5 µs a part) is not in it;
 - device µs per step: those parts (on a CPU they run in the host thread or its worker);
 - device idle share: the part of the step's wall time the device waits for the host (in
-  series: host / (host + device); overlapped: 1 - the worker's busy time / the step's wall
-  time, the worker being the device's side, which on a CPU runs the forward pass).
+  series: host / (host + device); overlapped: 1 - the worker's time on the job the step reads
+  / the step's wall time, the worker being the device's side, which on a CPU runs the forward
+  pass).
 
 Each point runs with two stand-ins for the device (``--stand-in``): ``forward``, the model's
 own forward pass on the CPU, and ``idle``, the forward pass replaced by rows of a fixed pool
@@ -154,7 +155,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     )
     seat(engine, batch, context, params, rng)
     timer = HostTimer()
-    queue = engine.overlap.queue if engine.overlap is not None else None
+    overlap = engine.overlap
     steps = []
     # overlapped, every other timed step runs without the per-part timer (about 1.5 µs a
     # part, the instrument's and not the engine's): its host cost is the thread's CPU time
@@ -162,20 +163,23 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     untimed: list[int] = []
     with timer:
         for k in range(args.warmup + args.steps):
-            if queue is not None and k >= args.warmup and (k - args.warmup) % 2:
+            if overlap is not None and k >= args.warmup and (k - args.warmup) % 2:
                 c0 = time.thread_time_ns()
                 engine.step()
                 untimed.append(time.thread_time_ns() - c0)
                 continue
             timer.take()
             gc0 = timer.gc_ns
-            busy0 = queue.busy_s if queue else 0.0
+            read = overlap.inflight if overlap is not None else None  # the job this step reads
             w0 = time.perf_counter_ns()
             engine.step(timer)
             wall = time.perf_counter_ns() - w0
             parts = timer.take()
-            if queue:  # the device's side ran on the worker: its busy time
-                parts["device"] = int(1e9 * (queue.busy_s - busy0))
+            if overlap is not None:
+                # the device's side ran on the worker: the worker's time on the job this step
+                # read (it waited for it), not the busy time that happened to end inside the
+                # step (a job that ends between two steps would be in neither)
+                parts["device"] = 0 if read is None else int(1e9 * read.future.busy_s)
             if k >= args.warmup:
                 steps.append((parts, wall, timer.gc_ns - gc0))
     engine.abort(list(engine.scheduler.running))
@@ -186,7 +190,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     host = [sum(v for n, v in p.items() if n not in DEVICE_PARTS) / 1e3 for p, _, _ in steps]
     dev = [sum(v for n, v in p.items() if n in DEVICE_PARTS) / 1e3 for p, _, _ in steps]
     wall = [w / 1e3 for _, w, _ in steps]
-    if queue:  # overlapped: the device idles for the part of the step it is not busy
+    if overlap is not None:  # overlapped: the device idles for the part of the step it is not busy
         idle = [max(0.0, 1.0 - d / w) if w else 0.0 for d, w in zip(dev, wall)]
     else:  # in series the device waits for all of the host's work
         idle = [h / (h + d) if h + d else 0.0 for h, d in zip(host, dev)]

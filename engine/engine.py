@@ -310,6 +310,8 @@ class Engine:
         text (:meth:`Detokenizer._add_plain`'s first case, inlined)."""
         gaps: list[float] = []
         appended, append, eos, finished = 0, self._append, self._eos, Status.FINISHED
+        # bound once: the loop runs for every sequence of every step
+        emit, gap, output = outputs.append, gaps.append, SeqOutput
         for seq, g in zip(seqs, got):
             if late:
                 seq.inflight -= 1
@@ -337,12 +339,12 @@ class Engine:
                     else:  # whole characters on its own, nothing waiting before it
                         detok._pieces.append(text)
                 except Exception as e:  # its detokenizer: this sequence alone
-                    outputs.append(self._fail(seq, e))
+                    emit(self._fail(seq, e))
                     continue
                 out_ids.append(tok)
-                gaps.append(now - last)
+                gap(now - last)
                 seq.last_token_at = now
-                outputs.append(SeqOutput(seq, [tok], text))
+                emit(output(seq, [tok], text))
                 continue
             try:
                 outputs.append(append(seq, tok, lp, now, gaps))

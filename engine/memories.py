@@ -220,7 +220,12 @@ class MemorySet:
         """Each memory's sequences and token rows in a step; None when every sequence reads
         the base memory (the step runs as without memories)."""
         self.step += 1
-        if all(m is None or m.base for m in {s.memory for s in seqs}):  # the distinct ones
+        # no memory besides the base loaded or still held (retired ones stay listed until
+        # freed): every sequence reads the base, without a pass over the step's sequences
+        if (not self.current and not self.retired) or all(
+            m is None or m.base
+            for m in {s.memory for s in seqs}  # the distinct ones
+        ):
             self.base.last_used = self.step
             self.previous = set()
             return [] if self.base.plain else None

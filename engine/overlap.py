@@ -40,7 +40,7 @@ from .host_time import NO_TIMER
 from .inputs import to_device
 from .sampling import SampleRow, draw, logprobs_of, unpack_logprobs
 from .scheduler import ScheduledStep
-from .sequence import PLACEHOLDER_IDS, Sequence
+from .sequence import Sequence
 from .step_queue import Pending, StepQueue
 
 if TYPE_CHECKING:
@@ -146,21 +146,24 @@ class Overlap:
     # --- host side -----------------------------------------------------------------------------
     def _submit(self, step: ScheduledStep, failed: list, timer) -> Job | None:
         e, prev = self.engine, self.inflight
-        n = len(step.seqs)
-        known = [ids is not PLACEHOLDER_IDS for ids in step.new_ids]  # the scheduler's one list
-        src = [s.inflight_row for s, k in zip(step.seqs, known) if not k]
+        n, known = len(step.seqs), step.known
         try:
             prep = e.runner.step(step.seqs, step.new_ids, False, timer, known, later=True)
         except Exception as ex:  # a shared fault on the host side: this step's sequences fail
             e.fail_step(step, ex, failed)
             return None
-        wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
         with timer("sample"):
-            at = [i for i in range(n) if step.samples[i]]
-            seqs = step.seqs if len(at) == n else [step.seqs[i] for i in at]
+            every = all(step.samples)
+            at = None if every else [i for i in range(n) if step.samples[i]]
+            seqs = step.seqs if every else [step.seqs[i] for i in at]
+            # a sequence fed its token in flight is sampled too: ``known`` read by sampled row
+            fed = known if every else [known[i] for i in at]
             rows = []
             penalised = []  # (row, its token's row in the step before) to extend
+            src = []  # for each placeholder, in token order: its token's row in the step before
             for k, s in enumerate(seqs):  # Engine.sample_inputs, in the same pass
+                if not fed[k]:
+                    src.append(s.inflight_row)
                 r = s.sample_row
                 if not s.same_row or r is None:
                     r = e.sample_input(s)
@@ -168,7 +171,8 @@ class Overlap:
                         penalised.append((k, s.inflight_row))
                 rows.append(r)
                 s.inflight, s.inflight_row = s.inflight + 1, k
-        job = Job(step, seqs, rows, None if len(at) == n else at, wait_slots, src, penalised)
+        wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
+        job = Job(step, seqs, rows, at, wait_slots, src, penalised)
         if "table_slots" in prep.parts:
             job.written = tuple(
                 prep.parts[k] for k in ("table_slots", "table_cols", "table_blocks")

@@ -26,6 +26,9 @@ class ScheduledStep:
     new_ids: list[list[int]]
     samples: list[bool]  # whether this step's last logit of the sequence is sampled
     preempted: list[Sequence]
+    # False where the sequence is fed its token in flight (new ids ``PLACEHOLDER_IDS``),
+    # filled in by the same pass that picks the step (overlap's submit reads it)
+    known: list[bool]
 
     @property
     def num_tokens(self) -> int:
@@ -85,7 +88,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep | None:
         budget = self.max_num_batched_tokens
-        seqs, new_ids, samples, preempted = [], [], [], []
+        seqs, new_ids, samples, preempted, known = [], [], [], [], []
         free_blocks = self.cache.free_blocks
         hold_decodes = self.prefill_first and (
             bool(self.waiting) or any(s.prefilling for s in self.running)
@@ -93,7 +96,8 @@ class Scheduler:
 
         # 1. running sequences first (decodes, then unfinished prompt chunks), oldest first;
         # a short-path decode appends only its sequence: its new ids (the one placeholder
-        # list) and sample flag (True) are filled in at once before the next other entry
+        # list), sample flag (True) and known flag (False) are filled in at once before the
+        # next other entry
         bs, running, limit = self.cache.block_size, Status.RUNNING, self.max_tokens_per_seq
         for seq in list(self.running):
             if budget <= 0:
@@ -138,14 +142,17 @@ class Scheduler:
                 gap = len(seqs) - len(new_ids)
                 new_ids += [PLACEHOLDER_IDS] * gap
                 samples += [True] * gap
+                known += [False] * gap
             seqs.append(seq)
             # pending_ids gives a new list (or PLACEHOLDER_IDS, kept as itself): not copied again
             new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
+            known.append(pending is not PLACEHOLDER_IDS)
         if len(new_ids) < len(seqs):
             gap = len(seqs) - len(new_ids)
             new_ids += [PLACEHOLDER_IDS] * gap
             samples += [True] * gap
+            known += [False] * gap
 
         # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
         live = self._memories_live() if self.max_memories else set()
@@ -175,9 +182,10 @@ class Scheduler:
             seqs.append(seq)
             new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
+            known.append(pending is not PLACEHOLDER_IDS)
 
         if not seqs:
             if self.memories is not None:  # the step in flight is read before the next one
                 self.memories.idle()
             return None
-        return ScheduledStep(seqs, new_ids, samples, preempted)
+        return ScheduledStep(seqs, new_ids, samples, preempted, known)

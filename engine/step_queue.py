@@ -6,8 +6,9 @@ finishing, scheduling) while the worker runs it: on a CPU the worker is the devi
 fills in step N+1's placeholders from step N's tokens and issues its kernels. Jobs run one at
 a time in submission order, so a job always finds the one before it finished.
 
-The worker's busy time is summed (wall clock), so engram-bench can tell how much of a window
-the device spent waiting for the host.
+The worker's busy time is summed (wall clock), and each job's own is kept on its
+:class:`Pending`, so engram-bench can tell how much of a step the device spent waiting for
+the host.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ class Pending:
     """A job's result once the worker has run it (a lighter Future: one lock, no condition
     variable; this is waited on every step)."""
 
-    __slots__ = ("_done", "_value", "_error")
+    __slots__ = ("_done", "_value", "_error", "busy_s")
 
     def __init__(self) -> None:
         self._done = threading.Lock()
         self._done.acquire()  # released by the worker when the job has run
         self._value, self._error = None, None
+        self.busy_s = 0.0  # the job's wall time on the worker, set before it is released
 
     def result(self):
         if self._done.locked():
@@ -84,8 +86,9 @@ def _work(jobs: queue.SimpleQueue, device: torch.device, owner: weakref.ref) -> 
         except BaseException as e:  # handed to whoever reads the result
             pending._error = e
         finally:
+            pending.busy_s = time.perf_counter() - t
             if (q := owner()) is not None:
-                q.busy_s += time.perf_counter() - t
+                q.busy_s += pending.busy_s
             del q
             pending._done.release()
         del item, fn, args, pending  # nothing of a finished job is kept alive here

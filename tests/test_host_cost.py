@@ -46,7 +46,11 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
     assert points == {(m, b, c, k) for m in modes for b, c in grid for k in kinds}
     for x in res["results"]:
         assert len(x["host_us"]["raw"]) == 2 and x["host_us"]["median"] > 0
-        assert x["device_us"]["median"] > 0 and 0 <= x["device_idle"]["median"] < 1
+        # every round's: overlapped, the device's part is the worker's time on the job the
+        # step read (busy time that ended inside the step was 0 when the job ended between
+        # two steps, and the device idle share then 1)
+        assert min(x["device_us"]["raw"]) > 0 and max(x["device_idle"]["raw"]) < 1
+        assert min(x["device_idle"]["raw"]) >= 0
         # in series the forward pass runs in the host thread; overlapped, on the worker
         device = "device" if x["mode"] == "overlap" else "forward"
         assert {"schedule", "hash", "pack", "append", device} <= set(x["parts_us"])
@@ -61,8 +65,8 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
     assert len(table) == 2 + len(grid)
     assert "overlapped, idle device" in table[0]
 
-    def got(k):
-        key = ("overlap", 4, 40, k)
+    def got(k, mode="overlap"):
+        key = (mode, 4, 40, k)
         return next(
             x for x in res["results"] if (x["mode"], x["batch"], x["context"], x["stand_in"]) == key
         )
@@ -71,8 +75,10 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
     # the forward stand-in's overlapped figure, then the idle one's (after in series)
     assert row[3].startswith(f"{got('forward')['host_us']['median']:,.0f} (")
     assert row[6].startswith(f"{got('idle')['host_us']['median']:,.0f} (")
-    # the idle stand-in reads nothing of the model: its device part is a fraction
-    assert got("idle")["device_us"]["median"] < got("forward")["device_us"]["median"]
+    # the idle stand-in reads nothing of the model: its device part is a fraction (in series,
+    # where it is the host thread's CPU time: a worker's wall time can take a preemption)
+    idle, forward = got("idle", "no-overlap"), got("forward", "no-overlap")
+    assert idle["device_us"]["median"] < forward["device_us"]["median"]
 
 
 def test_idle_stand_in_gives_the_steps_logits_and_restores_the_model():

@@ -112,6 +112,14 @@ def test_dedup_plan_reconstructs_rows():
     np.testing.assert_array_equal(lp.fetch[lp.inverse].reshape(3, 2), row_ids[3])
 
 
+def test_unique_rows_counts_distinct_lookups_without_dedup():
+    rng = np.random.default_rng(1)
+    for n, high in ((0, 5), (1, 5), (7, 3), (4096, 3000), (4096, 1 << 40)):
+        ids = rng.integers(0, high, n).reshape(-1, 1)
+        lp = LookupPlan.build({0: ids}, {0: high}).layers[0]
+        assert lp.inverse is None and lp.unique_rows == np.unique(ids).size
+
+
 def test_bad_index_fails_on_the_host_naming_the_layer():
     with pytest.raises(GatherError, match="Engram layer 2: row 10 is outside"):
         LookupPlan.build({2: np.array([[1, 10]])}, {2: 10})

@@ -34,6 +34,17 @@ def test_jobs_run_in_order_and_results_and_errors_come_back():
         q.submit(job, 0)
 
 
+def test_each_job_keeps_its_own_time_on_the_worker():
+    q = StepQueue(torch.device("cpu"))
+    slow, quick = q.submit(time.sleep, 0.03), q.submit(int, 1)
+    quick.result()
+    # read once the result is there, whenever the reader looks (engram-bench --host-cost's
+    # device part: the job a step read, not the busy time that ended inside the step)
+    assert slow.busy_s >= 0.03 and 0 < quick.busy_s < slow.busy_s
+    assert q.busy_s == pytest.approx(slow.busy_s + quick.busy_s)
+    q.close()
+
+
 def test_a_dropped_queue_stops_its_worker():
     q = StepQueue(torch.device("cpu"))
     q.submit(int, 1).result()
