@@ -19,10 +19,14 @@ tier's share of each plan (rows -> slots, misses announced or issued) is timed p
 
 Prompts: windows of the held-out corpus files (tokenized) and random ids, fresh each round,
 the same for every row within it. Each job prefills ``--num-seqs`` prompts and decodes
-``--decode-tokens`` greedily, overlapped steps as the server runs them. Rounds interleave
-every row (rotated order); figures are medians with min-max over rounds: decode tokens/s and
-ms per decode step, the penalty against ``resident`` and against ``host`` (median of the
-per-round ratios, with their min-max: rows of one round ran back to back), bytes per token
+``--decode-tokens`` greedily, overlapped steps as the server runs them. Every row is first
+warmed up on a whole workload of its own (every prompt of both kinds, the full decode). A
+round runs every other row in a pair with ``host``, back to back on the same prompts (rows
+rotated, which of the two goes first alternating), so the load a pair meets is shared by both
+its jobs; figures are medians with min-max over rounds: decode tokens/s and ms per decode
+step, the penalty against ``host`` (median and min-max of the per-round ratios within the
+pairs) and against ``resident`` (each round's pair ratios chained through ``host``), bytes
+per token
 over each link (hot cache -> compute, host tier or DRAM cache -> compute, file -> DRAM), the
 hit rate of each cache, file read and stall ms per step; greedy tokens checked against
 ``resident``. Results: ``tiers.json`` and ``tiers.png``.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import sys
 import time
@@ -290,23 +295,43 @@ def verdict(pen: dict, limit: float = 10.0) -> str:
     return f"median over {limit:g}%, rounds spread below it (noise)"
 
 
-def tabulate(raw: dict, names: list[str]) -> dict:
+def pairs(rows: list[Row], r: int) -> list[tuple[Row, Row]]:
+    """Round ``r``'s jobs: every row but ``host`` beside a ``host`` job, rows rotated by the
+    round, ``host`` first in every other pair (the first and second of a pair alternate over
+    the rounds, so neither side always meets a job's after-effects)."""
+    host = next(row for row in rows if row.name == "host")
+    others = [row for row in rows if row is not host]
+    others = others[r % len(others) :] + others[: r % len(others)]
+    return [(host, x) if (r + i) % 2 == 0 else (x, host) for i, x in enumerate(others)]
+
+
+def tabulate(raw: dict, paired: dict, names: list[str]) -> dict:
+    """``raw[kind][row]``: the row's jobs (one a round; ``host``: every pair's), ``paired``:
+    the ``host`` job that ran beside each (``host``'s own: themselves)."""
     table = {}
     for kind, rows in raw.items():
         table[kind] = {}
+        tok_of = lambda jobs: [j["decode_tok_s"] for j in jobs]
+        resident = {j["round"]: j for j in rows["resident"]}
+        # resident over its host in each round: the base the other rows' pair ratios meet
+        res_ratio = [
+            r / h for r, h in zip(tok_of(rows["resident"]), tok_of(paired[kind]["resident"]))
+        ]
         for name in names:
             jobs = rows[name]
-            tok = [j["decode_tok_s"] for j in jobs]
-            res, host = rows["resident"], rows["host"]
+            tok, host = tok_of(jobs), tok_of(paired[kind][name])
+            rel = [1.0] * len(res_ratio) if name == "host" else [t / h for t, h in zip(tok, host)]
             entry = {
                 "decode_tok_s": summarize(tok),
                 "step_ms": summarize([j["step_ms"] for j in jobs]),
-                "penalty_vs_resident_pct": ratio_summary(tok, [j["decode_tok_s"] for j in res]),
-                "penalty_vs_host_pct": ratio_summary(tok, [j["decode_tok_s"] for j in host]),
+                "penalty_vs_resident_pct": ratio_summary(rel, res_ratio),
+                "penalty_vs_host_pct": ratio_summary(tok, host),
                 "bytes_per_token": {
                     k: float(np.median([j["bytes_per_token"][k] for j in jobs])) for k in LINKS
                 },
-                "tokens_equal_resident": all(j["tokens"] == r["tokens"] for j, r in zip(jobs, res)),
+                "tokens_equal_resident": all(
+                    j["tokens"] == resident[j["round"]]["tokens"] for j in jobs
+                ),
             }
             for k in ("hot_hit_rate", "dram_hit_rate", *FILE_MS, STALL):
                 vals = [j[k] for j in jobs if j[k] is not None]
@@ -360,6 +385,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    load_start = os.getloadavg()
     om = OffloadedModel.load(args.model, placement="cpu", gather="resident", progress=False)
     from models.checkpoint import default_model_dir
 
@@ -368,14 +394,22 @@ def main(argv: list[str] | None = None) -> int:
     sets = prompt_sets(om, args)
     warm, sets = sets[0], sets[1:]
     for row in rows:  # warm every path up (caches keep what they learn, as a server's would)
-        run_job(om, row, warm["random"][:2], args)
+        for kind in warm:
+            run_job(om, row, warm[kind], args)
     names = [r.name for r in rows]
     raw = {k: {n: [] for n in names} for k in warm}
+    paired = {k: {n: [] for n in names} for k in warm}  # the host job beside each
     for r in range(args.rounds):
         for kind in warm:
-            for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
-                raw[kind][row.name].append(run_job(om, row, sets[r][kind], args))
+            for first, second in pairs(rows, r):
+                a, b = (run_job(om, x, sets[r][kind], args) | {"round": r} for x in (first, second))
+                (job, host), row = ((a, b), first) if second.name == "host" else ((b, a), second)
+                raw[kind][row.name].append(job)
+                paired[kind][row.name].append(host)
+                raw[kind]["host"].append(host)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    for kind in raw:  # host's own pair: each of its jobs against itself
+        paired[kind]["host"] = raw[kind]["host"]
     date = dt.date.today().isoformat()
     out = Path(args.out) if args.out else Path("bench/results") / f"{date}-cpu-tiers"
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(om.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "setup": setup | {"page_cache": "kept" if args.keep_page_cache else "dropped per job"},
-        "rows": tabulate(raw, names),
+        "load_average": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "rows": tabulate(raw, paired, names),
     }
     (out / "tiers.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "tiers.png")
