@@ -11,7 +11,9 @@ top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) 
 are warmed before serving from the same profile (``FileTier.warm``; behind a static hot set,
 with the rows ranked after it). ``file + DRAM, sync reads`` reads a step's misses before its
 plan returns, for the stall measured beside the issued reads in the same rounds; ablations of
-``file + DRAM``: ``reads on threads`` (misses read on the tier's issuing threads, not lazily
+``file + DRAM``: ``announced in the plan`` (the misses' pages announced to the kernel while
+the plan is built, on the step's critical path, rather than by the step's first gather),
+``reads on threads`` (misses read on the tier's issuing threads, not lazily
 by the gather), ``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
 hash directory and one reference bit, the tier's policy before). The file's pages are dropped
 from the page cache before every file-tier job (``--keep-page-cache`` keeps them). The file
@@ -72,7 +74,8 @@ STALL = "stall_ms_per_step"
 BASELINES = ("resident", "host")  # every penalty is against these: they always run
 ROW_NAMES = (
     *BASELINES, "host + hot static", "host + hot adaptive", "file + DRAM, sync reads",
-    "file + DRAM", "file + DRAM, reads on threads", "file + DRAM, cold start",
+    "file + DRAM", "file + DRAM, announced in the plan", "file + DRAM, reads on threads",
+    "file + DRAM, cold start",
     "file + DRAM, cold, hash directory, CLOCK bits", "file + DRAM + hot static",
     "file + DRAM + hot adaptive",
 )  # fmt: skip
@@ -214,12 +217,12 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True):
+    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True, in_plan=False):
         cache, tier = open_file_tier(
             path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
             directory="hash" if main else "auto",
         )  # fmt: skip
-        tier.async_reads, tier.lazy_reads = async_reads, lazy
+        tier.async_reads, tier.lazy_reads, tier.announce_in_plan = async_reads, lazy, in_plan
         for fl in tier.layers.values():
             fl.cache.max_ref = 1 if main else fl.cache.max_ref
         if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
@@ -235,6 +238,7 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", lambda: hot(host(), "adaptive"))
     add("file + DRAM, sync reads", lambda: file(async_reads=False), path)
     add("file + DRAM", file, path)
+    add("file + DRAM, announced in the plan", lambda: file(in_plan=True), path)
     add("file + DRAM, reads on threads", lambda: file(lazy=False), path)
     add("file + DRAM, cold start", lambda: file(warm=False), path)
     add("file + DRAM, cold, hash directory, CLOCK bits", lambda: file(main=True), path)

@@ -86,6 +86,19 @@ class Ticket:
     # layer -> reads of earlier steps still in flight when this one was planned: rows this
     # step found in the cache may be landing there
     earlier: dict[int, list[Future]] = field(default_factory=dict)
+    # (reader, rows) of the step's misses not yet announced to the kernel (FileTier's
+    # announce_in_plan False): the first read of the step to run announces them all
+    unannounced: list = field(default_factory=list)
+    _once: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def announce(self) -> None:
+        """Queue every layer's missed pages in the kernel, once, before the first read: the
+        pages of the later layers are on their way while the earlier ones are read (a read
+        that comes while another thread announces waits for it)."""
+        with self._once:
+            todo, self.unannounced = self.unannounced, []
+            for reader, rows in todo:
+                reader.announce(rows)
 
     def wait(self, layer_id: int) -> None:
         """Block until the layer's rows are in the DRAM cache (the gather's source rows);
@@ -144,16 +157,24 @@ def wait_all(futures: list[Future]) -> None:
 
 class FileTier:
     def __init__(
-        self, layers: dict[int, FileLayer], async_reads: bool = True, lazy_reads: bool = True
+        self,
+        layers: dict[int, FileLayer],
+        async_reads: bool = True,
+        lazy_reads: bool = True,
+        announce_in_plan: bool = False,
     ) -> None:
         """``async_reads``: a step's misses are read while the plan goes on and earlier layers
         compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
-        the plan announces the misses' pages to the kernel (``RowReader.announce``: the disk
-        reads are queued at once) and the layer's gather copies them in when it needs them,
-        with no thread hand-off; without, the reads run on the tier's issuing threads (one
-        per layer, each fanning out to its reader's pool). ``async_reads`` False: read
-        before the plan returns (the synchronous baseline)."""
+        the misses' pages are announced to the kernel (``RowReader.announce``: the disk reads
+        are queued at once) and the layer's gather copies them in when it needs them, with no
+        thread hand-off; without, the reads run on the tier's issuing threads (one per layer,
+        each fanning out to its reader's pool). ``async_reads`` False: read before the plan
+        returns (the synchronous baseline). ``announce_in_plan``: the lazy reads' pages are
+        announced while the plan is built, on the step's critical path (a syscall per page
+        span, some of which block while the disk's queue is full); by default the first
+        gather of the step announces every layer's, while the layers before it compute."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
+        self.announce_in_plan = announce_in_plan
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
@@ -192,9 +213,12 @@ class FileTier:
         ticket.slots[lid] = slots
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
-            if self.lazy_reads:
-                fl.reader.announce(miss_rows)  # the step's one fadvise per page span
-                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits, announced=True))
+            if self.lazy_reads:  # the step's one fadvise per page span, then the reads
+                if self.announce_in_plan:
+                    fl.reader.announce(miss_rows)
+                else:
+                    ticket.unannounced.append((fl.reader, miss_rows))
+                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits, ticket))
             else:
                 fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
             ticket.inflight[lid] = fut
@@ -205,13 +229,16 @@ class FileTier:
         return slots[inverse].astype(np.int64).reshape(ids.shape)
 
     def _read(
-        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, announced=False
+        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, ticket=None
     ) -> FileRead:
+        """``ticket``: a lazy read's step (its pages announced, or announced here first)."""
         if rows.size == 0:
             return FileRead(hits)
         t = time.perf_counter()
         try:
-            nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), announced)
+            if ticket is not None:
+                ticket.announce()
+            nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), ticket is not None)
         except BaseException:
             with fl.lock:  # the slots hold no row now (still pinned: the ticket releases them)
                 fl.cache.invalidate(slots)
@@ -327,6 +354,7 @@ class FileTier:
                 "read_threads": fl.reader.threads,
                 "async_reads": self.async_reads,
                 "lazy_reads": self.lazy_reads,
+                "announce_in_plan": self.announce_in_plan,
                 "hot_fill_rows_copied": fl.fill_copied,
                 "hot_fill_rows_read": fl.fill_read,
                 "warm_rows": fl.warm_rows,
