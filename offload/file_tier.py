@@ -5,8 +5,10 @@ slots (pinned host memory where CUDA is present, plain host memory otherwise) st
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
 misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`:
-their pages announced to the kernel at once, then ``preadv`` by the gather that needs them, or
-on the tier's issuing threads), and the layer's row ids are replaced by slot ids at once.
+every layer's pages announced to the kernel at once, then ``preadv`` by the gather that needs
+them, or on the tier's issuing threads), and the layer's row ids are replaced by slot ids at
+once. A decode step's row ids hash the token the step before sampled, so its plan cannot be
+built before that step ends: it stays on the step worker's critical path.
 A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``: its own
 misses, and earlier steps' reads still landing in slots it found), so the reads run beside the
 plan's other work, the upload and the layers before. Before serving, :meth:`FileTier.warm`
@@ -161,7 +163,7 @@ class FileTier:
         layers: dict[int, FileLayer],
         async_reads: bool = True,
         lazy_reads: bool = True,
-        announce_in_plan: bool = False,
+        announce_in_plan: bool = True,
     ) -> None:
         """``async_reads``: a step's misses are read while the plan goes on and earlier layers
         compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
@@ -169,10 +171,12 @@ class FileTier:
         are queued at once) and the layer's gather copies them in when it needs them, with no
         thread hand-off; without, the reads run on the tier's issuing threads (one per layer,
         each fanning out to its reader's pool). ``async_reads`` False: read before the plan
-        returns (the synchronous baseline). ``announce_in_plan``: the lazy reads' pages are
-        announced while the plan is built, on the step's critical path (a syscall per page
-        span, some of which block while the disk's queue is full); by default the first
-        gather of the step announces every layer's, while the layers before it compute."""
+        returns (the synchronous baseline). ``announce_in_plan`` (default): the lazy reads'
+        pages are announced while the plan is built, on the step worker's critical path (a
+        syscall per page span); False: the step's first gather announces every layer's while
+        the layers before it compute. On the 2-core CI machine under load (engram-bench
+        --tiers, paired rounds) False cut the plan 0.51 -> 0.29 ms/step but the reads, with
+        less head start and beside the forward pass, grew 0.35 -> 0.74 ms: no faster."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
         self.announce_in_plan = announce_in_plan
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")

@@ -231,10 +231,9 @@ def test_misses_are_read_while_the_step_goes_on_and_a_layer_waits_for_its_own(tm
 
 @pytest.mark.parametrize("in_plan", [False, True])
 def test_the_first_read_of_a_step_announces_every_layers_misses(tmp_path, in_plan):
-    """By default the plan queues no page reads (no syscall on the step's critical path): the
-    first gather of the step announces every layer's misses, once, before it reads its own;
-    ``announce_in_plan`` announces them while the plan is built. Rows are the file's either
-    way."""
+    """By default the plan announces every layer's misses to the kernel; without
+    ``announce_in_plan`` it makes no syscall and the step's first gather announces every
+    layer's, once, before it reads its own. Rows are the file's either way."""
     path, keys = write_tables(tmp_path, "bf16")
     host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
     cache, tier = open_file_tier(path, keys, 400 * host[1].row_bytes, Placement.CPU, CPU)

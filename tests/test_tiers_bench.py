@@ -14,7 +14,7 @@ ROWS = [
     "host + hot adaptive",
     "file + DRAM, sync reads",
     "file + DRAM",
-    "file + DRAM, announced in the plan",
+    "file + DRAM, announced by the first gather",
     "file + DRAM, reads on threads",
     "file + DRAM, cold start",
     "file + DRAM, cold, hash directory, CLOCK bits",
