@@ -38,7 +38,7 @@ from models.safetensors_header import read_header
 from .file_cache import CapacityError, SlotCache
 from .hot_cache import RowSource
 from .plan import GatherError
-from .row_reader import RowReader
+from .row_reader import RowReader, open_reader
 from .rowformat import PLAIN_DTYPES
 from .store import Placement, Table, TableStore, new_table
 from .table_load import table_source
@@ -164,6 +164,7 @@ class FileTier:
         async_reads: bool = True,
         lazy_reads: bool = True,
         announce_in_plan: bool = True,
+        submit_in_plan: bool = False,
     ) -> None:
         """``async_reads``: a step's misses are read while the plan goes on and earlier layers
         compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
@@ -176,9 +177,11 @@ class FileTier:
         syscall per page span); False: the step's first gather announces every layer's while
         the layers before it compute. On the 2-core CI machine under load (engram-bench
         --tiers, paired rounds) False cut the plan 0.51 -> 0.29 ms/step but the reads, with
-        less head start and beside the forward pass, grew 0.35 -> 0.74 ms: no faster."""
+        less head start and beside the forward pass, grew 0.35 -> 0.74 ms: no faster.
+        ``submit_in_plan``: with an io_uring reader, the plan submits each layer's reads
+        (one syscall, not waited for) and the gather only reaps them."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
-        self.announce_in_plan = announce_in_plan
+        self.announce_in_plan, self.submit_in_plan = announce_in_plan, submit_in_plan
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
@@ -217,7 +220,9 @@ class FileTier:
         ticket.slots[lid] = slots
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
-            if self.lazy_reads:  # the step's one fadvise per page span, then the reads
+            if self.lazy_reads and self.submit_in_plan and hasattr(fl.reader, "submit"):
+                fut = self._submit(fl, miss_rows, victims, hits)
+            elif self.lazy_reads:  # the step's one fadvise per page span, then the reads
                 if self.announce_in_plan:
                     fl.reader.announce(miss_rows)
                 else:
@@ -232,17 +237,31 @@ class FileTier:
             ticket.reads[lid] = self._read(fl, miss_rows, victims, hits)
         return slots[inverse].astype(np.int64).reshape(ids.shape)
 
+    def _submit(self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int) -> Future:
+        """The layer's reads submitted now; the returned read reaps them (in the gather)."""
+        try:
+            pending = fl.reader.submit(rows, slots, fl.cache_bytes())
+        except BaseException:
+            with fl.lock:
+                fl.cache.invalidate(slots)
+            raise
+        return LazyRead(lambda: self._read(fl, rows, slots, hits, pending=pending))
+
     def _read(
-        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, ticket=None
-    ) -> FileRead:
+        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, ticket=None,
+        pending=None,
+    ) -> FileRead:  # fmt: skip
         """``ticket``: a lazy read's step (its pages announced, or announced here first)."""
         if rows.size == 0:
             return FileRead(hits)
         t = time.perf_counter()
         try:
-            if ticket is not None:
-                ticket.announce()
-            nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), ticket is not None)
+            if pending is not None:  # submitted by the plan
+                nbytes = fl.reader.finish(pending)
+            else:
+                if ticket is not None:
+                    ticket.announce()
+                nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), ticket is not None)
         except BaseException:
             with fl.lock:  # the slots hold no row now (still pinned: the ticket releases them)
                 fl.cache.invalidate(slots)
@@ -356,6 +375,8 @@ class FileTier:
                 "directory": fl.cache.directory_kind,
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
+                "file_io": fl.reader.io,
+                "submit_in_plan": self.submit_in_plan,
                 "async_reads": self.async_reads,
                 "lazy_reads": self.lazy_reads,
                 "announce_in_plan": self.announce_in_plan,
@@ -389,10 +410,12 @@ def open_file_tier(
     threads: int = 4,
     huge_pages: bool = True,
     directory: str = "auto",
+    file_io: str = "auto",
 ) -> tuple[TableStore, FileTier]:
     """DRAM caches (a store of ``placement``: cpu or host) over the tables ``keys`` of a
     safetensors file, and the tier that fills them. Stored rows are served as they are (bf16
-    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here."""
+    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here.
+    ``file_io``: how rows are read (row_reader.FILE_IO: auto, uring, pread)."""
     if budget_bytes < 1:
         raise ValueError("the file tier needs a DRAM budget: set --host-memory-bytes")
     header = read_header(path)
@@ -404,7 +427,7 @@ def open_file_tier(
         fp8 = src.fmt.name == "fp8"
         dtype = row_dtype if fp8 else PLAIN_DTYPES[src.fmt.name]
         t = new_table(lid, (slots[lid], src.fmt.values), dtype, placement, device, fp8, huge_pages)
-        reader = RowReader(str(path), src, threads)
+        reader = open_reader(str(path), src, threads, file_io)
         if reader.row_bytes != t.row_bytes:
             raise ValueError(
                 f"{src.key}: stored rows of {reader.row_bytes} bytes, cache rows of {t.row_bytes}"

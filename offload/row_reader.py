@@ -17,14 +17,21 @@ trip each. Measured on the CI machine's disk, page cache dropped, 46 random 32-b
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from models.safetensors_header import TableFileError
 
 from .table_load import TableSource
+from .uring import Batch, Ring, UringUnavailable
+
+log = logging.getLogger(__name__)
+FILE_IO = ("auto", "uring", "pread")  # --file-io: auto is io_uring where the kernel allows it
 
 IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
 PAGE = 4096  # the page cache's unit: announced spans are whole pages
@@ -71,6 +78,8 @@ def page_spans(offsets: np.ndarray, nbytes: int, page: int = PAGE) -> list[tuple
 
 class RowReader:
     """Reads rows of one table (``src``) of file ``path`` into rows of a uint8 cache array."""
+
+    io = "pread"
 
     def __init__(self, path: str, src: TableSource, threads: int = 4) -> None:
         if threads < 1:
@@ -166,3 +175,112 @@ def _balance(
     runs = np.arange(starts.size)
     parts = zip(np.split(runs, cuts), np.split(starts, cuts), np.split(ends, cuts))
     return [p for p in parts if p[0].size]
+
+
+@dataclass
+class Pending:
+    """A batch of row reads submitted to a ring: where each landed in the cache array."""
+
+    batch: Batch
+    cache: np.ndarray  # kept alive until the reads are reaped
+    off: np.ndarray  # file offset of each read
+    at: np.ndarray  # byte offset in ``cache`` of each read
+    lens: np.ndarray
+    rows: int  # reads per tensor part (read i is of part i // rows)
+
+
+class UringRowReader(RowReader):
+    """Reads rows through one io_uring: an ``IORING_OP_READ`` per row and tensor part (no
+    coalescing: a run's rows go to scattered slots anyway), a whole batch in one
+    ``io_uring_enter`` while it fits the ring. No announce is needed: the kernel reads the
+    missing pages of every submitted read together. :meth:`submit` and :meth:`finish` split
+    a read so the plan can submit it and the gather reap it."""
+
+    io = "uring"
+
+    def __init__(self, path: str, src: TableSource, threads: int = 1, entries: int = 1024):
+        super().__init__(path, src, 1)  # the kernel reads in parallel: no thread pool
+        try:
+            self.ring = Ring(entries)
+        except BaseException:
+            super().close()
+            raise
+
+    def submit(
+        self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray, wait: bool = False
+    ) -> Pending:
+        if not (cache.flags.c_contiguous and cache.dtype == np.uint8 and cache.ndim == 2):
+            raise ValueError("rows are read into a C-contiguous uint8 [n, row_bytes] array")
+        rows, slots = rows.astype(np.uint64), slots.astype(np.uint64)
+        stride = cache.shape[1]
+        off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
+        at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
+        lens = np.concatenate(
+            [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
+        )
+        addr = at + np.uint64(cache.ctypes.data)
+        batch = self.ring.submit(self.fd, off, addr, lens, wait)
+        return Pending(batch, cache, off, at, lens, int(rows.size))
+
+    def finish(self, p: Pending) -> int:
+        """Until ``p``'s reads are in the cache; the bytes read. A read that failed or
+        ended short (the file ends: truncated?) is a TableFileError naming the tensor."""
+        res = self.ring.wait(p.batch)
+        for i in np.flatnonzero(res != p.lens).tolist():
+            self._finish_short(p, i, int(res[i]))
+        return int(p.lens.sum(dtype=np.int64))
+
+    def _finish_short(self, p: Pending, i: int, got: int) -> None:
+        info = self.parts[i // max(p.rows, 1)][0]
+        off, want = int(p.off[i]), int(p.lens[i])
+        if got < 0:
+            raise TableFileError(
+                f"{self.path}: tensor {info.name}: read at byte {off}: {os.strerror(-got)}"
+            )
+        flat = memoryview(p.cache).cast("B")
+        at = int(p.at[i])
+        while got < want:  # a short read: finish it here from where it stopped
+            n = os.preadv(self.fd, [flat[at + got : at + want]], off + got)
+            if n == 0:
+                raise TableFileError(
+                    f"{self.path}: tensor {info.name}: file ended at byte {off + got} (truncated?)"
+                )
+            got += n
+
+    def read(
+        self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray, announced: bool = False
+    ) -> int:
+        if rows.size == 0:
+            return 0
+        return self.finish(self.submit(rows, slots, cache, wait=True))
+
+    def announce(self, rows: np.ndarray) -> None:
+        """Nothing: submitted reads of missing pages are read together by the kernel."""
+
+    def close(self) -> None:
+        if getattr(self, "ring", None) is not None:
+            self.ring.close()
+            self.ring = None
+        super().close()
+
+
+def open_reader(
+    path: str, src: TableSource, threads: int = 4, io: str = "auto", entries: int = 1024
+) -> RowReader:
+    """A reader of ``io`` (FILE_IO): ``auto`` takes io_uring and falls back to ``preadv``
+    (logged once) where the kernel refuses it; ``uring`` refuses to fall back."""
+    if io not in FILE_IO:
+        raise ValueError(f"unknown file I/O {io!r}; use one of {', '.join(FILE_IO)}")
+    if io != "pread":
+        try:
+            return UringRowReader(path, src, threads, entries)
+        except OSError as e:
+            if io == "uring":
+                raise UringUnavailable(e.errno, f"--file-io uring: {e}") from None
+            _fallback(str(e))
+    return RowReader(path, src, threads)
+
+
+@functools.cache
+def _fallback(why: str) -> None:
+    log.warning("io_uring unavailable (%s): file tier rows read with preadv", why)
