@@ -11,10 +11,14 @@ top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) 
 are warmed before serving from the same profile (``FileTier.warm``; behind a static hot set,
 with the rows ranked after it). ``file + DRAM, sync reads`` reads a step's misses before its
 plan returns, for the stall measured beside the issued reads in the same rounds; ablations of
-``file + DRAM``: ``announced by the first gather`` (the misses' pages announced to the kernel
-by the step's first gather, beside layer 0's forward, rather than while the plan is built),
-``reads on threads`` (misses read on the tier's issuing threads, not lazily
-by the gather), ``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
+``file + DRAM`` (``--file-io auto``: io_uring where the kernel allows it, the pages announced
+with ``fadvise`` in the plan, a layer's reads one syscall in its gather): ``pread`` (``preadv``
+per run instead), ``io_uring unannounced`` (no ``fadvise``), ``io_uring submitted by the
+plan`` (the plan submits the reads, the gather reaps them); with
+``pread``, ``announced by the first gather`` (the misses' pages announced to the kernel by the
+step's first gather, beside layer 0's forward, rather than while the plan is built) and
+``reads on threads`` (misses read on the tier's issuing threads, not lazily by the gather);
+``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
 hash directory and one reference bit, the tier's policy before). The file's pages are dropped
 from the page cache before every file-tier job (``--keep-page-cache`` keeps them). The file
 tier's share of each plan (rows -> slots, misses announced or issued) is timed per step.
@@ -74,7 +78,9 @@ STALL = "stall_ms_per_step"
 BASELINES = ("resident", "host")  # every penalty is against these: they always run
 ROW_NAMES = (
     *BASELINES, "host + hot static", "host + hot adaptive", "file + DRAM, sync reads",
-    "file + DRAM", "file + DRAM, announced by the first gather", "file + DRAM, reads on threads",
+    "file + DRAM", "file + DRAM, pread", "file + DRAM, io_uring unannounced",
+    "file + DRAM, io_uring submitted by the plan",
+    "file + DRAM, announced by the first gather", "file + DRAM, reads on threads",
     "file + DRAM, cold start",
     "file + DRAM, cold, hash directory, CLOCK bits", "file + DRAM + hot static",
     "file + DRAM + hot adaptive",
@@ -217,12 +223,16 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True, in_plan=True):
+    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True, in_plan=True,
+             io="auto", submit=False, advise=True):  # fmt: skip
         cache, tier = open_file_tier(
             path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
-            directory="hash" if main else "auto",
+            directory="hash" if main else "auto", file_io=io,
         )  # fmt: skip
         tier.async_reads, tier.lazy_reads, tier.announce_in_plan = async_reads, lazy, in_plan
+        tier.submit_in_plan = submit
+        for fl in tier.layers.values():
+            fl.reader.advise = advise
         for fl in tier.layers.values():
             fl.cache.max_ref = 1 if main else fl.cache.max_ref
         if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
@@ -238,8 +248,14 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", lambda: hot(host(), "adaptive"))
     add("file + DRAM, sync reads", lambda: file(async_reads=False), path)
     add("file + DRAM", file, path)
-    add("file + DRAM, announced by the first gather", lambda: file(in_plan=False), path)
-    add("file + DRAM, reads on threads", lambda: file(lazy=False), path)
+    add("file + DRAM, pread", lambda: file(io="pread"), path)
+    add("file + DRAM, io_uring unannounced", lambda: file(io="uring", advise=False), path)
+    add(
+        "file + DRAM, io_uring submitted by the plan",
+        lambda: file(io="uring", submit=True, advise=False), path,
+    )  # fmt: skip
+    add("file + DRAM, announced by the first gather", lambda: file(in_plan=False, io="pread"), path)
+    add("file + DRAM, reads on threads", lambda: file(lazy=False, io="pread"), path)
     add("file + DRAM, cold start", lambda: file(warm=False), path)
     add("file + DRAM, cold, hash directory, CLOCK bits", lambda: file(main=True), path)
     add("file + DRAM + hot static", lambda: hot(file(skip_hot=True), "static"), path)

@@ -65,7 +65,9 @@ def test_rows_bit_identical_to_the_file_and_to_preadv(uring, tmp_path, fmt, case
     b = np.zeros_like(a)
     assert ur.read(rows, slots, a) == pr.read(rows, slots, b) == rows.size * ur.row_bytes
     assert np.array_equal(a[slots], want[rows]) and np.array_equal(a, b)
-    c = np.zeros_like(a)  # submitted first, reaped later: the plan's order
+    c = np.zeros_like(a)  # announced and submitted first, reaped later: the plan's order
+    ur.advise = True
+    ur.announce(rows)
     pending = ur.submit(rows, slots, c)
     assert ur.finish(pending) == rows.size * ur.row_bytes and np.array_equal(a, c)
     assert ur.ring.inflight == 0
