@@ -5,10 +5,11 @@ slots (pinned host memory where CUDA is present, plain host memory otherwise) st
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
 misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`:
-every layer's pages announced to the kernel at once, then ``preadv`` by the gather that needs
-them, or on the tier's issuing threads), and the layer's row ids are replaced by slot ids at
-once. A decode step's row ids hash the token the step before sampled, so its plan cannot be
-built before that step ends: it stays on the step worker's critical path.
+every layer's pages announced to the kernel at once, then one io_uring syscall per layer, or
+``preadv`` per run, by the gather that needs them, or on the tier's issuing threads), and the
+layer's row ids are replaced by slot ids at once. A decode step's row ids hash the token the
+step before sampled, so its plan cannot be built before that step ends: it stays on the step
+worker's critical path.
 A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``: its own
 misses, and earlier steps' reads still landing in slots it found), so the reads run beside the
 plan's other work, the upload and the layers before. Before serving, :meth:`FileTier.warm`
