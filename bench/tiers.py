@@ -11,18 +11,28 @@ top rows: ``engram-profile``'s ranking over ``--profile-files`` training files) 
 are warmed before serving from the same profile (``FileTier.warm``; behind a static hot set,
 with the rows ranked after it). ``file + DRAM, sync reads`` reads a step's misses before its
 plan returns, for the stall measured beside the issued reads in the same rounds; ablations of
-``file + DRAM``: ``reads on threads`` (misses read on the tier's issuing threads, not lazily
-by the gather), ``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
+``file + DRAM`` (``--file-io auto``: io_uring where the kernel allows it, the pages announced
+with ``fadvise`` in the plan, a layer's reads one syscall in its gather): ``pread`` (``preadv``
+per run instead), ``io_uring unannounced`` (no ``fadvise``), ``io_uring submitted by the
+plan`` (the plan submits the reads, the gather reaps them); with
+``pread``, ``announced by the first gather`` (the misses' pages announced to the kernel by the
+step's first gather, beside layer 0's forward, rather than while the plan is built) and
+``reads on threads`` (misses read on the tier's issuing threads, not lazily by the gather);
+``cold start`` (no warm start), ``cold, hash directory, CLOCK bits`` (also the
 hash directory and one reference bit, the tier's policy before). The file's pages are dropped
 from the page cache before every file-tier job (``--keep-page-cache`` keeps them). The file
 tier's share of each plan (rows -> slots, misses announced or issued) is timed per step.
 
 Prompts: windows of the held-out corpus files (tokenized) and random ids, fresh each round,
 the same for every row within it. Each job prefills ``--num-seqs`` prompts and decodes
-``--decode-tokens`` greedily, overlapped steps as the server runs them. Rounds interleave
-every row (rotated order); figures are medians with min-max over rounds: decode tokens/s and
-ms per decode step, the penalty against ``resident`` and against ``host`` (median of the
-per-round ratios, with their min-max: rows of one round ran back to back), bytes per token
+``--decode-tokens`` greedily, overlapped steps as the server runs them. Every row is first
+warmed up on a whole workload of its own (every prompt of both kinds, the full decode). A
+round runs every other row in a pair with ``host``, back to back on the same prompts (rows
+rotated, which of the two goes first alternating), so the load a pair meets is shared by both
+its jobs; figures are medians with min-max over rounds: decode tokens/s and ms per decode
+step, the penalty against ``host`` (median and min-max of the per-round ratios within the
+pairs) and against ``resident`` (each round's pair ratios chained through ``host``), bytes
+per token
 over each link (hot cache -> compute, host tier or DRAM cache -> compute, file -> DRAM), the
 hit rate of each cache, file read and stall ms per step; greedy tokens checked against
 ``resident``. Results: ``tiers.json`` and ``tiers.png``.
@@ -33,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import sys
 import time
@@ -67,7 +78,10 @@ STALL = "stall_ms_per_step"
 BASELINES = ("resident", "host")  # every penalty is against these: they always run
 ROW_NAMES = (
     *BASELINES, "host + hot static", "host + hot adaptive", "file + DRAM, sync reads",
-    "file + DRAM", "file + DRAM, reads on threads", "file + DRAM, cold start",
+    "file + DRAM", "file + DRAM, pread", "file + DRAM, io_uring unannounced",
+    "file + DRAM, io_uring submitted by the plan",
+    "file + DRAM, announced by the first gather", "file + DRAM, reads on threads",
+    "file + DRAM, cold start",
     "file + DRAM, cold, hash directory, CLOCK bits", "file + DRAM + hot static",
     "file + DRAM + hot adaptive",
 )  # fmt: skip
@@ -209,12 +223,16 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     def host():
         return make_prefetcher(om.store, "worker", cpu, accountant=Accountant())
 
-    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True):
+    def file(async_reads=True, warm=True, skip_hot=False, main=False, lazy=True, in_plan=True,
+             io="auto", submit=False, advise=True):  # fmt: skip
         cache, tier = open_file_tier(
             path, keys, budget, Placement.CPU, cpu, om.dtype.dtype, args.file_read_threads,
-            directory="hash" if main else "auto",
+            directory="hash" if main else "auto", file_io=io,
         )  # fmt: skip
-        tier.async_reads, tier.lazy_reads = async_reads, lazy
+        tier.async_reads, tier.lazy_reads, tier.announce_in_plan = async_reads, lazy, in_plan
+        tier.submit_in_plan = submit
+        for fl in tier.layers.values():
+            fl.reader.advise = advise
         for fl in tier.layers.values():
             fl.cache.max_ref = 1 if main else fl.cache.max_ref
         if warm and not main:  # a static hot set holds the top rows: the DRAM cache the next
@@ -230,7 +248,14 @@ def build_rows(om: OffloadedModel, model_dir: Path, args) -> tuple[list[Row], di
     add("host + hot adaptive", lambda: hot(host(), "adaptive"))
     add("file + DRAM, sync reads", lambda: file(async_reads=False), path)
     add("file + DRAM", file, path)
-    add("file + DRAM, reads on threads", lambda: file(lazy=False), path)
+    add("file + DRAM, pread", lambda: file(io="pread"), path)
+    add("file + DRAM, io_uring unannounced", lambda: file(io="uring", advise=False), path)
+    add(
+        "file + DRAM, io_uring submitted by the plan",
+        lambda: file(io="uring", submit=True, advise=False), path,
+    )  # fmt: skip
+    add("file + DRAM, announced by the first gather", lambda: file(in_plan=False, io="pread"), path)
+    add("file + DRAM, reads on threads", lambda: file(lazy=False, io="pread"), path)
     add("file + DRAM, cold start", lambda: file(warm=False), path)
     add("file + DRAM, cold, hash directory, CLOCK bits", lambda: file(main=True), path)
     add("file + DRAM + hot static", lambda: hot(file(skip_hot=True), "static"), path)
@@ -290,23 +315,43 @@ def verdict(pen: dict, limit: float = 10.0) -> str:
     return f"median over {limit:g}%, rounds spread below it (noise)"
 
 
-def tabulate(raw: dict, names: list[str]) -> dict:
+def pairs(rows: list[Row], r: int) -> list[tuple[Row, Row]]:
+    """Round ``r``'s jobs: every row but ``host`` beside a ``host`` job, rows rotated by the
+    round, ``host`` first in every other pair (the first and second of a pair alternate over
+    the rounds, so neither side always meets a job's after-effects)."""
+    host = next(row for row in rows if row.name == "host")
+    others = [row for row in rows if row is not host]
+    others = others[r % len(others) :] + others[: r % len(others)]
+    return [(host, x) if (r + i) % 2 == 0 else (x, host) for i, x in enumerate(others)]
+
+
+def tabulate(raw: dict, paired: dict, names: list[str]) -> dict:
+    """``raw[kind][row]``: the row's jobs (one a round; ``host``: every pair's), ``paired``:
+    the ``host`` job that ran beside each (``host``'s own: themselves)."""
     table = {}
     for kind, rows in raw.items():
         table[kind] = {}
+        tok_of = lambda jobs: [j["decode_tok_s"] for j in jobs]
+        resident = {j["round"]: j for j in rows["resident"]}
+        # resident over its host in each round: the base the other rows' pair ratios meet
+        res_ratio = [
+            r / h for r, h in zip(tok_of(rows["resident"]), tok_of(paired[kind]["resident"]))
+        ]
         for name in names:
             jobs = rows[name]
-            tok = [j["decode_tok_s"] for j in jobs]
-            res, host = rows["resident"], rows["host"]
+            tok, host = tok_of(jobs), tok_of(paired[kind][name])
+            rel = [1.0] * len(res_ratio) if name == "host" else [t / h for t, h in zip(tok, host)]
             entry = {
                 "decode_tok_s": summarize(tok),
                 "step_ms": summarize([j["step_ms"] for j in jobs]),
-                "penalty_vs_resident_pct": ratio_summary(tok, [j["decode_tok_s"] for j in res]),
-                "penalty_vs_host_pct": ratio_summary(tok, [j["decode_tok_s"] for j in host]),
+                "penalty_vs_resident_pct": ratio_summary(rel, res_ratio),
+                "penalty_vs_host_pct": ratio_summary(tok, host),
                 "bytes_per_token": {
                     k: float(np.median([j["bytes_per_token"][k] for j in jobs])) for k in LINKS
                 },
-                "tokens_equal_resident": all(j["tokens"] == r["tokens"] for j, r in zip(jobs, res)),
+                "tokens_equal_resident": all(
+                    j["tokens"] == resident[j["round"]]["tokens"] for j in jobs
+                ),
             }
             for k in ("hot_hit_rate", "dram_hit_rate", *FILE_MS, STALL):
                 vals = [j[k] for j in jobs if j[k] is not None]
@@ -360,6 +405,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    load_start = os.getloadavg()
     om = OffloadedModel.load(args.model, placement="cpu", gather="resident", progress=False)
     from models.checkpoint import default_model_dir
 
@@ -368,14 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     sets = prompt_sets(om, args)
     warm, sets = sets[0], sets[1:]
     for row in rows:  # warm every path up (caches keep what they learn, as a server's would)
-        run_job(om, row, warm["random"][:2], args)
+        for kind in warm:
+            run_job(om, row, warm[kind], args)
     names = [r.name for r in rows]
     raw = {k: {n: [] for n in names} for k in warm}
+    paired = {k: {n: [] for n in names} for k in warm}  # the host job beside each
     for r in range(args.rounds):
         for kind in warm:
-            for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
-                raw[kind][row.name].append(run_job(om, row, sets[r][kind], args))
+            for first, second in pairs(rows, r):
+                a, b = (run_job(om, x, sets[r][kind], args) | {"round": r} for x in (first, second))
+                (job, host), row = ((a, b), first) if second.name == "host" else ((b, a), second)
+                raw[kind][row.name].append(job)
+                paired[kind][row.name].append(host)
+                raw[kind]["host"].append(host)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    for kind in raw:  # host's own pair: each of its jobs against itself
+        paired[kind]["host"] = raw[kind]["host"]
     date = dt.date.today().isoformat()
     out = Path(args.out) if args.out else Path("bench/results") / f"{date}-cpu-tiers"
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(om.device),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "setup": setup | {"page_cache": "kept" if args.keep_page_cache else "dropped per job"},
-        "rows": tabulate(raw, names),
+        "load_average": {"start": load_start[0], "end": os.getloadavg()[0]},
+        "rows": tabulate(raw, paired, names),
     }
     (out / "tiers.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "tiers.png")

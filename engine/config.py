@@ -14,6 +14,7 @@ from models.checkpoint import default_model_dir
 from models.dtype import CHOICES as DTYPE_CHOICES
 from offload.numa import parse_policy
 from offload.paths import FILE_PLACEMENT, GATHERS, Placement
+from offload.row_reader import FILE_IO
 from offload.shared_tables import SharedTables
 from offload.store import ROW_FORMATS
 
@@ -56,6 +57,12 @@ class EngineConfig:
     )
     file_read_threads: int = flag(
         8, "threads reading file-tier rows (parallel preadv; 8 measured best, bench.file_tier)"
+    )
+    file_io: str = flag(
+        "auto",
+        "how file-tier rows are read: uring (a step's reads in one io_uring syscall), pread "
+        "(preadv per run, pages announced with fadvise), auto (uring where the kernel allows)",
+        choices=list(FILE_IO),
     )
     gather: str = flag("auto", "how rows reach the compute device", choices=list(GATHERS))
     dedup: bool = flag(False, "fetch each distinct row once per step")

@@ -5,8 +5,11 @@ slots (pinned host memory where CUDA is present, plain host memory otherwise) st
 the host table would be. When a step's plan is built (on the host, before the forward pass),
 every layer's rows are looked up in its cache (:class:`~offload.file_cache.SlotCache`), the
 misses' reads from the file into victim slots are issued (:class:`~offload.row_reader.RowReader`:
-their pages announced to the kernel at once, then ``preadv`` by the gather that needs them, or
-on the tier's issuing threads), and the layer's row ids are replaced by slot ids at once.
+every layer's pages announced to the kernel at once, then one io_uring syscall per layer, or
+``preadv`` per run, by the gather that needs them, or on the tier's issuing threads), and the
+layer's row ids are replaced by slot ids at once. A decode step's row ids hash the token the
+step before sampled, so its plan cannot be built before that step ends: it stays on the step
+worker's critical path.
 A layer's gather waits for that layer's reads only (``LayerPlan.source_ready``: its own
 misses, and earlier steps' reads still landing in slots it found), so the reads run beside the
 plan's other work, the upload and the layers before. Before serving, :meth:`FileTier.warm`
@@ -36,7 +39,7 @@ from models.safetensors_header import read_header
 from .file_cache import CapacityError, SlotCache
 from .hot_cache import RowSource
 from .plan import GatherError
-from .row_reader import RowReader
+from .row_reader import RowReader, open_reader
 from .rowformat import PLAIN_DTYPES
 from .store import Placement, Table, TableStore, new_table
 from .table_load import table_source
@@ -86,6 +89,19 @@ class Ticket:
     # layer -> reads of earlier steps still in flight when this one was planned: rows this
     # step found in the cache may be landing there
     earlier: dict[int, list[Future]] = field(default_factory=dict)
+    # (reader, rows) of the step's misses not yet announced to the kernel (FileTier's
+    # announce_in_plan False): the first read of the step to run announces them all
+    unannounced: list = field(default_factory=list)
+    _once: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def announce(self) -> None:
+        """Queue every layer's missed pages in the kernel, once, before the first read: the
+        pages of the later layers are on their way while the earlier ones are read (a read
+        that comes while another thread announces waits for it)."""
+        with self._once:
+            todo, self.unannounced = self.unannounced, []
+            for reader, rows in todo:
+                reader.announce(rows)
 
     def wait(self, layer_id: int) -> None:
         """Block until the layer's rows are in the DRAM cache (the gather's source rows);
@@ -144,16 +160,29 @@ def wait_all(futures: list[Future]) -> None:
 
 class FileTier:
     def __init__(
-        self, layers: dict[int, FileLayer], async_reads: bool = True, lazy_reads: bool = True
+        self,
+        layers: dict[int, FileLayer],
+        async_reads: bool = True,
+        lazy_reads: bool = True,
+        announce_in_plan: bool = True,
+        submit_in_plan: bool = False,
     ) -> None:
         """``async_reads``: a step's misses are read while the plan goes on and earlier layers
         compute; a gather waits for its own layer only (``Ticket.wait``). With ``lazy_reads``
-        the plan announces the misses' pages to the kernel (``RowReader.announce``: the disk
-        reads are queued at once) and the layer's gather copies them in when it needs them,
-        with no thread hand-off; without, the reads run on the tier's issuing threads (one
-        per layer, each fanning out to its reader's pool). ``async_reads`` False: read
-        before the plan returns (the synchronous baseline)."""
+        the misses' pages are announced to the kernel (``RowReader.announce``: the disk reads
+        are queued at once) and the layer's gather copies them in when it needs them, with no
+        thread hand-off; without, the reads run on the tier's issuing threads (one per layer,
+        each fanning out to its reader's pool). ``async_reads`` False: read before the plan
+        returns (the synchronous baseline). ``announce_in_plan`` (default): the lazy reads'
+        pages are announced while the plan is built, on the step worker's critical path (a
+        syscall per page span); False: the step's first gather announces every layer's while
+        the layers before it compute. On the 2-core CI machine under load (engram-bench
+        --tiers, paired rounds) False cut the plan 0.51 -> 0.29 ms/step but the reads, with
+        less head start and beside the forward pass, grew 0.35 -> 0.74 ms: no faster.
+        ``submit_in_plan``: with an io_uring reader, the plan submits each layer's reads
+        (one syscall, not waited for) and the gather only reaps them."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
+        self.announce_in_plan, self.submit_in_plan = announce_in_plan, submit_in_plan
         self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
@@ -192,9 +221,14 @@ class FileTier:
         ticket.slots[lid] = slots
         hits = uniq.size - miss_rows.size
         if self.async_reads and miss_rows.size:
-            if self.lazy_reads:
-                fl.reader.announce(miss_rows)  # the step's one fadvise per page span
-                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits, announced=True))
+            if self.lazy_reads and self.submit_in_plan and hasattr(fl.reader, "submit"):
+                fut = self._submit(fl, miss_rows, victims, hits)
+            elif self.lazy_reads:  # the step's one fadvise per page span, then the reads
+                if self.announce_in_plan:
+                    fl.reader.announce(miss_rows)
+                else:
+                    ticket.unannounced.append((fl.reader, miss_rows))
+                fut = LazyRead(lambda: self._read(fl, miss_rows, victims, hits, ticket))
             else:
                 fut = self._issue.submit(self._read, fl, miss_rows, victims, hits)
             ticket.inflight[lid] = fut
@@ -204,14 +238,31 @@ class FileTier:
             ticket.reads[lid] = self._read(fl, miss_rows, victims, hits)
         return slots[inverse].astype(np.int64).reshape(ids.shape)
 
+    def _submit(self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int) -> Future:
+        """The layer's reads submitted now; the returned read reaps them (in the gather)."""
+        try:
+            pending = fl.reader.submit(rows, slots, fl.cache_bytes())
+        except BaseException:
+            with fl.lock:
+                fl.cache.invalidate(slots)
+            raise
+        return LazyRead(lambda: self._read(fl, rows, slots, hits, pending=pending))
+
     def _read(
-        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, announced=False
-    ) -> FileRead:
+        self, fl: FileLayer, rows: np.ndarray, slots: np.ndarray, hits: int, ticket=None,
+        pending=None,
+    ) -> FileRead:  # fmt: skip
+        """``ticket``: a lazy read's step (its pages announced, or announced here first)."""
         if rows.size == 0:
             return FileRead(hits)
         t = time.perf_counter()
         try:
-            nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), announced)
+            if pending is not None:  # submitted by the plan
+                nbytes = fl.reader.finish(pending)
+            else:
+                if ticket is not None:
+                    ticket.announce()
+                nbytes = fl.reader.read(rows, slots, fl.cache_bytes(), ticket is not None)
         except BaseException:
             with fl.lock:  # the slots hold no row now (still pinned: the ticket releases them)
                 fl.cache.invalidate(slots)
@@ -325,8 +376,11 @@ class FileTier:
                 "directory": fl.cache.directory_kind,
                 "directory_bytes": fl.cache.directory_bytes,
                 "read_threads": fl.reader.threads,
+                "file_io": fl.reader.io,
+                "submit_in_plan": self.submit_in_plan,
                 "async_reads": self.async_reads,
                 "lazy_reads": self.lazy_reads,
+                "announce_in_plan": self.announce_in_plan,
                 "hot_fill_rows_copied": fl.fill_copied,
                 "hot_fill_rows_read": fl.fill_read,
                 "warm_rows": fl.warm_rows,
@@ -357,10 +411,12 @@ def open_file_tier(
     threads: int = 4,
     huge_pages: bool = True,
     directory: str = "auto",
+    file_io: str = "auto",
 ) -> tuple[TableStore, FileTier]:
     """DRAM caches (a store of ``placement``: cpu or host) over the tables ``keys`` of a
     safetensors file, and the tier that fills them. Stored rows are served as they are (bf16
-    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here."""
+    rows, packed fp8; split fp8 packed into the slot); a truncated file is refused here.
+    ``file_io``: how rows are read (row_reader.FILE_IO: auto, uring, pread)."""
     if budget_bytes < 1:
         raise ValueError("the file tier needs a DRAM budget: set --host-memory-bytes")
     header = read_header(path)
@@ -372,7 +428,7 @@ def open_file_tier(
         fp8 = src.fmt.name == "fp8"
         dtype = row_dtype if fp8 else PLAIN_DTYPES[src.fmt.name]
         t = new_table(lid, (slots[lid], src.fmt.values), dtype, placement, device, fp8, huge_pages)
-        reader = RowReader(str(path), src, threads)
+        reader = open_reader(str(path), src, threads, file_io)
         if reader.row_bytes != t.row_bytes:
             raise ValueError(
                 f"{src.key}: stored rows of {reader.row_bytes} bytes, cache rows of {t.row_bytes}"

@@ -114,6 +114,7 @@ class OffloadedModel:
         hot: HotSettings | None = None,
         loaded: tuple[EngramForCausalLM, EngramTokenizer | None] | None = None,
         file_layers: list[int] | None = None,
+        file_io: str = "auto",
     ) -> OffloadedModel:
         """``dtype``: 'auto' (see models/dtype.py) or a dtype name;
         ``row_format``: 'auto' (as stored), 'fp8' (quantise at load), 'bf16'/'f16'/'f32';
@@ -124,7 +125,8 @@ class OffloadedModel:
         and stops between stages on shutdown); ``shared``: host tables shared on the node;
         ``host_memory_bytes``: the host budget for tables; larger tables (or
         ``placement='file'``) stay in the file behind a DRAM cache of that size, read by
-        ``file_threads`` threads (offload/file_tier.py); ``file_layers``: mixed placement,
+        ``file_threads`` threads or io_uring (``file_io``: offload/row_reader.py's FILE_IO; see
+        offload/file_tier.py); ``file_layers``: mixed placement,
         only these layers' tables stay in the file (behind a DRAM cache of
         ``host_memory_bytes``), the others are loaded whole into ``placement``; ``loaded``:
         the checkpoint's model (tables unloaded) and tokenizer, already read (an Engram
@@ -196,6 +198,7 @@ class OffloadedModel:
                     chosen.dtype,
                     file_threads,
                     huge_pages,
+                    file_io=file_io,
                 )
                 stores.append(cache)
             if host_lids or not file_lids:  # (a backbone without Engram layers: no tables)

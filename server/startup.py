@@ -102,6 +102,7 @@ def load_offload(
         host_memory_bytes=e.host_memory_bytes,
         file_threads=e.file_read_threads,
         file_layers=e.file_layer_ids(),
+        file_io=e.file_io,
         hot=HotSettings(
             e.hot_rows,
             e.hot_rows_file,

@@ -86,7 +86,9 @@ def test_runs_split_at_gaps_and_at_iov_max():
     assert run_bounds(np.array([5]))[0].tolist() == [0]
 
 
-@pytest.mark.parametrize("runs,threads", [(5, 8), (RUNS_PER_THREAD * 3 + 1, 8), (500, 3)])
+@pytest.mark.parametrize(
+    "runs,threads", [(5, 8), (RUNS_PER_THREAD * 3 + 1, 8), (RUNS_PER_THREAD * 16, 3)]
+)
 def test_thread_groups_cover_every_run_in_order(runs, threads):
     rows = np.sort(np.random.default_rng(runs).choice(10**6, runs * 2, replace=False))
     rows = np.unique(np.concatenate((rows[::2], rows[::2] + 1)))

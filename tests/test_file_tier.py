@@ -229,6 +229,36 @@ def test_misses_are_read_while_the_step_goes_on_and_a_layer_waits_for_its_own(tm
     pf.close()
 
 
+@pytest.mark.parametrize("in_plan", [False, True])
+def test_the_first_read_of_a_step_announces_every_layers_misses(tmp_path, in_plan):
+    """By default the plan announces every layer's misses to the kernel; without
+    ``announce_in_plan`` it makes no syscall and the step's first gather announces every
+    layer's, once, before it reads its own. Rows are the file's either way."""
+    path, keys = write_tables(tmp_path, "bf16")
+    host = TableStore.from_safetensors(path, keys, "cpu", progress=False)
+    cache, tier = open_file_tier(path, keys, 400 * host[1].row_bytes, Placement.CPU, CPU)
+    tier.announce_in_plan = in_plan
+    announced = []
+    for lid, fl in tier.layers.items():
+        real = fl.reader.announce
+        fl.reader.announce = lambda rows, lid=lid, real=real: (announced.append(lid), real(rows))
+    pf = FileTierGather(make_prefetcher(cache, "resident", CPU), tier)
+    ids = {1: np.arange(0, 400, 10).reshape(10, 4), 3: np.arange(100, 140).reshape(10, 4)}
+    plan = pf.plan(ids)
+    assert announced == ([1, 3] if in_plan else [])
+    pending = pf.start(plan)
+    got = pending.rows(3)  # the step's first read: both layers announced before it
+    assert announced == [1, 3]
+    for lid in (1, 3):
+        want = host[lid].tensor[torch.from_numpy(ids[lid].reshape(-1))]
+        rows = got if lid == 3 else pending.rows(1)
+        assert torch.equal(rows.reshape(want.shape).view(torch.uint8), want.view(torch.uint8))
+    pending.close()
+    assert announced == [1, 3]  # once a step
+    assert pf.accountant.totals.layers[1].file_misses == 40
+    pf.close()
+
+
 def test_a_failed_read_fails_the_layer_that_needs_it_and_empties_its_slots(tmp_path):
     path, keys = write_tables(tmp_path, "bf16")
     cache, tier = open_file_tier(path, keys, 400 * 128, Placement.CPU, CPU)

@@ -14,6 +14,10 @@ ROWS = [
     "host + hot adaptive",
     "file + DRAM, sync reads",
     "file + DRAM",
+    "file + DRAM, pread",
+    "file + DRAM, io_uring unannounced",
+    "file + DRAM, io_uring submitted by the plan",
+    "file + DRAM, announced by the first gather",
     "file + DRAM, reads on threads",
     "file + DRAM, cold start",
     "file + DRAM, cold, hash directory, CLOCK bits",
@@ -43,7 +47,7 @@ def test_tiers_bench_writes_every_combination(tmp_path):
     assert text["file + DRAM + hot static"]["hot_hit_rate"]["median"] > 0
     assert text["resident"]["hot_hit_rate"]["median"] == 0
     table = markdown(res)
-    assert table.count("| file + DRAM") == 14 and "NO |" not in table
+    assert table.count("| file + DRAM") == 22 and "NO |" not in table
     # warmed from the profile, the DRAM cache starts with the frequent rows the cold one lacks
     warm, cold = text["file + DRAM"], text["file + DRAM, cold start"]
     assert warm["dram_hit_rate"]["median"] > cold["dram_hit_rate"]["median"]

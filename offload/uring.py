@@ -1,0 +1,218 @@
+"""A minimal io_uring for batches of reads, through ctypes: a step's reads in one syscall.
+
+One ring per reader, set up once (``io_uring_setup``), its SQ/CQ rings and SQE array mapped
+into numpy views. A batch's SQEs (``IORING_OP_READ``: file offset, destination address,
+length) are written with a few vectorised numpy stores, the SQ tail advanced, and one
+``io_uring_enter`` submits them (and, to wait, collects the completions: ``min_complete``).
+ctypes drops the GIL for the call, so the forward thread runs meanwhile. Buffered reads of
+pages not in the page cache go on in the kernel together (no ``fadvise`` needed first).
+
+Memory ordering: the SQEs are written before the tail (numpy stores in program order; x86 is
+TSO and the kernel reads the tail inside ``io_uring_enter``, itself a barrier); completions are
+read after the CQ tail. Peeking at the CQ without a syscall relies on TSO, so elsewhere the
+ring always asks the kernel (``io_uring_enter`` with ``GETEVENTS``) before reading CQEs.
+
+The ring stays bounded: at most ``cq_entries`` reads are in flight; a larger batch is
+submitted in chunks, waiting for earlier completions to make room.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import platform
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SYS_SETUP, SYS_ENTER = 425, 426  # the same numbers on every architecture's unified table
+OP_READ = 22  # IORING_OP_READ (Linux 5.6)
+ENTER_GETEVENTS = 1
+FEAT_SINGLE_MMAP = 1
+OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
+TSO = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+SQE = np.dtype(
+    [("opcode", "u1"), ("flags", "u1"), ("ioprio", "<u2"), ("fd", "<i4"), ("off", "<u8"),
+     ("addr", "<u8"), ("len", "<u4"), ("rw_flags", "<u4"), ("user_data", "<u8"),
+     ("buf_index", "<u2"), ("personality", "<u2"), ("splice_fd_in", "<i4"), ("pad", "<u8", 2)]
+)  # fmt: skip
+CQE = np.dtype([("user_data", "<u8"), ("res", "<i4"), ("flags", "<u4")])
+
+
+class _SqOff(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "flags", "dropped", "array",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]  # fmt: skip
+
+
+class _CqOff(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("head", "tail", "ring_mask", "ring_entries", "overflow", "cqes", "flags",
+                 "resv1")] + [("user_addr", ctypes.c_uint64)]  # fmt: skip
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("sq_entries", "cq_entries", "flags", "sq_thread_cpu", "sq_thread_idle",
+                 "features", "wq_fd")] + [("resv", ctypes.c_uint32 * 3), ("sq_off", _SqOff),
+                                          ("cq_off", _CqOff)]  # fmt: skip
+
+
+class UringUnavailable(OSError):
+    """The kernel refuses io_uring here (ENOSYS, or EPERM under a container's seccomp)."""
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+@dataclass
+class Batch:
+    """Reads submitted together: ``res[i]`` is read ``i``'s result once it completed."""
+
+    id: int
+    lens: np.ndarray
+    res: np.ndarray = field(init=False)
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.res = np.zeros(self.lens.size, dtype=np.int64)
+        self.remaining = int(self.lens.size)
+
+
+class Ring:
+    """An io_uring of ``entries`` SQEs (the kernel gives twice as many CQEs)."""
+
+    def __init__(self, entries: int = 1024) -> None:
+        p = _Params()
+        fd = _libc().syscall(ctypes.c_long(SYS_SETUP), ctypes.c_long(entries), ctypes.byref(p))
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise UringUnavailable(e, f"io_uring_setup: {os.strerror(e)}")
+        self.fd = fd
+        try:
+            self._map(p)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.inflight = 0  # submitted, not yet reaped
+        self._next = 0
+        self._batches: dict[int, Batch] = {}
+        self.lock = threading.Lock()
+
+    def _map(self, p: _Params) -> None:
+        if not p.features & FEAT_SINGLE_MMAP:
+            raise UringUnavailable(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
+        sq, cq = p.sq_off, p.cq_off
+        size = max(sq.array + p.sq_entries * 4, cq.cqes + p.cq_entries * CQE.itemsize)
+        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE
+        self._rings = mmap.mmap(self.fd, size, flags, prot, offset=OFF_SQ_RING)
+        self._sqe_map = mmap.mmap(self.fd, p.sq_entries * SQE.itemsize, flags, prot,
+                                  offset=OFF_SQES)  # fmt: skip
+        u32 = lambda off, n=1: np.frombuffer(self._rings, np.uint32, n, off)
+        self.sq_head, self.sq_tail = u32(sq.head), u32(sq.tail)
+        self.sq_entries, self.cq_entries = p.sq_entries, p.cq_entries
+        self.sq_mask, self.cq_mask = int(u32(sq.ring_mask)[0]), int(u32(cq.ring_mask)[0])
+        u32(sq.array, p.sq_entries)[:] = np.arange(p.sq_entries, dtype=np.uint32)  # i -> SQE i
+        self.cq_head, self.cq_tail = u32(cq.head), u32(cq.tail)
+        self.cqes = np.frombuffer(self._rings, CQE, p.cq_entries, cq.cqes)
+        self.sqes = np.frombuffer(self._sqe_map, SQE, p.sq_entries)
+        self.sqes[:] = np.zeros((), SQE)
+
+    def _enter(self, submit: int, wait: int) -> None:
+        flags = ENTER_GETEVENTS if wait else 0
+        while True:
+            n = _libc().syscall(
+                ctypes.c_long(SYS_ENTER), ctypes.c_long(self.fd), ctypes.c_long(submit),
+                ctypes.c_long(wait), ctypes.c_long(flags), None, ctypes.c_long(0),
+            )  # fmt: skip
+            if n >= 0:
+                if n != submit:  # without SQPOLL the kernel takes every SQE or fails
+                    raise OSError(errno.EIO, f"io_uring_enter took {n} of {submit} reads")
+                return
+            e = ctypes.get_errno()
+            if e != errno.EINTR:
+                raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
+            submit = 0  # interrupted while waiting: the SQEs were taken
+
+    def _reap(self) -> None:
+        head, tail = int(self.cq_head[0]), int(self.cq_tail[0])
+        n = (tail - head) & 0xFFFFFFFF
+        if not n:
+            return
+        c = self.cqes[(head + np.arange(n)) & self.cq_mask]  # a copy, read after the tail
+        self.cq_head[0] = tail
+        self.inflight -= n
+        ids, idx = c["user_data"] >> 32, (c["user_data"] & 0xFFFFFFFF).astype(np.int64)
+        for bid in np.unique(ids).tolist():
+            mine = ids == bid
+            b = self._batches[bid]
+            b.res[idx[mine]] = c["res"][mine]
+            b.remaining -= int(mine.sum())
+
+    def submit(self, fd: int, off: np.ndarray, addr: np.ndarray, lens: np.ndarray,
+               wait: bool = False) -> Batch:  # fmt: skip
+        """Reads of ``lens[i]`` bytes at file offset ``off[i]`` of ``fd`` into address
+        ``addr[i]``, submitted (and, with ``wait``, completed: then one syscall for a batch
+        that fits the ring). The destinations must stay alive until :meth:`wait` returns."""
+        n = int(lens.size)
+        with self.lock:
+            b = Batch(self._next, lens)
+            self._next = (self._next + 1) & 0xFFFFFFFF
+            self._batches[b.id] = b
+            pos = 0
+            while pos < n:
+                room = min(self.sq_entries, self.cq_entries - self.inflight)
+                if room <= 0:  # the CQ could overflow: wait for a completion first
+                    self._enter(0, 1)
+                    self._reap()
+                    continue
+                k = min(room, n - pos)
+                tail = int(self.sq_tail[0])
+                at = (tail + np.arange(k)) & self.sq_mask
+                s = self.sqes
+                s["opcode"][at], s["fd"][at] = OP_READ, fd
+                s["off"][at], s["addr"][at] = off[pos : pos + k], addr[pos : pos + k]
+                s["len"][at] = lens[pos : pos + k]
+                s["user_data"][at] = (b.id << 32) | np.arange(pos, pos + k, dtype=np.uint64)
+                self.sq_tail[0] = (tail + k) & 0xFFFFFFFF  # after the SQEs
+                self.inflight += k
+                pos += k
+                self._enter(k, self.inflight if wait and pos == n else 0)
+                if wait and pos == n:
+                    self._reap()
+        return b
+
+    def wait(self, b: Batch) -> np.ndarray:
+        """Until every read of ``b`` has completed; their results (bytes read, or -errno)."""
+        with self.lock:
+            if TSO:
+                self._reap()  # completions already there cost no syscall
+            while b.remaining:
+                self._enter(0, self.inflight)
+                self._reap()
+            self._batches.pop(b.id, None)
+        return b.res
+
+    def close(self) -> None:
+        with self.lock:
+            while self.inflight:  # no read may write a buffer after its owner let it go
+                self._enter(0, self.inflight)
+                self._reap()
+            for name in ("sqes", "cqes", "sq_head", "sq_tail", "cq_head", "cq_tail"):
+                self.__dict__.pop(name, None)
+            if getattr(self, "_rings", None) is not None:
+                self._rings.close()
+                self._sqe_map.close()
+                self._rings = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
