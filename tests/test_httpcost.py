@@ -80,3 +80,30 @@ def test_keep_alive_is_the_default():
     assert not build_parser().parse_args([]).new_connections
     assert build_parser().parse_args(["--new-connections"]).new_connections
     assert not build_parser().parse_args(["--keep-alive"]).new_connections
+
+
+def test_no_task_is_left_behind_per_request_on_a_kept_connection(srv):
+    """Streams on one kept connection: the server's event loop has as many tasks after them
+    as before (the disconnect listener of each ends with its response)."""
+    import asyncio
+
+    import httpx
+
+    loop = srv.server.servers[0].get_loop()
+
+    def tasks() -> int:
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(10)
+
+    model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": [1, 2], "max_tokens": 2, "stream": True}
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=60) as c:
+        c.post(srv.url + "/v1/completions", json=body).read()
+        before = tasks()
+        for _ in range(5):
+            assert c.post(srv.url + "/v1/completions", json=body).text.endswith("[DONE]\n\n")
+        after = tasks()
+        assert len(c._transport._pool.connections) == 1  # all on one connection
+    assert after == before
