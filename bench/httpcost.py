@@ -3,16 +3,16 @@
 The same workload (C prompts, greedy, ``--max-tokens`` each, EOS ignored) runs two ways, in
 interleaved rounds: on an :class:`engine.engine.Engine` in this process (the engine's direct
 throughput), and through a real ``engram-serve`` process on a loopback port with C
-concurrent streaming clients (httpx's async client, all on one asyncio loop in this process,
-so the clients' CPU is counted apart and stays small; a new connection per request unless
-``--keep-alive``). Both run the same engine: the
-direct one is built from the server's own flags (``--serve-args`` and the ones this bench
-passes) by the loader the server uses (``server/startup.py``): same tiers, gather path,
-threads and limits. Per round: tokens per second, and CPU seconds per token (this process
-for the direct run; the server process and any it started, from /proc, for the HTTP run: the
-engine's work plus the API's). The HTTP layer's share is ``1 - http tok/s / direct tok/s``;
-its CPU per token is the difference of the two (also as a share of the engine's own, the
-primary figure on a machine whose cores the clients share).
+concurrent streaming clients (httpx's async client, one connection pool each, all on one
+asyncio loop in this process, so the clients' CPU is counted apart and stays small; each
+keeps its connection between its ``--requests`` unless ``--new-connections``). Both run the
+same engine: the direct one is built from the server's own flags (``--serve-args`` and the
+ones this bench passes) by the loader the server uses (``server/startup.py``): same tiers,
+gather path, threads and limits. Per round: tokens per second, and CPU seconds per token
+(this process for the direct run; the server process and any it started, from /proc, for the
+HTTP run: the engine's work plus the API's). The HTTP layer's share is ``1 - http tok/s /
+direct tok/s``; its CPU per token is the difference of the two (also as a share of the
+engine's own, the primary figure on a machine whose cores the clients share).
 
 Results: ``httpcost.json`` with every round and the command.
 """
@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clients", type=int, default=32, help="concurrent streaming requests")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=1,
+        help="requests per client per round, one after another (the direct engine runs the "
+        "prompts as many times): short requests need many for the CPU clock's 10 ms ticks",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
     ap.add_argument("--seed", type=int, default=0)
@@ -59,12 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
         help='more engram-serve flags, one string (e.g. "--placement cpu --dedup"); the '
         "direct engine is built from the same flags",
     )
-    ap.add_argument(
+    conn = ap.add_mutually_exclusive_group()
+    conn.add_argument(
         "--keep-alive",
-        action="store_true",
-        help="each client keeps its connection between requests (default: a new connection "
-        "per request, as the committed runs made them)",
+        dest="new_connections",
+        action="store_false",
+        help="each client keeps its connection between its requests, as httpx and the "
+        "openai client do (the default)",
     )
+    conn.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="a new connection per request (the runs committed before keep-alive became "
+        "the default)",
+    )
+    ap.set_defaults(new_connections=False)  # both flags write it: the default said once
     ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-cpu-http)")
     return ap
 
@@ -102,13 +118,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def direct_round(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+def direct_round(
+    engine: Engine, prompts: list[list[int]], max_tokens: int, requests: int = 1
+) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    c0, t0 = time.process_time(), time.perf_counter()
-    seqs = [engine.add(f"d{i}", p, params)[0] for i, p in enumerate(prompts)]
-    engine.run_until_done()
+    c0, t0, tokens = time.process_time(), time.perf_counter(), 0
+    for k in range(requests):
+        seqs = [engine.add(f"d{k}-{i}", p, params)[0] for i, p in enumerate(prompts)]
+        engine.run_until_done()
+        tokens += sum(len(s.output_ids) for s in seqs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    tokens = sum(len(s.output_ids) for s in seqs)
     return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu}
 
 
@@ -135,27 +154,42 @@ async def _stream(client, url: str, model: str, prompt: list[int], max_tokens: i
 
 class Clients:
     """C streaming clients on one asyncio loop in this process (one thread: the clients' CPU
-    is this process's, counted apart from the server's). They keep their connections between
-    rounds unless ``new_connections`` (then every request connects anew)."""
+    is this process's, counted apart from the server's). Each client has its own connection
+    pool of one, as each user of a server has its own: one pool shared by all C would cost
+    the load generator O(C) work per request (httpx checks every pooled connection for
+    expiry, a getpeername and a poll each) and, on a machine whose cores the clients share,
+    slow the server it measures. A client keeps its connection between its requests unless
+    ``new_connections`` (then every request connects anew); an idle one expires after
+    ``KEEPALIVE_EXPIRY_S``, before the server's keep-alive timeout (5 s) could close it as
+    it is reused."""
+
+    KEEPALIVE_EXPIRY_S = 2.0
 
     def __init__(self, url: str, pid: int, clients: int, new_connections: bool) -> None:
         import httpx
 
         self.url, self.pid = url, pid
         self.loop = asyncio.new_event_loop()
-        keep = 0 if new_connections else clients
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=keep)
-        self.client = httpx.AsyncClient(limits=limits, timeout=600)
-        models = self.loop.run_until_complete(self.client.get(url + "/v1/models"))
+        limits = httpx.Limits(
+            max_connections=1,
+            max_keepalive_connections=0 if new_connections else 1,
+            keepalive_expiry=self.KEEPALIVE_EXPIRY_S,
+        )
+        self.clients = [httpx.AsyncClient(limits=limits, timeout=600) for _ in range(clients)]
+        models = self.loop.run_until_complete(self.clients[0].get(url + "/v1/models"))
         self.model = models.json()["data"][0]["id"]
 
-    def round(self, prompts: list[list[int]], max_tokens: int) -> dict:
+    def round(self, prompts: list[list[int]], max_tokens: int, requests: int = 1) -> dict:
+        async def one(client, prompt: list[int]) -> int:
+            got = 0
+            for _ in range(requests):
+                got += await _stream(client, self.url, self.model, prompt, max_tokens)
+            return got
+
         async def go() -> dict:
             c0, p0, t0 = _cpu_s(self.pid), time.process_time(), time.perf_counter()
             l0 = _loop_cpu_s(self.pid)
-            got = await asyncio.gather(
-                *(_stream(self.client, self.url, self.model, p, max_tokens) for p in prompts)
-            )
+            got = await asyncio.gather(*(one(c, p) for c, p in zip(self.clients, prompts)))
             wall = time.perf_counter() - t0
             cpu, client_cpu = _cpu_s(self.pid) - c0, time.process_time() - p0
             loop = _loop_cpu_s(self.pid) - l0
@@ -170,7 +204,8 @@ class Clients:
         return self.loop.run_until_complete(go())
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
+        for c in self.clients:
+            self.loop.run_until_complete(c.aclose())
         self.loop.close()
 
 
@@ -240,16 +275,16 @@ def run(args) -> dict:
     rounds = {"direct": [], "http": []}
     clients = None
     try:
-        clients = Clients(url, proc.pid, args.clients, not args.keep_alive)
+        clients = Clients(url, proc.pid, args.clients, args.new_connections)
         direct_round(engine, prompts, 4)  # warm-up, both ways
         clients.round(prompts, 4)
         for r in range(args.repeats):
             ways = ["direct", "http"] if r % 2 == 0 else ["http", "direct"]
             for way in ways:
                 if way == "direct":
-                    got = direct_round(engine, prompts, args.max_tokens)
+                    got = direct_round(engine, prompts, args.max_tokens, args.requests)
                 else:
-                    got = clients.round(prompts, args.max_tokens)
+                    got = clients.round(prompts, args.max_tokens, args.requests)
                 rounds[way].append(got)
                 rate = got["tokens"] / got["wall_s"]
                 print(f"round {r + 1}/{args.repeats} {way}: {rate:.0f} tok/s", file=sys.stderr)
@@ -280,8 +315,9 @@ def run(args) -> dict:
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "prompt_len": args.prompt_len,
+        "requests_per_client": args.requests,
         "serve_args": serve_argv(args),
-        "connections": "kept per client" if args.keep_alive else "new per request",
+        "connections": "new per request" if args.new_connections else "kept per client",
         "environment": environment(torch.device("cpu")),
         "rounds": rounds,
         "summary": summary,

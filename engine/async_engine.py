@@ -14,6 +14,7 @@ import gc
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,53 @@ class Delta:
     unavailable: bool = False  # the server is shutting down: a 503, retry elsewhere
 
 
+class TwoReaders(RuntimeError):
+    """A second reader waited on a request's deltas: each has one (its handler's stream)."""
+
+
+class Deltas:
+    """A request's deltas on its event loop, for its one reader: a deque and at most one
+    waiting future. What asyncio.Queue does per put and get (counting unfinished tasks, an
+    Event cleared per put, a getter deque, a putter wake-up per get) is the event loop's
+    cost per token per stream, and none of it is used here. Event-loop thread only (the
+    engine thread hands deltas over with one call_soon_threadsafe per step)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[Delta] = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put_nowait(self, delta: Delta) -> None:
+        self.items.append(delta)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # a cancelled reader left it: its delta stays queued
+                waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def get_nowait(self) -> Delta:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.popleft()
+
+    async def get(self) -> Delta:
+        """The next delta, waiting for it. Cancelled while waiting, it takes nothing."""
+        while not self.items:
+            if self.waiter is not None and not self.waiter.done():
+                raise TwoReaders("a request's deltas have one reader")
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self.waiter is waiter:
+                    self.waiter = None
+        return self.items.popleft()
+
+
 class RequestStream:
     """One submitted prompt (its ``n`` sequences) and the queue its deltas arrive on."""
 
@@ -77,7 +125,7 @@ class RequestStream:
         self.memory = memory  # the Engram memory's name (None: the served model's own)
         self.seqs: list[Sequence] = []
         self.open = params.n  # choices whose last delta has not been pushed yet
-        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.queue = Deltas()
         self.arrival = time.monotonic()
 
     def push(self, delta: Delta) -> None:
@@ -87,7 +135,7 @@ class RequestStream:
             pass
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, Delta]]) -> None:
+def _put_all(batch: list[tuple[Deltas, Delta]]) -> None:
     for queue, delta in batch:
         queue.put_nowait(delta)
 

@@ -9,7 +9,9 @@ import sys
 import threading
 import time
 
-from bench.httpcost import _cpu_s, _loop_cpu_s, build_parser, serve_argv
+import pytest
+
+from bench.httpcost import Clients, _cpu_s, _loop_cpu_s, build_parser, serve_argv
 
 
 def test_direct_engine_gets_the_servers_flags():
@@ -56,3 +58,52 @@ def test_loop_cpu_is_the_main_threads_alone():
     t2 = _loop_cpu_s(pid)
     assert t1 - t0 < 0.2
     assert t2 - t1 >= 0.4
+
+
+@pytest.mark.parametrize("new_connections", [False, True])
+def test_each_client_streams_on_its_own_pool(srv, new_connections):
+    """C clients x R requests each, every token counted; with keep-alive each client's one
+    connection carries all its requests (a pool of its own, not one pool shared by all)."""
+    clients = Clients(srv.url, os.getpid(), 3, new_connections)
+    try:
+        got = clients.round([[1, 2, 3], [4, 5], [6]], 2, requests=3)
+        assert got["tokens"] == 3 * 3 * 2
+        pools = [c._transport._pool for c in clients.clients]
+        assert len({id(p) for p in pools}) == 3
+        kept = [len(p.connections) for p in pools]
+        assert kept == ([0, 0, 0] if new_connections else [1, 1, 1])
+    finally:
+        clients.close()
+
+
+def test_keep_alive_is_the_default():
+    assert not build_parser().parse_args([]).new_connections
+    assert build_parser().parse_args(["--new-connections"]).new_connections
+    assert not build_parser().parse_args(["--keep-alive"]).new_connections
+
+
+def test_no_task_is_left_behind_per_request_on_a_kept_connection(srv):
+    """Streams on one kept connection: the server's event loop has as many tasks after them
+    as before (the disconnect listener of each ends with its response)."""
+    import asyncio
+
+    import httpx
+
+    loop = srv.server.servers[0].get_loop()
+
+    def tasks() -> int:
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(10)
+
+    model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": [1, 2], "max_tokens": 2, "stream": True}
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=60) as c:
+        c.post(srv.url + "/v1/completions", json=body).read()
+        before = tasks()
+        for _ in range(5):
+            assert c.post(srv.url + "/v1/completions", json=body).text.endswith("[DONE]\n\n")
+        after = tasks()
+        assert len(c._transport._pool.connections) == 1  # all on one connection
+    assert after == before
