@@ -236,11 +236,17 @@ class UringRowReader(RowReader):
             raise ValueError("rows are read into a C-contiguous uint8 [n, row_bytes] array")
         rows, slots = rows.astype(np.uint64), slots.astype(np.uint64)
         stride = cache.shape[1]
-        off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
-        at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
-        lens = np.concatenate(
-            [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
-        )
+        if len(self.parts) == 1:  # one tensor: no concatenation of one piece
+            ((info, col, per_row),) = self.parts
+            off = rows * np.uint64(per_row) + np.uint64(info.start)
+            at = slots * np.uint64(stride) + np.uint64(col)
+            lens = np.full(rows.size, per_row, np.uint32)
+        else:
+            off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
+            at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
+            lens = np.concatenate(
+                [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
+            )
         addr = at + np.uint64(cache.ctypes.data)
         batch = self.ring.submit(self.fd, off, addr, lens, wait)
         return Pending(batch, cache, off, at, lens, int(rows.size))
