@@ -133,7 +133,8 @@ class SlotCache:
         self.row_of_slot = np.full(slots, EMPTY, dtype=np.int64 if rows >= 2**31 else np.int32)
         self.ref = np.zeros(slots, dtype=np.uint8)  # CLOCK counts
         self.pins = np.zeros(slots, dtype=np.int32)
-        self.hand, self.max_ref = 0, max_ref  # max_ref 1: plain CLOCK (one reference bit)
+        self.hand = 0
+        self.max_ref = max_ref  # 1: plain CLOCK (one reference bit)
         if directory == "auto":
             dense = DenseDirectory.nbytes_for(rows, slots)
             directory = "dense" if dense <= 2 * HashDirectory.nbytes_for(rows, slots) else "hash"
@@ -144,6 +145,16 @@ class SlotCache:
         self.directory = kinds[directory](rows, self.row_of_slot)
 
     @property
+    def max_ref(self) -> int:
+        return self._max_ref
+
+    @max_ref.setter
+    def max_ref(self, value: int) -> None:
+        """Counts saturate at ``value``; a read's raise is one table lookup (``_bump``)."""
+        self._max_ref = value
+        self._bump = np.minimum(np.arange(256) + 1, value).astype(np.uint8)
+
+    @property
     def directory_bytes(self) -> int:
         d = self.directory
         own = d.slot_of.nbytes if isinstance(d, DenseDirectory) else d.buckets.nbytes
@@ -152,24 +163,26 @@ class SlotCache:
     def admit(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pin ``rows`` (unique) in the cache: returns (slot of each row, the rows missing, the
         slots they must be read into). The caller reads the misses, then nothing else may
-        happen to those slots until :meth:`release`."""
+        happen to those slots until :meth:`release`. (A decode step's ~100 rows cost as much
+        in numpy calls as in work: each temporary here is made once.)"""
         slots = self.directory.lookup(rows)
-        hit = slots >= 0
-        self.pins[slots[hit]] += 1
-        held = slots[hit]
-        self.ref[held] = np.minimum(self.ref[held] + 1, self.max_ref)
-        miss_rows = rows[~hit]
+        miss = slots < 0
+        held = slots[~miss]
+        self.pins[held] += 1
+        self.ref[held] = self._bump[self.ref[held]]
+        miss_rows = rows[miss]
         try:
             victims = self._victims(miss_rows.size)
         except CapacityError:
-            self.pins[slots[hit]] -= 1
+            self.pins[held] -= 1
             raise
-        old = self.row_of_slot[victims]
-        self.directory.remove(old[old >= 0].astype(np.int64))
-        self.row_of_slot[victims] = miss_rows
-        self.directory.insert(miss_rows, victims)
-        self.pins[victims] += 1
-        slots[~hit] = victims
+        if victims.size:
+            old = self.row_of_slot[victims]
+            self.directory.remove(old[old >= 0])
+            self.row_of_slot[victims] = miss_rows
+            self.directory.insert(miss_rows, victims)
+            self.pins[victims] += 1
+            slots[miss] = victims
         return slots, miss_rows, victims
 
     def preload(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +228,17 @@ class SlotCache:
         at a time."""
         if k == 0:
             return np.empty(0, dtype=np.int32)
+        a = self.hand  # a decode step's few dozen: found in the first window, as one
+        b = min(self.slots, a + 2 * k + 64)
+        ref = self.ref[a:b]
+        free = self.pins[a:b] == 0
+        take = np.flatnonzero(free & (ref == 0))
+        if take.size >= k:
+            end = int(take[k - 1]) + 1
+            passed = free[:end] & (ref[:end] > 0)
+            ref[:end][passed] -= 1
+            self.hand = (a + end) % self.slots
+            return (take[:k] + a).astype(np.int32)
         out: list[np.ndarray] = []
         need, scanned = k, 0
         chunk = min(self.slots, 2 * k + 64)

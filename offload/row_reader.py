@@ -41,6 +41,7 @@ PAGE = 4096  # the page cache's unit: announced spans are whole pages
 # (and CPU beside the forward pass): a decode step's ~120 misses on the 2-core CI machine, page
 # cache dropped, 0.60-0.72 ms read inline, 0.74-0.86 ms on 2 threads; warm, 0.17 against 0.26
 RUNS_PER_THREAD = 256
+SMALL = 64  # page_spans: offsets up to this many in a plain loop (numpy's per-call cost wins)
 
 
 def run_bounds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +70,19 @@ def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
 def page_spans(offsets: np.ndarray, nbytes: int, page: int = PAGE) -> list[tuple[int, int]]:
     """[lo, hi) byte spans, page-aligned, covering ``nbytes`` at each of ``offsets``
     (ascending): rows on the same or neighbouring pages share one span (one syscall)."""
+    if offsets.size <= SMALL:  # a decode step's few dozen: a loop beats ten numpy calls
+        out: list[tuple[int, int]] = []
+        first = last = -1
+        for o in offsets.tolist():
+            lo, hi = o // page, (o + nbytes - 1) // page + 1
+            if lo > last:
+                if last >= 0:
+                    out.append((first * page, last * page))
+                first = lo
+            last = hi
+        if last >= 0:
+            out.append((first * page, last * page))
+        return out
     lo, hi = offsets // page, (offsets + nbytes - 1) // page + 1
     cuts = np.flatnonzero(lo[1:] > hi[:-1]) + 1
     starts = lo[np.concatenate(([0], cuts))] * page
@@ -222,11 +236,17 @@ class UringRowReader(RowReader):
             raise ValueError("rows are read into a C-contiguous uint8 [n, row_bytes] array")
         rows, slots = rows.astype(np.uint64), slots.astype(np.uint64)
         stride = cache.shape[1]
-        off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
-        at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
-        lens = np.concatenate(
-            [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
-        )
+        if len(self.parts) == 1:  # one tensor: no concatenation of one piece
+            ((info, col, per_row),) = self.parts
+            off = rows * np.uint64(per_row) + np.uint64(info.start)
+            at = slots * np.uint64(stride) + np.uint64(col)
+            lens = np.full(rows.size, per_row, np.uint32)
+        else:
+            off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
+            at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
+            lens = np.concatenate(
+                [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
+            )
         addr = at + np.uint64(cache.ctypes.data)
         batch = self.ring.submit(self.fd, off, addr, lens, wait)
         return Pending(batch, cache, off, at, lens, int(rows.size))

@@ -4,8 +4,18 @@ at a time, the warm start's rank order, and the reader's runs and thread groups.
 import numpy as np
 import pytest
 
+from offload import row_reader
 from offload.file_cache import CapacityError, SlotCache
-from offload.row_reader import IOV_MAX, RUNS_PER_THREAD, _balance, run_bounds, runs_of
+from offload.file_tier import sorted_unique
+from offload.row_reader import (
+    IOV_MAX,
+    PAGE,
+    RUNS_PER_THREAD,
+    _balance,
+    page_spans,
+    run_bounds,
+    runs_of,
+)
 
 
 class OneSlotClock:
@@ -99,3 +109,45 @@ def test_thread_groups_cover_every_run_in_order(runs, threads):
     assert np.array_equal(np.concatenate([g[1] for g in groups]), starts)
     sizes = [int((g[2] - g[1]).sum()) for g in groups]
     assert max(sizes) - min(sizes) <= 2 * int((ends - starts).max()) + rows.size // len(groups)
+
+
+def test_sorted_unique_is_numpys_unique_with_inverse():
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 64, 500):
+        flat = rng.integers(-3, 40, n)  # repeats, negatives (refused after, by the range check)
+        uniq, inverse = sorted_unique(flat)
+        want_u, want_i = np.unique(flat, return_inverse=True)
+        assert np.array_equal(uniq, want_u) and np.array_equal(inverse, want_i)
+
+
+@pytest.mark.parametrize("row_bytes", [32, 264, 4096, 5000])
+def test_page_spans_loop_and_numpy_paths_agree(row_bytes, monkeypatch):
+    rng = np.random.default_rng(row_bytes)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        rows = np.sort(rng.choice(20000, n, replace=False)).astype(np.int64)
+        offsets = 1000 + rows * row_bytes
+        small = page_spans(offsets, row_bytes)
+        monkeypatch.setattr(row_reader, "SMALL", 0)
+        assert page_spans(offsets, row_bytes) == small
+        monkeypatch.setattr(row_reader, "SMALL", 64)
+        covered = {p for lo, hi in small for p in range(lo // PAGE, hi // PAGE)}
+        want = {
+            p for o in offsets.tolist() for p in range(o // PAGE, (o + row_bytes - 1) // PAGE + 1)
+        }
+        assert covered == want  # every page of every row, and no other
+        assert all(b[0] > a[1] for a, b in zip(small, small[1:]))  # gaps between spans
+
+
+def test_admit_counts_saturate_at_a_max_ref_set_after_construction():
+    cache = SlotCache(rows=100, slots=10)
+    cache.max_ref = 1
+    rows = np.arange(5)
+    for _ in range(4):
+        slots, _, _ = cache.admit(rows)
+        cache.release(slots)
+    assert cache.ref[slots].tolist() == [1] * 5
+    cache.max_ref = 3
+    for _ in range(4):
+        cache.release(cache.admit(rows)[0])
+    assert cache.ref[slots].tolist() == [3] * 5
