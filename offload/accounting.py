@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 HOT_TIER = "hot"  # the tier label of rows served by a layer's hot-row cache
 
@@ -100,6 +100,15 @@ class Accountant:
             self.last = step
         for fn in self._listeners:
             fn(step)
+
+    def snapshot(self) -> Totals:
+        """A copy of the running sums taken under the lock: a reader on another thread (a
+        Prometheus scrape) sees every layer's figures of the same steps, so counters made of
+        differences of them (hits = rows - hits - fetched) never go down between scrapes."""
+        with self._lock:
+            t = self.totals
+            layers = {lid: replace(s) for lid, s in t.layers.items()}
+            return Totals(t.steps, t.step_s, t.stall_s, layers)
 
     @property
     def stall_fraction(self) -> float:

@@ -205,10 +205,13 @@ class Completion:
             self.engine.abort(sub.id)
 
     def gone(self) -> None:
-        """The client disconnected: abort its requests and wake the stream waiting on them."""
-        self.abort()
-        for sub in self.subs:
-            sub.queue.put_nowait(GONE)
+        """The client disconnected: abort its requests and wake the stream waiting on them
+        (woken whatever the abort does: an abort that raises must not leave it waiting)."""
+        try:
+            self.abort()
+        finally:
+            for sub in self.subs:
+                sub.queue.put_nowait(GONE)
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
         """Merge the sub-requests' deltas until every choice has finished."""

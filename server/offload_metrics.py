@@ -6,8 +6,9 @@ device thread, at some twenty ``labels().inc()`` a step. :class:`OffloadCounters
 same families (names, labels, values) from the totals at scrape time instead. Histograms need
 each step's value and stay observed per step (server/metrics.py).
 
-Reads happen on the event loop while the engine books steps: each layer's figures only grow,
-so a scrape between two layers' updates shows a consistent-enough counter, never a decrease.
+Reads happen on the event loop while the engine books steps: a scrape copies the totals under
+the accountant's lock (``Accountant.snapshot``), so every figure is of the same steps and a
+counter built from differences of them never decreases.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ class OffloadCounters:
 
     def collect(self) -> Iterator[Metric]:
         acc = self.accountant
-        return self._families(acc.totals if acc is not None else Totals())
+        return self._families(acc.snapshot() if acc is not None else Totals())
 
     def _families(self, t: Totals) -> Iterator[Metric]:
         m, created = self.model_name, self.created
-        booked = dict(list(t.layers.items()))  # one C-level copy: the engine may add a layer
+        booked = t.layers
         per_layer = {lid: LayerStats(lid, tier) for lid, tier in self.layers.items()}
         rows = []  # (layer, its figures under one tier label)
         for lid, tier in self.layers.items():  # the series made at start-up, from zero

@@ -2,6 +2,7 @@
 sums the server counted before (names, labels, values), from zero before the first step."""
 
 import random
+import threading
 
 import pytest
 from prometheus_client import generate_latest
@@ -114,3 +115,21 @@ def test_offload_families_are_there_before_the_model_loads():
     got = generate_latest(Metrics("m").registry).decode()
     assert "# TYPE engram_offload_bytes_total counter" in got
     assert "engram_offload_bytes_total{" not in got  # no series until the layers are known
+
+
+def test_a_scrape_reads_the_totals_of_whole_steps():
+    """The counters' collector copies the totals under the accountant's lock: while a step
+    is being booked (the lock held) it waits, so it never sees a layer's rows without its hits
+    and fetches (a hits counter made of their difference would go down at the next scrape)."""
+    m, acc = Metrics("m"), Accountant()
+    m.watch_offload(acc, [2, 5], "cpu", [2])
+    done = threading.Event()
+    with acc._lock:  # a step half booked
+        scraper = threading.Thread(target=lambda: (list(m.offload.collect()), done.set()))
+        scraper.start()
+        assert not done.wait(0.2)
+    assert done.wait(10)
+    scraper.join()
+    snap = acc.snapshot()
+    acc.record(steps("cpu", {2}, 1)[0])
+    assert snap.steps == 0 and all(s.rows == 0 for s in snap.layers.values())  # a copy

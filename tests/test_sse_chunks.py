@@ -1,11 +1,16 @@
 """Streamed chunks written from templates are the bytes json.dumps writes for their bodies,
 and a step's events may arrive together in one write (the client sees the same events)."""
 
+import asyncio
 import json
 import time
 
 import httpx
 import pytest
+
+from engine.async_engine import RequestStream
+from engine.sampling import SamplingParams
+from server.completions import GONE, Completion
 
 from .live import serve
 
@@ -84,3 +89,22 @@ def test_a_client_gone_mid_stream_aborts_its_sequences(srv, path, body):
     assert srv.metric("engram_request_success_total", 'finished_reason="abort"') == aborted + seqs
     events = _events(srv, path, {**body, "max_tokens": 3})
     assert json.loads(events[-1])["choices"]
+
+
+def test_a_client_gone_wakes_its_stream_even_when_the_abort_raises():
+    """Completion.gone runs as the disconnect listener's callback: an abort that raises (a
+    data-parallel link gone, say) still puts GONE on every queue, so the request task reading
+    them ends instead of waiting forever."""
+    loop = asyncio.new_event_loop()
+
+    class BrokenLink:
+        def abort(self, request_id):
+            raise ConnectionError("link to replica 1 closed")
+
+    done = Completion.__new__(Completion)  # only what gone() reads
+    done.engine = BrokenLink()
+    done.subs = [RequestStream(f"r{i}", [1], SamplingParams(), loop) for i in range(2)]
+    with pytest.raises(ConnectionError):
+        done.gone()
+    assert [sub.queue.get_nowait() for sub in done.subs] == [GONE, GONE]
+    loop.close()
