@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stat_ticks(path: str) -> list[int]:
+    """The clock-tick fields of a /proc stat file (utime stime cutime cstime, from index 0)."""
+    return [int(x) for x in Path(path).read_text().rsplit(")", 1)[1].split()[11:15]]
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and every process under it, the exited ones
     it has waited for included (Linux /proc)."""
@@ -92,11 +97,11 @@ def _cpu_s(pid: int) -> float:
     while todo:
         p = todo.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = _stat_ticks(f"/proc/{p}/stat")
             tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:  # it exited in between
             continue
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        total += sum(ticks)
         for t in tasks:
             try:
                 todo += [int(c) for c in (t / "children").read_text().split()]
@@ -108,8 +113,8 @@ def _cpu_s(pid: int) -> float:
 def _loop_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process's main thread: the server's event loop (the
     HTTP layer's own work; the engine steps on a thread of its own)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    utime, stime = _stat_ticks(f"/proc/{pid}/task/{pid}/stat")[:2]
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
