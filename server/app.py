@@ -34,6 +34,7 @@ from .chat import ChatCompletion, model_template, no_template, read_template_fil
 from .chat_protocol import ChatCompletionRequest
 from .completions import Completion, shutting_down, wait_or_disconnect
 from .config import ServerConfig
+from .fast import FastRoute
 from .memories import (
     Loading,
     attach_startup_memories,
@@ -462,8 +463,19 @@ def create_app(
     app.include_router(memories_router)
     if cfg.allow_memory_updates:  # vLLM: load_lora_adapter only with runtime updates allowed
         app.include_router(memory_updates_router)
-    # the catch-all, then the key (before any body is read), then the body checks: one layer
-    app.add_middleware(Gate, api_key=cfg.api_key, limit=cfg.max_body_bytes, metrics=state.metrics)
+    # the catch-all, then the key (before any body is read), then the body checks: one layer,
+    # and the two generation routes straight to their handlers (fast.py)
+    fast = {
+        "/v1/completions": FastRoute(CompletionRequest, completions),
+        "/v1/chat/completions": FastRoute(ChatCompletionRequest, chat),
+    }
+    app.add_middleware(
+        Gate,
+        api_key=cfg.api_key,
+        limit=cfg.max_body_bytes,
+        metrics=state.metrics,
+        routes=fast if cfg.fast_routes else {},
+    )
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -74,6 +74,13 @@ class ServerConfig:
         "allow POST /v1/memories (load, reload) and DELETE /v1/memories/NAME while serving "
         "(behind --api-key when one is set)",
     )
+    fast_routes: bool = flag(
+        True,
+        "POST /v1/completions and /v1/chat/completions go straight to their handlers once the "
+        "body validates (anything else through FastAPI's router, the same answers)",
+        off_help="route every request through FastAPI's router (the same answers, more CPU per "
+        "request)",
+    )
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property

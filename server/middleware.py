@@ -11,6 +11,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
+from .fast import FastRoute, parsed, serve
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -97,6 +98,8 @@ class Gate:
       413; a Content-Type that is not JSON -> 415 (none at all is read as JSON, as curl sends
       it without -H); text that is not valid Unicode -> 400 naming the field (tokenizers and
       JSON encoders raise on lone surrogates); otherwise the body is replayed to the app.
+    - the direct routes (``routes``, POST path -> :class:`~server.fast.FastRoute`): a body
+      their model takes goes straight to the handler, past FastAPI's router (fast.py).
     - the catch-all: an exception no handler answered is logged once, with its traceback,
       and answered with a 500 in OpenAI's shape. Nothing re-raises it, so the server does not
       log it again nor drop the keep-alive connection.
@@ -105,9 +108,15 @@ class Gate:
     passes through."""
 
     def __init__(
-        self, app, api_key: str | None, limit: int, metrics: Metrics | None = None
+        self,
+        app,
+        api_key: str | None,
+        limit: int,
+        metrics: Metrics | None = None,
+        routes: dict[str, FastRoute] | None = None,
     ) -> None:
         self.app, self.key, self.limit, self.metrics = app, (api_key or "").encode(), limit, metrics
+        self.routes = routes or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -120,13 +129,18 @@ class Gate:
             await send(msg)
 
         try:
-            err = self.key_error(scope)
+            err, body = self.key_error(scope), b""
             if err is None and scope["method"] not in ("GET", "HEAD"):
-                err, scope, receive = await self.read_body(scope, receive)
+                err, scope, receive, body = await self.read_body(scope, receive)
             if err is not None:
                 return await error_response(err, self.metrics)(scope, receive, send)
-            if receive is not None:
-                await self.app(scope, receive, tracked)
+            if receive is None:
+                return
+            route = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+            request = parsed(route.model, scope, body) if route is not None else None
+            if request is not None:
+                return await serve(route, request, scope, receive, tracked, self.answer)
+            await self.app(scope, receive, tracked)
         except Exception as e:
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:  # otherwise the response is cut short; nothing more to say
@@ -142,24 +156,27 @@ class Gate:
             return None
         return APIError(401, "invalid or missing API key", None, "invalid_api_key")
 
+    def answer(self, e: APIError) -> JSONResponse:
+        return error_response(e, self.metrics)
+
     async def read_body(self, scope, receive):
-        """(error or None, the scope, a receive that replays the body); receive None when
-        the client went before its body was read (nothing to answer)."""
+        """(error or None, the scope, a receive that replays the body, the body); receive
+        None when the client went before its body was read (nothing to answer)."""
         why = f"request body over {self.limit} bytes (--max-body-bytes)"
         too_big = APIError(413, why, None, "request_too_large")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return too_big, scope, receive
+            return too_big, scope, receive, b""
         chunks, size = [], 0
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                return None, scope, None
+                return None, scope, None, b""
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return too_big, scope, receive
+                return too_big, scope, receive, b""
             if not msg.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
@@ -174,10 +191,10 @@ class Gate:
                 None,
                 "unsupported_media_type",
             )
-            return err, scope, receive
+            return err, scope, receive, body
         err = unicode_error(body)
         if err is not None:
-            return err, scope, receive
+            return err, scope, receive, body
 
         async def replay():
             nonlocal replayed
@@ -186,4 +203,4 @@ class Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return None, scope, replay
+        return None, scope, replay, body
