@@ -84,7 +84,8 @@ def record(out: Path, num_seqs: int, prompt_len: int, decode: int, seed: int) ->
             engine.step()
         pf.flush()
         engine.close()
-    pf.close()
+    pf.close()  # and the tier
+    store.close()
     tensors = {f"{i}.{lid}": ids for i, s in enumerate(steps) for lid, ids in s.items()}
     save_file(tensors, str(out))
     om.close()
@@ -133,7 +134,7 @@ def replay(path: Path, rounds: int, decode_only: int, profile_top: int, io_kind:
     from .file_tier import drop
 
     steps = load_steps(path)
-    _, file, make_tier = _setup()
+    om, file, make_tier = _setup()
     prof = cProfile.Profile() if profile_top else None
     runs: dict[str, list[dict]] = {"dropped": [], "kept": []}
     for r in range(rounds):
@@ -141,8 +142,12 @@ def replay(path: Path, rounds: int, decode_only: int, profile_top: int, io_kind:
             store, tier = make_tier(io_kind)
             if pc == "dropped":
                 drop(file)
-            runs[pc].append(replay_once(tier, steps, decode_only, prof if r else None))
-            tier.close()
+            try:
+                runs[pc].append(replay_once(tier, steps, decode_only, prof if r else None))
+            finally:
+                tier.close()
+                store.close()  # the round's DRAM cache tables
+    om.close()
     keys = ("plan_cpu_ms", "plan_wall_ms", "read_cpu_ms")
     out = {pc: {k: summarize([x[k] for x in v]) for k in keys} for pc, v in runs.items()}
     out["decode_steps"] = runs["kept"][0]["decode_steps"]

@@ -38,7 +38,7 @@ from models.safetensors_header import read_header
 
 from .file_cache import CapacityError, SlotCache
 from .hot_cache import RowSource
-from .plan import GatherError
+from .plan import check_rows, sorted_unique
 from .row_reader import RowReader, open_reader
 from .rowformat import PLAIN_DTYPES
 from .store import Placement, Table, TableStore, new_table
@@ -70,6 +70,13 @@ class FileLayer:
     warm_rows: int = 0  # rows placed before serving from a profile (FileTier.warm)
     warm_s: float = 0.0
     _bytes: np.ndarray | None = field(default=None, repr=False)
+
+    def unique(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct rows of ``ids`` (ascending) and the inverse (flat), bounds-checked."""
+        uniq, inverse = sorted_unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if uniq.size:
+            check_rows(self.layer_id, int(uniq[0]), int(uniq[-1]), self.rows)
+        return uniq, inverse
 
     def cache_bytes(self) -> np.ndarray:
         """The cache table's bytes, ``[slots, row_bytes]`` (made once: the table never moves)."""
@@ -152,19 +159,6 @@ class LazyRead(Future):
         return super().exception(timeout)
 
 
-def sorted_unique(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(flat, return_inverse=True)`` in four numpy calls: a decode step's ~100 ids
-    a layer cost numpy's general version 8-14 us, this one 3 (2-core CI machine)."""
-    if flat.size == 0:
-        return flat, np.empty(0, dtype=np.intp)
-    s = np.sort(flat)
-    keep = np.empty(s.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(s[1:], s[:-1], out=keep[1:])
-    uniq = s[keep]
-    return uniq, uniq.searchsorted(flat)
-
-
 def wait_all(futures: list[Future]) -> None:
     """Until every read has ended (a lazy one runs here); errors stay in the futures."""
     for f in futures:
@@ -215,10 +209,7 @@ class FileTier:
 
     def _layer(self, fl: FileLayer, ids: np.ndarray, ticket: Ticket) -> np.ndarray:
         lid = fl.layer_id
-        uniq, inverse = sorted_unique(ids.reshape(-1).astype(np.int64, copy=False))
-        if uniq.size and (uniq[0] < 0 or uniq[-1] >= fl.rows):
-            bad = int(uniq[-1] if uniq[-1] >= fl.rows else uniq[0])
-            raise GatherError(lid, f"row {bad} is outside the table (0..{fl.rows - 1})")
+        uniq, inverse = fl.unique(ids)
         with fl.lock:
             fl.recent = [f for f in fl.recent if not f.done()]
             if fl.recent:
@@ -315,11 +306,7 @@ class FileTier:
         from it (pinned while copied), the rest read through the tier's reader into a scratch
         array (not admitted: the hot cache's fills and refreshes do not evict serving rows)."""
         fl = self.layers[layer_id]
-        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= fl.rows):
-            bad = int(flat.max() if flat.max() >= fl.rows else flat.min())
-            raise GatherError(layer_id, f"row {bad} is outside the table (0..{fl.rows - 1})")
-        uniq, inverse = np.unique(flat, return_inverse=True)
+        uniq, inverse = fl.unique(ids)
         out = np.empty((uniq.size, fl.reader.row_bytes), dtype=np.uint8)
         with fl.lock:
             slots = fl.cache.directory.lookup(uniq).astype(np.int64)

@@ -28,7 +28,7 @@ import numpy as np
 from models.safetensors_header import TableFileError
 
 from .table_load import TableSource
-from .uring import Batch, Ring, UringUnavailable
+from .uring import Batch, Ring, UringUnavailable, probe_ops
 
 log = logging.getLogger(__name__)
 FILE_IO = ("auto", "uring", "pread")  # --file-io: auto is io_uring where the kernel allows it
@@ -154,9 +154,12 @@ class RowReader:
                 bufs = [flat[s * stride + col : s * stride + col + per_row] for s in slot_list[a:b]]
                 self._preadv(info, bufs, info.start + first * per_row, per_row)
 
-    def _preadv(self, info, bufs: list, offset: int, per_row: int) -> None:
+    def _preadv(self, info, bufs: list, offset: int, per_row: int, got: int | None = None) -> None:
+        """``bufs`` (``per_row`` bytes each) from file ``offset`` on; ``got``: bytes of them
+        already read (an io_uring read that ended short), else all are read here."""
         want = per_row * len(bufs)
-        got = os.preadv(self.fd, bufs, offset)
+        if got is None:
+            got = os.preadv(self.fd, bufs, offset)
         while got < want:  # a short read: finish row by row from where it stopped
             k, done = divmod(got, per_row)
             n = os.preadv(self.fd, [bufs[k][done:]], offset + got)
@@ -219,12 +222,12 @@ class UringRowReader(RowReader):
 
     def __init__(
         self, path: str, src: TableSource, threads: int = 1, entries: int = 1024,
-        advise: bool = True,
+        advise: bool = True, probe=probe_ops,
     ) -> None:  # fmt: skip
         super().__init__(path, src, 1)  # the kernel reads in parallel: no thread pool
         self.advise = advise
         try:
-            self.ring = Ring(entries)
+            self.ring = Ring(entries, probe)
         except BaseException:
             super().close()
             raise
@@ -266,15 +269,8 @@ class UringRowReader(RowReader):
             raise TableFileError(
                 f"{self.path}: tensor {info.name}: read at byte {off}: {os.strerror(-got)}"
             )
-        flat = memoryview(p.cache).cast("B")
         at = int(p.at[i])
-        while got < want:  # a short read: finish it here from where it stopped
-            n = os.preadv(self.fd, [flat[at + got : at + want]], off + got)
-            if n == 0:
-                raise TableFileError(
-                    f"{self.path}: tensor {info.name}: file ended at byte {off + got} (truncated?)"
-                )
-            got += n
+        self._preadv(info, [memoryview(p.cache).cast("B")[at : at + want]], off, want, got)
 
     def read(
         self, rows: np.ndarray, slots: np.ndarray, cache: np.ndarray, announced: bool = False
@@ -300,16 +296,19 @@ class UringRowReader(RowReader):
 
 
 def open_reader(
-    path: str, src: TableSource, threads: int = 4, io: str = "auto", entries: int = 1024
-) -> RowReader:
+    path: str, src: TableSource, threads: int = 4, io: str = "auto", entries: int = 1024,
+    probe=probe_ops,
+) -> RowReader:  # fmt: skip
     """A reader of ``io`` (FILE_IO): ``auto`` takes io_uring and falls back to ``preadv``
-    (logged once) where the kernel refuses it; ``uring`` refuses to fall back."""
+    (logged once) where the kernel refuses it or lacks its read (``probe``: the opcodes a
+    ring's kernel supports); ``uring`` refuses to fall back. The file's own errors (missing,
+    unreadable) are raised as they are."""
     if io not in FILE_IO:
         raise ValueError(f"unknown file I/O {io!r}; use one of {', '.join(FILE_IO)}")
     if io != "pread":
         try:
-            return UringRowReader(path, src, threads, entries)
-        except OSError as e:
+            return UringRowReader(path, src, threads, entries, probe=probe)
+        except UringUnavailable as e:
             if io == "uring":
                 raise UringUnavailable(e.errno, f"--file-io uring: {e}") from None
             _fallback(str(e))

@@ -13,7 +13,11 @@ read after the CQ tail. Peeking at the CQ without a syscall relies on TSO, so el
 ring always asks the kernel (``io_uring_enter`` with ``GETEVENTS``) before reading CQEs.
 
 The ring stays bounded: at most ``cq_entries`` reads are in flight; a larger batch is
-submitted in chunks, waiting for earlier completions to make room.
+submitted in chunks, waiting for earlier completions to make room. SQEs the kernel did not
+take (a refused SQE stops the submission; ENOMEM/EAGAIN take none) are taken back out of the
+ring and their reads fail (``-errno``), so no stale SQE is left for the next batch. One thread
+at a time waits in the kernel (and only for as many completions as its batch lacks), without
+the ring's lock: the others submit meanwhile, or wait for it to reap their completions too.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import mmap
 import os
 import platform
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-SYS_SETUP, SYS_ENTER = 425, 426  # the same numbers on every architecture's unified table
+SYS_SETUP, SYS_ENTER, SYS_REGISTER = 425, 426, 427  # the same on every architecture
 OP_READ = 22  # IORING_OP_READ (Linux 5.6)
+REGISTER_PROBE, OP_SUPPORTED, PROBE_OPS = 8, 1, 256  # IORING_REGISTER_PROBE (Linux 5.6)
 ENTER_GETEVENTS = 1
 FEAT_SINGLE_MMAP = 1
 OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
@@ -42,6 +48,7 @@ SQE = np.dtype(
      ("buf_index", "<u2"), ("personality", "<u2"), ("splice_fd_in", "<i4"), ("pad", "<u8", 2)]
 )  # fmt: skip
 CQE = np.dtype([("user_data", "<u8"), ("res", "<i4"), ("flags", "<u4")])
+PROBE_OP = np.dtype([("op", "u1"), ("resv", "u1"), ("flags", "<u2"), ("resv2", "<u4")])
 
 
 class _SqOff(ctypes.Structure):
@@ -64,7 +71,8 @@ class _Params(ctypes.Structure):
 
 
 class UringUnavailable(OSError):
-    """The kernel refuses io_uring here (ENOSYS, or EPERM under a container's seccomp)."""
+    """The kernel refuses io_uring here (ENOSYS, or EPERM under a container's seccomp), or
+    has it without ``IORING_OP_READ`` (Linux 5.4/5.5)."""
 
 
 @functools.cache
@@ -72,6 +80,20 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     return libc
+
+
+def probe_ops(fd: int) -> frozenset[int]:
+    """The opcodes ring ``fd``'s kernel supports (``IORING_REGISTER_PROBE``); none where the
+    kernel has no probe (before 5.6, which also lacks ``IORING_OP_READ``)."""
+    buf = (ctypes.c_uint8 * (16 + PROBE_OPS * PROBE_OP.itemsize))()  # zeroed, as it must be
+    n = _libc().syscall(
+        ctypes.c_long(SYS_REGISTER), ctypes.c_long(fd), ctypes.c_long(REGISTER_PROBE),
+        buf, ctypes.c_long(PROBE_OPS),
+    )  # fmt: skip
+    if n < 0:
+        return frozenset()
+    ops = np.frombuffer(buf, PROBE_OP, min(buf[1], PROBE_OPS), 16)  # ops_len at byte 1
+    return frozenset(ops["op"][(ops["flags"] & OP_SUPPORTED) != 0].tolist())
 
 
 @dataclass
@@ -89,9 +111,12 @@ class Batch:
 
 
 class Ring:
-    """An io_uring of ``entries`` SQEs (the kernel gives twice as many CQEs)."""
+    """An io_uring of ``entries`` SQEs (the kernel gives twice as many CQEs). ``probe``: the
+    opcodes the kernel supports, given the ring's fd (a test passes an old kernel's)."""
 
-    def __init__(self, entries: int = 1024) -> None:
+    def __init__(
+        self, entries: int = 1024, probe: Callable[[int], frozenset[int]] = probe_ops
+    ) -> None:
         p = _Params()
         fd = _libc().syscall(ctypes.c_long(SYS_SETUP), ctypes.c_long(entries), ctypes.byref(p))
         if fd < 0:
@@ -99,14 +124,24 @@ class Ring:
             raise UringUnavailable(e, f"io_uring_setup: {os.strerror(e)}")
         self.fd = fd
         try:
+            self.probed = probe(fd)
+            if OP_READ not in self.probed:
+                raise UringUnavailable(errno.EINVAL, "io_uring without IORING_OP_READ (Linux 5.6)")
             self._map(p)
-        except BaseException:
+        except BaseException as e:
+            for m in ("_rings", "_sqe_map"):
+                if getattr(self, m, None) is not None:
+                    getattr(self, m).close()
             os.close(fd)
+            if isinstance(e, OSError) and not isinstance(e, UringUnavailable):
+                raise UringUnavailable(e.errno, f"io_uring rings: {e}") from e
             raise
         self.inflight = 0  # submitted, not yet reaped
         self._next = 0
         self._batches: dict[int, Batch] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the SQ, the CQ head, inflight and the batches
+        self._reaped = threading.Condition(self.lock)  # the reaper reaped (or gave up)
+        self._reaping = False  # a thread waits in the kernel: it alone moves the CQ head
 
     def _map(self, p: _Params) -> None:
         if not p.features & FEAT_SINGLE_MMAP:
@@ -131,7 +166,13 @@ class Ring:
         self._fields = tuple(self.sqes[f] for f in ("opcode", "fd", "off", "addr", "len"))
         self._user = self.sqes["user_data"]
 
-    def _enter(self, submit: int, wait: int) -> None:
+    def _queued(self) -> int:
+        """SQEs in the ring the kernel has not taken."""
+        return (int(self.sq_tail[0]) - int(self.sq_head[0])) & 0xFFFFFFFF
+
+    def _enter(self, submit: int, wait: int) -> int:
+        """The SQEs the kernel took. The kernel returns -EINTR only when it took none (an
+        interrupted wait after a submission returns the count), so a retry resubmits."""
         flags = ENTER_GETEVENTS if wait else 0
         while True:
             n = _libc().syscall(
@@ -139,13 +180,11 @@ class Ring:
                 ctypes.c_long(wait), ctypes.c_long(flags), None, ctypes.c_long(0),
             )  # fmt: skip
             if n >= 0:
-                if n != submit:  # without SQPOLL the kernel takes every SQE or fails
-                    raise OSError(errno.EIO, f"io_uring_enter took {n} of {submit} reads")
-                return
+                return n
             e = ctypes.get_errno()
             if e != errno.EINTR:
                 raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
-            submit = 0  # interrupted while waiting: the SQEs were taken
+            submit = self._queued() if submit else 0
 
     def _reap(self) -> None:
         head, tail = int(self.cq_head[0]), int(self.cq_tail[0])
@@ -167,11 +206,65 @@ class Ring:
             b.res[idx[mine]] = c["res"][mine]
             b.remaining -= int(mine.sum())
 
+    def _await(self, done: Callable[[], bool], want: Callable[[], int]) -> None:
+        """Until ``done()`` (the lock held; released while in the kernel). One thread at a
+        time waits there, for ``want()`` completions; the others wait for it to reap."""
+        while not done():
+            if self._reaping:
+                self._reaped.wait()
+                continue
+            if TSO:  # completions already there cost no syscall
+                self._reap()
+                if done():
+                    return
+            n, self._reaping = want(), True
+            self.lock.release()
+            try:
+                self._enter(0, n)
+            finally:
+                self.lock.acquire()
+                self._reaping = False
+                self._reap()
+                self._reaped.notify_all()
+
+    def _push(self, b: Batch, fd: int, off, addr, lens, pos: int, k: int) -> bool:
+        """Reads ``pos:pos+k`` of ``b`` written as SQEs and submitted (the lock held). False
+        when the kernel did not take them all: the ones it did not, and the rest of ``b``,
+        are failed (``-errno``) and their SQEs taken back."""
+        tail = int(self.sq_tail[0])
+        first = tail & self.sq_mask
+        at = (  # a slice where the batch does not wrap round the ring
+            slice(first, first + k)
+            if first + k <= self.sq_entries
+            else (tail + np.arange(k)) & self.sq_mask
+        )
+        op, fds, offs, addrs, lns = self._fields
+        op[at], fds[at] = OP_READ, fd
+        offs[at], addrs[at] = off[pos : pos + k], addr[pos : pos + k]
+        lns[at] = lens[pos : pos + k]
+        self._user[at] = (b.id << 32) | np.arange(pos, pos + k, dtype=np.uint64)
+        self.sq_tail[0] = (tail + k) & 0xFFFFFFFF  # after the SQEs
+        err = errno.ECANCELED  # a read after one the kernel refused (that one has its CQE)
+        try:
+            self._enter(k, 0)
+        except OSError as e:
+            err = e.errno or errno.EIO
+        left = self._queued()
+        self.inflight += k - left
+        if not left:
+            return True
+        self.sq_tail[0] = self.sq_head[0]  # no stale SQE for the next submission
+        first_failed = pos + k - left
+        b.res[first_failed:] = -err
+        b.remaining -= b.res.size - first_failed
+        return False
+
     def submit(self, fd: int, off: np.ndarray, addr: np.ndarray, lens: np.ndarray,
                wait: bool = False) -> Batch:  # fmt: skip
         """Reads of ``lens[i]`` bytes at file offset ``off[i]`` of ``fd`` into address
-        ``addr[i]``, submitted (and, with ``wait``, completed: then one syscall for a batch
-        that fits the ring). The destinations must stay alive until :meth:`wait` returns."""
+        ``addr[i]``, submitted (and, with ``wait``, completed). The destinations must stay
+        alive until :meth:`wait` returns. A read the kernel did not take has ``-errno`` as
+        its result (never an exception here: the reads it took may still land)."""
         n = int(lens.size)
         with self.lock:
             b = Batch(self._next, lens)
@@ -181,46 +274,27 @@ class Ring:
             while pos < n:
                 room = min(self.sq_entries, self.cq_entries - self.inflight)
                 if room <= 0:  # the CQ could overflow: wait for a completion first
-                    self._enter(0, 1)
-                    self._reap()
+                    self._await(lambda: self.inflight < self.cq_entries, lambda: 1)
                     continue
                 k = min(room, n - pos)
-                tail = int(self.sq_tail[0])
-                first = tail & self.sq_mask
-                at = (  # a slice where the batch does not wrap round the ring
-                    slice(first, first + k)
-                    if first + k <= self.sq_entries
-                    else (tail + np.arange(k)) & self.sq_mask
-                )
-                op, fds, offs, addrs, lns = self._fields
-                op[at], fds[at] = OP_READ, fd
-                offs[at], addrs[at] = off[pos : pos + k], addr[pos : pos + k]
-                lns[at] = lens[pos : pos + k]
-                self._user[at] = (b.id << 32) | np.arange(pos, pos + k, dtype=np.uint64)
-                self.sq_tail[0] = (tail + k) & 0xFFFFFFFF  # after the SQEs
-                self.inflight += k
+                if not self._push(b, fd, off, addr, lens, pos, k):
+                    break
                 pos += k
-                self._enter(k, self.inflight if wait and pos == n else 0)
-                if wait and pos == n:
-                    self._reap()
+        if wait:
+            self.wait(b)
         return b
 
     def wait(self, b: Batch) -> np.ndarray:
         """Until every read of ``b`` has completed; their results (bytes read, or -errno)."""
         with self.lock:
-            if TSO:
-                self._reap()  # completions already there cost no syscall
-            while b.remaining:
-                self._enter(0, self.inflight)
-                self._reap()
+            self._await(lambda: not b.remaining, lambda: min(b.remaining, self.inflight))
             self._batches.pop(b.id, None)
         return b.res
 
     def close(self) -> None:
         with self.lock:
-            while self.inflight:  # no read may write a buffer after its owner let it go
-                self._enter(0, self.inflight)
-                self._reap()
+            # no read may write a buffer after its owner let it go
+            self._await(lambda: not self.inflight, lambda: self.inflight)
             for name in (
                 "_fields",
                 "_user",

@@ -113,8 +113,9 @@ def test_thread_groups_cover_every_run_in_order(runs, threads):
 
 def test_sorted_unique_is_numpys_unique_with_inverse():
     rng = np.random.default_rng(5)
-    for n in (0, 1, 2, 64, 500):
-        flat = rng.integers(-3, 40, n)  # repeats, negatives (refused after, by the range check)
+    for n in (0, 1, 2, 64, 500, 513, 3000):  # both ways to the inverse (SEARCH_INVERSE)
+        # repeats, negatives (refused after, by the range check)
+        flat = rng.integers(-3, 40 if n < 1000 else 5000, n)
         uniq, inverse = sorted_unique(flat)
         want_u, want_i = np.unique(flat, return_inverse=True)
         assert np.array_equal(uniq, want_u) and np.array_equal(inverse, want_i)

@@ -5,6 +5,7 @@ its reads in the plan."""
 
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from offload.paths import make_prefetcher
 from offload.row_reader import RowReader, UringRowReader, open_reader
 from offload.store import Placement, TableStore
 from offload.table_load import table_source
-from offload.uring import Ring, UringUnavailable
+from offload.uring import OP_READ, Ring, UringUnavailable
 
 from .test_file_tier import run_steps, steps, write_tables
 
@@ -129,3 +130,105 @@ def test_file_tier_over_io_uring_serves_the_host_tables_rows(uring, tmp_path, su
     assert not any(fl.cache.pins.any() for fl in tier.layers.values())
     pf.close()
     ref.close()
+
+
+def _in_thread(fn, timeout=20.0):
+    """``fn()``'s result, or its error; a call still blocked after ``timeout`` fails the test
+    (a daemon thread: a hang does not keep the test run alive)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"hung for {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_a_batch_the_kernel_takes_in_part_fails_typed_and_the_ring_reads_on(uring, tmp_path):
+    """The kernel stops taking a batch's SQEs at one it refuses at submission (here invalid
+    SQE flags, as an unknown opcode would be): that read and the ones not taken fail typed,
+    wait returns, and the next batch reads its own rows (no stale SQE left in the ring)."""
+    path, keys = write_tables(tmp_path, "bf16")
+    src = table_source(read_header(path), keys[1])
+    ur = UringRowReader(str(path), src, entries=8)
+    want = stored(src, path)
+    rows, slots = np.arange(3, 11), np.arange(8)
+    out = np.zeros((8, ur.row_bytes), np.uint8)
+    ur.ring.sqes["flags"][1] = 0x80  # no such IOSQE_* flag: io_uring_enter takes 2 of 8
+    with pytest.raises(TableFileError, match=src.values.name):
+        _in_thread(lambda: ur.read(rows, slots, out))
+    assert ur.ring.inflight == 0 and not ur.ring._batches
+    assert ur.ring.sq_tail[0] == ur.ring.sq_head[0]  # the SQEs not taken are not left queued
+    ur.ring.sqes["flags"][1] = 0
+    out[:] = 0
+    other = np.arange(40, 48)
+    assert _in_thread(lambda: ur.read(other, slots, out)) == 8 * ur.row_bytes
+    assert np.array_equal(out, want[other])
+    _in_thread(ur.close)
+
+
+def test_a_ring_without_op_read_is_unavailable_and_auto_falls_back(uring, tmp_path, caplog):
+    """Linux 5.4/5.5 set up a ring but have no IORING_OP_READ: the probe finds it missing."""
+    assert OP_READ in (ops := Ring(2).probed) and len(ops) > 1  # this kernel's real probe
+    with pytest.raises(UringUnavailable, match="IORING_OP_READ"):
+        Ring(2, probe=lambda fd: frozenset({0, 1, 2}))
+    path, keys = write_tables(tmp_path, "bf16")
+    src = table_source(read_header(path), keys[1])
+    old = lambda fd: frozenset(range(OP_READ))  # a 5.5 kernel's opcodes
+    with caplog.at_level(logging.WARNING):
+        r = open_reader(str(path), src, 2, "auto", probe=old)
+    assert type(r) is RowReader and "IORING_OP_READ" in caplog.text
+    out = np.zeros((2, r.row_bytes), np.uint8)
+    r.read(np.array([5, 9]), np.array([1, 0]), out)
+    assert np.array_equal(out[[1, 0]], stored(src, path)[[5, 9]])
+    with pytest.raises(UringUnavailable, match="--file-io uring"):
+        open_reader(str(path), src, 2, "uring", probe=old)
+
+
+def test_a_missing_file_is_the_file_error_not_io_uring(uring, tmp_path, caplog):
+    path, keys = write_tables(tmp_path, "bf16")
+    src = table_source(read_header(path), keys[1])
+    for io in ("auto", "uring"):
+        with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError):
+            open_reader(str(tmp_path / "gone.safetensors"), src, 2, io)
+    assert "io_uring" not in caplog.text
+
+
+def test_one_callers_wait_does_not_wait_for_another_callers_reads(uring, tmp_path):
+    """A read of a fifo completes only once the fifo is written: while one batch's read stays
+    in flight, another batch on the same ring (also a fifo, written a little later, so its
+    wait goes to the kernel) is waited for alone."""
+    fifos = []
+    for name in ("stuck", "late"):
+        os.mkfifo(tmp_path / name)
+        rfd = os.open(tmp_path / name, os.O_RDONLY | os.O_NONBLOCK)
+        fifos.append((rfd, os.open(tmp_path / name, os.O_WRONLY)))
+        os.set_blocking(rfd, True)
+    (stuck_r, stuck_w), (late_r, late_w) = fifos
+    ring = Ring(8)
+    bufs = np.zeros((2, 4), np.uint8)
+    one = lambda fd, buf: ring.submit(
+        fd, np.zeros(1, np.uint64), np.array([buf.ctypes.data], np.uint64), np.array([4], np.uint32)
+    )
+    stuck = one(stuck_r, bufs[0])
+    late = one(late_r, bufs[1])
+    threading.Timer(0.2, os.write, (late_w, b"wxyz")).start()
+    try:
+        assert _in_thread(lambda: ring.wait(late), timeout=10).tolist() == [4]
+        assert bytes(bufs[1]) == b"wxyz" and ring.inflight == 1
+    finally:
+        os.write(stuck_w, b"abcd")
+        assert _in_thread(lambda: ring.wait(stuck), timeout=10).tolist() == [4]
+    assert bytes(bufs[0]) == b"abcd"
+    _in_thread(ring.close)
+    for pair in fifos:
+        for f in pair:
+            os.close(f)
