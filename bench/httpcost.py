@@ -269,6 +269,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
 
 def run(args) -> dict:
+    from server import cli  # the server's event loop and HTTP parser, recorded below
+
     torch.set_num_threads(args.threads)  # as the server sets it from --cpu-threads
     engine = direct_engine(args)
     gc.collect()  # as the server's engine thread starts: what is built so far is frozen
@@ -323,6 +325,9 @@ def run(args) -> dict:
         "requests_per_client": args.requests,
         "serve_args": serve_argv(args),
         "connections": "new per request" if args.new_connections else "kept per client",
+        # the server's event loop and HTTP parser (asyncio/h11 where uvloop/httptools are
+        # missing: a different, slower server)
+        "http_stack": dict(zip(("loop", "http"), cli.http_stack())),
         "environment": environment(torch.device("cpu")),
         "rounds": rounds,
         "summary": summary,
@@ -373,8 +378,10 @@ def main(argv: list[str]) -> int:
         f"{cl['median']:.0f} CPU µs per token"
     )
     lp = res["loop_cpu_us_per_token"]
+    stack = res["http_stack"]
     print(
-        f"server event loop {lp['median']:.0f} CPU µs per token ({lp['min']:.0f}-{lp['max']:.0f})"
+        f"server event loop {lp['median']:.0f} CPU µs per token ({lp['min']:.0f}-{lp['max']:.0f}) "
+        f"on {stack['loop']} + {stack['http']}"
     )
     print(f"\nwrote {out / 'httpcost.json'}")
     return 0
