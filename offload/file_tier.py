@@ -183,9 +183,8 @@ class FileTier:
         returns (the synchronous baseline). ``announce_in_plan`` (default): the lazy reads'
         pages are announced while the plan is built, on the step worker's critical path (a
         syscall per page span); False: the step's first gather announces every layer's while
-        the layers before it compute. On the 2-core CI machine under load (engram-bench
-        --tiers, paired rounds) False cut the plan 0.51 -> 0.29 ms/step but the reads, with
-        less head start and beside the forward pass, grew 0.35 -> 0.74 ms: no faster.
+        the layers before it compute: a cheaper plan, but reads with less head start (the bench
+        row ``file + DRAM, announced by the first gather`` of ``engram-bench --tiers``).
         ``submit_in_plan``: with an io_uring reader, the plan submits each layer's reads
         (one syscall, not waited for) and the gather only reaps them."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads

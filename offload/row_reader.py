@@ -38,8 +38,7 @@ PAGE = 4096  # the page cache's unit: announced spans are whole pages
 # a thread takes at least this many runs: a decode step's misses are read inline by the gather
 # that needs them, a prefill's or a warm start's thousands by all threads. Their pages were
 # announced first, so the disk reads are in flight together and more threads only add hand-offs
-# (and CPU beside the forward pass): a decode step's ~120 misses on the 2-core CI machine, page
-# cache dropped, 0.60-0.72 ms read inline, 0.74-0.86 ms on 2 threads; warm, 0.17 against 0.26
+# (and CPU beside the forward pass; ``python -m bench.plan_replay`` times a step's reads)
 RUNS_PER_THREAD = 256
 SMALL = 64  # page_spans: offsets up to this many in a plain loop (numpy's per-call cost wins)
 
@@ -209,20 +208,18 @@ class Pending:
 class UringRowReader(RowReader):
     """Reads rows through one io_uring: an ``IORING_OP_READ`` per row and tensor part (no
     coalescing: a run's rows go to scattered slots anyway), a whole batch in one
-    ``io_uring_enter`` while it fits the ring. No announce is needed: the kernel reads the
-    missing pages of every submitted read together. :meth:`submit` and :meth:`finish` split
+    ``io_uring_enter`` while it fits the ring. :meth:`submit` and :meth:`finish` split
     a read so the plan can submit it and the gather reap it. ``advise`` (default): the plan
     still announces the pages (:meth:`announce`), so their disk reads start a layer's compute
-    before the gather submits: engram-bench --tiers, 9 paired rounds (load 1.7-3.5), reads
-    0.48 -> 0.31 ms/step on text, 0.58 -> 0.44 on random against preadv, penalty vs host the
-    same (+14.7% vs +14.1%, +14.5% vs +14.4%); unannounced, the gather waits for the disk:
-    1.3-1.5 ms/step, +23-25%."""
+    before the gather submits; unannounced, the gather waits for the disk (the bench rows
+    ``file + DRAM``, ``file + DRAM, pread`` and ``file + DRAM, io_uring unannounced`` of
+    ``engram-bench --tiers``)."""
 
     io = "uring"
 
     def __init__(
-        self, path: str, src: TableSource, threads: int = 1, entries: int = 1024,
-        advise: bool = True, probe=probe_ops,
+        self, path: str, src: TableSource, entries: int = 1024, advise: bool = True,
+        probe=probe_ops,
     ) -> None:  # fmt: skip
         super().__init__(path, src, 1)  # the kernel reads in parallel: no thread pool
         self.advise = advise
@@ -238,18 +235,11 @@ class UringRowReader(RowReader):
         if not (cache.flags.c_contiguous and cache.dtype == np.uint8 and cache.ndim == 2):
             raise ValueError("rows are read into a C-contiguous uint8 [n, row_bytes] array")
         rows, slots = rows.astype(np.uint64), slots.astype(np.uint64)
-        stride = cache.shape[1]
-        if len(self.parts) == 1:  # one tensor: no concatenation of one piece
-            ((info, col, per_row),) = self.parts
-            off = rows * np.uint64(per_row) + np.uint64(info.start)
-            at = slots * np.uint64(stride) + np.uint64(col)
-            lens = np.full(rows.size, per_row, np.uint32)
-        else:
-            off = np.concatenate([info.start + rows * per_row for info, _, per_row in self.parts])
-            at = np.concatenate([slots * stride + col for _, col, _ in self.parts])
-            lens = np.concatenate(
-                [np.full(rows.size, per_row, np.uint32) for _, _, per_row in self.parts]
-            )
+        stride, parts = np.uint64(cache.shape[1]), self.parts
+        # one read per row and tensor part, part after part (read i is of part i // rows)
+        off = np.concatenate([rows * np.uint64(n) + np.uint64(t.start) for t, _, n in parts])
+        at = np.concatenate([slots * stride + np.uint64(col) for _, col, _ in parts])
+        lens = np.concatenate([np.full(rows.size, n, np.uint32) for _, _, n in parts])
         addr = at + np.uint64(cache.ctypes.data)
         batch = self.ring.submit(self.fd, off, addr, lens, wait)
         return Pending(batch, cache, off, at, lens, int(rows.size))
@@ -283,8 +273,8 @@ class UringRowReader(RowReader):
         """With ``advise``, the pages announced as the preadv reader does (an ``fadvise`` per
         page span: their disk reads start before the ring's reads are submitted). Without,
         nothing: the kernel reads the missing pages of the submitted reads together anyway.
-        (Advice submitted through the ring runs on the kernel's io workers: on the 2-core CI
-        machine 0.72 ms CPU per 2-layer step of 60 misses each, against 0.31 in syscalls.)"""
+        (Not through the ring: advice submitted there runs on the kernel's io workers, which
+        cost more CPU beside the forward pass than the syscalls.)"""
         if self.advise:
             super().announce(rows)
 
@@ -307,7 +297,7 @@ def open_reader(
         raise ValueError(f"unknown file I/O {io!r}; use one of {', '.join(FILE_IO)}")
     if io != "pread":
         try:
-            return UringRowReader(path, src, threads, entries, probe=probe)
+            return UringRowReader(path, src, entries, probe=probe)
         except UringUnavailable as e:
             if io == "uring":
                 raise UringUnavailable(e.errno, f"--file-io uring: {e}") from None
