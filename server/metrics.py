@@ -374,12 +374,10 @@ class Metrics(EngineStats):
     def watch_memory(self, memory) -> None:
         """Count a memory's steps under its name from now on (engine/memories.py Memory)."""
         m, label = self.model_name, self.memory_label(memory)
-        for c in (self._mem_requests, self._mem_prompt, self._mem_generation, self._mem_rows):
+        for c in (self._mem_requests, self._mem_prompt, self._mem_generation):
             c.labels(m, label)
-        for c in (self._mem_bytes, self._mem_hits, self._mem_stall):
-            c.labels(m, label)
+        series = [c.labels(m, label) for c in self._mem_step_counters]  # from zero, as these
         self._mem_version.labels(m, label).set(memory.version)
-        series = [c.labels(m, label) for c in self._mem_step_counters]
         memory.rows.accountant.subscribe(lambda step: self._observe_memory(series, step))
 
     def forget_memory(self, name: str) -> None:
