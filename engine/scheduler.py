@@ -20,6 +20,15 @@ from .kv_cache import KVCache
 from .sequence import PLACEHOLDER_IDS, Sequence, Status
 
 
+def short_path_entries(new_ids: list, samples: list, known: list, n: int) -> None:
+    """Fill the step's lists up to ``n`` entries with short-path decodes' (the one placeholder
+    list, sampled, fed their token in flight)."""
+    gap = n - len(new_ids)
+    new_ids += [PLACEHOLDER_IDS] * gap
+    samples += [True] * gap
+    known += [False] * gap
+
+
 @dataclass
 class ScheduledStep:
     seqs: list[Sequence]
@@ -139,20 +148,14 @@ class Scheduler:
             free_blocks -= need
             budget -= n
             if len(new_ids) < len(seqs):  # the short-path decodes before it
-                gap = len(seqs) - len(new_ids)
-                new_ids += [PLACEHOLDER_IDS] * gap
-                samples += [True] * gap
-                known += [False] * gap
+                short_path_entries(new_ids, samples, known, len(seqs))
             seqs.append(seq)
             # pending_ids gives a new list (or PLACEHOLDER_IDS, kept as itself): not copied again
             new_ids.append(pending if n == len(pending) else pending[:n])
             samples.append(n == len(pending))
             known.append(pending is not PLACEHOLDER_IDS)
         if len(new_ids) < len(seqs):
-            gap = len(seqs) - len(new_ids)
-            new_ids += [PLACEHOLDER_IDS] * gap
-            samples += [True] * gap
-            known += [False] * gap
+            short_path_entries(new_ids, samples, known, len(seqs))
 
         # 2. admit waiting sequences while slots, budget and blocks allow (FIFO, no skipping)
         live = self._memories_live() if self.max_memories else set()
