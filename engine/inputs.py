@@ -166,13 +166,15 @@ def pack_inputs(
     lengths: np.ndarray | None = None,
     starts: np.ndarray | None = None,
     written: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    total: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The step's host arrays (blocks must already be reserved); nothing is read from the
     sequences after this, so the step can run while the host moves on. ``decode_shapes``:
     a decode step's count-only arrays kept per batch size (read-only; the caller's).
     ``slots``: the sequences' KV slots, ``lengths``: their new tokens' counts, ``starts``: their
     tokens cached before the step, when the caller has them (then ``num_computed`` is not read:
-    the runner advances it in the same pass that collects them). ``written``: the table
+    the runner advances it in the same pass that collects them), ``total``: the step's
+    token count, when the caller has it. ``written``: the table
     entries written since the step before (``KVCache.take_written``): the block tables are
     then made on the device (:mod:`engine.block_tables`) and the host's part is flat in the
     context's length; without it they are a host gather as wide as the longest context."""
@@ -183,9 +185,11 @@ def pack_inputs(
         lengths = np.fromiter(map(len, new_ids), np.int64, n)
     if starts is None:
         starts = np.array([s.num_computed for s in seqs], np.int64)
-    total = int(lengths.sum())
-    if total == n:  # a decode step: one token per sequence
-        seq_of_tok, positions = np.arange(n), starts
+    if total is None:
+        total = int(lengths.sum())
+    decode = total == n
+    if decode:  # one token per sequence: token i is sequence i's
+        seq_of_tok, positions = None, starts
         if decode_shapes is None or all_logits:
             shapes = _shape_arrays(lengths, cache, all_logits)
         elif (shapes := decode_shapes.get(n)) is None:
@@ -201,12 +205,13 @@ def pack_inputs(
         # as wide as the longest context after the step needs (blocks past a context are
         # unread)
         tables = block_tables(seqs, n, int(ends.max() - 1) // bs + 1, cache, slots)
-        mapping = tables[seq_of_tok, block] * bs + offset
+        mapping = tables[np.arange(n) if decode else seq_of_tok, block] * bs + offset
         extra = {"block_tables": tables}
     else:  # each token's block from its slot's host table: O(tokens)
         if n and slots.min() < 0:
             raise ValueError("a sequence in the step holds no KV slot (not admitted)")
-        mapping = cache.tables[slots[seq_of_tok], block].astype(np.int64) * bs + offset
+        rows = slots if decode else slots[seq_of_tok]
+        mapping = cache.tables[rows, block].astype(np.int64) * bs + offset
         extra = dict(zip(("table_slots", "table_cols", "table_blocks"), written))
     return {
         "input_ids": np.fromiter(chain.from_iterable(new_ids), np.int64, total),
@@ -214,10 +219,8 @@ def pack_inputs(
         "slot_mapping": mapping,
         **extra,
         "context_lens": ends.astype(np.int32),
-        "query_start_loc": shapes["query_start_loc"],
-        "logits_index": shapes["logits_index"],
         "conv_slots": slots.copy(),
-        **{k: v for k, v in shapes.items() if k.startswith("conv_")},
+        **shapes,  # query_start_loc, logits_index and the conv arrays
     }
 
 

@@ -21,6 +21,9 @@ from models.config import ModelConfig
 
 from .sequence import Sequence
 
+# take_written's answer when nothing was written (shared: an empty array holds nothing to change)
+_NONE_WRITTEN = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32))
+
 
 class CacheFull(RuntimeError):
     """No free KV blocks or sequence slots; the caller should wait or preempt."""
@@ -153,6 +156,8 @@ class KVCache:
             cols = np.tile(np.arange(width, dtype=np.int64), rows)
             return np.repeat(np.arange(rows, dtype=np.int64), width), cols, self.tables.ravel()
         n = len(written)
+        if not n:  # most decode steps start no block
+            return _NONE_WRITTEN
         slots = np.fromiter((k[0] for k in written), np.int64, n)
         cols = np.fromiter((k[1] for k in written), np.int64, n)
         return slots, cols, np.fromiter(written.values(), np.int32, n)

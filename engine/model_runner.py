@@ -157,7 +157,7 @@ class ModelRunner:
         # one pass: checks, blocks, the starts and slots, the advance (a step that raises here
         # fails as a whole: the engine finishes every sequence of it)
         with timer("reserve"):
-            starts, at = [], []
+            starts, at, total = [], [], 0
             for seq, ids in zip(seqs, new_ids):
                 if not ids:
                     raise ValueError("every sequence in a step needs at least one new token")
@@ -172,13 +172,14 @@ class ModelRunner:
                 starts.append(done)
                 at.append(seq.slot)
                 seq.num_computed = end
+                total += end - done
             starts = np.array(starts, np.int64)
             slots = np.array(at, np.int64)
         with timer("hash"):
             fresh = cache.take_fresh()
             self.ngram.reset(fresh)
             lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
-            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths)
+            rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths, total)
             layers = self.model.config.engram_layer_ids
             groups = self.memories.groups(seqs, lengths) if layers else None
         graph = groups is None and self.graphs is not None and self.graphs.fits(new_ids, all_logits)
@@ -199,6 +200,7 @@ class ModelRunner:
                     lengths,
                     starts,
                     written,
+                    total,
                 )
         return Prepared(self, len(seqs), rows, fresh, parts, graph, groups)
 

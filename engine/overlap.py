@@ -173,10 +173,9 @@ class Overlap:
                 s.inflight, s.inflight_row = s.inflight + 1, k
         wait_slots = prep.parts["conv_slots"][prep.rows.wait] if src else prep.rows.wait
         job = Job(step, seqs, rows, at, wait_slots, src, penalised)
-        if "table_slots" in prep.parts:
-            job.written = tuple(
-                prep.parts[k] for k in ("table_slots", "table_cols", "table_blocks")
-            )
+        parts = prep.parts
+        if "table_slots" in parts:
+            job.written = (parts["table_slots"], parts["table_cols"], parts["table_blocks"])
         job.future = self.queue.submit(self._device, job, prep, prev)
         return job
 
@@ -201,9 +200,9 @@ class Overlap:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)
             with timer("hash"):
-                # one pass over the step's results (a failed row's token is 0, as in _token)
-                ids = np.array([g[0] if type(g) is tuple else 0 for g in got], np.int64)
-                e.runner.ngram.resolved(after.wait_slots, ids[after.src])
+                # the placeholders' tokens (a failed row's token is 0, as in _token)
+                ids = [g[0] if type(g := got[k]) is tuple else 0 for k in after.src]
+                e.runner.ngram.resolved(after.wait_slots, np.array(ids, np.int64))
         return outputs
 
     # --- device side (the queue's worker) ------------------------------------------------------

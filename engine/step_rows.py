@@ -79,19 +79,20 @@ class NgramState:
         new_ids: list[list[int]],
         known: list[bool],
         lengths: np.ndarray | None = None,
+        total: int | None = None,
     ) -> Rows:
         """Rows of a step: per sequence (``slots``) its new ids (``lengths``: their counts,
-        when the caller has them); ``known[i]`` False: sequence i feeds one token that is
-        still on the device (its id there is ignored). Histories advance here; a waiting
-        token's id enters its history in :meth:`resolved`."""
+        ``total``: their sum, when the caller has them); ``known[i]`` False: sequence i feeds
+        one token that is still on the device (its id there is ignored). Histories advance
+        here; a waiting token's id enters its history in :meth:`resolved`."""
         if lengths is None:
             lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
         if not self.layers:  # no rows; placeholders still need their token (``wait``)
             wait = (np.cumsum(lengths) - lengths)[~np.fromiter(known, bool, len(known))]
             return Rows({}, wait, np.empty((wait.size, 0, self.n1), np.int64), self)
         n = len(new_ids)
-        total = int(lengths.sum())
-        no_wait = np.empty(0, np.int64)
+        if total is None:
+            total = int(lengths.sum())
         if total == n and not any(known):  # overlap's steady state: every token on the device
             hist = self.history[slots]
             part = self.partial(hist)
@@ -112,13 +113,13 @@ class NgramState:
             self.history[slots, :-1] = self.history[slots, 1:]
             self.history[slots, -1] = own if all_known else np.where(have, own, self.hasher.pad_id)
             if all_known:
-                return Rows(rows, no_wait, part[:0], self)
+                return Rows(rows, np.empty(0, np.int64), part[:0], self)
             return Rows(rows, np.flatnonzero(~have), part[~have], self)
         heads = self.offsets.shape[1]
         rows = {lid: np.empty((total, heads), np.int64) for lid in self.layers}
         starts = np.cumsum(lengths) - lengths
         at, chunks = np.flatnonzero(lengths == 1), np.flatnonzero(lengths != 1)
-        wait, partial = no_wait, np.empty((0, len(self.layers), self.n1), np.int64)
+        wait, partial = np.empty(0, np.int64), np.empty((0, len(self.layers), self.n1), np.int64)
         if at.size:
             sub = self.step(
                 slots[at], [new_ids[i] for i in at], [known[i] for i in at], lengths[at]
