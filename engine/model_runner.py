@@ -107,6 +107,7 @@ class ModelRunner:
         # set by overlap when placeholders' rows are finished on the device (engine/overlap.py)
         self.device_rows: DeviceRows | None = None
         self._decode_shapes: dict[int, dict] = {}  # pack_inputs' per batch size
+        self._ones: dict[int, np.ndarray] = {}  # a decode step's token counts, per batch size
         self.attention = pick_backend(attention, cache.device)
         if self.attention == "triton":  # the device path: fewer, fused kernels per layer
             fuse_model(model)
@@ -178,7 +179,12 @@ class ModelRunner:
         with timer("hash"):
             fresh = cache.take_fresh()
             self.ngram.reset(fresh)
-            lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
+            if total == len(seqs):  # a decode step: the same counts every step of its size
+                if (lengths := self._ones.get(total)) is None:
+                    lengths = self._ones[total] = np.ones(total, np.int64)
+                    lengths.flags.writeable = False
+            else:
+                lengths = np.fromiter(map(len, new_ids), np.int64, len(new_ids))
             rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths, total)
             layers = self.model.config.engram_layer_ids
             groups = self.memories.groups(seqs, lengths) if layers else None
