@@ -17,6 +17,9 @@ every mode, in a rotated order. Per point and mode the figures are medians over 
   series: host / (host + device); overlapped: 1 - the worker's time on the job the step reads
   / the step's wall time, the worker being the device's side, which on a CPU runs the forward
   pass).
+- context switches per step: the host thread's (``getrusage``); overlapped, the host and the
+  worker take turns with the GIL, and each hand-over costs the host thread a switch's CPU
+  time (on a GPU the worker's job is kernel launches; on a CPU it is the device's stand-in).
 
 Each point runs with two stand-ins for the device (``--stand-in``): ``forward``, the model's
 own forward pass on the CPU, and ``idle``, the forward pass replaced by rows of a fixed pool
@@ -37,6 +40,7 @@ import datetime as dt
 import gc
 import json
 import os
+import resource
 import shlex
 import sys
 import time
@@ -149,6 +153,15 @@ def seat(engine: Engine, batch: int, context: int, params: SamplingParams, rng) 
     return seqs
 
 
+def _switches() -> int:
+    """The calling thread's context switches so far (voluntary and not): overlapped, the host
+    thread hands the GIL to the worker and back (each time it waits for a job, and when the
+    worker takes the GIL while the host's numpy releases it), and each switch is CPU time the
+    host thread is charged in the kernel."""
+    use = resource.getrusage(resource.RUSAGE_THREAD)
+    return use.ru_nvcsw + use.ru_nivcsw
+
+
 def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     params = SamplingParams(
         max_tokens=1 << 30, temperature=1.0 if args.sampled else 0.0, ignore_eos=True
@@ -161,6 +174,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     # part, the instrument's and not the engine's): its host cost is the thread's CPU time
     # over the whole step, since the device's parts run on the worker
     untimed: list[int] = []
+    switches: list[int] = []  # the host thread's context switches in each timed step
     with timer:
         for k in range(args.warmup + args.steps):
             if overlap is not None and k >= args.warmup and (k - args.warmup) % 2:
@@ -171,9 +185,11 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
             timer.take()
             gc0 = timer.gc_ns
             read = overlap.inflight if overlap is not None else None  # the job this step reads
+            sw0 = _switches()
             w0 = time.perf_counter_ns()
             engine.step(timer)
             wall = time.perf_counter_ns() - w0
+            switched = _switches() - sw0
             parts = timer.take()
             if overlap is not None:
                 # the device's side ran on the worker: the worker's time on the job this step
@@ -182,6 +198,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
                 parts["device"] = 0 if read is None else int(1e9 * read.future.busy_s)
             if k >= args.warmup:
                 steps.append((parts, wall, timer.gc_ns - gc0))
+                switches.append(switched)
     engine.abort(list(engine.scheduler.running))
     while engine.has_work:  # the step still in flight: nothing of it is kept
         engine.step()
@@ -200,6 +217,7 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
         "device_us": float(np.median(dev)),
         "wall_us": float(np.median(wall)),
         "gc_us": float(np.median([g for _, _, g in steps])) / 1e3,
+        "switches": float(np.mean(switches)),
         "device_idle": float(np.median(idle)),
         "parts_us": per,
     }
@@ -278,6 +296,7 @@ def run(args) -> dict:
                         "device_us",
                         "wall_us",
                         "gc_us",
+                        "switches",
                         "device_idle",
                     )
                     if k in rounds[0]
@@ -310,9 +329,10 @@ def replace_steps(args, steps: int):
 def table(res: dict) -> str:
     lines = [
         "host µs per decode step (median, min-max over rounds); device = forward + sampling "
-        "kernels; untimed: overlapped steps without the per-part timer",
+        "kernels; untimed: overlapped steps without the per-part timer; sw: the host thread's "
+        "context switches per step",
         f"{'mode':<11} {'B':>4} {'ctx':>5} {'device':<8} {'host µs':>22} {'untimed µs':>20} "
-        f"{'device µs':>10} {'idle':>5}  largest parts",
+        f"{'device µs':>10} {'idle':>5} {'sw':>4}  largest parts",
     ]
     for x in res["results"]:
         h = x["host_us"]
@@ -323,10 +343,11 @@ def table(res: dict) -> str:
             key=lambda kv: -kv[1],
         )[:4]
         top = ", ".join(f"{n} {v:.0f}" for n, v in parts)
+        sw = f"{x['switches']['median']:.1f}" if "switches" in x else "-"
         lines.append(
             f"{x['mode']:<11} {x['batch']:>4} {x['context']:>5} {x.get('stand_in', 'forward'):<8} "
             f"{h['median']:>8.0f} ({h['min']:.0f}-{h['max']:.0f}){'':>3} {untimed:>20} "
-            f"{x['device_us']['median']:>10.0f} {x['device_idle']['median']:>5.0%}  {top}"
+            f"{x['device_us']['median']:>10.0f} {x['device_idle']['median']:>5.0%} {sw:>4}  {top}"
         )
     return "\n".join(lines)
 

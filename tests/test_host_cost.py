@@ -58,6 +58,10 @@ def test_host_cost_bench_writes_parts_per_point(tmp_path):
         assert (x["mode"] == "overlap") == ("host_untimed_us" in x)
         if x["mode"] == "overlap":
             assert x["host_untimed_us"]["median"] > 0
+        assert min(x["switches"]["raw"]) >= 0
+        if x["mode"] == "overlap" and x["stand_in"] == "forward":
+            # the host waits for the worker's forward pass: at least one switch a step
+            assert x["switches"]["median"] >= 1
     assert set(res["load_average"]) == {"start", "end"}
     # the README's table from the result: one row per point, the figures the JSON holds
     assert bench_main(["--host-cost", "--markdown", str(out)]) == 0
