@@ -200,9 +200,9 @@ class Overlap:
             # no sequence was admitted since ``after`` was scheduled: its slots are still theirs
             # (a slot freed meanwhile starts over when it is next admitted)
             with timer("hash"):
-                # the placeholders' tokens (a failed row's token is 0, as in _token)
-                ids = [g[0] if type(g := got[k]) is tuple else 0 for k in after.src]
-                e.runner.ngram.resolved(after.wait_slots, np.array(ids, np.int64))
+                # the placeholders' tokens, read by row as the device side reads them
+                ids = np.fromiter((_token(got, k) for k in after.src), np.int64, len(after.src))
+                e.runner.ngram.resolved(after.wait_slots, ids)
         return outputs
 
     # --- device side (the queue's worker) ------------------------------------------------------
