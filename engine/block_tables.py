@@ -2,10 +2,12 @@
 step before, so a step's block tables are one gather there.
 
 The host's per-slot tables (``KVCache.tables``) are written as blocks are reserved; every
-write since the last eager step (``KVCache.take_written``: the latest block per slot and
-column) goes up in that step's one upload, and the device side applies them in step order
-before it gathers the step's rows. The host's work per step is then O(blocks reserved), not
-a copy as wide as the longest context. Columns past a sequence's reserved blocks may hold an
+write since the step before (``KVCache.take_written``: the latest block per slot and column)
+goes up in the step's one upload, eager and CUDA-graph steps alike, and the device side
+applies them in step order before it gathers the step's rows (a graph step into its bucket's
+fixed block tables, outside the graphs). The host's work per step is then O(blocks
+reserved), not a copy as wide as the longest context (or, for a graph step, as wide as the
+model's). Columns past a sequence's reserved blocks may hold an
 earlier owner's block ids: attention never reads past a context, and they are valid blocks.
 """
 
@@ -37,8 +39,18 @@ class DeviceTables:
     ) -> torch.Tensor:
         """Apply the writes (device tensors, at most one per slot and column), then the
         ``[S, width]`` int32 block tables of the step's slots."""
-        self._write(slots, cols, blocks, need)
-        return self.tables.narrow(1, 0, width).index_select(0, seq_slots)
+        self.write(slots, cols, blocks, need)
+        return self.gather(seq_slots, width)
+
+    def gather(
+        self, seq_slots: torch.Tensor, width: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[S, width]`` int32 block tables of ``seq_slots`` (into ``out`` when given: a CUDA
+        graph bucket's fixed tables)."""
+        src = self.tables.narrow(1, 0, width)
+        if out is None:
+            return src.index_select(0, seq_slots)
+        return torch.index_select(src, 0, seq_slots, out=out)
 
     def apply(self, slots: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> None:
         """Apply a step's writes from its host arrays (``KVCache.take_written``'s), outside a
@@ -48,13 +60,20 @@ class DeviceTables:
             return
         dev = self.tables.device
         at = [torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in (slots, cols, blocks)]
-        self._write(*at, int(cols.max()) + 1)
+        self.write(*at, int(cols.max()) + 1)
 
-    def _write(self, slots: torch.Tensor, cols: torch.Tensor, blocks, need: int) -> None:
+    def widen(self, need: int) -> None:
+        """At least ``need`` columns (``need``: from host arrays, never read back from the
+        device)."""
         have = self.tables.shape[1]
         if need > have:
             wider = self.tables.new_zeros((self.tables.shape[0], max(need, 2 * have)))
             wider[:, :have] = self.tables
             self.tables = wider
+
+    def write(self, slots: torch.Tensor, cols: torch.Tensor, blocks, need: int) -> None:
+        """Apply writes (device tensors, at most one per slot and column); ``need``: the
+        columns they reach."""
+        self.widen(need)
         if slots.numel():
             self.tables.index_put_((slots, cols), blocks.to(self.tables.dtype))

@@ -4,7 +4,12 @@ Engram layers.
 A decode step (one new token per sequence) is padded to the next bucket (1, 2, 4, ... up to
 max_num_seqs). Its inputs land, with one copy, in the bucket's fixed device buffer; the
 graphs read them there (with overlap, step N's tokens are written in after that copy, on the
-device: :mod:`engine.graph_inputs`). The forward pass is cut into pieces at the Engram layers:
+device: :mod:`engine.graph_inputs`). Its block tables are not in that copy: the step carries
+the table writes since the step before, applied to the device-side per-slot tables
+(:mod:`engine.block_tables`, shared with eager steps), and one gather by slot fills the
+bucket's fixed ``[bucket, max_blocks]`` tables, outside the graphs; the host's work stays
+O(batch), not O(batch x the model's context). The forward pass is cut into pieces at the
+Engram layers:
 
     piece 0:  embedding, layers [0, e1)
     piece k:  layers [e_k, e_k+1)        (layer e_k starts with its Engram module)
@@ -36,8 +41,9 @@ from offload.prefetch import PendingRows, Prefetcher
 
 from . import paged_attention
 from .attention import write_kv
+from .block_tables import DeviceTables
 from .fused import store_rows
-from .inputs import Uploader, aligned, block_tables
+from .inputs import Uploader, aligned
 from .kv_cache import KVCache, blocks_for
 from .sequence import Sequence
 
@@ -101,14 +107,16 @@ class DecodeGraphs:
         model: EngramForCausalLM,
         cache: KVCache,
         uploader: Uploader,
+        tables: DeviceTables,
         max_batch: int,
         capture: bool,
     ) -> None:
-        self.model, self.cache, self.uploader = model, cache, uploader
+        self.model, self.cache, self.uploader, self.tables = model, cache, uploader, tables
         self.capture = capture and cache.device.type == "cuda"
         mc, dev = model.config, cache.device
         self.scale = mc.head_dim**-0.5
         self.max_blocks = blocks_for(mc.max_position_embeddings, cache.block_size)
+        tables.widen(self.max_blocks)  # every bucket's gather reads this wide
         self.engram = sorted(mc.engram_layer_ids)
         edges = [0, *[e for e in self.engram if e > 0], mc.num_hidden_layers]
         self.pieces = list(zip(edges[:-1], edges[1:]))  # layer ranges
@@ -126,9 +134,10 @@ class DecodeGraphs:
         # most one entry per (token, head), each 16-byte aligned (fetch, and inverse or
         # positions; behind a hot-row cache also hot_slots and hot_order, offload/hot_rows.py);
         # with step N's tokens on the device, per layer the host-known rows and partials, and
-        # the placeholders' positions (engine/graph_inputs.py)
+        # the placeholders' positions (engine/graph_inputs.py); the step's table writes (at
+        # most ``top``, :meth:`fits`)
         per_layer = 4 * aligned(8 * top * mc.engram_total_heads)
-        self.index_bytes = len(self.engram) * per_layer + aligned(8 * top)
+        self.index_bytes = len(self.engram) * per_layer + 4 * aligned(8 * top)
         self.buckets = {b: self._bucket(b) for b in self.buckets_sizes}
         self.pool = None
         self.steps = 0  # decode steps served from the static buffers
@@ -152,16 +161,19 @@ class DecodeGraphs:
             pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
         if slots is None:
             slots = np.fromiter((s.slot for s in seqs), np.int64, n)
-        tables = block_tables(seqs, size, self.max_blocks, self.cache, slots)
+        if n and slots.min() < 0:  # every sequence in a step holds a slot (admitted)
+            raise ValueError("a sequence in the step holds no KV slot (not admitted)")
         pad = lambda a, fill, dtype=np.int64: np.concatenate(
             [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]
         )
+        # the new token's block, read from the host's tables (reserved before packing)
+        block = self.cache.tables[slots, pos // bs].astype(np.int64)
         return {
             "input_ids": pad(np.fromiter((x[0] for x in new_ids), np.int64, n), 0),
             "positions": pad(pos, 0),
-            # padding writes nothing (slot -1), reads the spare conv slot, attends over nothing
-            "slot_mapping": pad(tables[np.arange(n), pos // bs] * bs + pos % bs, -1),
-            "block_tables": tables,
+            # padding writes nothing (slot -1), reads the spare conv slot (its block table
+            # too: never written, all block 0), attends over nothing
+            "slot_mapping": pad(block * bs + pos % bs, -1),
             "context_lens": pad(pos + 1, 0, np.int32),
             "conv_slots": pad(slots, self.cache.pad_conv_slot),
             "conv_write": pad(slots, -1),
@@ -172,6 +184,9 @@ class DecodeGraphs:
         static = sum(aligned(a.nbytes) for a in parts.values())
         buffer = torch.zeros(static + self.index_bytes, dtype=torch.uint8, device=self.cache.device)
         views = self.uploader.upload(parts, into=buffer)  # all padding: a valid no-op step
+        views["block_tables"] = torch.zeros(
+            (size, self.max_blocks), dtype=torch.int32, device=self.cache.device
+        )
         conv = None
         if self.cache.conv:
             cfg = self.model.config
@@ -183,10 +198,14 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets_sizes if b >= batch), None)
 
-    def fits(self, new_ids: list[list[int]], all_logits: bool) -> bool:
+    def fits(self, new_ids: list[list[int]], all_logits: bool, writes: int = 0) -> bool:
+        """A decode step that a bucket takes; ``writes``: the table writes it carries (a
+        decode step starts at most one block per sequence; a step after a failed one resends
+        every table, which an eager step carries)."""
         return (
             not all_logits
             and self.bucket_for(len(new_ids)) is not None
+            and writes <= self.buckets_sizes[-1]
             and all(len(x) == 1 for x in new_ids)
         )
 
@@ -242,9 +261,7 @@ class DecodeGraphs:
         (the start-up check compares the two). Nothing is written where padding writes
         nothing."""
         bucket = self.buckets[size]
-        views = self.uploader.upload(parts, into=bucket.buffer)
-        if views["block_tables"].data_ptr() != bucket.views["block_tables"].data_ptr():
-            raise RuntimeError("decode inputs did not land at the graphs' addresses")
+        self._land(bucket, parts)
         with torch.inference_mode():
             for k in range(len(self.pieces)):
                 if replay:
@@ -258,27 +275,22 @@ class DecodeGraphs:
         return self._padded(size, [], [])
 
     # --- one decode step -----------------------------------------------------------------------
-    def step(
-        self,
-        seqs: list[Sequence],
-        new_ids: list[list[int]],
-        plan: LookupPlan,
-        prefetcher: Prefetcher,
-    ) -> torch.Tensor:
-        """Logits ``[S, V]`` of a decode step (a view of the bucket's static logits, valid until
-        the next step)."""
-        return self.run(len(seqs), self.pack(seqs, new_ids), plan, prefetcher)
-
     def pack(
         self,
         seqs: list[Sequence],
         new_ids: list[list[int]],
         starts: np.ndarray | None = None,
         slots: np.ndarray | None = None,
+        written: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The host side of a decode step: its static inputs, padded to its bucket
-        (``starts``, ``slots``: as :func:`engine.inputs.pack_inputs` takes them)."""
-        return self._padded(self.bucket_for(len(seqs)), seqs, new_ids, starts, slots)
+        (``starts``, ``slots``, ``written``: as :func:`engine.inputs.pack_inputs` takes them;
+        the writes go up in the upload's tail and reach the bucket's tables on the device;
+        most decode steps start no block and upload none)."""
+        parts = self._padded(self.bucket_for(len(seqs)), seqs, new_ids, starts, slots)
+        if written is not None and written[0].size:
+            parts.update(zip(("table_slots", "table_cols", "table_blocks"), written))
+        return parts
 
     def run(
         self, n: int, parts: dict[str, np.ndarray], plan: LookupPlan, prefetcher: Prefetcher
@@ -293,10 +305,23 @@ class DecodeGraphs:
         """A step's arrays (its static inputs first) in one upload into its bucket's buffer;
         the bucket and the arrays' device views."""
         bucket = self.buckets[self.bucket_for(n)]
+        return bucket, self._land(bucket, arrays)
+
+    def _land(self, bucket: _Bucket, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The one upload into the bucket's buffer, then the step's table writes applied on
+        the device side and its block tables gathered by slot into the bucket's (the spare
+        conv slot of padding rows reads a row never written: block 0)."""
         views = self.uploader.upload(arrays, into=bucket.buffer)
-        if views["block_tables"].data_ptr() != bucket.views["block_tables"].data_ptr():
+        if views["input_ids"].data_ptr() != bucket.views["input_ids"].data_ptr():
             raise RuntimeError("decode inputs did not land at the graphs' addresses")
-        return bucket, views
+        cols = arrays.get("table_cols")
+        if cols is not None:  # ``need`` from the host's array: no device read
+            at = [views.pop(k) for k in ("table_slots", "table_cols", "table_blocks")]
+            self.tables.write(*at, int(cols.max()) + 1)
+        out = bucket.views["block_tables"]
+        self.tables.gather(views["conv_slots"], self.max_blocks, out=out)
+        views["block_tables"] = out
+        return views
 
     def replay(self, bucket: _Bucket, n: int, pending: PendingRows) -> torch.Tensor:
         """The pieces on the bucket's inputs as they lie, each layer's rows from ``pending``

@@ -99,10 +99,10 @@ class ModelRunner:
         self.memories = MemorySet(base, cache.device, max_memories)
         self.uploader = Uploader(cache.device)
         self.ngram = NgramState(model, cache.max_seqs + 1)
-        # each slot's block table on the device side, from the writes eager steps carry
+        # each slot's block table on the device side, from the writes every step carries
         self.tables = DeviceTables(cache.max_seqs + 1, cache.block_size, cache.device)
         # a step failed: the writes it carried may never have reached the device side, so the
-        # next eager step sends every slot's whole table
+        # next step sends every slot's whole table (an eager step: DecodeGraphs.fits)
         self.resync_tables = False
         # set by overlap when placeholders' rows are finished on the device (engine/overlap.py)
         self.device_rows: DeviceRows | None = None
@@ -113,7 +113,9 @@ class ModelRunner:
             fuse_model(model)
         self.graphs = None
         if decode_graphs and self.attention == "triton":
-            self.graphs = DecodeGraphs(model, cache, self.uploader, cache.max_seqs, capture)
+            self.graphs = DecodeGraphs(
+                model, cache, self.uploader, self.tables, cache.max_seqs, capture
+            )
 
     def seat(self, seq: Sequence, history: np.ndarray) -> None:
         """Give a sequence whose tokens are cached its n-gram history (compressed ids, oldest
@@ -188,14 +190,17 @@ class ModelRunner:
             rows = self.ngram.step(slots, new_ids, known or [True] * len(seqs), lengths, total)
             layers = self.model.config.engram_layer_ids
             groups = self.memories.groups(seqs, lengths) if layers else None
-        graph = groups is None and self.graphs is not None and self.graphs.fits(new_ids, all_logits)
         with timer("pack"):
+            # every step carries the table writes since the one before (engine/block_tables.py)
+            written, self.resync_tables = cache.take_written(self.resync_tables), False
+            graph = (
+                groups is None
+                and self.graphs is not None
+                and self.graphs.fits(new_ids, all_logits, written[0].size)
+            )
             if graph:
-                parts = self.graphs.pack(seqs, new_ids, starts, slots)
+                parts = self.graphs.pack(seqs, new_ids, starts, slots, written)
             else:
-                # graph steps leave the writes to the next eager step (their own tables are a
-                # host gather into the bucket)
-                written, self.resync_tables = cache.take_written(self.resync_tables), False
                 parts = pack_inputs(
                     seqs,
                     new_ids,

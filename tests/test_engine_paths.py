@@ -84,3 +84,42 @@ def test_static_decode_buffers_equal_the_plain_step(kv_blocks):
     assert graphs is not None and graphs.steps > 10  # decode steps took the static path
     if kv_blocks == 9:
         assert engine.scheduler.num_preempted > 0
+
+
+def test_graph_steps_carry_their_table_writes_and_gather_the_buckets_tables():
+    """A graph step sends no block tables: the writes since the step before (a decode token
+    that starts a block) reach the device-side tables, and the bucket's fixed tables are
+    gathered from them by slot. Checked after every step, in series, against the host's."""
+    model = tiny_model(5).to(DEV)
+    cfg = EngineConfig(
+        max_num_seqs=4,
+        max_num_batched_tokens=24,
+        kv_blocks=64,
+        block_size=4,
+        attention="triton",
+        static_decode=True,
+        no_overlap=True,
+    )
+    engine = Engine(model, cfg)
+    runner, graphs = engine.runner, engine.runner.graphs
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        prompt = rng.integers(0, 300, size=5 + 2 * i).tolist()
+        engine.add(f"r{i}", prompt, SamplingParams(max_tokens=11, temperature=0.0))
+    checked, before = 0, graphs.steps
+    while engine.has_work:
+        running = list(engine.scheduler.running)
+        engine.step()
+        if graphs.steps == before:  # a prefill (eager) step
+            continue
+        before = graphs.steps
+        bucket = graphs.buckets[graphs.bucket_for(len(running))]
+        for row, seq in enumerate(running):
+            if seq.finished:
+                continue
+            want = torch.tensor(seq.block_table, dtype=torch.int32)
+            assert torch.equal(runner.tables.tables[seq.slot, : len(want)].cpu(), want)
+            assert torch.equal(bucket.views["block_tables"][row, : len(want)].cpu(), want)
+            checked += 1
+    # decode steps past blocks of 4 tokens: graph steps started blocks of their own
+    assert graphs.steps >= 8 and checked >= 15
