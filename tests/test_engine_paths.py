@@ -123,3 +123,20 @@ def test_graph_steps_carry_their_table_writes_and_gather_the_buckets_tables():
             checked += 1
     # decode steps past blocks of 4 tokens: graph steps started blocks of their own
     assert graphs.steps >= 8 and checked >= 15
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_graph_steps_host_arrays_do_not_grow_with_the_models_context(batch):
+    """What the host packs and uploads for a graph decode step is O(batch): the same bytes
+    whether the model reads 64 or 8k positions (block tables are gathered on the device)."""
+    sizes = []
+    for limit in (64, 8192):
+        model = tiny_model(2, max_position_embeddings=limit).to(DEV)
+        cache = KVCache(model.config, 64, 4, batch, device=DEV)
+        runner = ModelRunner(model, cache, attention="triton", decode_graphs=True)
+        seqs = [new_seq(cache) for _ in range(batch)]
+        runner.step(seqs, [[3, 4, 5, 6, 7]] * batch)  # a prefill (eager): blocks reserved
+        prep = runner.prepare(seqs, [[8]] * batch)  # one token each, inside its block
+        assert prep.graph
+        sizes.append({k: a.nbytes for k, a in prep.parts.items()})
+    assert sizes[0] == sizes[1] and "block_tables" not in sizes[0]
