@@ -9,7 +9,10 @@ runs out of time never stops the next ones; see :mod:`bench.gpu_run` for the bud
 3. tests: the gpu-marked tests and the kernel test files that use CUDA when it is there;
 4. bench-builtin: engram-bench on the built-in model, resident vs host (uva and staged), a
    short decode sweep, the gather microbenchmark;
-5. bench-4b: engram-bench on the synthetic dense-4b-like model, the paper workload and the
+5. host-cost: ``engram-bench --host-cost`` on the built-in model: the host's CPU time per
+   decode step overlapped and in series with the GPU's forward pass (CUDA graphs), and how
+   much of a step the GPU waits for the host;
+6. bench-4b: engram-bench on the synthetic dense-4b-like model, the paper workload and the
    B=1/64/256 decode sweep.
 
 The output folder gets exactly three files, rewritten after every stage (a run killed on the
@@ -41,7 +44,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import commit
-from .gpu_read import read_bench, read_environment, read_startup, read_tests, tests_so_far
+from .gpu_read import (
+    read_bench,
+    read_environment,
+    read_host_cost,
+    read_startup,
+    read_tests,
+    tests_so_far,
+)
 from .gpu_run import NEEDED, REPO, Outcome, Stage, can_run, caps, exit_code, run_stage, share
 from .phase import T0, stamp
 
@@ -72,8 +82,22 @@ BENCH = {
          "--sweep-steps", "2", "--no-micro"],
     ),
 }  # fmt: skip
-# shares of the deadline (with the default: 25, 75, 110, 90, 135 s)
-WEIGHTS = {"environment": 25, "startup": 75, "tests": 110, "bench-builtin": 90, "bench-4b": 135}
+# engram-bench --host-cost per profile (the dry run: one small point, the CPU's forward pass)
+HOST_COST = {
+    "gpu": ["--host-cost", "--device", "cuda", "--batch-sizes", "1,256", "--contexts",
+            "128,2048", "--repeats", "3"],
+    "cpu": ["--host-cost", "--batch-sizes", "1", "--contexts", "32", "--repeats", "1",
+            "--steps", "2", "--warmup", "1", "--stand-in", "forward"],
+}  # fmt: skip
+# shares of the deadline (with the default: 25, 75, 110, 80, 40, 120 s)
+WEIGHTS = {
+    "environment": 25,
+    "startup": 75,
+    "tests": 110,
+    "bench-builtin": 80,
+    "host-cost": 40,
+    "bench-4b": 120,
+}
 # the CPU dry run: one kernel-free file run whole, one whose gpu tests skip
 TEST_FILES = {"gpu": ["tests"], "cpu": ["tests/test_grid.py", "tests/test_hostmem.py"]}
 TEST_ENV = {"gpu": {}, "cpu": {"ENGRAM_GPU_TEST_FILES": "test_grid.py"}}
@@ -106,6 +130,9 @@ def plan(work: Path, cpu: bool, plots: bool, engram_params: str | None) -> list[
         Stage("bench-builtin", "engram-bench, built-in model (+ gather microbenchmark)",
               [*bench, *builtin, *no_plots, "--out", str(work / "builtin")],
               read_bench("builtin"), needs=(*NEEDED, *gpu)),
+        Stage("host-cost", "engram-bench --host-cost, built-in model (host µs per decode step)",
+              [*bench, *HOST_COST[profile], *no_plots, "--out", str(work / "host-cost")],
+              read_host_cost, needs=NEEDED),
         Stage("bench-4b", "engram-bench, synthetic dense-4b-like (paper workload, decode sweep)",
               [*bench, *dense, *no_plots, "--out", str(work / "dense-4b-like")],
               read_bench("dense-4b-like"), needs=(*NEEDED, *gpu)),

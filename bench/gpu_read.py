@@ -135,3 +135,17 @@ def read_bench(name: str):
         return status, "; ".join(parts + res["failures"][:3]), {"bench": f"{name}/bench.json"}
 
     return read
+
+
+def read_host_cost(out: Path, rc: int) -> tuple[str, str, dict]:
+    """Overlapped host µs per decode step and the device's idle share at each point."""
+    res = _json(out / "host-cost" / "hostcost.json")
+    parts = [] if rc == 0 else [f"exit status {rc}"]
+    for x in res["results"]:
+        if x["mode"] == "overlap":
+            parts.append(
+                f"B={x['batch']} ctx={x['context']}: host {x['host_us']['median']:.0f} µs, "
+                f"device idle {x['device_idle']['median']:.0%}"
+            )
+    status = "passed" if rc == 0 else "failed"
+    return status, "overlapped " + "; ".join(parts), {"host_cost": "host-cost/hostcost.json"}

@@ -9,7 +9,7 @@ every mode, in a rotated order. Per point and mode the figures are medians over 
 
 - host µs per step: the host thread's CPU time, without the parts that run on the device on a
   GPU (the forward pass, the sampling kernels; ``engine.host_time.DEVICE_PARTS``);
-- untimed host µs per step (overlapped only): every other timed step runs without the
+- untimed host µs per step (overlapped, on a CPU): every other timed step runs without the
   per-part timer, and its figure is the host thread's CPU time over the whole step (the
   device's parts run on the worker); the timer's own cost (~1.5 µs a part) is not in it;
 - device µs per step: those parts (on a CPU they run in the host thread or its worker);
@@ -29,6 +29,15 @@ same core; overlapped on the other core, the last-level cache shared): at long c
 pass over the KV cache evicts the host's working set and the host's own parts run slower,
 which a GPU's forward pass does not do. ``idle`` is the host's cost without that; the
 difference between the two is the CPU stand-in's, not the engine's.
+
+``--device cuda`` measures the same on a GPU: the model and KV cache on it, decode steps
+replayed from CUDA graphs as the server runs them, the device's own forward pass the only
+stand-in (``idle`` replaces the eager forward pass, which graph steps do not call). The
+host's wait for a step's tokens there is the ``sync`` part, a device part (a CUDA wait may
+spin on the host's CPU). The worker's time on a job is then its kernel launches, not the
+device's time, so a GPU run takes the device's time per step from the same point in series
+(its wall time less its host time) and the device idle share overlapped from that:
+``1 - device / wall``.
 
 Results: ``hostcost.json`` (every raw figure and the command) and ``host_cost.png``.
 """
@@ -78,15 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--sampled", action="store_true", help="temperature 1 instead of greedy")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the model and the KV cache live (cuda: decode steps from CUDA graphs)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--stand-in",
-        default=",".join(STAND_INS),
-        help="comma list of the device's stand-ins: 'forward' (the CPU forward pass), 'idle' "
-        "(random logits of the step's shape, nothing else touched); default both",
+        default=None,
+        help="comma list of the device's stand-ins: 'forward' (the device's forward pass), "
+        "'idle' (random logits of the step's shape, nothing else touched; CPU only); default "
+        "both on a CPU, forward on CUDA",
     )
     ap.add_argument(
-        "--out", default=None, help="output dir (default bench/results/DATE-cpu-host-cost)"
+        "--out", default=None, help="output dir (default bench/results/DATE-DEVICE-host-cost)"
     )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
@@ -172,12 +188,14 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     steps = []
     # overlapped, every other timed step runs without the per-part timer (about 1.5 µs a
     # part, the instrument's and not the engine's): its host cost is the thread's CPU time
-    # over the whole step, since the device's parts run on the worker
+    # over the whole step, since the device's parts run on the worker (not on CUDA, where
+    # the host's wait for the tokens may spin: only the timer keeps it apart, as ``sync``)
     untimed: list[int] = []
+    untimed_ok = overlap is not None and engine.device.type != "cuda"
     switches: list[int] = []  # the host thread's context switches in each timed step
     with timer:
         for k in range(args.warmup + args.steps):
-            if overlap is not None and k >= args.warmup and (k - args.warmup) % 2:
+            if untimed_ok and k >= args.warmup and (k - args.warmup) % 2:
                 c0 = time.thread_time_ns()
                 engine.step()
                 untimed.append(time.thread_time_ns() - c0)
@@ -223,9 +241,44 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
     }
 
 
+def stand_ins_for(args, device: torch.device) -> list[str]:
+    asked = (args.stand_in or ("forward" if device.type == "cuda" else ",".join(STAND_INS))).split(
+        ","
+    )
+    kinds = [k for k in STAND_INS if k in asked]
+    if not kinds or set(asked) - set(STAND_INS):
+        raise SystemExit(f"{PROG}: --stand-in takes a comma list of {', '.join(STAND_INS)}")
+    if device.type == "cuda" and "idle" in kinds:
+        raise SystemExit(
+            f"{PROG}: the idle stand-in replaces the eager forward pass, and decode steps on "
+            "CUDA replay graphs: use --stand-in forward with --device cuda"
+        )
+    return kinds
+
+
+def device_from_series(results: list[dict], raw: dict) -> None:
+    """On a GPU the worker's time on a job is its launches: each overlapped point's device
+    time is the same point's in series (wall less host, per round), its idle share
+    ``1 - device / wall``."""
+    for x in results:
+        if x["mode"] != "overlap":
+            continue
+        series = raw[(x["batch"], x["context"], "no-overlap", x["stand_in"])]
+        dev = [max(0.0, r["wall_us"] - r["host_us"]) for r in series]
+        walls = [r["wall_us"] for r in raw[(x["batch"], x["context"], "overlap", x["stand_in"])]]
+        x["device_us"] = summarize(dev)
+        x["device_idle"] = summarize(
+            [max(0.0, 1.0 - d / w) if w else 0.0 for d, w in zip(dev, walls)]
+        )
+
+
 def run(args) -> dict:
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{PROG}: torch sees no CUDA device; run on a CPU without --device cuda")
+    kinds = stand_ins_for(args, device)
     batches, contexts = _ints(args.batch_sizes), _ints(args.contexts)
     model, tok = load_checkpoint(args.model)
     total_steps = args.warmup + args.steps + 2
@@ -233,6 +286,7 @@ def run(args) -> dict:
     if longest > model.config.max_position_embeddings:  # host cost past the trained limit
         model.config = replace(model.config, max_position_embeddings=longest)
         model.rope_cos, model.rope_sin = rope_cache(model.config)
+    model = model.to(device)
     bs, top = 16, max(batches)
     cache = KVCache(
         model.config,
@@ -240,18 +294,17 @@ def run(args) -> dict:
         block_size=bs,
         max_seqs=top,
         dtype=torch.float32,
+        device=device,
     )
     points = [(b, c) for c in contexts for b in batches]
-    kinds = [k for k in STAND_INS if k in args.stand_in.split(",")]
-    if not kinds or set(args.stand_in.split(",")) - set(STAND_INS):
-        raise SystemExit(f"{PROG}: --stand-in takes a comma list of {', '.join(STAND_INS)}")
-    idle = IdleDevice(top, model.config.vocab_size, args.seed)
-    devices = {"forward": None, "idle": idle}
+    devices = {"forward": None}
+    if "idle" in kinds:
+        devices["idle"] = IdleDevice(top, model.config.vocab_size, args.seed)
     engines = {}
     for b in batches:
         for mode in MODES:
             cfg = EngineConfig(
-                device="cpu",
+                device=args.device,
                 max_num_seqs=b,
                 max_num_batched_tokens=max(b, 1024),
                 block_size=bs,
@@ -306,6 +359,8 @@ def run(args) -> dict:
                 },
             }
         )
+    if device.type == "cuda":
+        device_from_series(results, raw)
     for e in engines.values():
         e.close()
     gc.unfreeze()
@@ -317,7 +372,7 @@ def run(args) -> dict:
         "device_parts": sorted(DEVICE_PARTS),
         # other jobs share the machine: its 1-minute load average as the run started and ended
         "load_average": {"start": load_start[0], "end": os.getloadavg()[0]},
-        "environment": environment(torch.device("cpu")),
+        "environment": environment(device),
         "results": results,
     }
 
@@ -437,7 +492,7 @@ def main(argv: list[str]) -> int:
         return 0
     res = run(args)
     res["command"] = shlex.join(["engram-bench", "--host-cost", *argv])
-    out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-cpu-host-cost")
+    out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-{args.device}-host-cost")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "hostcost.json"]
     files[0].write_text(json.dumps(res, indent=1) + "\n")

@@ -17,8 +17,9 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 
 # parts that run on the device on a GPU; on a CPU they run in the host thread, or (``device``)
-# on the worker that plays the device when steps overlap
-DEVICE_PARTS = frozenset({"forward", "sample_kernels", "device"})
+# on the worker that plays the device when steps overlap; ``sync``: the host waiting for a
+# step's tokens on a GPU (a CUDA wait may spin on the host's CPU)
+DEVICE_PARTS = frozenset({"forward", "sample_kernels", "device", "sync"})
 
 _NULL = nullcontext()
 _clock = time.thread_time_ns

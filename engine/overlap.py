@@ -186,8 +186,9 @@ class Overlap:
         outputs: list[SeqOutput] = []
         try:
             got = job.future.result()
-            if type(got) is StepTokens:
-                got = got.read()
+            if type(got) is StepTokens:  # on the device: wait for its copy back
+                with timer("sync"):
+                    got = got.read()
         except Exception as ex:  # the shared forward pass failed: the step's sequences fail
             for seq in job.seqs:
                 seq.inflight -= 1

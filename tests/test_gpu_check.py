@@ -46,7 +46,9 @@ def test_cpu_dry_run_runs_every_stage_into_three_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.FILES)
     res = json.loads((out / "gpu-check.json").read_text())
     stages = {s["name"]: s for s in res["stages"]}
-    assert list(stages) == ["environment", "startup", "tests", "bench-builtin", "bench-4b"]
+    assert list(stages) == [
+        "environment", "startup", "tests", "bench-builtin", "host-cost", "bench-4b"
+    ]  # fmt: skip
     assert all(s["status"] == "passed" for s in stages.values()), stages
     assert res["exit_code"] == 0 and res["provenance"]["commit"] == git_commit()["commit"]
     assert res["provenance"]["command"] == f"bench/gpu-check --cpu --out {out}"
@@ -67,6 +69,9 @@ def test_cpu_dry_run_runs_every_stage_into_three_files(tmp_path):
         bench = json.loads(files[f"{name}/bench.json"])
         assert bench["rows_identical"] and bench["tokens_identical"]
         assert f"{name}/penalty_vs_batch.png" in files
+    host = json.loads(files["host-cost/hostcost.json"])
+    assert {(x["mode"], x["batch"]) for x in host["results"]} == {("overlap", 1), ("no-overlap", 1)}
+    assert stages["host-cost"]["detail"].startswith("overlapped B=1 ctx=32: host ")
     micro = json.loads(files["builtin/bench.json"])["micro"]
     assert {r["values"] for r in micro["rows"]} == {64} and "gbps" in json.dumps(micro)
     summary = (out / "summary.md").read_text()
@@ -127,8 +132,11 @@ def test_stages_share_the_deadline_by_weight_and_fit_it():
     assert share(last, [], deadline) == pytest.approx(total, abs=0.1)  # the rest is its own
     dense = stages[-1].argv
     assert dense[dense.index("--engram-params") + 1] == "2e9"
-    builtin = stages[-2].argv
+    named = {s.name: s.argv for s in stages}
+    builtin = named["bench-builtin"]
     assert builtin[builtin.index("--micro-values") + 1] == "128"
+    host = named["host-cost"]
+    assert host[host.index("--device") + 1] == "cuda" and "--stand-in" not in host
 
 
 def test_stages_picks_a_subset_and_refuses_unknown_names(tmp_path):

@@ -1,12 +1,14 @@
 """The host timer and ``engram-bench --host-cost``."""
 
+import argparse
 import json
 import time
 
+import pytest
 import torch
 
 from bench.cli import main as bench_main
-from bench.hostcost import IdleDevice, markdown, stand_in
+from bench.hostcost import IdleDevice, device_from_series, markdown, stand_in, stand_ins_for
 from engine.host_time import NO_TIMER, HostTimer
 from models.checkpoint import load_checkpoint
 
@@ -108,3 +110,25 @@ def test_a_part_entered_again_inside_itself_is_charged_once():
                 _burn(0.01)
         parts = timer.take()
     assert 0.015e9 < parts["a"] < 0.03e9 and 0.005e9 < parts["b"] < 0.02e9
+
+
+def test_a_gpu_run_takes_the_devices_time_from_the_same_point_in_series():
+    """On CUDA the worker's time is its launches: overlapped, the device's time per step is
+    the in-series wall less host of the same point and round, the idle share from it."""
+    series = [{"wall_us": 5000.0, "host_us": 1000.0}, {"wall_us": 5400.0, "host_us": 1200.0}]
+    overlapped = [{"wall_us": 4000.0, "host_us": 900.0}, {"wall_us": 5000.0, "host_us": 950.0}]
+    raw = {(8, 128, "no-overlap", "forward"): series, (8, 128, "overlap", "forward"): overlapped}
+    point = {"mode": "overlap", "batch": 8, "context": 128, "stand_in": "forward"}
+    results = [point, {**point, "mode": "no-overlap", "device_us": "kept"}]
+    device_from_series(results, raw)
+    assert point["device_us"]["raw"] == [4000.0, 4200.0]
+    assert point["device_idle"]["raw"] == [0.0, pytest.approx(1 - 4200 / 5000)]
+    assert results[1]["device_us"] == "kept"  # in series: as measured
+
+
+def test_stand_ins_default_by_device_and_idle_is_cpu_only():
+    args = argparse.Namespace(stand_in=None)
+    assert stand_ins_for(args, torch.device("cpu")) == ["forward", "idle"]
+    assert stand_ins_for(args, torch.device("cuda")) == ["forward"]
+    with pytest.raises(SystemExit, match="use --stand-in forward"):
+        stand_ins_for(argparse.Namespace(stand_in="idle"), torch.device("cuda"))
