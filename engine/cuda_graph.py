@@ -312,7 +312,8 @@ class DecodeGraphs:
         the device side and its block tables gathered by slot into the bucket's (the spare
         conv slot of padding rows reads a row never written: block 0)."""
         views = self.uploader.upload(arrays, into=bucket.buffer)
-        if views["input_ids"].data_ptr() != bucket.views["input_ids"].data_ptr():
+        # the last static part: every one before it landed where the graphs read it too
+        if views["conv_write"].data_ptr() != bucket.views["conv_write"].data_ptr():
             raise RuntimeError("decode inputs did not land at the graphs' addresses")
         cols = arrays.get("table_cols")
         if cols is not None:  # ``need`` from the host's array: no device read

@@ -58,7 +58,8 @@ class Job:
     wait_slots: np.ndarray  # KV slots of the sequences fed a placeholder, in token order
     src: list[int]  # for each placeholder: its row in the previous job's tokens
     penalised: list[tuple[int, int]] = field(default_factory=list)  # (row, src) to extend
-    # the block-table writes its inputs carry (KVCache.take_written; None: a graph step's)
+    # the block-table writes its inputs carry (KVCache.take_written; None: a graph step
+    # that started no block)
     written: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     future: Pending | None = None
 
@@ -82,6 +83,11 @@ class StepTokens:
             self.host = src
         self._got: list | None = None
         self._lock = threading.Lock()  # the worker (a step that needs them) or the host
+
+    def wait(self) -> None:
+        """Until the copy to the host is done (the host's only wait on the device)."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
     def read(self) -> list[tuple]:
         """(token, logprobs) per row, once the copy is done."""
@@ -187,8 +193,9 @@ class Overlap:
         try:
             got = job.future.result()
             if type(got) is StepTokens:  # on the device: wait for its copy back
-                with timer("sync"):
-                    got = got.read()
+                with timer("sync"):  # the wait alone: reading the rows is host work
+                    got.wait()
+                got = got.read()
         except Exception as ex:  # the shared forward pass failed: the step's sequences fail
             for seq in job.seqs:
                 seq.inflight -= 1
