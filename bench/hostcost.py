@@ -242,9 +242,9 @@ def run_point(engine: Engine, batch: int, context: int, args, rng) -> dict:
 
 
 def stand_ins_for(args, device: torch.device) -> list[str]:
-    asked = (args.stand_in or ("forward" if device.type == "cuda" else ",".join(STAND_INS))).split(
-        ","
-    )
+    """The stand-ins ``--stand-in`` names (default: both on a CPU, the forward pass on CUDA)."""
+    default = "forward" if device.type == "cuda" else ",".join(STAND_INS)
+    asked = (args.stand_in or default).split(",")
     kinds = [k for k in STAND_INS if k in asked]
     if not kinds or set(asked) - set(STAND_INS):
         raise SystemExit(f"{PROG}: --stand-in takes a comma list of {', '.join(STAND_INS)}")

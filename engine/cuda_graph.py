@@ -43,7 +43,7 @@ from . import paged_attention
 from .attention import write_kv
 from .block_tables import DeviceTables
 from .fused import store_rows
-from .inputs import Uploader, aligned
+from .inputs import Uploader, aligned, check_slots
 from .kv_cache import KVCache, blocks_for
 from .sequence import Sequence
 
@@ -161,8 +161,7 @@ class DecodeGraphs:
             pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)
         if slots is None:
             slots = np.fromiter((s.slot for s in seqs), np.int64, n)
-        if n and slots.min() < 0:  # every sequence in a step holds a slot (admitted)
-            raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+        check_slots(slots)
         pad = lambda a, fill, dtype=np.int64: np.concatenate(
             [a.astype(dtype), np.full(size - n, fill, dtype=dtype)]
         )

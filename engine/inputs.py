@@ -121,6 +121,12 @@ class StepInputs:
         return int(self.input_ids.shape[0])
 
 
+def check_slots(slots: np.ndarray) -> None:
+    """Every sequence in a step holds a KV slot (it was admitted)."""
+    if slots.size and slots.min() < 0:
+        raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+
+
 def block_tables(
     seqs: list[Sequence], rows: int, width: int, cache: KVCache, slots: np.ndarray | None = None
 ) -> np.ndarray:
@@ -130,8 +136,7 @@ def block_tables(
     n = len(seqs)
     if slots is None:
         slots = np.array([s.slot for s in seqs], np.int64)
-    if n and slots.min() < 0:  # every sequence in a step holds a slot (admitted)
-        raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+    check_slots(slots)
     if rows == n and width <= cache.tables.shape[1]:  # a step's own: one gather, no padding
         return cache.tables[slots, :width]
     tables = np.zeros((rows, width), dtype=np.int32)
@@ -208,8 +213,7 @@ def pack_inputs(
         mapping = tables[np.arange(n) if decode else seq_of_tok, block] * bs + offset
         extra = {"block_tables": tables}
     else:  # each token's block from its slot's host table: O(tokens)
-        if n and slots.min() < 0:
-            raise ValueError("a sequence in the step holds no KV slot (not admitted)")
+        check_slots(slots)
         rows = slots if decode else slots[seq_of_tok]
         mapping = cache.tables[rows, block].astype(np.int64) * bs + offset
         extra = dict(zip(("table_slots", "table_cols", "table_blocks"), written))
