@@ -127,6 +127,28 @@ class RequestStream:
         self.open = params.n  # choices whose last delta has not been pushed yet
         self.queue = Deltas()
         self.arrival = time.monotonic()
+        self.held: dict[int, Delta] = {}  # per choice, what --stream-interval holds back
+        self.started: set[int] = set()  # choices whose first tokens have been pushed
+
+    def grouped(self, delta: Delta, interval: int) -> Delta | None:
+        """``delta`` joined to what its choice holds, once it is due (``--stream-interval``):
+        a choice's first tokens and its last delta go at once, the rest in groups of
+        ``interval`` tokens; None while a group fills."""
+        held = self.held.pop(delta.choice, None)
+        if held is not None:
+            lp = [*held.logprobs, *delta.logprobs] if held.logprobs or delta.logprobs else ()
+            ids = held.token_ids + delta.token_ids
+            delta = Delta(delta.choice, held.text + delta.text, ids, lp, delta.finish_reason)
+        if (
+            delta.finish_reason is None
+            and delta.choice in self.started
+            and len(delta.token_ids) < interval
+        ):
+            self.held[delta.choice] = delta
+            return None
+        if delta.token_ids:
+            self.started.add(delta.choice)
+        return delta
 
     def push(self, delta: Delta) -> None:
         try:
@@ -386,6 +408,10 @@ class AsyncEngine:
                 )
             return
         delta = Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason)
+        if self.config.stream_interval > 1:
+            delta = req.grouped(delta, self.config.stream_interval)
+            if delta is None:
+                return
         batch.append((req, delta))
         if out.finish_reason is not None:
             req.open -= 1

@@ -123,6 +123,12 @@ class EngineConfig:
     max_num_seqs: int = flag(32, "sequences in the running batch")
     max_num_batched_tokens: int = flag(1024, "tokens per step (prompt chunks + decodes)")
     max_queue: int = flag(256, "sequences allowed to wait before 429")
+    stream_interval: int = flag(
+        1,
+        "tokens a sequence's stream gathers before it is sent (as vLLM's): the first token "
+        "and the last go at once; larger values cost the HTTP layer less per token at many "
+        "streams, the client sees tokens in groups",
+    )
     kv_blocks: int = flag(0, "KV cache blocks of 16 tokens (0: fit max-num-seqs full contexts)")
     attention: str = flag(
         "auto",
@@ -186,7 +192,13 @@ class EngineConfig:
 
     def check(self) -> None:
         """ValueError naming the setting when a number cannot work."""
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "block_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_queue",
+            "block_size",
+            "stream_interval",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         parse_policy(self.shared_tables_numa)

@@ -108,3 +108,44 @@ def test_a_client_gone_wakes_its_stream_even_when_the_abort_raises():
         done.gone()
     assert [sub.queue.get_nowait() for sub in done.subs] == [GONE, GONE]
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def grouped(tiny_ckpt, tmp_path_factory):
+    template = tmp_path_factory.mktemp("sse-grouped") / "chat.jinja"
+    template.write_text(TEMPLATE)
+    with serve(tiny_ckpt, max_num_seqs=8, chat_template=str(template), stream_interval=4) as s:
+        yield s
+
+
+def test_stream_interval_sends_tokens_in_groups_and_loses_none(grouped):
+    """--stream-interval 4 over real HTTP: per choice the first token alone, then groups of
+    four, the finishing chunk with the rest; the streamed text and usage are the
+    non-streamed answer's."""
+    model = httpx.get(grouped.url + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "def f(x):", "max_tokens": 11, "temperature": 0,
+            "ignore_eos": True, "n": 2, "logprobs": 1}  # fmt: skip
+    whole = httpx.post(grouped.url + "/v1/completions", json=body, timeout=60).json()
+    opts = {"stream": True, "stream_options": {"include_usage": True}}
+    events = [json.loads(e) for e in _events(grouped, "/v1/completions", {**body, **opts})]
+    for c in whole["choices"]:
+        mine = [x for e in events for x in e["choices"] if x["index"] == c["index"]]
+        assert [len(x["logprobs"]["tokens"]) for x in mine] == [1, 4, 4, 2]
+        assert [x["finish_reason"] for x in mine] == [None, None, None, "length"]
+        assert "".join(x["text"] for x in mine) == c["text"]
+    assert events[-1]["usage"] == whole["usage"]
+
+
+def test_stream_interval_groups_chat_chunks_for_the_openai_client(grouped):
+    import openai
+
+    client = openai.OpenAI(base_url=grouped.url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    ask = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9,
+           "temperature": 0, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert len(chunks) <= 1 + 3 + 1  # the role's, 1 + 4 + 4 tokens in three, one more at most
