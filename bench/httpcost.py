@@ -43,6 +43,7 @@ from .provenance import environment
 from .stats import summarize
 
 PROG = "engram-bench --http-cost"
+DEVICE_THREAD = "engram-device"  # engine/step_queue.py's worker: the forward pass, overlapped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,25 @@ def _loop_cpu_s(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_s(pid: int, name: str) -> float | None:
+    """User + system CPU seconds of a process's threads with this OS name (``engram-device``:
+    the step worker, where the forward pass runs with overlap on); None where it has none."""
+    total, found = 0, False
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (t / "comm").read_text().strip() != name:
+                continue
+            total += sum(_stat_ticks(str(t / "stat"))[:2])
+            found = True
+        except OSError:  # it exited in between
+            pass
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,12 +148,14 @@ def direct_round(
 ) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     c0, t0, tokens = time.process_time(), time.perf_counter(), 0
+    d0 = _thread_cpu_s(os.getpid(), DEVICE_THREAD)
     for k in range(requests):
         seqs = [engine.add(f"d{k}-{i}", p, params)[0] for i, p in enumerate(prompts)]
         engine.run_until_done()
         tokens += sum(len(s.output_ids) for s in seqs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu}
+    device = _minus(_thread_cpu_s(os.getpid(), DEVICE_THREAD), d0)
+    return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "device_cpu_s": device}
 
 
 async def _stream(client, url: str, model: str, prompt: list[int], max_tokens: int) -> int:
@@ -193,16 +215,18 @@ class Clients:
 
         async def go() -> dict:
             c0, p0, t0 = _cpu_s(self.pid), time.process_time(), time.perf_counter()
-            l0 = _loop_cpu_s(self.pid)
+            l0, d0 = _loop_cpu_s(self.pid), _thread_cpu_s(self.pid, DEVICE_THREAD)
             got = await asyncio.gather(*(one(c, p) for c, p in zip(self.clients, prompts)))
             wall = time.perf_counter() - t0
             cpu, client_cpu = _cpu_s(self.pid) - c0, time.process_time() - p0
             loop = _loop_cpu_s(self.pid) - l0
+            device = _minus(_thread_cpu_s(self.pid, DEVICE_THREAD), d0)
             return {
                 "tokens": sum(got),
                 "wall_s": wall,
                 "cpu_s": cpu,
                 "loop_cpu_s": loop,
+                "device_cpu_s": device,
                 "client_cpu_s": client_cpu,
             }
 
@@ -348,7 +372,49 @@ def run(args) -> dict:
         "client_cpu_us_per_token": summarize(
             [1e6 * h["client_cpu_s"] / h["tokens"] for h in rounds["http"]]
         ),
+        **thread_split(rounds),
     }
+
+
+def thread_split(rounds: dict) -> dict:
+    """The CPU per token split at the device worker, both ways: its own (the forward pass:
+    the same steps both ways, so what it spends more through the server is it running slower
+    beside the server's other threads and the clients on the same cores) and the rest (the
+    host's: in the server also the HTTP layer and the hand-over to it). Empty when a side
+    has no device worker (``--no-overlap``)."""
+    if any(x["device_cpu_s"] is None for rs in rounds.values() for x in rs):
+        return {}
+    out: dict = {"device_cpu_us_per_token": {}, "host_cpu_us_per_token": {}}
+    for way, rs in rounds.items():
+        dev = [1e6 * x["device_cpu_s"] / x["tokens"] for x in rs]
+        out["device_cpu_us_per_token"][way] = summarize(dev)
+        out["host_cpu_us_per_token"][way] = summarize(
+            [1e6 * x["cpu_s"] / x["tokens"] - d for x, d in zip(rs, dev)]
+        )
+    pairs = list(zip(rounds["http"], rounds["direct"]))
+
+    def per_token(x: dict, key: str) -> float:
+        return x[key] / x["tokens"]
+
+    # the server's host-side CPU per token over the engine's host-side, as a share of the
+    # engine's whole CPU per token: the HTTP layer's own work, comparable to http_cpu_share
+    out["http_host_cpu_share"] = summarize(
+        [
+            (
+                per_token(h, "cpu_s")
+                - per_token(h, "device_cpu_s")
+                - per_token(d, "cpu_s")
+                + per_token(d, "device_cpu_s")
+            )
+            / per_token(d, "cpu_s")
+            for h, d in pairs
+        ]
+    )
+    # the device worker's CPU per token through the server over the direct engine's
+    out["device_cpu_share"] = summarize(
+        [per_token(h, "device_cpu_s") / per_token(d, "device_cpu_s") - 1 for h, d in pairs]
+    )
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -383,5 +449,18 @@ def main(argv: list[str]) -> int:
         f"server event loop {lp['median']:.0f} CPU µs per token ({lp['min']:.0f}-{lp['max']:.0f}) "
         f"on {stack['loop']} + {stack['http']}"
     )
+    if "http_host_cpu_share" in res:
+        dv, hs, ds = (
+            res["device_cpu_us_per_token"],
+            res["http_host_cpu_share"],
+            res["device_cpu_share"],
+        )
+        print(
+            f"device worker (the forward pass) {dv['direct']['median']:.0f} CPU µs per token "
+            f"direct, {dv['http']['median']:.0f} through the server "
+            f"({ds['median']:+.0%}, {ds['min']:+.0%}..{ds['max']:+.0%}); the rest of the "
+            f"server over the rest of the engine {hs['median']:+.0%} of the engine's CPU per "
+            f"token ({hs['min']:+.0%}..{hs['max']:+.0%})"
+        )
     print(f"\nwrote {out / 'httpcost.json'}")
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.offloaded_model import OffloadedModel
+from offload.thread_names import name_os_thread
 
 from .config import EngineConfig
 from .engine import Engine, EngineStats, SeqOutput
@@ -371,6 +372,7 @@ class AsyncEngine:
                     done.set_exception(e)
 
     def _loop(self) -> None:
+        name_os_thread()
         dev = self.engine.device
         if dev.type == "cuda" and dev.index is not None:  # events and kernels go to its device
             torch.cuda.set_device(dev)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from offload.thread_names import name_os_thread
+
 
 class Pending:
     """A job's result once the worker has run it (a lighter Future: one lock, no condition
@@ -76,6 +78,7 @@ class StepQueue:
 
 
 def _work(jobs: queue.SimpleQueue, device: torch.device, owner: weakref.ref) -> None:
+    name_os_thread()
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     while (item := jobs.get()) is not None:

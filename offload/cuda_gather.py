@@ -29,6 +29,7 @@ from .host_gather import ThreadedGather
 from .plan import GatherError, LayerPlan, LookupPlan
 from .prefetch import PendingRows, Prefetcher
 from .store import Table
+from .thread_names import name_os_thread
 from .uva_kernel import gather_rows, gather_rows_fp8, triton_available
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class StagedGather(_CudaPrefetcher):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.threaded = ThreadedGather(self.host_threads or default_host_threads())
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-staging")
+        self._pool = ThreadPoolExecutor(1, "engram-staging", name_os_thread)
         self._staging = GrownBuffers(pin=True)
         self._dev = GrownBuffers(self.device)
         self._staging_free: dict[int, list[torch.cuda.Event | None]] = {

@@ -43,6 +43,7 @@ from .row_reader import RowReader, open_reader
 from .rowformat import PLAIN_DTYPES
 from .store import Placement, Table, TableStore, new_table
 from .table_load import table_source
+from .thread_names import name_os_thread
 
 
 @dataclass
@@ -189,7 +190,7 @@ class FileTier:
         (one syscall, not waited for) and the gather only reaps them."""
         self.layers, self.async_reads, self.lazy_reads = layers, async_reads, lazy_reads
         self.announce_in_plan, self.submit_in_plan = announce_in_plan, submit_in_plan
-        self._issue = ThreadPoolExecutor(max(1, len(layers)), thread_name_prefix="engram-file-io")
+        self._issue = ThreadPoolExecutor(max(1, len(layers)), "engram-file-io", name_os_thread)
 
     def translate(self, row_ids: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], Ticket]:
         """Table rows -> DRAM slots for every file-tier layer (others pass through), the

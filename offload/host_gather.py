@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from .thread_names import name_os_thread
+
 TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: index_select runs serially below this
 MIN_BYTES_PER_THREAD = 1 << 18  # smaller requests are not worth a thread hand-off
 
@@ -34,7 +36,7 @@ class ThreadedGather:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         self.num_threads = num_threads
         self._pool = (
-            ThreadPoolExecutor(num_threads - 1, thread_name_prefix="engram-gather")
+            ThreadPoolExecutor(num_threads - 1, "engram-gather", initializer=name_os_thread)
             if num_threads > 1
             else None
         )

@@ -40,6 +40,7 @@ import torch
 from .accounting import Accountant, LayerStats, StepStats
 from .plan import GatherError, LayerPlan, LookupPlan
 from .store import TableStore
+from .thread_names import name_os_thread
 
 
 class PendingRows:
@@ -210,7 +211,7 @@ class WorkerGather(Prefetcher):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-prefetch")
+        self._pool = ThreadPoolExecutor(1, "engram-prefetch", name_os_thread)
 
     def gather_layer(self, lp: LayerPlan) -> torch.Tensor:
         lp.wait_source()

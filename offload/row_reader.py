@@ -28,6 +28,7 @@ import numpy as np
 from models.safetensors_header import TableFileError
 
 from .table_load import TableSource
+from .thread_names import name_os_thread
 from .uring import Batch, Ring, UringUnavailable, probe_ops
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class RowReader:
         self.fd = os.open(path, os.O_RDONLY)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self._pool = ThreadPoolExecutor(threads - 1, "engram-file") if threads > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, "engram-file", name_os_thread) if threads > 1 else None
+        )
         rows = max(src.rows, 1)
         self.parts = [(src.values, 0, src.values.nbytes // rows)]  # (tensor, column, bytes/row)
         if src.scales is not None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from offload.thread_names import name_os_thread
+
 from .dp_messages import pack, unpack
 from .dp_procs import EngineProc
 from .dp_requests import OpenRequests
@@ -67,6 +69,7 @@ class FrontLink:
             self._push.send(pack(msg))
 
     def _loop(self) -> None:
+        name_os_thread()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)

@@ -1,5 +1,6 @@
 """engram-bench --http-cost's fairness pieces: the direct engine gets the server's flags, and
-the server's CPU counts the processes it started, its event loop's is its main thread's."""
+the server's CPU counts the processes it started, its event loop's is its main thread's, the
+device worker's is the thread of that OS name."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import time
 
 import pytest
 
-from bench.httpcost import Clients, _cpu_s, _loop_cpu_s, build_parser, serve_argv
+from bench.httpcost import (
+    Clients,
+    _cpu_s,
+    _loop_cpu_s,
+    _thread_cpu_s,
+    build_parser,
+    serve_argv,
+    thread_split,
+)
+from offload.thread_names import name_os_thread
 
 
 def test_direct_engine_gets_the_servers_flags():
@@ -58,6 +68,42 @@ def test_loop_cpu_is_the_main_threads_alone():
     t2 = _loop_cpu_s(pid)
     assert t1 - t0 < 0.2
     assert t2 - t1 >= 0.4
+
+
+def _named_burn(seconds: float) -> None:
+    name_os_thread()
+    _burn(seconds)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names from /proc")
+def test_device_cpu_is_the_named_threads_alone():
+    pid = os.getpid()
+    assert _thread_cpu_s(pid, "engram-nosuch") is None  # --no-overlap: no worker, no split
+    worker = threading.Thread(target=_named_burn, args=(0.8,), name="engram-burn")
+    other = threading.Thread(target=_burn, args=(0.8,), name="engram-other")  # no OS name
+    worker.start(), other.start()
+    time.sleep(0.1)
+    a = _thread_cpu_s(pid, "engram-burn")
+    time.sleep(0.4)
+    b = _thread_cpu_s(pid, "engram-burn")
+    worker.join(), other.join()
+    # its own 0.4 s (less where the two burners share a core), not the other's as well
+    assert a is not None and 0.15 <= b - a <= 0.6
+
+
+def test_thread_split_takes_the_device_worker_out_of_both_sides():
+    def r(cpu, dev):  # 1000 tokens: seconds -> ms per token
+        return {"tokens": 1000, "cpu_s": cpu, "device_cpu_s": dev}
+
+    rounds = {"direct": [r(0.4, 0.3), r(0.4, 0.3)], "http": [r(0.5, 0.33), r(0.48, 0.33)]}
+    got = thread_split(rounds)
+    assert got["device_cpu_us_per_token"]["http"]["median"] == pytest.approx(330)
+    assert got["host_cpu_us_per_token"]["direct"]["median"] == pytest.approx(100)
+    # (0.5-0.33 - 0.1) / 0.4 and (0.48-0.33 - 0.1) / 0.4
+    assert got["http_host_cpu_share"]["raw"] == pytest.approx([0.175, 0.125])
+    assert got["device_cpu_share"]["median"] == pytest.approx(0.1)
+    rounds["http"][1]["device_cpu_s"] = None
+    assert thread_split(rounds) == {}
 
 
 @pytest.mark.parametrize("new_connections", [False, True])

@@ -2,7 +2,10 @@
 a closed queue refuses work, and a queue dropped without close() stops its thread."""
 
 import gc
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +56,12 @@ def test_a_dropped_queue_stops_its_worker():
     gc.collect()
     worker.join(5)
     assert not worker.is_alive()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names from /proc")
+def test_the_worker_has_its_name_at_os_level():
+    """``top -H`` and engram-bench --http-cost tell the device worker apart by its OS name."""
+    q = StepQueue(torch.device("cpu"))
+    tid = q.submit(threading.get_native_id).result()
+    assert Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "engram-device"
+    q.close()
