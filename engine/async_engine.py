@@ -75,11 +75,14 @@ class Deltas:
     cost per token per stream, and none of it is used here. Event-loop thread only (the
     engine thread hands deltas over with one call_soon_threadsafe per step)."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "waiter", "loop")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the reader's (None: the running loop when it waits). Kept, because
+        ``asyncio.get_running_loop`` makes a getpid system call each time (Python 3.11)."""
         self.items: deque[Delta] = deque()
         self.waiter: asyncio.Future | None = None
+        self.loop = loop
 
     def put_nowait(self, delta: Delta) -> None:
         self.items.append(delta)
@@ -102,7 +105,8 @@ class Deltas:
         while not self.items:
             if self.waiter is not None and not self.waiter.done():
                 raise TwoReaders("a request's deltas have one reader")
-            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            loop = self.loop or asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
             try:
                 await waiter
             finally:
@@ -126,7 +130,7 @@ class RequestStream:
         self.memory = memory  # the Engram memory's name (None: the served model's own)
         self.seqs: list[Sequence] = []
         self.open = params.n  # choices whose last delta has not been pushed yet
-        self.queue = Deltas()
+        self.queue = Deltas(loop)
         self.arrival = time.monotonic()
         self.held: dict[int, Delta] = {}  # per choice, what --stream-interval holds back
         self.started: set[int] = set()  # choices whose first tokens have been pushed

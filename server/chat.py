@@ -13,7 +13,7 @@ from models.tokenizer import EngramTokenizer
 
 from .chat_protocol import ChatCompletionRequest, chat_body, chat_logprobs
 from .chat_template import TemplateError, render
-from .completions import ClientGone, Completion, error_events
+from .completions import ClientGone, Completion, error_events, json_text
 from .protocol import APIError
 
 log = logging.getLogger("engram.server")
@@ -135,7 +135,6 @@ class ChatCompletion(Completion):
             head = self.sse_prefix(
                 chat_body(self.id, self.model_name, [], None, self.created, True)
             )
-            dumps = json.dumps
             async for batch in self.delta_batches():
                 out: list[str] = []
                 for choice, delta in batch:
@@ -144,10 +143,10 @@ class ChatCompletion(Completion):
                         continue
                     content = delta.text or not delta.finish_reason
                     if plain:
-                        part = f'{{"content": {dumps(delta.text)}}}' if content else "{}"
+                        part = f'{{"content": {json_text(delta.text)}}}' if content else "{}"
                         out.append(
                             f'{head}{{"index": {choice.index}, "delta": {part}, '
-                            f'"logprobs": null, "finish_reason": {dumps(delta.finish_reason)}'
+                            f'"logprobs": null, "finish_reason": {json_text(delta.finish_reason)}'
                             "}]}\n\n"
                         )
                         continue

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from json.encoder import encode_basestring_ascii
 
 from fastapi import Request
 
@@ -403,7 +404,6 @@ class Completion:
         plain = not self.req.echo and self.req.logprobs is None and not continuous
         offsets = {} if plain else {c.index: len(c.prompt_text) for c in self.choices}
         head = self.sse_prefix(completion_body(self.id, self.model_name, [], None, self.created))
-        dumps = json.dumps
         try:
             async for batch in self.delta_batches():
                 out: list[str] = []  # the batch's events, written at once
@@ -413,9 +413,9 @@ class Completion:
                         choice.finish_reason = delta.finish_reason or choice.finish_reason
                         if delta.text or delta.finish_reason:
                             out.append(
-                                f'{head}{{"index": {choice.index}, "text": {dumps(delta.text)}, '
-                                f'"logprobs": null, "finish_reason": {dumps(delta.finish_reason)}'
-                                "}]}\n\n"
+                                f'{head}{{"index": {choice.index}, '
+                                f'"text": {json_text(delta.text)}, "logprobs": null, '
+                                f'"finish_reason": {json_text(delta.finish_reason)}}}]}}\n\n'
                             )
                         continue
                     if self.req.echo and choice.index not in echoed:  # prefilled: logprobs in
@@ -460,6 +460,12 @@ class Completion:
                 yield line
         finally:
             self.abort()  # no-op for finished requests; frees a client that went away
+
+
+def json_text(value: str | None) -> str:
+    """``json.dumps`` of a chunk's text or finish reason, the same bytes (ASCII, escaped),
+    without its per-call argument handling: two of these per streamed token."""
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 def error_events(e: Exception, what: str) -> list[str]:

@@ -1,15 +1,20 @@
 """Many observations of one Prometheus histogram in one call (a step's inter-token times).
 
 ``Histogram.observe`` takes a lock and walks the buckets once per value; a step of B
-sequences would make B such calls. Here the values are bucketed with one ``searchsorted``
-and each touched bucket (and the sum) is incremented once, which leaves the histogram exactly
-as B ``observe`` calls would. prometheus_client keeps the buckets in ``_buckets`` and the
-bounds in ``_upper_bounds``; a version without them falls back to ``observe`` per value.
+sequences would make B such calls. Here each value's bucket is found by bisection and each
+touched bucket (and the sum) is incremented once, which leaves the histogram exactly as B
+``observe`` calls would. prometheus_client keeps the buckets in ``_buckets`` and the bounds
+in ``_upper_bounds``; a version without them falls back to ``observe`` per value.
+
+Plain Python on purpose: this runs on the engine thread every step, and numpy's
+``searchsorted`` lets go of the GIL, so the thread would wait to get it back from the event
+loop or the device worker in the middle of its step.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from bisect import bisect_left
+
 from prometheus_client import Histogram
 
 
@@ -21,9 +26,10 @@ def observe_many(hist: Histogram, values: list[float]) -> None:
         for v in values:
             hist.observe(v)
         return
-    # a value v lands in the first bucket whose bound is >= v (the last bound is +Inf)
-    at = np.searchsorted(np.asarray(bounds, np.float64), np.asarray(values, np.float64))
-    counts = np.bincount(at, minlength=len(bounds))
-    for i in np.flatnonzero(counts):
-        buckets[i].inc(int(counts[i]))
-    total.inc(float(sum(values)))
+    counts: dict[int, int] = {}
+    for v in values:  # the first bucket whose bound is >= v (the last bound is +Inf)
+        at = bisect_left(bounds, v)
+        counts[at] = counts.get(at, 0) + 1
+    for at, n in counts.items():
+        buckets[at].inc(n)
+    total.inc(sum(values))
