@@ -91,23 +91,33 @@ def _stat_ticks(path: str) -> list[int]:
     return [int(x) for x in Path(path).read_text().rsplit(")", 1)[1].split()[11:15]]
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and every process under it, the exited ones
-    it has waited for included (Linux /proc)."""
-    total, todo = 0, [pid]
+def _tree(pid: int) -> list[int]:
+    """A process and every process under it (Linux /proc; the ones gone in between left out)."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            ticks = _stat_ticks(f"/proc/{p}/stat")
             tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:  # it exited in between
             continue
-        total += sum(ticks)
+        out.append(p)
         for t in tasks:
             try:
                 todo += [int(c) for c in (t / "children").read_text().split()]
             except OSError:
                 pass
+    return out
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and every process under it, the exited ones
+    it has waited for included (Linux /proc)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += sum(_stat_ticks(f"/proc/{p}/stat"))
+        except OSError:
+            pass
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -119,10 +129,11 @@ def _loop_cpu_s(pid: int) -> float:
 
 
 def _thread_cpu_s(pid: int, name: str) -> float | None:
-    """User + system CPU seconds of a process's threads with this OS name (``engram-device``:
-    the step worker, where the forward pass runs with overlap on); None where it has none."""
+    """User + system CPU seconds of the threads with this OS name in a process and those under
+    it (``engram-device``: the step worker, where the forward pass runs with overlap on, in the
+    engine's process); None where there is none."""
     total, found = 0, False
-    for t in Path(f"/proc/{pid}/task").iterdir():
+    for t in (t for p in _tree(pid) for t in Path(f"/proc/{p}/task").iterdir()):
         try:
             if (t / "comm").read_text().strip() != name:
                 continue

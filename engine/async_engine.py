@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -155,12 +156,6 @@ class RequestStream:
             self.started.add(delta.choice)
         return delta
 
-    def push(self, delta: Delta) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
-            pass
-
 
 def _put_all(batch: list[tuple[Deltas, Delta]]) -> None:
     for queue, delta in batch:
@@ -197,6 +192,9 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="engram-engine", daemon=True)
+        # where every delta goes, a step's at once: the handlers' event loops; an engine
+        # process behind a front (server/dp_engine.py) sends them as one message a step
+        self.publish: Callable[[list[tuple[RequestStream, Delta]]], None] = push_step
         self.steps = 0
         self.draining = False
 
@@ -248,8 +246,11 @@ class AsyncEngine:
     def _end(self, req: RequestStream, message: str) -> None:
         self.requests.pop(req.id, None)
         self.engine.abort(req.seqs)
-        for j in range(req.params.n):
-            req.push(Delta(j, finish_reason="abort", error=message, unavailable=True))
+        err = [
+            Delta(j, finish_reason="abort", error=message, unavailable=True)
+            for j in range(req.params.n)
+        ]
+        self.publish([(req, d) for d in err])
 
     @property
     def cache(self):
@@ -354,8 +355,11 @@ class AsyncEngine:
                 except Exception as e:  # checked at submit: only a bug lands here
                     bad = isinstance(e, (BadParams, BadMemory))
                     msg = str(e) if bad else f"engine error: {type(e).__name__}: {e}"
-                    for j in range(item.params.n):
-                        item.push(Delta(j, finish_reason="error", error=msg, bad_params=bad))
+                    err = [
+                        Delta(j, finish_reason="error", error=msg, bad_params=bad)
+                        for j in range(item.params.n)
+                    ]
+                    self.publish([(item, d) for d in err])
                     continue
                 self.requests[item.id] = item
             elif op == "abort" and item in self.requests:
@@ -393,7 +397,7 @@ class AsyncEngine:
             batch: list[tuple[RequestStream, Delta]] = []
             for out in self.engine.step():
                 self._deliver(out, batch)
-            push_step(batch)
+            self.publish(batch)
             self.steps += 1
             if self.memories.freeing:
                 self.memories.collect()

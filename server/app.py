@@ -133,7 +133,7 @@ class ServerState:
         self.loader.start()
 
     def load(self) -> None:
-        if self.cfg.data_parallel_size > 1:  # N engine processes behind this front
+        if self.cfg.separate_engines:  # engine processes behind this front
             from .dp import load_data_parallel
 
             return load_data_parallel(self)

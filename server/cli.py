@@ -158,10 +158,11 @@ def validate(args: argparse.Namespace) -> str | None:
         memories = cfg.memory_dirs()
     except ValueError as e:
         return str(e)
-    if cfg.data_parallel_size > 1 and (memories or cfg.allow_memory_updates):
+    if cfg.separate_engines and (memories or cfg.allow_memory_updates):
         return (
-            "--memories and --allow-memory-updates are not supported with --data-parallel-size "
-            "yet: serve memories from one engine (--data-parallel-size 1)"
+            "--memories and --allow-memory-updates are not supported with engine processes "
+            "yet (--data-parallel-size above 1, --engine-process): serve memories from the "
+            "server's own engine"
         )
     for name, path in memories.items():
         if not Path(path).is_dir():

@@ -61,6 +61,12 @@ class ServerConfig:
         "engine processes behind this one HTTP front (one per GPU; on a CPU, CPU engines), "
         "host tables shared on the node",
     )
+    engine_process: bool = flag(
+        False,
+        "run the engine in a process of its own behind this HTTP front (as vLLM's engine "
+        "core): the event loop and the engine's threads stop sharing one GIL, deltas come "
+        "over ZeroMQ one message per step; always so with --data-parallel-size above 1",
+    )
     memories: list[str] | None = flag(
         None,
         "Engram memories served beside the base, as NAME=DIR (checkpoints of the same base: "
@@ -86,6 +92,11 @@ class ServerConfig:
     @property
     def model_dir(self) -> Path:
         return self.engine.model_dir
+
+    @property
+    def separate_engines(self) -> bool:
+        """The engine runs in processes of its own behind this front (server/dp.py)."""
+        return self.data_parallel_size > 1 or self.engine_process
 
     def memory_dirs(self) -> dict[str, str]:
         """--memories as {name: directory}; ValueError naming a malformed or repeated one."""

@@ -26,29 +26,45 @@ from engine.async_engine import Delta, RequestStream
 
 from .app import ServerState, offload_description
 from .config import ServerConfig
-from .dp_messages import delta_to_wire, pack, params_from_wire, unpack
+from .dp_messages import delta_entry, pack, params_from_wire, unpack
 
 log = logging.getLogger("engram.dp")
 METRICS_EVERY_S = 1.0
 
 
-async def forward(sock, rid: str, stream: RequestStream, streams: dict) -> None:
-    """Every delta of ``stream`` to the front, with each choice's prompt logprobs once."""
-    open_, sent = stream.params.n, set()
-    try:
-        while open_:
-            d: Delta = await stream.queue.get()
-            msg = delta_to_wire(rid, d)
+class Routes:
+    """Where this engine's deltas go: each stream's front id, and the choices still open and
+    those whose prompt logprobs went. Event-loop thread only: a request's route is written
+    when it is added, before a delta of it can reach :meth:`message` (a step's deltas come
+    to the loop through ``call_soon_threadsafe``, in order behind that)."""
+
+    def __init__(self) -> None:
+        self.by_stream: dict[str, tuple[str, list[int], set[int]]] = {}
+        self.stream_of: dict[str, str] = {}  # front id -> stream id, for aborts
+
+    def add(self, rid: str, stream: RequestStream) -> None:
+        self.by_stream[stream.id] = (rid, [stream.params.n], set())
+        self.stream_of[rid] = stream.id
+
+    def message(self, batch: list[tuple[RequestStream, Delta]]) -> dict:
+        """One step's deltas as one ``step`` message, each choice's prompt logprobs once."""
+        entries = []
+        for stream, d in batch:
+            route = self.by_stream.get(stream.id)
+            if route is None:
+                continue
+            rid, open_, sent = route
+            plp = None
             if d.choice not in sent and d.choice < len(stream.seqs):
-                plp = stream.seqs[d.choice].prompt_logprobs
+                plp = stream.seqs[d.choice].prompt_logprobs or None
                 if plp:
-                    msg["prompt_logprobs"] = delta_to_wire("", Delta(0, logprobs=plp))["logprobs"]
                     sent.add(d.choice)
-            await sock.send(pack(msg))
+            entries.append(delta_entry(rid, d, plp))
             if d.finish_reason is not None or d.error:
-                open_ -= 1
-    finally:
-        streams.pop(rid, None)
+                open_[0] -= 1
+                if open_[0] == 0:
+                    del self.by_stream[stream.id], self.stream_of[rid]
+        return {"op": "step", "deltas": entries}
 
 
 def _plain(value):
@@ -63,8 +79,21 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     await sock.send(pack(ready))
-    engine, streams, parent = state.engine, {}, os.getppid()
-    tasks: set[asyncio.Task] = set()
+    engine, routes, parent = state.engine, Routes(), os.getppid()
+    loop = asyncio.get_running_loop()
+
+    def send(batch: list[tuple[RequestStream, Delta]]) -> None:
+        msg = routes.message(batch)
+        if msg["deltas"]:
+            sock.send(pack(msg))  # queued in order by the socket; nothing to wait for here
+
+    def publish(batch: list[tuple[RequestStream, Delta]]) -> None:  # the engine thread's
+        try:
+            loop.call_soon_threadsafe(send, batch)
+        except RuntimeError:  # the loop is closed (stopping): nobody is listening
+            pass
+
+    engine.publish = publish  # one message per step to the front, not one per delta
 
     async def report() -> None:
         while True:
@@ -89,16 +118,17 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
                 try:
                     stream = engine.submit(msg["prompt_ids"], params)
                 except Exception as e:  # the front checked limits; a full queue lands here
-                    for j in range(params.n):
-                        err = Delta(j, finish_reason="abort", error=str(e), unavailable=True)
-                        await sock.send(pack(delta_to_wire(rid, err)))
+                    err = [
+                        delta_entry(
+                            rid, Delta(j, finish_reason="abort", error=str(e), unavailable=True)
+                        )
+                        for j in range(params.n)
+                    ]
+                    await sock.send(pack({"op": "step", "deltas": err}))
                     continue
-                streams[rid] = stream
-                t = asyncio.ensure_future(forward(sock, rid, stream, streams))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            elif op == "abort" and msg["rid"] in streams:
-                engine.abort(streams[msg["rid"]].id)
+                routes.add(rid, stream)
+            elif op == "abort" and msg["rid"] in routes.stream_of:
+                engine.abort(routes.stream_of[msg["rid"]])
             elif op == "stop":
                 break
     finally:
@@ -109,7 +139,10 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     index, gen, address = (argv or sys.argv[1:])[:3]
-    settings = json.loads(os.environ["ENGRAM_DP_CONFIG"]) | {"data_parallel_size": 1}
+    settings = json.loads(os.environ["ENGRAM_DP_CONFIG"]) | {
+        "data_parallel_size": 1,
+        "engine_process": False,
+    }
     cfg = ServerConfig.make(**settings)
     logging.basicConfig(
         level=cfg.log_level.upper(),

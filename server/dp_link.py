@@ -130,8 +130,8 @@ class FrontLink:
             reports.metrics_text[e.index] = msg["text"]
         elif op == "offload":
             reports.offload_text[e.index] = msg["info"]
-        elif op == "delta":
-            self.requests.delta(msg)
+        elif op == "step":
+            self.requests.step(msg["deltas"])
 
     def _watch(self) -> None:
         """Restart engines that died (backing off while they keep dying); fail what they had

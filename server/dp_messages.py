@@ -2,8 +2,10 @@
 
 Every message is one msgpack map with an ``op``. Front -> engine: ``add`` (rid, prompt_ids,
 params), ``abort`` (rid), ``stop``. Engine -> front: ``ready`` (limits, what the tables did),
-``failed`` (error), ``delta`` (rid + a :class:`Delta`), ``metrics`` (its Prometheus text),
-``offload`` (its GET /v1/offload, as JSON text).
+``failed`` (error), ``step`` (every delta of one engine step, each a list: see
+:func:`delta_entry`; one message per step, not per delta, so the front's socket thread and
+event loop wake once a step), ``metrics`` (its Prometheus text), ``offload`` (its GET
+/v1/offload, as JSON text).
 """
 
 from __future__ import annotations
@@ -33,22 +35,34 @@ def params_from_wire(d: dict) -> SamplingParams:
 
 
 def _lp_to_wire(lp: TokenLogprobs | None):
-    return None if lp is None else dataclasses.asdict(lp)
+    return None if lp is None else [lp.token_id, lp.logprob, lp.top, lp.rank]
 
 
-def _lp_from_wire(d):
-    if d is None:
-        return None
-    return TokenLogprobs(d["token_id"], d["logprob"], [tuple(t) for t in d["top"]], d["rank"])
+def _lp_from_wire(x) -> TokenLogprobs | None:
+    return None if x is None else TokenLogprobs(x[0], x[1], [tuple(t) for t in x[2]], x[3])
 
 
-def delta_to_wire(rid: str, d: Delta) -> dict:
-    out = dataclasses.asdict(d) | {"logprobs": [_lp_to_wire(x) for x in d.logprobs]}
-    return {"op": "delta", "rid": rid, **out}
+def delta_entry(rid: str, d: Delta, prompt_logprobs: list | None = None) -> list:
+    """One delta of a ``step`` message: its request's front id, the :class:`Delta`'s fields
+    in order, then the choice's prompt logprobs (sent with its first delta, else None)."""
+    lps = [_lp_to_wire(x) for x in d.logprobs]
+    plp = None if prompt_logprobs is None else [_lp_to_wire(x) for x in prompt_logprobs]
+    return [
+        rid,
+        d.choice,
+        d.text,
+        d.token_ids,
+        lps,
+        d.finish_reason,
+        d.error,
+        d.bad_params,
+        d.unavailable,
+        plp,
+    ]
 
 
-def delta_from_wire(msg: dict) -> Delta:
-    fields = {f.name for f in dataclasses.fields(Delta)}
-    d = Delta(**{k: v for k, v in msg.items() if k in fields})
-    d.logprobs = [_lp_from_wire(x) for x in d.logprobs]
-    return d
+def entry_delta(e: list) -> tuple[str, Delta, list | None]:
+    """:func:`delta_entry` read back: (front id, delta, prompt logprobs or None)."""
+    rid, choice, text, ids, lps, finish, error, bad, unavailable, plp = e
+    d = Delta(choice, text, ids, [_lp_from_wire(x) for x in lps], finish, error, bad, unavailable)
+    return rid, d, None if plp is None else [_lp_from_wire(x) for x in plp]

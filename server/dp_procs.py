@@ -56,6 +56,7 @@ def engine_settings(cfg: ServerConfig, index: int, size: int) -> dict:
     dev = eng["device"]
     if torch.cuda.is_available() and (dev is None or dev == "cuda"):
         eng["device"] = f"cuda:{index % torch.cuda.device_count()}"
-    flat["data_parallel_size"] = 1  # an engine serves; it never starts engines of its own
+    # an engine serves; it never starts engines of its own
+    flat["data_parallel_size"], flat["engine_process"] = 1, False
     flat["cpu_threads"] = cfg.cpu_threads or max(1, (cores() - 1) // size)
     return {**flat, **eng}

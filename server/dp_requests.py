@@ -12,10 +12,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.async_engine import Delta, EngineDead, QueueFull, RequestStream
+from engine.async_engine import Delta, EngineDead, QueueFull, RequestStream, push_step
 from engine.sampling import SamplingParams
 
-from .dp_messages import delta_from_wire
+from .dp_messages import entry_delta
 from .dp_procs import EngineProc
 
 
@@ -69,33 +69,26 @@ class OpenRequests:
         with self.lock:
             return [rid for rid, (i, _) in self.by_id.items() if engine is None or i == engine]
 
-    def delta(self, msg: dict) -> None:
-        """An engine's ``delta`` message: pushed to its request; a last one closes a choice."""
-        rid = msg["rid"]
+    def step(self, entries: list[list]) -> None:
+        """An engine's ``step`` message: each delta to its request, all of them handed to the
+        event loops at once; a last one closes a choice."""
+        batch: list[tuple[RequestStream, Delta]] = []
         with self.lock:
-            entry = self.by_id.get(rid)
-        if entry is None:
-            return
-        index, req = entry
-        d = delta_from_wire(msg)
-        if msg.get("prompt_logprobs") and d.choice < len(req.seqs):
-            req.seqs[d.choice].prompt_logprobs = delta_from_wire(
-                {"choice": 0, "logprobs": msg["prompt_logprobs"]}
-            ).logprobs
-        req.push(d)
-        if d.finish_reason is not None or d.error:
-            self._close_choice(rid)
-
-    def _close_choice(self, rid: str) -> None:
-        with self.lock:
-            entry = self.by_id.get(rid)
-            if entry is None:
-                return
-            index, req = entry
-            req.open -= 1
-            self.engines[index].open_seqs -= 1
-            if req.open <= 0:
-                self.by_id.pop(rid, None)
+            for entry in entries:
+                rid, d, plp = entry_delta(entry)
+                got = self.by_id.get(rid)
+                if got is None:  # failed on this side already
+                    continue
+                index, req = got
+                if plp and d.choice < len(req.seqs):
+                    req.seqs[d.choice].prompt_logprobs = plp
+                batch.append((req, d))
+                if d.finish_reason is not None or d.error:  # the choice is closed
+                    req.open -= 1
+                    self.engines[index].open_seqs -= 1
+                    if req.open <= 0:
+                        self.by_id.pop(rid, None)
+        push_step(batch)
 
     def fail(self, rid: str, message: str) -> None:
         """End every open choice of ``rid`` with ``message`` (a 503: retry)."""
@@ -105,5 +98,8 @@ class OpenRequests:
                 return
             index, req = entry
             self.engines[index].open_seqs -= req.open
-        for j in range(req.params.n):
-            req.push(Delta(j, finish_reason="abort", error=message, unavailable=True))
+        err = [
+            Delta(j, finish_reason="abort", error=message, unavailable=True)
+            for j in range(req.params.n)
+        ]
+        push_step([(req, d) for d in err])
