@@ -39,6 +39,7 @@ from engine.engine import Engine
 from engine.sampling import SamplingParams
 from models.config import cap_context
 
+from .http_plot import plot
 from .provenance import environment
 from .stats import summarize
 
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.set_defaults(new_connections=False)  # both flags write it: the default said once
     ap.add_argument("--out", default=None, help="output dir (default bench/results/DATE-cpu-http)")
+    ap.add_argument("--no-plots", action="store_true", help="no httpcost.png")
+    ap.add_argument(
+        "--replot",
+        metavar="DIR",
+        default=None,
+        help="draw DIR/httpcost.png again from DIR/httpcost.json, run nothing",
+    )
     return ap
 
 
@@ -430,11 +438,19 @@ def thread_split(rounds: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        got = Path(args.replot)
+        print(
+            f"wrote {plot(json.loads((got / 'httpcost.json').read_text()), got / 'httpcost.png')}"
+        )
+        return 0
     res = run(args)
     res["command"] = shlex.join(["engram-bench", "--http-cost", *argv])
     out = Path(args.out or f"bench/results/{dt.date.today().isoformat()}-cpu-http")
     out.mkdir(parents=True, exist_ok=True)
     (out / "httpcost.json").write_text(json.dumps(res, indent=1) + "\n")
+    if not args.no_plots:
+        plot(res, out / "httpcost.png")
     s = res["summary"]
     for way in ("direct", "http"):
         t, c = s[way]["tok_s"], s[way]["cpu_us_per_token"]

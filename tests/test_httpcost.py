@@ -164,3 +164,31 @@ def test_no_task_is_left_behind_per_request_on_a_kept_connection(srv):
         after = tasks()
         assert len(c._transport._pool.connections) == 1  # all on one connection
     assert after == before
+
+
+def test_replot_draws_the_png_from_a_results_json(tmp_path):
+    import json
+
+    from bench.httpcost import main
+    from bench.stats import summarize
+
+    def r(cpu, dev):
+        return {"tokens": 1000, "wall_s": 1.0, "cpu_s": cpu, "device_cpu_s": dev}
+
+    rounds = {"direct": [r(0.4, 0.3), r(0.41, 0.3)], "http": [r(0.45, 0.32), r(0.47, 0.33)]}
+    res = {
+        "clients": 2,
+        "max_tokens": 4,
+        "environment": {"device": "cpu"},
+        "rounds": rounds,
+        "summary": {
+            w: {"cpu_us_per_token": summarize([1e6 * x["cpu_s"] / 1000 for x in rs])}
+            for w, rs in rounds.items()
+        },
+        "http_cpu_share": summarize([0.12, 0.15]),
+        "http_cost_share": summarize([0.1, 0.2]),
+        **thread_split(rounds),
+    }
+    (tmp_path / "httpcost.json").write_text(json.dumps(res))
+    assert main(["--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "httpcost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
