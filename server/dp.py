@@ -156,14 +156,16 @@ class DataParallelEngine:
         index = self.requests.engine_of(request_id)
         if index is not None:
             self.link.send({"op": "abort", "to": index, "rid": request_id})
+            self.requests.drop(request_id)  # the engine sends nothing more for it
 
     def drain(self, message: str) -> None:
         self.draining = True
 
     def cut(self, message: str) -> None:
         for rid in self.requests.ids():
-            self.abort(rid)
-            self.requests.fail(rid, message)
+            index = self.requests.fail(rid, message)  # its handler told, then its engine
+            if index is not None:
+                self.link.send({"op": "abort", "to": index, "rid": rid})
 
     def offload_infos(self) -> dict:
         """GET /v1/offload under data parallel: each live engine's own (sent every second)."""

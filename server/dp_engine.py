@@ -46,6 +46,12 @@ class Routes:
         self.by_stream[stream.id] = (rid, [stream.params.n], set())
         self.stream_of[rid] = stream.id
 
+    def drop(self, rid: str) -> str:
+        """Forget an aborted request (the engine sends nothing more for it): its stream id."""
+        stream_id = self.stream_of.pop(rid)
+        del self.by_stream[stream_id]
+        return stream_id
+
     def message(self, batch: list[tuple[RequestStream, Delta]]) -> dict:
         """One step's deltas as one ``step`` message, each choice's prompt logprobs once."""
         entries = []
@@ -128,7 +134,7 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
                     continue
                 routes.add(rid, stream)
             elif op == "abort" and msg["rid"] in routes.stream_of:
-                engine.abort(routes.stream_of[msg["rid"]])
+                engine.abort(routes.drop(msg["rid"]))
             elif op == "stop":
                 break
     finally:

@@ -90,12 +90,21 @@ class OpenRequests:
                         self.by_id.pop(rid, None)
         push_step(batch)
 
-    def fail(self, rid: str, message: str) -> None:
-        """End every open choice of ``rid`` with ``message`` (a 503: retry)."""
+    def drop(self, rid: str) -> None:
+        """Forget ``rid`` (aborted: its handler reads no more, and the engine sends nothing
+        for an aborted request), its open choices off its engine's count."""
+        with self.lock:
+            entry = self.by_id.pop(rid, None)
+            if entry is not None:
+                self.engines[entry[0]].open_seqs -= entry[1].open
+
+    def fail(self, rid: str, message: str) -> int | None:
+        """End every open choice of ``rid`` with ``message`` (a 503: retry); the index of the
+        engine it was on (None: not open)."""
         with self.lock:
             entry = self.by_id.pop(rid, None)
             if entry is None:
-                return
+                return None
             index, req = entry
             self.engines[index].open_seqs -= req.open
         err = [
@@ -103,3 +112,4 @@ class OpenRequests:
             for j in range(req.params.n)
         ]
         push_step([(req, d) for d in err])
+        return index

@@ -82,3 +82,27 @@ def test_an_error_delta_keeps_its_fields():
     d = Delta(0, finish_reason="error", error="engine error: boom", bad_params=True)
     ((rid, back, _),) = [entry_delta(e) for e in routes.message([(stream, d)])["deltas"]]
     assert (rid, back) == ("f", d)
+
+
+def test_a_client_gone_mid_stream_frees_its_sequences():
+    """The engine sends nothing for an aborted request: the front forgets it when it sends
+    the abort, so the engine's open work goes back to 0 (not left counted until the queue is
+    full) and the next requests are served."""
+    import time
+
+    from models.checkpoint import default_model_dir
+
+    with serve(default_model_dir(), engine_process=True) as srv:
+        body = {"prompt": "def main(", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        for _ in range(3):
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")  # streaming: then the client goes
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if httpx.get(srv.url + "/health").json()["engines"][0]["open_sequences"] == 0:
+                break
+            time.sleep(0.2)
+        assert httpx.get(srv.url + "/health").json()["engines"][0]["open_sequences"] == 0
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
