@@ -136,19 +136,24 @@ def _loop_cpu_s(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu_s(pid: int, name: str) -> float | None:
-    """User + system CPU seconds of the threads with this OS name in a process and those under
-    it (``engram-device``: the step worker, where the forward pass runs with overlap on, in the
-    engine's process); None where there is none."""
+def _thread_cpu_s(pid: int, name: str, children: bool = True) -> float | None:
+    """User + system CPU seconds of the threads with this OS name in a process and (with
+    ``children``) those under it (``engram-device``: the step worker, where the forward pass
+    runs with overlap on, in the engine's process); None where there is none."""
     total, found = 0, False
-    for t in (t for p in _tree(pid) for t in Path(f"/proc/{p}/task").iterdir()):
+    for p in _tree(pid) if children else [pid]:
         try:
-            if (t / "comm").read_text().strip() != name:
-                continue
-            total += sum(_stat_ticks(str(t / "stat"))[:2])
-            found = True
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:  # it exited in between
-            pass
+            continue
+        for t in tasks:
+            try:
+                if (t / "comm").read_text().strip() != name:
+                    continue
+                total += sum(_stat_ticks(str(t / "stat"))[:2])
+                found = True
+            except OSError:  # it exited in between
+                pass
     return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
@@ -167,13 +172,13 @@ def direct_round(
 ) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     c0, t0, tokens = time.process_time(), time.perf_counter(), 0
-    d0 = _thread_cpu_s(os.getpid(), DEVICE_THREAD)
+    d0 = _thread_cpu_s(os.getpid(), DEVICE_THREAD, children=False)
     for k in range(requests):
         seqs = [engine.add(f"d{k}-{i}", p, params)[0] for i, p in enumerate(prompts)]
         engine.run_until_done()
         tokens += sum(len(s.output_ids) for s in seqs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    device = _minus(_thread_cpu_s(os.getpid(), DEVICE_THREAD), d0)
+    device = _minus(_thread_cpu_s(os.getpid(), DEVICE_THREAD, children=False), d0)
     return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "device_cpu_s": device}
 
 

@@ -397,7 +397,8 @@ class AsyncEngine:
             batch: list[tuple[RequestStream, Delta]] = []
             for out in self.engine.step():
                 self._deliver(out, batch)
-            self.publish(batch)
+            if batch:  # (an engine process would wake its loop for nothing)
+                self.publish(batch)
             self.steps += 1
             if self.memories.freeing:
                 self.memories.collect()

@@ -90,7 +90,7 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
 
     def send(batch: list[tuple[RequestStream, Delta]]) -> None:
         msg = routes.message(batch)
-        if msg["deltas"]:
+        if msg["deltas"] and not sock.closed:  # closed: stopping, the front reads no more
             sock.send(pack(msg))  # queued in order by the socket; nothing to wait for here
 
     def publish(batch: list[tuple[RequestStream, Delta]]) -> None:  # the engine thread's
