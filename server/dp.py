@@ -159,7 +159,11 @@ class DataParallelEngine:
             self.requests.drop(request_id)  # the engine sends nothing more for it
 
     def drain(self, message: str) -> None:
+        """Admit nothing more; each engine ends its never-scheduled requests with ``message``
+        (a 503, as a single server's drain)."""
         self.draining = True
+        for e in self.engines:
+            self.link.send({"op": "drain", "to": e.index, "message": message})
 
     def cut(self, message: str) -> None:
         for rid in self.requests.ids():

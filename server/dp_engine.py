@@ -135,6 +135,8 @@ async def serve(state: ServerState, identity: str, address: str, ready: dict) ->
                 routes.add(rid, stream)
             elif op == "abort" and msg["rid"] in routes.stream_of:
                 engine.abort(routes.drop(msg["rid"]))
+            elif op == "drain":  # the front is shutting down: what has not started ends now
+                engine.drain(msg["message"])
             elif op == "stop":
                 break
     finally:

@@ -1,11 +1,11 @@
 """What the data-parallel front and its engine processes say to each other over ZeroMQ.
 
 Every message is one msgpack map with an ``op``. Front -> engine: ``add`` (rid, prompt_ids,
-params), ``abort`` (rid), ``stop``. Engine -> front: ``ready`` (limits, what the tables did),
-``failed`` (error), ``step`` (every delta of one engine step, each a list: see
-:func:`delta_entry`; one message per step, not per delta, so the front's socket thread and
-event loop wake once a step), ``metrics`` (its Prometheus text), ``offload`` (its GET
-/v1/offload, as JSON text).
+params), ``abort`` (rid), ``drain`` (message: end the requests not yet scheduled), ``stop``.
+Engine -> front: ``ready`` (limits, what the tables did), ``failed`` (error), ``step`` (every
+delta of one engine step, each a list: see :func:`delta_entry`; one message per step, not per
+delta, so the front's socket thread and event loop wake once a step), ``metrics`` (its
+Prometheus text), ``offload`` (its GET /v1/offload, as JSON text).
 """
 
 from __future__ import annotations

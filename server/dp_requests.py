@@ -33,8 +33,8 @@ class OpenRequests:
         self.lock = threading.Lock()
         self._ids = itertools.count()
 
-    def __bool__(self) -> bool:
-        return bool(self.by_id)
+    def __len__(self) -> int:  # open requests (a single engine's ``requests`` has a len too)
+        return len(self.by_id)
 
     def place(
         self, items: list[tuple[list[int], SamplingParams]], room: int, loop

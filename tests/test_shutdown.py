@@ -1,6 +1,7 @@
 """Graceful shutdown of the real ``engram-serve`` process: SIGTERM/SIGINT drain (new requests
 503 with Retry-After, queued ones 503 at once, running ones finish or, past
---shutdown-timeout, end with an OpenAI error event and [DONE]), exit status 0; a second signal
+--shutdown-timeout, end with an OpenAI error event and [DONE]), exit status 0, the engine in
+the server's process or in its own (``--engine-process``); a second signal
 exits at once; a signal before loading exits cleanly; a port in use is one line."""
 
 import json
@@ -88,8 +89,11 @@ def _error_event(events: list) -> dict:
     return err
 
 
-def test_sigterm_lets_running_requests_finish_and_refuses_the_rest(tiny_ckpt):
-    proc, url = _start(tiny_ckpt, "--max-num-seqs", "2", "--shutdown-timeout", "60")
+@pytest.mark.parametrize(
+    "engines", [[], ["--engine-process"]], ids=["in-process", "engine-process"]
+)
+def test_sigterm_lets_running_requests_finish_and_refuses_the_rest(tiny_ckpt, engines):
+    proc, url = _start(tiny_ckpt, "--max-num-seqs", "2", "--shutdown-timeout", "60", *engines)
     try:
         out, threads = _load(url, running=2, queued=3, max_tokens=480)
         proc.send_signal(signal.SIGTERM)
@@ -123,8 +127,11 @@ def test_sigterm_lets_running_requests_finish_and_refuses_the_rest(tiny_ckpt):
     assert "Traceback" not in log and "CancelledError" not in log, log
 
 
-def test_past_the_shutdown_timeout_running_requests_end_with_an_error(tiny_ckpt):
-    proc, url = _start(tiny_ckpt, "--max-num-seqs", "3", "--shutdown-timeout", "0")
+@pytest.mark.parametrize(
+    "engines", [[], ["--engine-process"]], ids=["in-process", "engine-process"]
+)
+def test_past_the_shutdown_timeout_running_requests_end_with_an_error(tiny_ckpt, engines):
+    proc, url = _start(tiny_ckpt, "--max-num-seqs", "3", "--shutdown-timeout", "0", *engines)
     try:
         out, threads = _load(url, running=2, queued=0, max_tokens=400)
         t = threading.Thread(
