@@ -408,37 +408,23 @@ def thread_split(rounds: dict) -> dict:
     has no device worker (``--no-overlap``)."""
     if any(x["device_cpu_s"] is None for rs in rounds.values() for x in rs):
         return {}
-    out: dict = {"device_cpu_us_per_token": {}, "host_cpu_us_per_token": {}}
-    for way, rs in rounds.items():
-        dev = [1e6 * x["device_cpu_s"] / x["tokens"] for x in rs]
-        out["device_cpu_us_per_token"][way] = summarize(dev)
-        out["host_cpu_us_per_token"][way] = summarize(
-            [1e6 * x["cpu_s"] / x["tokens"] - d for x, d in zip(rs, dev)]
-        )
-    pairs = list(zip(rounds["http"], rounds["direct"]))
-
-    def per_token(x: dict, key: str) -> float:
-        return x[key] / x["tokens"]
-
-    # the server's host-side CPU per token over the engine's host-side, as a share of the
-    # engine's whole CPU per token: the HTTP layer's own work, comparable to http_cpu_share
-    out["http_host_cpu_share"] = summarize(
-        [
-            (
-                per_token(h, "cpu_s")
-                - per_token(h, "device_cpu_s")
-                - per_token(d, "cpu_s")
-                + per_token(d, "device_cpu_s")
-            )
-            / per_token(d, "cpu_s")
-            for h, d in pairs
-        ]
-    )
-    # the device worker's CPU per token through the server over the direct engine's
-    out["device_cpu_share"] = summarize(
-        [per_token(h, "device_cpu_s") / per_token(d, "device_cpu_s") - 1 for h, d in pairs]
-    )
-    return out
+    # per way, per round: (the whole process, its device worker) CPU µs per token
+    cpu = {
+        way: [(1e6 * x["cpu_s"] / x["tokens"], 1e6 * x["device_cpu_s"] / x["tokens"]) for x in rs]
+        for way, rs in rounds.items()
+    }
+    pairs = list(zip(cpu["http"], cpu["direct"]))
+    return {
+        "device_cpu_us_per_token": {w: summarize([d for _, d in v]) for w, v in cpu.items()},
+        "host_cpu_us_per_token": {w: summarize([c - d for c, d in v]) for w, v in cpu.items()},
+        # the rest's difference as a share of the engine's whole CPU per token: the HTTP
+        # layer's own work, comparable to http_cpu_share
+        "http_host_cpu_share": summarize(
+            [(hc - hd - (dc - dd)) / dc for (hc, hd), (dc, dd) in pairs]
+        ),
+        # the device worker's CPU per token through the server over the direct engine's
+        "device_cpu_share": summarize([hd / dd - 1 for (_, hd), (_, dd) in pairs]),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -136,6 +136,11 @@ class RequestStream:
         self.held: dict[int, Delta] = {}  # per choice, what --stream-interval holds back
         self.started: set[int] = set()  # choices whose first tokens have been pushed
 
+    def every_choice(self, **fields) -> list[tuple[RequestStream, Delta]]:
+        """A last delta with ``fields`` for each choice (the request ends as a whole: an
+        error, an abort), ready to publish."""
+        return [(self, Delta(j, **fields)) for j in range(self.params.n)]
+
     def grouped(self, delta: Delta, interval: int) -> Delta | None:
         """``delta`` joined to what its choice holds, once it is due (``--stream-interval``):
         a choice's first tokens and its last delta go at once, the rest in groups of
@@ -246,11 +251,7 @@ class AsyncEngine:
     def _end(self, req: RequestStream, message: str) -> None:
         self.requests.pop(req.id, None)
         self.engine.abort(req.seqs)
-        err = [
-            Delta(j, finish_reason="abort", error=message, unavailable=True)
-            for j in range(req.params.n)
-        ]
-        self.publish([(req, d) for d in err])
+        self.publish(req.every_choice(finish_reason="abort", error=message, unavailable=True))
 
     @property
     def cache(self):
@@ -355,11 +356,9 @@ class AsyncEngine:
                 except Exception as e:  # checked at submit: only a bug lands here
                     bad = isinstance(e, (BadParams, BadMemory))
                     msg = str(e) if bad else f"engine error: {type(e).__name__}: {e}"
-                    err = [
-                        Delta(j, finish_reason="error", error=msg, bad_params=bad)
-                        for j in range(item.params.n)
-                    ]
-                    self.publish([(item, d) for d in err])
+                    self.publish(
+                        item.every_choice(finish_reason="error", error=msg, bad_params=bad)
+                    )
                     continue
                 self.requests[item.id] = item
             elif op == "abort" and item in self.requests:
@@ -413,10 +412,7 @@ class AsyncEngine:
                 if not s.finished:
                     self.engine.finish(s, "error")
             bad = out.bad_params
-            for s in req.seqs:
-                batch.append(
-                    (req, Delta(s.choice, finish_reason="error", error=out.error, bad_params=bad))
-                )
+            batch += req.every_choice(finish_reason="error", error=out.error, bad_params=bad)
             return
         delta = Delta(out.seq.choice, out.text, out.token_ids, out.logprobs, out.finish_reason)
         if self.config.stream_interval > 1:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -32,6 +33,13 @@ log = logging.getLogger("engram.dp")
 METRICS_EVERY_S = 1.0
 
 
+@dataclass
+class Route:
+    rid: str  # the request's id at the front
+    open: int  # choices whose last delta has not gone yet
+    sent: set[int] = field(default_factory=set)  # choices whose prompt logprobs went
+
+
 class Routes:
     """Where this engine's deltas go: each stream's front id, and the choices still open and
     those whose prompt logprobs went. Event-loop thread only: a request's route is written
@@ -39,11 +47,11 @@ class Routes:
     to the loop through ``call_soon_threadsafe``, in order behind that)."""
 
     def __init__(self) -> None:
-        self.by_stream: dict[str, tuple[str, list[int], set[int]]] = {}
+        self.by_stream: dict[str, Route] = {}
         self.stream_of: dict[str, str] = {}  # front id -> stream id, for aborts
 
     def add(self, rid: str, stream: RequestStream) -> None:
-        self.by_stream[stream.id] = (rid, [stream.params.n], set())
+        self.by_stream[stream.id] = Route(rid, stream.params.n)
         self.stream_of[rid] = stream.id
 
     def drop(self, rid: str) -> str:
@@ -59,17 +67,16 @@ class Routes:
             route = self.by_stream.get(stream.id)
             if route is None:
                 continue
-            rid, open_, sent = route
             plp = None
-            if d.choice not in sent and d.choice < len(stream.seqs):
+            if d.choice not in route.sent and d.choice < len(stream.seqs):
                 plp = stream.seqs[d.choice].prompt_logprobs or None
                 if plp:
-                    sent.add(d.choice)
-            entries.append(delta_entry(rid, d, plp))
+                    route.sent.add(d.choice)
+            entries.append(delta_entry(route.rid, d, plp))
             if d.finish_reason is not None or d.error:
-                open_[0] -= 1
-                if open_[0] == 0:
-                    del self.by_stream[stream.id], self.stream_of[rid]
+                route.open -= 1
+                if route.open == 0:
+                    del self.by_stream[stream.id], self.stream_of[route.rid]
         return {"op": "step", "deltas": entries}
 
 

@@ -107,9 +107,5 @@ class OpenRequests:
                 return None
             index, req = entry
             self.engines[index].open_seqs -= req.open
-        err = [
-            Delta(j, finish_reason="abort", error=message, unavailable=True)
-            for j in range(req.params.n)
-        ]
-        push_step([(req, d) for d in err])
+        push_step(req.every_choice(finish_reason="abort", error=message, unavailable=True))
         return index
